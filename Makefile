@@ -1,0 +1,32 @@
+# `make demo` and `make test` set themselves up: a .venv, the package installed into it
+# (again whenever pyproject.toml changes), then the job.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+$(VENV)/.bench: pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(VENV)/.bench
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxopt-big demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile jaxopt_big tests README.md $(ARGS)
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,15 @@
+"""jaxopt_big: make JAX models smaller and cheaper to train and serve.
+
+Pure functions on pytrees and optax transforms for pruning, quantization, low-rank factorization,
+weight sharing and distillation, with jitted training, device meshes, checkpoints and reports.
+
+Examples:
+  >>> import jaxopt_big as jb
+  >>> jb.tree.paths({"Dense_0": {"kernel": 0}})
+  ['Dense_0/kernel']
+"""
+
+from jaxopt_big import data, intercept, leaves, models, report, train, tree
+
+__version__ = "0.1.0"
+__all__ = ["data", "intercept", "leaves", "models", "report", "train", "tree"]
