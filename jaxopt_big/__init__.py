@@ -9,7 +9,9 @@ Examples:
   ['Dense_0/kernel']
 """
 
-from jaxopt_big import data, intercept, leaves, models, report, train, tree
+from jaxopt_big import (checkpoint, data, distill, intercept, leaves, lowrank, models, parallel, quant, report,
+                        sparsity, train, tree)
 
 __version__ = "0.1.0"
-__all__ = ["data", "intercept", "leaves", "models", "report", "train", "tree"]
+__all__ = ["checkpoint", "data", "distill", "intercept", "leaves", "lowrank", "models", "parallel", "quant",
+           "report", "sparsity", "train", "tree"]

@@ -1,0 +1,3 @@
+"""Orbax checkpoints (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""distill (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""lowrank (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""parallel (being built)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""quant (being built)."""
+
+__all__: list[str] = []

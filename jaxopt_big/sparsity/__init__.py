@@ -1,0 +1,3 @@
+"""sparsity (being built)."""
+
+__all__: list[str] = []
