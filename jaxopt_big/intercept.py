@@ -119,7 +119,7 @@ def _linen_run(module: nn.Module):
 
 
 def _nnx_params(module: nnx.Module) -> dict[str, Any]:
-    return {k: v.value for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+    return {k: v.get_value() for k, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
 def _nnx_run(module: nnx.Module, base_call: Callable):
@@ -128,11 +128,11 @@ def _nnx_run(module: nnx.Module, base_call: Callable):
         token = _BYPASS.set(True)
         try:
             for k, v in params.items():
-                getattr(module, k).value = v
+                getattr(module, k).set_value(v)
             return base_call(module, *args, **kwargs)
         finally:
             for k, v in old.items():
-                getattr(module, k).value = v
+                getattr(module, k).set_value(v)
             _BYPASS.reset(token)
     return run
 
@@ -201,6 +201,8 @@ def _default(call: Call, original: Callable) -> Any:
 
 
 def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Callable[[], Any] | None):
+    _Selector(where)  # bad patterns fail here, not at the first call
+
     def wrapped(*args, **kwargs):
         selector = _Selector(where)
         with _intercepting(fn, selector, on_call):

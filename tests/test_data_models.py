@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxopt_big as jb
+
+
+def test_digits_images_and_flat_normalized():
+    img, flat = jb.data.digits(), jb.data.digits(flat=True)
+    assert img.x.shape == (1797, 8, 8, 1) and flat.x.shape == (1797, 64)
+    assert img.x.min() == 0.0 and img.x.max() == 1.0 and img.x.dtype == np.float32
+    np.testing.assert_array_equal(img.x.reshape(1797, -1), flat.x)
+    assert sorted(np.unique(img.y)) == list(range(10))
+
+
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+    ds = jb.data.digits(flat=True)
+    train, test = jb.data.holdout_split(ds, test_fraction=0.2, seed=3)
+    assert len(train) + len(test) == len(ds)
+    rows = {r.tobytes() for r in train.x}
+    assert sum(r.tobytes() in rows for r in test.x) <= 5  # digits has a few duplicate images, no shared rows
+    for c in range(10):
+        share = (test.y == c).sum() / (ds.y == c).sum()
+        assert abs(share - 0.2) < 0.02
+    again, _ = jb.data.holdout_split(ds, test_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again.y, train.y)
+    with pytest.raises(ValueError, match="test_fraction"):
+        jb.data.holdout_split(ds, test_fraction=1.5)
+
+
+def test_batches_cover_everything_once_and_shuffle_by_key():
+    ds = jb.data.Dataset(np.arange(103), np.arange(103))
+    seen = np.concatenate([b.x for b in jb.data.batches(ds, 10, key=jax.random.key(0))])
+    assert sorted(seen.tolist()) == list(range(103)) and seen.tolist() != list(range(103))
+    dropped = list(jb.data.batches(ds, 10, key=jax.random.key(0), drop_remainder=True))
+    assert len(dropped) == 10 and all(len(b) == 10 for b in dropped)
+    with pytest.raises(ValueError):
+        next(jb.data.batches(ds, 0))
+
+
+@pytest.mark.parametrize("model", [jb.models.MLP(), jb.models.CNN(), jb.models.CNN(batch_norm=True),
+                                   jb.models.Transformer()])
+def test_linen_models_produce_logits(model):
+    x = jnp.zeros((3, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    assert model.apply(variables, x).shape == (3, 10)
+    assert all(p.endswith(("kernel", "bias", "scale", "pos_embedding")) for p in jb.tree.paths(variables["params"]))
+
+
+def test_nnx_models_match_linen_layout():
+    x = jnp.ones((2, 8, 8, 1))
+    assert jb.models.NnxMLP(64, rngs=nnx.Rngs(0))(x).shape == (2, 10)
+    assert jb.models.NnxCNN(rngs=nnx.Rngs(0))(x).shape == (2, 10)
+    linen = jb.models.CNN().init(jax.random.key(0), x)["params"]
+    nnx_state = nnx.state(jb.models.NnxCNN(rngs=nnx.Rngs(0)), nnx.Param)
+    assert sorted(x.shape for x in jax.tree.leaves(linen)) == sorted(x.shape for x in jax.tree.leaves(nnx_state))

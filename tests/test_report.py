@@ -1,0 +1,51 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxopt_big as jb
+from test_leaves import Int8
+
+
+def _direct(tree):
+    leaves = jax.tree.leaves(tree)
+    return sum(x.size for x in leaves), sum(x.nbytes for x in leaves), sum(int(np.count_nonzero(x)) for x in leaves)
+
+
+def test_totals_equal_direct_count_linen():
+    model = jb.models.CNN()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    params = jax.tree.map(lambda x: jnp.where(jnp.abs(x) < 0.05, 0.0, x), params)
+    totals = jb.report.summary(params).totals
+    n, nbytes, nonzero = _direct(params)
+    assert totals["params"] == n and totals["nbytes"] == nbytes
+    assert abs(totals["nonzero"] - nonzero / n) < 1e-12
+    assert totals["ratio"] == 1.0
+
+
+def test_totals_equal_direct_count_nnx():
+    state = nnx.state(jb.models.NnxCNN(rngs=nnx.Rngs(0)), nnx.Param)
+    totals = jb.report.summary(state).totals
+    n, nbytes, _ = _direct(state)
+    assert totals["params"] == n and totals["nbytes"] == nbytes
+    assert [r.path for r in jb.report.summary(state).rows][:2] == ["convs/0/bias", "convs/0/kernel"]
+
+
+def test_compressed_leaf_reports_its_true_bytes():
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    tree = {"d": {"kernel": Int8.of(w), "bias": jnp.zeros(32)}}
+    report = jb.report.summary(tree)
+    row = {r.path: r for r in report.rows}["d/kernel"]
+    assert row.kind == "int8" and row.nbytes == 64 * 32 + 4 and row.dense_bytes == 64 * 32 * 4
+    assert abs(row.ratio - 64 * 32 * 4 / (64 * 32 + 4)) < 1e-9
+    assert report.totals["nbytes"] == 64 * 32 + 4 + 32 * 4
+
+
+def test_text_and_markdown_tables_list_every_leaf():
+    tree = {"a": {"kernel": jnp.ones((2, 3))}, "b": jnp.zeros(5)}
+    report = jb.report.summary(tree)
+    text, md = str(report), report.to_markdown()
+    for path in ("a/kernel", "b", "total"):
+        assert path in text and f"| {path} |" in md
+    widths = {len(line) for line in text.splitlines()}
+    assert len(widths) == 1  # aligned
