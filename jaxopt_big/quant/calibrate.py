@@ -1,0 +1,161 @@
+"""Calibration: the scale (and zero point) of an integer grid from data, plus the grid arithmetic.
+
+Scales keep ``x.ndim`` dimensions: size 1 along reduced axes, the channel count along the channel
+axis and ``n / size`` along a grouped axis, so they broadcast (after :func:`expand`) against ``x`` and
+shard like it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_big.quant import spec as _spec
+
+__all__ = ["calibrate", "expand"]
+
+
+def _where(path: str) -> str:
+    return f"{path}: " if path else ""
+
+
+def check_input(x: jax.Array, path: str) -> jax.Array:
+    """Floating dtype; no NaN when the value is concrete (a traced value cannot be checked)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{_where(path)}quantization needs a floating array, got dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and bool(jnp.isnan(x).any()):
+        raise ValueError(f"{_where(path)}calibration data contains NaN "
+                         f"({int(jnp.isnan(x).sum())} of {x.size} values)")
+    return x
+
+
+def _axis(name: str, axis: int, ndim: int, path: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{_where(path)}{name}={axis} is out of range for a {ndim}-d array")
+    return axis % ndim
+
+
+def blocked(x: jax.Array, spec: _spec.QuantSpec, path: str = ""
+            ) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
+    """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back."""
+    g = spec.granularity
+    if isinstance(g, _spec.PerTensor):
+        return x, tuple(range(x.ndim)), lambda s: s
+    axis = _axis("axis", spec.axis, x.ndim, path)
+    if isinstance(g, _spec.PerChannel):
+        return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s
+    along = _axis("Group.along", g.along, x.ndim, path)
+    if along == axis:
+        raise ValueError(f"{_where(path)}Group.along={g.along} is the channel axis={spec.axis}")
+    n = x.shape[along]
+    if n % g.size:
+        raise ValueError(f"{_where(path)}group size {g.size} does not divide axis {along} of size {n} "
+                         f"(shape {x.shape})")
+    xb = x.reshape(*x.shape[:along], n // g.size, g.size, *x.shape[along + 1:])
+    keep = {along, axis + (axis > along)}
+    return xb, tuple(d for d in range(xb.ndim) if d not in keep), lambda s: s.squeeze(along + 1)
+
+
+def expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Broadcastable form of a per-tensor/channel/group ``scale`` (or zero point) for ``shape``.
+
+    Examples:
+      >>> expand(jnp.array([[1.0], [2.0]]), (4, 1)).ravel().tolist()
+      [1.0, 1.0, 2.0, 2.0]
+    """
+    for d, (s, n) in enumerate(zip(scale.shape, shape)):
+        if s not in (1, n):
+            scale = jnp.repeat(scale, n // s, axis=d)
+    return scale
+
+
+def to_int(x: jax.Array, spec: _spec.QuantSpec, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
+    """Integer grid values (as floats) of ``x``; scale/zero point already broadcastable."""
+    q = jnp.round(x / scale)
+    if zero_point is not None:
+        q = q + zero_point
+    return jnp.clip(q, spec.qmin, spec.qmax)
+
+
+def from_int(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
+    return (q if zero_point is None else q - zero_point) * scale
+
+
+def _from_range(lo: jax.Array, hi: jax.Array, spec: _spec.QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    tiny = jnp.finfo(jnp.float32).tiny
+    if spec.symmetric:
+        amax = jnp.maximum(-lo, hi)
+        return jnp.where(amax > tiny, amax / spec.qmax, 1.0), None
+    width = hi - lo
+    scale = jnp.where(width > tiny, width / (spec.qmax - spec.qmin), 1.0)
+    return scale, jnp.clip(jnp.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
+
+
+def _range(xb: jax.Array, axes: tuple[int, ...], spec: _spec.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    cal = spec.calibration
+    if isinstance(cal, _spec.Percentile):
+        if spec.symmetric:
+            amax = jnp.percentile(jnp.abs(xb), cal.q, axis=axes, keepdims=True)
+            return -amax, amax
+        lo = jnp.percentile(xb, 100 - cal.q, axis=axes, keepdims=True)
+        hi = jnp.percentile(xb, cal.q, axis=axes, keepdims=True)
+        return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
+    if spec.symmetric or isinstance(cal, _spec.AbsMax):
+        amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
+        return -amax, amax
+    return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),
+            jnp.maximum(jnp.max(xb, axis=axes, keepdims=True), 0))
+
+
+def _mse_search(xb, axes, spec, lo, hi):
+    cal = spec.calibration
+    ratios = jnp.linspace(cal.min_ratio, 1.0, cal.steps)
+
+    def candidate(r):
+        scale, zp = _from_range(lo * r, hi * r, spec)
+        err = jnp.sum(jnp.square(from_int(to_int(xb, spec, scale, zp), scale, zp) - xb), axis=axes, keepdims=True)
+        return err, scale, zp
+
+    def body(i, best):
+        err, scale, zp = candidate(ratios[i])
+        better = err < best[0]
+        return tuple(jnp.where(better, new, old) if old is not None else None
+                     for new, old in zip((err, scale, zp), best))
+
+    return jax.lax.fori_loop(0, cal.steps - 1, body, candidate(ratios[-1]))[1:]
+
+
+def integer_calibrate(x, spec: _spec.QuantSpec, *, path: str = ""):
+    x = check_input(x, path)
+    xb, axes, unblock = blocked(x.astype(jnp.float32), spec, path)
+    lo, hi = _range(xb, axes, spec)
+    if isinstance(spec.calibration, _spec.MSE):
+        scale, zp = _mse_search(xb, axes, spec, lo, hi)
+    else:
+        scale, zp = _from_range(lo, hi, spec)
+    return unblock(scale), None if zp is None else unblock(zp)
+
+
+def calibrate(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point (None when symmetric) of ``spec``'s grid for the data ``x``.
+
+    Args:
+      x: floating array (a weight, or activations stacked over calibration batches).
+      spec: a :class:`QuantSpec` or any :class:`Format`.
+      path: leaf path used in error messages.
+
+    Raises:
+      ValueError: NaN in concrete ``x``; a group size that does not divide its axis; a bad axis.
+
+    Examples:
+      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> scale, zp = calibrate(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantSpec(granularity=PER_CHANNEL))
+      >>> (scale * 127).tolist(), zp
+      ([[1.0, 4.0]], None)
+    """
+    if not isinstance(spec, _spec.Format):
+        raise TypeError(f"{_where(path)}expected a QuantSpec or Format, got {spec!r}")
+    return spec.calibrate(x, path=path)

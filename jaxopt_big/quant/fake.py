@@ -1,0 +1,65 @@
+"""Fake quantization (quantize then dequantize in floating point) with straight-through gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# (the package re-exports the function `calibrate`, which shadows the module attribute)
+from jaxopt_big.quant.calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant import spec as _spec
+
+__all__ = ["fake_quant", "ste"]
+
+
+def ste(x: jax.Array, value: jax.Array, inside: jax.Array) -> jax.Array:
+    """``value`` forward; gradient 1 where ``inside`` and 0 elsewhere (straight-through estimator).
+
+    Examples:
+      >>> x = jnp.array([0.4, 3.0])
+      >>> jax.grad(lambda x: ste(x, jnp.round(x), x < 1).sum())(x).tolist()
+      [1.0, 0.0]
+    """
+    passed = jnp.where(inside, x, jnp.zeros_like(x))
+    return passed + jax.lax.stop_gradient(value - passed)
+
+
+def integer_fake_quant(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, path: str = ""):
+    x = check_input(x, path)
+    if scale is None:
+        scale, zero_point = jax.lax.stop_gradient(integer_calibrate(x, spec, path=path))
+    s = expand(jnp.asarray(scale, jnp.float32), x.shape)
+    z = None if zero_point is None else expand(jnp.asarray(zero_point, jnp.float32), x.shape)
+    xf = x.astype(jnp.float32)
+    lo, hi = spec.qmin * s, spec.qmax * s
+    if z is not None:
+        lo, hi = lo - z * s, hi - z * s
+    value = from_int(to_int(xf, spec, s, z), s, z)
+    return ste(xf, value, (xf >= lo) & (xf <= hi)).astype(x.dtype)
+
+
+def fake_quant(x: jax.typing.ArrayLike, spec: _spec.Format, scale: jax.typing.ArrayLike | None = None,
+               zero_point: jax.typing.ArrayLike | None = None, *, path: str = "") -> jax.Array:
+    """Quantizes and dequantizes ``x`` on ``spec``'s grid; gradients pass straight through.
+
+    The gradient with respect to ``x`` is 1 inside the clipping range and 0 outside it.
+
+    Args:
+      x: floating array.
+      spec: a :class:`QuantSpec` or any :class:`Format`.
+      scale: precomputed scale (e.g. static activation scales); calibrated from ``x`` (without
+        gradient) when None.
+      zero_point: precomputed zero point for affine grids.
+      path: leaf path used in error messages.
+
+    Examples:
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> x = jnp.array([0.26, -1.0, 3.0])
+      >>> fake_quant(x, QuantSpec(bits=2), scale=1.0).tolist()
+      [0.0, -1.0, 1.0]
+      >>> jax.grad(lambda x: fake_quant(x, QuantSpec(bits=2), scale=1.0).sum())(x).tolist()
+      [1.0, 1.0, 0.0]
+    """
+    if not isinstance(spec, _spec.Format):
+        raise TypeError(f"{path + ': ' if path else ''}expected a QuantSpec or Format, got {spec!r}")
+    return spec.fake_quant(x, scale, zero_point, path=path)

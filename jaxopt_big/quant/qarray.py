@@ -1,0 +1,167 @@
+"""`QArray`: integer values packed into bytes, with their scale and zero point.
+
+Widths are stored in a container of 2, 4 or 8 bits: int2 four per byte, int3/int4 two per byte,
+int5..int8 one per byte. Sub-byte values are packed along axis 0 (the input axis of a kernel), so a
+kernel sharded along its output axis keeps that sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxopt_big import leaves as _leaves
+# (the package re-exports the function `calibrate`, which shadows the module attribute)
+from jaxopt_big.quant.calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant import spec as _spec
+
+__all__ = ["QArray", "quantize", "dequantize", "container_bits"]
+
+
+def container_bits(bits: int) -> int:
+    """Storage bits per value for a ``bits``-wide integer.
+
+    Examples:
+      >>> [container_bits(b) for b in (2, 3, 4, 5, 8)]
+      [2, 4, 4, 8, 8]
+    """
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def _pack(q: jax.Array, bits: int) -> jax.Array:
+    c = container_bits(bits)
+    if c == 8:
+        return q.astype(jnp.int8)
+    per = 8 // c
+    q = q.reshape(1) if q.ndim == 0 else q
+    pad = (-q.shape[0]) % per
+    u = (q.astype(jnp.int32) & (2 ** c - 1)).astype(jnp.uint8)
+    u = jnp.pad(u, [(0, pad)] + [(0, 0)] * (q.ndim - 1))
+    u = u.reshape(u.shape[0] // per, per, *u.shape[1:])
+    shifts = jnp.arange(per, dtype=jnp.uint8).reshape(per, *[1] * (q.ndim - 1)) * c
+    return jnp.sum(u << shifts, axis=1, dtype=jnp.uint8)  # disjoint bit fields: sum == bitwise or
+
+
+def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
+    c = container_bits(bits)
+    if c == 8:
+        return packed
+    per = 8 // c
+    shifts = jnp.arange(per, dtype=jnp.uint8).reshape(per, *[1] * (packed.ndim - 1)) * c
+    u = (packed[:, None] >> shifts) & (2 ** c - 1)
+    u = u.reshape(-1, *packed.shape[1:])[: max(math.prod(shape[:1]), 1)]
+    signed = u.astype(jnp.int8) - jnp.where(u >= 2 ** (c - 1), 2 ** c, 0).astype(jnp.int8)
+    return signed.reshape(shape)
+
+
+@struct.dataclass
+class QArray(_leaves.Compressed):
+    """Packed integer values standing for a floating array: ``dense = (int - zero_point) * scale``.
+
+    Attributes:
+      values: packed integers (int8, or uint8 holding two int4/int3 or four int2 along axis 0).
+      scale: float32 scale with the dense array's ndim (1 along reduced axes).
+      zero_point: affine zero point shaped like ``scale``, or None for symmetric grids.
+      bits: integer width (static).
+      axis: channel axis of per-channel/group scales, None for per-tensor (static).
+      dense_shape, dense_dtype: shape and dtype of the dense value (static).
+    """
+
+    values: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    bits: int = struct.field(pytree_node=False)
+    axis: int | None = struct.field(pytree_node=False)
+    dense_shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dense_dtype: Any = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.dense_shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.dense_dtype
+
+    @property
+    def kind(self) -> str:
+        c = container_bits(self.bits)
+        return f"int{self.bits}" + (f" in int{c}" if c != self.bits else "") + ("" if self.zero_point is None else " affine")
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.values, self.scale] + ([] if self.zero_point is None else [self.zero_point])
+        return sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts)
+
+    def int_values(self) -> jax.Array:
+        """Unpacked signed integers (int8) with the dense shape."""
+        return _unpack(self.values, self.bits, self.dense_shape)
+
+    def dense(self) -> jax.Array:
+        q = self.int_values().astype(jnp.float32)
+        zp = None if self.zero_point is None else expand(self.zero_point, self.dense_shape)
+        return from_int(q, expand(self.scale, self.dense_shape), zp).astype(self.dense_dtype)
+
+
+def _like(arr: jax.Array, sharding: Any) -> jax.Array:
+    """Places ``arr`` with ``sharding``'s mesh axes on the dims where it still has the parameter's extent."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return arr
+    spec = tuple(sharding.spec) + (None,) * (arr.ndim - len(sharding.spec))
+    mesh_size = lambda names: math.prod(sharding.mesh.shape[n] for n in ((names,) if isinstance(names, str) else names))
+    dims = [names if names is not None and n % mesh_size(names) == 0 and n > 1 else None
+            for names, n in zip(spec, arr.shape)]
+    return jax.device_put(arr, jax.sharding.NamedSharding(sharding.mesh, jax.P(*dims)))
+
+
+def integer_quantize(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, path: str = "") -> QArray:
+    x = check_input(x, path)
+    if scale is None:
+        scale, zero_point = integer_calibrate(x, spec, path=path)
+    scale = jnp.asarray(scale, jnp.float32)
+    scale = scale.reshape((1,) * x.ndim) if scale.ndim == 0 else scale
+    zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
+    q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape),
+                    None if zp is None else expand(zp, x.shape))
+    axis = None if isinstance(spec.granularity, _spec.PerTensor) else spec.axis % max(x.ndim, 1)
+    out = QArray(values=_pack(q, spec.bits), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
+                 dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype))
+    if isinstance(x, jax.core.Tracer):
+        return out
+    return jax.tree.map(lambda a: _like(a, getattr(x, "sharding", None)), out)
+
+
+def quantize(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> Any:
+    """Quantizes ``x`` into a compressed leaf (a :class:`QArray` for integer specs).
+
+    Outside ``jit``, a parameter with a ``NamedSharding`` gives values/scales with the same
+    sharding on every axis they still span.
+
+    Examples:
+      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> w = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+      >>> q = quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL))
+      >>> q.values.dtype, q.values.shape, q.nbytes
+      (dtype('uint8'), (2, 2), 12)
+      >>> bool(jnp.abs(dequantize(q) - w).max() <= q.scale.max() / 2)
+      True
+    """
+    if not isinstance(spec, _spec.Format):
+        raise TypeError(f"{path + ': ' if path else ''}expected a QuantSpec or Format, got {spec!r}")
+    return spec.quantize(x, path=path)
+
+
+def dequantize(q: Any) -> jax.Array:
+    """The dense value of a quantized leaf (arrays pass through).
+
+    Examples:
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> dequantize(quantize(jnp.array([0.0, 1.0]), QuantSpec(bits=8))).tolist()
+      [0.0, 1.0]
+    """
+    return q.dense() if _leaves.is_compressed(q) else jnp.asarray(q)
