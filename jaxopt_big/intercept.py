@@ -57,11 +57,15 @@ class Call:
     def kernel(self) -> Any:
         return self.params.get("kernel")
 
-    def run(self, params: dict | None = None, inputs: jax.Array | None = None) -> jax.Array:
-        """The layer's own computation, on ``params``/``inputs`` if given (compressed leaves densified)."""
+    def run(self, params: dict | None = None, inputs: jax.Array | None = None, **attrs: Any) -> jax.Array:
+        """The layer's own computation, on ``params``/``inputs`` if given (compressed leaves densified).
+
+        ``attrs`` (linen only) change module attributes for this run, e.g. ``features=r`` to run a
+        Conv on a kernel with ``r`` output channels; the layer is cloned with them.
+        """
         params = self.params if params is None else params
         args = self._args if inputs is None else (inputs, *self._args[1:])
-        return self._run(_leaves.densify(params), args, self._kwargs)
+        return self._run(_leaves.densify(params), args, self._kwargs, attrs)
 
 
 class Record(NamedTuple):
@@ -109,10 +113,10 @@ class _Selector:
 
 
 def _linen_run(module: nn.Module):
-    def run(params, args, kwargs):
+    def run(params, args, kwargs, attrs):
         token = _BYPASS.set(True)
         try:
-            return module.clone(parent=None).apply({"params": params}, *args, **kwargs)
+            return module.clone(parent=None, **attrs).apply({"params": params}, *args, **kwargs)
         finally:
             _BYPASS.reset(token)
     return run
@@ -123,7 +127,9 @@ def _nnx_params(module: nnx.Module) -> dict[str, Any]:
 
 
 def _nnx_run(module: nnx.Module, base_call: Callable):
-    def run(params, args, kwargs):
+    def run(params, args, kwargs, attrs):
+        if attrs:  # nnx modules cannot be mutated inside jax transforms
+            raise TypeError(f"Call.run attributes {sorted(attrs)} are supported for linen layers only")
         old = _nnx_params(module)
         token = _BYPASS.set(True)
         try:
