@@ -191,26 +191,24 @@ def cluster(params: Any, n_clusters: int | Sequence[tuple[str, int]], *, key: ja
       >>> c["Dense_0"]["kernel"].kind, c["Dense_0"]["kernel"].nbytes, len(set(c["Dense_0"]["kernel"].dense().ravel().tolist()))
       ('clustered k=4', 48, 4)
     """
-    per_leaf = (_tree.rules(params, n_clusters) if isinstance(n_clusters, (list, tuple))
-                else _tree.map_with_path(lambda p, x: n_clusters, params))
+    names = _tree.paths(params)
+    if isinstance(n_clusters, (list, tuple)):
+        counts = jax.tree.leaves(_tree.rules(params, n_clusters), is_leaf=lambda x: x is None)
+    else:
+        counts = [n_clusters] * len(names)
+    chosen = jax.tree.leaves(_tree.select(params, where))
+    if not any(chosen):
+        raise ValueError(f"selection {where!r} matches no leaf; available paths: {names}")
+    k_of = {p: k for p, k, s in zip(names, counts, chosen) if s and k is not None}
 
-    def one(path: str, w: Any) -> Any:
-        k = _tree.rules_value = None
-        return w if k is None else w
-
-    chosen = _tree.select(params, where)
-
-    def leaf(path: str, w: Any, k: Any, selected: bool) -> Any:
-        if not selected or k is None:
+    def leaf(path: str, w: Any) -> Any:
+        if path not in k_of:
             return w
-        _check_clusters(path, k, w.size)
-        res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
+        _check_clusters(path, k_of[path], w.size)
+        res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k_of[path], iters)
         return Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
 
-    del one
-    if not any(jax.tree.leaves(chosen)):
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
-    return _tree.map_with_path(leaf, params, per_leaf, chosen)
+    return _tree.map_with_path(leaf, params)
 
 
 def _is_clustered(x: Any) -> bool:
