@@ -37,10 +37,11 @@ class Feature:
       projection: ``params -> init_projection(...) params``: where the learnable projection
         lives in the trained parameter pytree (for example ``lambda p: p["proj"]``); ``None``
         when the widths already agree.
+      name: the aux key suffix (``aux["feature/<name>"]``); default ``"<student>-><teacher>"``.
 
     Examples:
       >>> Feature(student="Dense_0", teacher="Dense_1").name
-      'Dense_0'
+      'Dense_0->Dense_1'
     """
 
     student: str
@@ -48,8 +49,11 @@ class Feature:
     kind: FeatureLoss = FeatureLoss.MSE
     weight: float = 1.0
     projection: Callable[[Any], dict[str, jax.Array]] | None = None
+    name: str = ""
 
     def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.student}->{self.teacher}")
         for side in ("student", "teacher"):
             if not isinstance(getattr(self, side), str):
                 raise TypeError(f"Feature.{side} must be a module-path regex str, got {getattr(self, side)!r}")
@@ -63,11 +67,6 @@ class Feature:
             raise ValueError(f"Feature.weight must be >= 0, got {self.weight!r}")
         if self.projection is not None and not callable(self.projection):
             raise TypeError(f"Feature.projection must be a callable params -> projection, got {self.projection!r}")
-
-    @property
-    def name(self) -> str:
-        """The aux key suffix (``aux["feature/<name>"]``): the student pattern."""
-        return self.student
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +232,9 @@ def combine(task_loss: Callable[[jax.Array, Any], jax.Array], teacher: Callable[
     for f in features:
         if not isinstance(f, Feature):
             raise TypeError(f"features must hold Feature pairs, got {f!r}")
+    names = [f.name for f in features]
+    if len(set(names)) != len(names):
+        raise ValueError(f"feature names must be unique (they key aux), got {names}; set Feature(name=...)")
     if not callable(student):
         raise TypeError(f"student must be a callable (params, x) -> logits, got {student!r}")
     if teacher is not None and not callable(teacher):
