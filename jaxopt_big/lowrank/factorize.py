@@ -222,6 +222,9 @@ def factorize(w: jax.typing.ArrayLike, *, rank: int | None = None, energy: float
     return _factorize("<array>", w, how, key)
 
 
+_CHOICES = {"rank", "energy", "max_params"}
+
+
 def _options(path: str, options: dict[str, Any]) -> Factorization:
     try:
         return Factorization(**options)
@@ -236,7 +239,8 @@ def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | No
     Args:
       params: a parameter pytree (linen params, ``nnx.State``...).
       rules: optional ``(regex, options)`` pairs, first full match on the leaf path wins; ``options``
-        is a dict of :func:`factorize` keywords (merged over ``how``) or ``None`` to keep the leaf
+        is a dict of :func:`factorize` keywords (over ``how``; a rule naming rank, energy or
+        max_params replaces ``how``'s choice) or ``None`` to keep the leaf
         dense. Leaves no rule matches stay dense. When given, ``where`` is not used.
       where: which leaves to factorize with ``how`` (see :func:`jaxopt_big.tree.select`).
       key: PRNG key for ``randomized``; each leaf uses ``fold_in(key, crc32(path))``.
@@ -262,7 +266,11 @@ def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | No
     """
     def one(path, w, options):
         leaf_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()))
-        return _factorize(path, w, _options(path, {**how, **options}), leaf_key)
+        if _CHOICES & options.keys():  # a rule's rank choice replaces the default one
+            options = {**{k: v for k, v in how.items() if k not in _CHOICES}, **options}
+        else:
+            options = {**how, **options}
+        return _factorize(path, w, _options(path, options), leaf_key)
 
     if rules is None:
         return _tree.map_selected(lambda p, w: one(p, w, {}), params, where)
