@@ -1,0 +1,190 @@
+"""Learned step size quantization: LSQ (Esser et al., 2020) and LSQ+ offsets (Bhalgat et al., 2020).
+
+The step ``s`` (per tensor or per channel) is a parameter trained by optax next to the weights:
+
+    v = clip((w - beta) / s, qmin, qmax);   w_q = round(v) * s + beta      (beta = 0 for symmetric grids)
+
+with a straight-through round. The step's gradient is ``round(v) - v`` inside the range and
+``qmin``/``qmax`` at the clip, scaled by ``g = 1 / sqrt(N * qmax)`` (``N`` weights per step); the
+LSQ+ offset ``beta`` gets 0 inside and 1 at the clip, scaled alike.
+
+:func:`lsq` wraps the selected weights into :class:`Learned` leaves (weight, step, offset: all
+float arrays, so any optax transform trains them); ``jb.leaves.densify`` gives the fake-quantized
+weights for the forward pass; :func:`lsq_export` turns the trained leaves into packed ``QArray``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant.calibrate import check_input, expand
+
+__all__ = ["LSQ", "Learned", "lsq", "lsq_export"]
+
+
+def _scale_grad(x: jax.Array, g: float) -> jax.Array:
+    """``x`` forward, gradient multiplied by ``g``."""
+    return jax.lax.stop_gradient(x - x * g) + x * g
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LSQ(_spec.Format):
+    """A learned-step integer grid: the grid, granularity and initial calibrator of ``spec``.
+
+    As a :class:`~jaxopt_big.quant.spec.Format`, ``calibrate`` gives the initial
+    ``(step, offset)`` (offset None for symmetric grids; for affine ones the LSQ+ offset ``beta``
+    in weight units, ``-zero_point * step``), ``fake_quant(x, step, offset)`` is differentiable in
+    all three, and ``quantize`` stores a :class:`~jaxopt_big.quant.qarray.QArray`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> f = LSQ(spec=QuantSpec(bits=2))
+      >>> x = jnp.array([0.3, 0.8, -2.0, 0.6])
+      >>> f.fake_quant(x, jnp.array(1.0)).tolist()
+      [0.0, 1.0, -1.0, 1.0]
+      >>> jax.grad(lambda s: f.fake_quant(x, s).sum())(jnp.array(1.0)).round(3).tolist()  # (-.3+.2-1+.4)/sqrt(4)
+      -0.35
+    """
+
+    spec: _spec.QuantSpec = _spec.QuantSpec(bits=4)
+
+    def __post_init__(self):
+        if not isinstance(self.spec, _spec.QuantSpec):
+            raise TypeError(f"LSQ.spec must be a QuantSpec, got {self.spec!r}")
+        if isinstance(self.spec.granularity, _spec.PerToken):
+            raise ValueError(f"LSQ learns static steps; PER_TOKEN scales are dynamic, got {self.spec!r}")
+
+    def calibrate(self, x, *, path=""):
+        scale, zero_point = self.spec.calibrate(x, path=path)
+        return scale, None if zero_point is None else -zero_point * scale
+
+    def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
+        x = check_input(x, path)
+        if scale is None:
+            scale, zero_point = jax.lax.stop_gradient(self.calibrate(x, path=path))
+        if self.spec.symmetric != (zero_point is None):
+            raise ValueError(f"{path + ': ' if path else ''}LSQ offset must be "
+                             f"{'None for a symmetric' if self.spec.symmetric else 'given for an affine'} grid, "
+                             f"got {zero_point!r}")
+        scale = jnp.asarray(scale, jnp.float32)
+        g = 1.0 / np.sqrt(x.size / max(scale.size, 1) * self.spec.qmax)
+        s = expand(_scale_grad(scale, g), x.shape)
+        beta = 0.0 if zero_point is None else expand(_scale_grad(jnp.asarray(zero_point, jnp.float32), g), x.shape)
+        v = jnp.clip((x.astype(jnp.float32) - beta) / s, self.spec.qmin, self.spec.qmax)
+        v = v + jax.lax.stop_gradient(jnp.round(v) - v)
+        return (v * s + beta).astype(x.dtype)
+
+    def quantize(self, x, scale=None, zero_point=None, *, path=""):
+        if scale is None:
+            scale, zero_point = self.calibrate(check_input(x, path), path=path)
+        scale = jnp.asarray(scale, jnp.float32)
+        if zero_point is None:
+            return self.spec.quantize(x, scale, path=path)
+        # QArray's zero point is in grid units: beta = -zero_point * step (need not be an integer).
+        zp = -jnp.asarray(zero_point, jnp.float32) / scale
+        codes = jnp.clip(jnp.round(x.astype(jnp.float32) / expand(scale, x.shape) + expand(zp, x.shape)),
+                         self.spec.qmin, self.spec.qmax)
+        # The codes are integers already: store them with a unit scale, then attach the learned grid.
+        q = self.spec.quantize(codes.astype(x.dtype), jnp.ones_like(scale), jnp.zeros_like(scale), path=path)
+        return q.replace(scale=scale.reshape(q.scale.shape), zero_point=zp.reshape(q.scale.shape))
+
+
+@flax.struct.dataclass
+class Learned(_leaves.Compressed):
+    """A weight in training with its learned step (and LSQ+ offset); ``dense()`` is the fake-quantized weight.
+
+    All three are float leaves, so optax trains them together; ``nbytes`` counts what is stored
+    during training (the float weight and the step).
+    """
+
+    weight: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    format: LSQ = flax.struct.field(pytree_node=False)
+    path: str = flax.struct.field(pytree_node=False, default="")
+
+    def dense(self) -> jax.Array:
+        return self.format.fake_quant(self.weight, self.scale, self.offset, path=self.path)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.weight, self.scale] + ([] if self.offset is None else [self.offset])
+        return sum(p.size * p.dtype.itemsize for p in parts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.weight.dtype
+
+    @property
+    def kind(self) -> str:
+        return f"lsq int{self.format.spec.bits} (training)"
+
+    def export(self) -> Any:
+        """The packed :class:`~jaxopt_big.quant.qarray.QArray` with the learned grid."""
+        return self.format.quantize(self.weight, self.scale, self.offset, path=self.path)
+
+
+def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[tuple[str, Any]], *,
+        where: _tree.Where = _tree.KERNELS) -> Any:
+    """Wraps the selected weights into :class:`Learned` leaves with steps initialised by the calibrator.
+
+    Train the result with any optax transform (the weights, steps and offsets are float leaves),
+    using ``jb.leaves.densify(tree)`` as the model's parameters in the loss; then call
+    :func:`lsq_export`.
+
+    Args:
+      params: parameter pytree.
+      spec: an :class:`LSQ` (a ``QuantSpec`` is wrapped as ``LSQ(spec=...)``), or ``(regex, spec)``
+        rules (first match wins; ``None`` leaves the leaf as it is).
+      where: which leaves to wrap (default: kernels).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxopt_big as jb
+      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> t = lsq({"d": {"kernel": jnp.array([[0.5, -1.0], [1.0, 2.0]])}}, QuantSpec(bits=4, granularity=PER_CHANNEL))
+      >>> (t["d"]["kernel"].scale * 7).tolist(), type(lsq_export(t)["d"]["kernel"]).__name__
+      ([[1.0, 2.0]], 'QArray')
+    """
+    def wrap(path, w, fmt):
+        fmt = LSQ(spec=fmt) if isinstance(fmt, _spec.QuantSpec) else fmt
+        if not isinstance(fmt, LSQ):
+            raise TypeError(f"{path}: lsq needs an LSQ or QuantSpec, got {fmt!r}")
+        scale, offset = fmt.calibrate(w, path=path)
+        return Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path)
+
+    if isinstance(spec, (_spec.QuantSpec, LSQ)):
+        return _tree.map_selected(lambda p, w: wrap(p, w, spec), params, where)
+    chosen = jax.tree.leaves(_tree.select(params, where))
+    per_leaf = jax.tree.leaves(_tree.rules(params, spec), is_leaf=lambda v: v is None)
+    fmt_of = {p: f for p, f, c in zip(_tree.paths(params), per_leaf, chosen) if c and f is not None}
+    if not fmt_of:
+        raise ValueError(f"no leaf is both selected by {where!r} and given a spec by {spec!r}; "
+                         f"paths: {_tree.paths(params)}")
+    return _tree.map_with_path(lambda p, w: wrap(p, w, fmt_of[p]) if p in fmt_of else w, params)
+
+
+def lsq_export(tree: Any) -> Any:
+    """Replaces every :class:`Learned` leaf by its packed ``QArray``; other leaves pass through.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> t = lsq({"k": {"kernel": jnp.array([[0.3, -1.0]])}}, QuantSpec(bits=2))
+      >>> lsq_export(t)["k"]["kernel"].dense().tolist()
+      [[0.0, -1.0]]
+    """
+    return _leaves.map(lambda x: x.export() if isinstance(x, Learned) else x, tree)
