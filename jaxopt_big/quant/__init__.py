@@ -10,10 +10,13 @@ Examples:
 
 from jaxopt_big.quant.calibrate import calibrate, expand
 from jaxopt_big.quant.fake import fake_quant, ste
+from jaxopt_big.quant.ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
 from jaxopt_big.quant.qarray import QArray, container_bits, dequantize, quantize
-from jaxopt_big.quant.spec import (MSE, PER_CHANNEL, PER_TENSOR, AbsMax, Calibration, Format, Granularity, Group,
-                                   MinMax, PerChannel, Percentile, PerTensor, QuantSpec)
+from jaxopt_big.quant.qat import qat
+from jaxopt_big.quant.spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity, Group,
+                                   MinMax, PerChannel, Percentile, PerTensor, PerToken, QuantSpec)
 
-__all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "Granularity",
+__all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "PerToken", "PER_TOKEN", "Granularity",
            "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand", "fake_quant", "ste",
-           "QArray", "quantize", "dequantize", "container_bits"]
+           "QArray", "quantize", "dequantize", "container_bits",
+           "quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat"]

@@ -44,6 +44,8 @@ def blocked(x: jax.Array, spec: _spec.QuantSpec, path: str = ""
     g = spec.granularity
     if isinstance(g, _spec.PerTensor):
         return x, tuple(range(x.ndim)), lambda s: s
+    if isinstance(g, _spec.PerToken):
+        return x, tuple(range(x.ndim))[-1:], lambda s: s
     axis = _axis("axis", spec.axis, x.ndim, path)
     if isinstance(g, _spec.PerChannel):
         return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s

@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 
-__all__ = ["Format", "QuantSpec", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL",
+__all__ = ["Format", "QuantSpec", "PerTensor", "PerChannel", "PerToken", "Group", "PER_TENSOR", "PER_CHANNEL",
+           "PER_TOKEN",
            "AbsMax", "MinMax", "Percentile", "MSE", "Granularity", "Calibration"]
 
 
@@ -31,6 +32,11 @@ class PerTensor:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PerChannel:
     """One scale per index of ``QuantSpec.axis``."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerToken:
+    """One scale per vector along the last axis (per token of an activation; reduces only that axis)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +57,8 @@ class Group:
 
 PER_TENSOR = PerTensor()
 PER_CHANNEL = PerChannel()
-Granularity = PerTensor | PerChannel | Group
+PER_TOKEN = PerToken()
+Granularity = PerTensor | PerChannel | PerToken | Group
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,7 +128,8 @@ class QuantSpec(Format):
       bits: 2..8. Symmetric grids use ``[-(2^(b-1)-1), 2^(b-1)-1]``; affine ones ``[-2^(b-1), 2^(b-1)-1]``
         with an integer zero point.
       symmetric: zero maps to integer 0 (no zero point) if True.
-      granularity: ``PER_TENSOR``, ``PER_CHANNEL`` (one scale per index of ``axis``) or ``Group(size)``.
+      granularity: ``PER_TENSOR``, ``PER_CHANNEL`` (one scale per index of ``axis``), ``PER_TOKEN`` (one
+        scale per vector along the last axis, for dynamic activation scales) or ``Group(size)``.
       axis: channel axis for per-channel and per-group scales (-1: output features of a kernel).
       calibration: ``AbsMax()``, ``MinMax()``, ``Percentile(q)`` or ``MSE()``.
 
@@ -144,8 +152,8 @@ class QuantSpec(Format):
         _check_int("QuantSpec.bits", self.bits, 2, 8)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
-        if not isinstance(self.granularity, (PerTensor, PerChannel, Group)):
-            raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL or Group(size), "
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerToken, Group)):
+            raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL, PER_TOKEN or Group(size), "
                             f"got {self.granularity!r}")
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise TypeError(f"QuantSpec.axis must be an int, got {self.axis!r}")

@@ -1,0 +1,136 @@
+"""Post-training quantization of parameter trees, and static activation scales from calibration batches."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxopt_big import intercept as _intercept
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant.calibrate import calibrate
+
+__all__ = ["quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale"]
+
+Specs = _spec.Format | Sequence[tuple[str, _spec.Format | None]]
+
+
+def _per_leaf(params: Any, specs: Specs, where: _tree.Where, fn: Callable[[str, Any, _spec.Format], Any]) -> Any:
+    if isinstance(specs, _spec.Format):
+        return _tree.map_selected(lambda p, x: fn(p, x, specs), params, where)
+    chosen = _tree.select(params, where)
+    per_leaf = _tree.rules(params, specs)
+    if not any(s and r is not None for s, r in zip(jax.tree.leaves(chosen), jax.tree.leaves(per_leaf,
+                                                                                            is_leaf=lambda v: v is None))):
+        raise ValueError(f"no leaf is both selected by {where!r} and given a spec by {specs!r}; "
+                         f"paths: {_tree.paths(params)}")
+    for path, s in zip(_tree.paths(params), jax.tree.leaves(per_leaf, is_leaf=lambda v: v is None)):
+        if s is not None and not isinstance(s, _spec.Format):
+            raise TypeError(f"{path}: rule value must be a QuantSpec/Format or None, got {s!r}")
+    return _tree.map_with_path(lambda p, x, c, s: fn(p, x, s) if c and s is not None else x,
+                               params, chosen, per_leaf)
+
+
+def quantize_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERNELS) -> Any:
+    """Replaces the selected leaves by quantized leaves (:class:`QArray` for integer specs).
+
+    Args:
+      params: parameter pytree (linen params, ``nnx.State``...).
+      spec: one :class:`QuantSpec`/:class:`Format` for every selected leaf, or rules
+        ``[(regex, spec or None), ...]`` on leaf paths (first full match wins; ``None`` keeps the leaf
+        dense; every rule must match a leaf).
+      where: which leaves may be quantized (default: kernels with ndim >= 2).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> p = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+      >>> q = quantize_params(p, [(".*Dense_0.*", QuantSpec(bits=4))])
+      >>> type(q["Dense_0"]["kernel"]).__name__, q["Dense_0"]["bias"].dtype
+      ('QArray', dtype('float32'))
+    """
+    return _per_leaf(params, spec, where, lambda p, x, s: s.quantize(x, path=p))
+
+
+def dequantize_params(tree: Any) -> Any:
+    """Replaces every compressed leaf by its dense value.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> p = quantize_params({"k": {"kernel": jnp.ones((2, 2))}}, QuantSpec())
+      >>> dequantize_params(p)["k"]["kernel"].tolist()
+      [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return _leaves.densify(tree)
+
+
+def fake_quant_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERNELS) -> Any:
+    """Fake-quantizes the selected leaves (straight-through gradients): weight QAT as a pure tree function.
+
+    Use inside the loss, ``apply(fake_quant_params(params, spec), x)``; arguments as in
+    :func:`quantize_params`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> p = {"k": {"kernel": jnp.array([[0.1, 1.0], [0.3, -1.0]])}}
+      >>> fake_quant_params(p, QuantSpec(bits=2))["k"]["kernel"].tolist()
+      [[0.0, 1.0], [0.0, -1.0]]
+      >>> jax.grad(lambda p: fake_quant_params(p, QuantSpec(bits=2))["k"]["kernel"].sum())(p)["k"]["kernel"].tolist()
+      [[1.0, 1.0], [1.0, 1.0]]
+    """
+    return _per_leaf(params, spec, where, lambda p, x, s: s.fake_quant(x, path=p))
+
+
+class Scale(NamedTuple):
+    """A static activation scale (and zero point, None when symmetric) of one layer's inputs."""
+
+    scale: jax.Array
+    zero_point: jax.Array | None
+
+
+def calibrate_activations(fn: Any, batches: Iterable[tuple], spec: _spec.Format, *,
+                          where: str | Sequence[str] | Callable | None = None) -> dict[str, Scale]:
+    """Static input scales of the selected Dense/Conv/Einsum layers from ``N`` calibration batches.
+
+    The inputs each layer sees over all batches are calibrated together with ``spec``'s calibrator
+    (absmax, min-max, percentile or MSE). Pass the result to :func:`jaxopt_big.quant.qat` as ``scales``.
+
+    Args:
+      fn: linen apply function or nnx module (as for :func:`jaxopt_big.intercept.capture`).
+      batches: iterable of argument tuples for ``fn``, e.g. ``[(variables, x) for x in xs]``.
+      spec: activation format; per-tensor or per-channel (``PER_TOKEN`` scales cannot be static).
+      where: module-path selection (None: every layer).
+
+    Returns:
+      ``{module_path: Scale(scale, zero_point)}``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> model = nn.Dense(2)
+      >>> v = model.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> s = calibrate_activations(model.apply, [(v, jnp.full((4, 3), 2.0)), (v, -jnp.ones((4, 3)))], QuantSpec())
+      >>> float(s[""].scale.squeeze() * 127)
+      2.0
+    """
+    if isinstance(getattr(spec, "granularity", None), _spec.PerToken):
+        raise ValueError(f"PER_TOKEN activation scales are dynamic; calibrate_activations needs per-tensor or "
+                         f"per-channel, got {spec!r}")
+    run = _intercept.capture(fn, where)
+    run = run if isinstance(fn, nnx.Module) else jax.jit(run)  # nnx modules carry state jit cannot close over
+    seen: dict[str, list[jax.Array]] = {}
+    n = 0
+    for args in batches:
+        _, records = run(*args)
+        for path, rec in records.items():
+            seen.setdefault(path, []).append(rec.inputs)
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate_activations needs at least one batch, got none")
+    return {path: Scale(*calibrate(jnp.concatenate(xs, axis=0), spec, path=path)) for path, xs in seen.items()}

@@ -1,0 +1,267 @@
+"""Quantized execution of Dense/DenseGeneral/Conv/Einsum layers (linen) and Linear/Conv (nnx).
+
+`qat` wraps an apply function (or nnx module) through :func:`jaxopt_big.intercept.replace`. Each
+selected layer runs its own computation with the contraction swapped for a quantized one:
+
+* weights and activations on symmetric integer grids whose scales are constant along the
+  contraction run as a real ``int8 x int8 -> int32`` ``dot_general`` / convolution, then one rescale;
+* weight-only quantization multiplies by the integer weights and rescales the output (the
+  dequantization happens inside the matmul), also for packed int4/int2 ``QArray`` kernels;
+* anything else (group scales along the contraction, affine grids, other formats, Einsum) runs the
+  float contraction on fake-quantized operands.
+
+The forward value equals fake-quant numerics; gradients are straight-through (those of the float
+contraction on the fake-quantized operands, zero outside the clipping range), so QAT trains on the
+fast integer forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jaxopt_big import intercept as _intercept
+from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant.calibrate import expand, from_int, to_int
+from jaxopt_big.quant.fake import ste
+from jaxopt_big.quant.ptq import Scale
+from jaxopt_big.quant.qarray import QArray
+
+__all__ = ["qat"]
+
+_DOT_LAYERS = (nn.Dense, nn.DenseGeneral, nnx.Linear, nnx.LinearGeneral)
+_CONV_LAYERS = (nn.Conv, nnx.Conv)
+
+
+class _Operand(NamedTuple):
+    """One side of a contraction after quantization."""
+
+    value: jax.Array                 # fake-quant value with straight-through gradient (or the raw input)
+    ints: jax.Array | None           # integer grid values (as floats) when on a symmetric integer grid
+    scale: jax.Array | None          # compact scale (ndim of the operand) matching ``ints``
+
+
+def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | None, path: str) -> _Operand:
+    if spec is None:
+        return _Operand(x, None, None)
+    if not isinstance(spec, _spec.QuantSpec):
+        scale, zp = (None, None) if static is None else static
+        return _Operand(spec.fake_quant(x, scale, zp, path=path), None, None)
+    if static is None:
+        scale, zp = jax.lax.stop_gradient(spec.calibrate(x, path=path))
+    else:
+        scale, zp = static
+        scale = jnp.reshape(scale, (1,) * (x.ndim - jnp.ndim(scale)) + jnp.shape(scale))
+        zp = None if zp is None else jnp.reshape(zp, scale.shape)
+    s = expand(scale, x.shape)
+    z = None if zp is None else expand(zp, x.shape)
+    xf = x.astype(jnp.float32)
+    q = to_int(xf, spec, s, z)
+    lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
+    value = ste(xf, from_int(q, s, z), (xf >= lo) & (xf <= hi)).astype(x.dtype)
+    return _Operand(value, q if zp is None else None, scale if zp is None else None)
+
+
+def _from_qarray(q: QArray) -> _Operand:
+    ints = q.int_values().astype(jnp.float32) if q.zero_point is None else None
+    return _Operand(q.dense(), ints, q.scale if ints is not None else None)
+
+
+def _with_grad_of(op: Callable, a: jax.Array, b: jax.Array, y: jax.Array) -> jax.Array:
+    """``y`` forward; backward as ``op(a, b)`` (straight-through over the integer computation)."""
+    @jax.custom_vjp
+    def f(a, b, y):
+        return y
+
+    def fwd(a, b, y):
+        return y, (a, b)
+
+    def bwd(res, g):
+        _, vjp = jax.vjp(op, *res)
+        return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
+
+    f.defvjp(fwd, bwd)
+    return f(a, b, y)
+
+
+def _dot_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
+    """Output scale of ``dot_general`` if both scales are constant along the contraction, else None."""
+    (lc, rc), (lb, rb) = dn
+    if lb or rb:
+        return None
+    sx = jnp.ones((1,) * x_ndim) if x.scale is None else x.scale
+    sw = w.scale
+    if any(sx.shape[d] != 1 for d in lc) or any(sw.shape[d] != 1 for d in rc):
+        return None
+    x_free = [d for d in range(x_ndim) if d not in lc]
+    w_free = [d for d in range(w_ndim) if d not in rc]
+    sx = sx.reshape([sx.shape[d] for d in x_free] + [1] * len(w_free))
+    sw = sw.reshape([1] * len(x_free) + [sw.shape[d] for d in w_free])
+    return sx * sw
+
+
+def _conv_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
+    """Output scale of a convolution if the input scale is per-tensor and the kernel's per output channel."""
+    if dn.rhs_spec[0] != w_ndim - 1 or dn.out_spec[1] != x_ndim - 1:
+        return None
+    sx = jnp.ones(()) if x.scale is None else x.scale
+    if sx.size != 1 or any(n != 1 for n in w.scale.shape[:-1]):
+        return None
+    return sx.reshape(()) * w.scale.reshape(-1)
+
+
+def _contract(op: Callable, x: _Operand, w: _Operand, out_scale: jax.Array | None,
+              preferred: Any) -> jax.Array:
+    float_op = functools.partial(op, preferred_element_type=preferred)
+    if w.ints is None or out_scale is None:
+        return float_op(x.value, w.value)
+    if x.ints is not None:  # weights and activations: int8 x int8 -> int32
+        acc = op(x.ints.astype(jnp.int8), w.ints.astype(jnp.int8), preferred_element_type=jnp.int32)
+    else:  # weight-only: integer weights in the matmul, dequantized by the output rescale
+        acc = op(x.value, w.ints.astype(x.value.dtype), preferred_element_type=preferred)
+    y = (acc.astype(jnp.float32) * out_scale).astype(jnp.result_type(x.value, w.value))
+    return _with_grad_of(float_op, x.value, w.value, y)
+
+
+class _Proxy:
+    """An nnx layer seen with some attributes replaced, without mutating it (it may be under a trace)."""
+
+    def __init__(self, module: Any, attrs: Mapping[str, Any]):
+        self._module, self._attrs = module, attrs
+
+    def __getattr__(self, name: str) -> Any:
+        return self._attrs[name] if name in self._attrs else getattr(self._module, name)
+
+
+def _run(call: _intercept.Call, params: dict, inputs: jax.Array, **attrs: Any) -> jax.Array:
+    """The layer's own computation on ``params``/``inputs`` with some attributes replaced."""
+    if isinstance(call.module, nnx.Module):
+        over = {**attrs, **{k: nnx.Param(v) for k, v in params.items()}}
+        base = next(c for c in type(call.module).__mro__ if c in _intercept.NNX_LAYERS)
+        return base.__call__(_Proxy(call.module, over), inputs, *call._args[1:], **call._kwargs)
+    return call.run(params, inputs, **attrs)
+
+
+class _Rules:
+    """Per-module-path weight formats: one Format, or ``[(regex, Format | None)]`` first match wins."""
+
+    def __init__(self, weights: _spec.Format | Sequence[tuple[str, _spec.Format | None]] | None):
+        import re
+        if weights is None or isinstance(weights, _spec.Format):
+            self.rules = None if weights is None else [(re.compile(".*"), weights)]
+            self.single = True
+        else:
+            if isinstance(weights, (str, bytes)) or not all(isinstance(r, (tuple, list)) and len(r) == 2
+                                                            for r in weights):
+                raise TypeError(f"weights must be a Format or [(regex, Format | None), ...], got {weights!r}")
+            for pat, s in weights:
+                if s is not None and not isinstance(s, _spec.Format):
+                    raise TypeError(f"weights rule {pat!r}: value must be a QuantSpec/Format or None, got {s!r}")
+            self.rules = [(re.compile(p), s) for p, s in weights]
+            self.single = False
+        self.hit = [False] * len(self.rules or [])
+        self.seen: list[str] = []
+
+    def __call__(self, path: str) -> _spec.Format | None:
+        self.seen.append(path)
+        for i, (pat, s) in enumerate(self.rules or []):
+            if pat.fullmatch(path):
+                self.hit[i] = True
+                return s
+        return None
+
+    def check(self) -> None:
+        missing = [p.pattern for (p, _), h in zip(self.rules or [], self.hit) if not h]
+        if missing and not self.single:
+            raise ValueError(f"weights rule(s) {missing} match no layer; layers called: {sorted(set(self.seen))}")
+
+
+def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | None]] | None = None,
+        activations: _spec.Format | None = None, scales: Mapping[str, Scale] | None = None,
+        where: str | Sequence[str] | Callable | None = None) -> Callable:
+    """Runs the selected layers of ``fn`` on quantized weights and inputs.
+
+    Args:
+      fn: a linen apply function (``model.apply`` or a function calling it) or an nnx module.
+      weights: kernel format (e.g. ``QuantSpec(bits=8, granularity=PER_CHANNEL)``), or rules
+        ``[(module-path regex, format or None)]`` (first full match wins; each must match a layer).
+        Kernels that already are :class:`QArray` leaves (from ``quantize_params``) run as stored.
+      activations: input format; ``PER_TOKEN`` gives dynamic per-token scales. None: float inputs
+        (weight-only quantization).
+      scales: static input scales from :func:`calibrate_activations` (PTQ); None: dynamic scales
+        calibrated on each call.
+      where: module-path selection of the layers (None: every Dense/Conv/Einsum layer).
+
+    Returns:
+      A function with ``fn``'s signature. Forward values are fake-quant numerics (computed with
+      integer matmuls where the scales allow), gradients straight-through.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> model = nn.Dense(4)
+      >>> x = jax.random.normal(jax.random.key(1), (2, 8))
+      >>> v = model.init(jax.random.key(0), x)
+      >>> f = qat(model.apply, weights=QuantSpec(granularity=PER_CHANNEL), activations=QuantSpec())
+      >>> bool(jnp.abs(f(v, x) - model.apply(v, x)).max() < 0.05)
+      True
+    """
+    if activations is not None and not isinstance(activations, _spec.Format):
+        raise TypeError(f"activations must be a QuantSpec/Format or None, got {activations!r}")
+    if scales is not None and activations is None:
+        raise ValueError("static activation scales were given but activations=None")
+
+    def wrapped(*args, **kwargs):
+        rules = _Rules(weights)
+
+        def impl(call: _intercept.Call) -> Any:
+            kernel = call.kernel
+            wspec = rules(call.path)
+            if kernel is None or (wspec is None and activations is None and not isinstance(kernel, QArray)):
+                return NotImplemented
+            static = None
+            if scales is not None and activations is not None:
+                if call.path not in scales:
+                    raise ValueError(f"{call.path}: no static activation scale; scales has {sorted(scales)}")
+                static = scales[call.path]
+            if isinstance(kernel, QArray):
+                w = _from_qarray(kernel)
+            else:
+                w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel")
+            x = _quantize_operand(call.inputs, activations, static, f"{call.path}/inputs")
+            params = {**call.params, "kernel": w.value}
+            if isinstance(call.module, _DOT_LAYERS):
+                attr, out_scale_fn, lax_op = "dot_general", _dot_out_scale, lax.dot_general
+            elif isinstance(call.module, _CONV_LAYERS):
+                attr, out_scale_fn, lax_op = "conv_general_dilated", _conv_out_scale, lax.conv_general_dilated
+            else:  # Einsum and other layers: float contraction on fake-quantized operands
+                return _run(call, params, x.value)
+
+            def contraction(lhs, rhs, *op_args, preferred_element_type=None, **op_kw):
+                op = lambda a, b, **kw: lax_op(a, b, *op_args, **op_kw, **kw)
+                out_scale = None
+                # The layer may have padded or reshaped its operands; then the integer values do not line up.
+                if (w.ints is not None and rhs.shape == w.ints.shape
+                        and (x.ints is None or lhs.shape == x.ints.shape)):
+                    dn = (op_args[0] if op_args else op_kw["dimension_numbers"]) if attr == "dot_general" else \
+                        lax.conv_dimension_numbers(
+                        lhs.shape, rhs.shape, op_kw.get("dimension_numbers"))
+                    out_scale = out_scale_fn(dn, x, w, lhs.ndim, rhs.ndim)
+                return _contract(op, x._replace(value=lhs), w._replace(value=rhs), out_scale, preferred_element_type)
+
+            # The layer sees the fake-quant operands (shapes, promotion, bias); the contraction swaps in
+            # the integer computation where the scales allow it.
+            return _run(call, params, x.value, **{attr: contraction})
+
+        out = _intercept.replace(fn, where, impl)(*args, **kwargs)
+        rules.check()
+        return out
+
+    return wrapped
+

@@ -1,0 +1,256 @@
+"""Quantization core: grids, calibration, fake-quant STE, packed QArray, PTQ trees, integer execution."""
+
+import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxopt_big as jb
+from jaxopt_big.quant import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Group, MinMax, Percentile, QArray,
+                              QuantSpec)
+
+GRANULARITIES = [PER_TENSOR, PER_CHANNEL, Group(2), Group(4)]
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(bits=st.integers(2, 8), symmetric=st.booleans(), g=st.sampled_from(GRANULARITIES),
+                  calibration=st.sampled_from([AbsMax(), MinMax()]), seed=st.integers(0, 1000),
+                  scale=st.floats(1e-3, 1e3))
+def test_round_trip_error_at_most_half_a_step(bits, symmetric, g, calibration, seed, scale):
+    x = scale * jax.random.normal(jax.random.key(seed), (8, 6))
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=g, calibration=calibration)
+    q = jb.quant.quantize(x, spec)
+    step = jb.quant.expand(q.scale, x.shape)
+    err = jnp.abs(jb.quant.dequantize(q) - x)
+    assert bool(jnp.all(err <= step / 2 * (1 + 1e-5)))  # absmax/min-max: every value is inside the range
+    ints = q.int_values()
+    assert int(ints.min()) >= spec.qmin and int(ints.max()) <= spec.qmax
+    np.testing.assert_allclose(jb.quant.dequantize(q), jb.quant.fake_quant(x, spec), rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_int8_symmetric_per_channel_absmax_matches_numpy():
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
+    q = jb.quant.quantize(x, QuantSpec(bits=8, granularity=PER_CHANNEL))
+    scale = np.abs(x).max(axis=0, keepdims=True) / 127
+    ref = np.clip(np.round(x / scale), -127, 127).astype(np.int8)
+    np.testing.assert_allclose(q.scale, scale, rtol=1e-6)
+    np.testing.assert_array_equal(q.values, ref)
+    assert q.values.dtype == jnp.int8
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("calibration", [AbsMax(), MinMax(), Percentile(99.0), MSE(steps=8)])
+@pytest.mark.parametrize("value", [0.0, 3.0, -2.0])
+def test_zero_and_constant_tensors_give_finite_scales(symmetric, calibration, value):
+    x = jnp.full((4, 3), value)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=PER_CHANNEL, calibration=calibration)
+    scale, zp = jb.quant.calibrate(x, spec)
+    assert bool(jnp.all(jnp.isfinite(scale)) and jnp.all(scale > 0))
+    # symmetric grids hit a constant exactly (it is the absmax); affine ones within one step (zero-point rounding)
+    tol = 1e-6 if symmetric else float(scale.max()) + 1e-6
+    np.testing.assert_allclose(jb.quant.dequantize(jb.quant.quantize(x, spec)), x, atol=tol)
+
+
+def test_ste_gradient_is_one_inside_and_zero_outside():
+    x = jnp.array([-5.0, -1.4, -0.2, 0.0, 0.7, 1.5, 9.0])
+    spec = QuantSpec(bits=2)  # grid {-1, 0, 1} * scale; range [-1.5, 1.5] at scale 1.5
+    g = jax.grad(lambda x: jb.quant.fake_quant(x, spec, scale=1.5).sum())(x)
+    np.testing.assert_array_equal(g, [0, 1, 1, 1, 1, 1, 0])
+    # Self-calibrated (absmax): everything is inside, gradient is exactly the identity.
+    g = jax.grad(lambda x: (jb.quant.fake_quant(x, QuantSpec(bits=4)) * x).sum())(x)
+    np.testing.assert_allclose(g, jb.quant.fake_quant(x, QuantSpec(bits=4)) + x, rtol=1e-6)
+
+
+def test_packing_bytes_and_containers():
+    w = jax.random.normal(jax.random.key(0), (1024, 1024))
+    dense = w.nbytes
+    q8 = jb.quant.quantize(w, QuantSpec(bits=8, granularity=PER_CHANNEL))
+    q4 = jb.quant.quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL))
+    q2 = jb.quant.quantize(w, QuantSpec(bits=2, granularity=PER_CHANNEL))
+    q3 = jb.quant.quantize(w, QuantSpec(bits=3, granularity=PER_CHANNEL))
+    assert dense / q8.nbytes >= 3.9 and dense / q4.nbytes >= 7.5 and dense / q2.nbytes >= 15
+    assert q4.values.shape == (512, 1024) and q2.values.shape == (256, 1024) and q3.values.shape == (512, 1024)
+    assert q3.kind == "int3 in int4" and jb.leaves.nbytes({"k": q4}) == q4.nbytes
+    # odd leading axis: padding is dropped on unpack
+    x = jax.random.normal(jax.random.key(1), (7, 3))
+    for bits in (2, 3, 4):
+        spec = QuantSpec(bits=bits)
+        np.testing.assert_allclose(jb.quant.dequantize(jb.quant.quantize(x, spec)), jb.quant.fake_quant(x, spec))
+
+
+def test_qarray_is_a_pytree_leaf_in_jit():
+    w = jax.random.normal(jax.random.key(0), (8, 4))
+    q = jb.quant.quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL))
+    assert jb.leaves.is_compressed(q)
+    out = jax.jit(lambda q: q.dense())(q)
+    np.testing.assert_allclose(out, q.dense())
+    assert jb.tree.paths({"k": q}) == ["k"]
+
+
+def test_mse_beats_absmax_for_heavy_tails():
+    x = jax.random.t(jax.random.key(0), 2.0, (256, 8))
+    err = {c: float(jnp.square(jb.quant.fake_quant(x, QuantSpec(bits=3, granularity=PER_CHANNEL,
+                                                                 calibration=c)) - x).mean())
+           for c in (AbsMax(), Percentile(99.0), MSE())}
+    assert err[MSE()] < err[Percentile(99.0)] and err[MSE()] < err[AbsMax()]
+
+
+def test_scales_keep_parameter_sharding_on_8_devices():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    sharding = jax.NamedSharding(mesh, jax.P("data", "model"))
+    w = jax.device_put(jax.random.normal(jax.random.key(0), (64, 32)), sharding)
+    params = {"Dense_0": {"kernel": w}}
+    for spec in (QuantSpec(bits=8, granularity=PER_CHANNEL), QuantSpec(bits=4, granularity=Group(16))):
+        q = jb.quant.quantize_params(params, spec)["Dense_0"]["kernel"]
+        assert q.scale.sharding.spec == jax.P(None, "model") or isinstance(spec.granularity, Group)
+        if isinstance(spec.granularity, Group):
+            assert q.scale.shape == (4, 32) and q.scale.sharding.spec == jax.P("data", "model")
+        assert q.values.sharding.spec == jax.P("data", "model")
+        np.testing.assert_allclose(q.dense(), jb.quant.fake_quant(np.asarray(w), spec), rtol=1e-6)
+    q = jax.jit(lambda w: jb.quant.quantize(w, QuantSpec(granularity=PER_CHANNEL)))(w)
+    assert q.scale.sharding.spec[-1] == "model"
+
+
+def test_params_rules_first_match_wins_and_errors():
+    p = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "Dense_1": {"kernel": jnp.ones((4, 2))}}
+    q = jb.quant.quantize_params(p, [("Dense_0/.*", QuantSpec(bits=4)), (".*", QuantSpec(bits=8))])
+    assert q["Dense_0"]["kernel"].bits == 4 and q["Dense_1"]["kernel"].bits == 8
+    assert not isinstance(q["Dense_0"]["bias"], QArray)
+    q = jb.quant.quantize_params(p, [("Dense_0/.*", None), (".*", QuantSpec(bits=8))])
+    assert not isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
+    np.testing.assert_allclose(jb.quant.dequantize_params(q)["Dense_1"]["kernel"], 1.0)
+    with pytest.raises(ValueError, match="Dense_9"):
+        jb.quant.quantize_params(p, [("Dense_9/.*", QuantSpec())])
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="bits.*9"):
+        QuantSpec(bits=9)
+    with pytest.raises(ValueError, match="bits.*1"):
+        QuantSpec(bits=1)
+    with pytest.raises(ValueError, match="0, 100.*101"):
+        Percentile(101)
+    with pytest.raises(ValueError, match="0, 100.*0"):
+        Percentile(0)
+    with pytest.raises(TypeError, match="granularity"):
+        QuantSpec(granularity="per_channel")
+    p = {"Dense_0": {"kernel": jnp.ones((6, 4))}}
+    with pytest.raises(ValueError, match=r"Dense_0/kernel: group size 4 does not divide axis 0 of size 6"):
+        jb.quant.quantize_params(p, QuantSpec(granularity=Group(4)))
+    p = {"Dense_0": {"kernel": jnp.ones((6, 4)).at[1, 1].set(jnp.nan)}}
+    with pytest.raises(ValueError, match=r"Dense_0/kernel: calibration data contains NaN \(1 of 24"):
+        jb.quant.quantize_params(p, QuantSpec())
+    with pytest.raises(TypeError, match="Dense_0/kernel: quantization needs a floating array"):
+        jb.quant.quantize_params({"Dense_0": {"kernel": jnp.ones((2, 2), jnp.int32)}}, QuantSpec(), where=".*")
+
+
+# ---------------------------------------------------------------- integer execution
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.DenseGeneral(10)(x)
+
+
+W8 = QuantSpec(bits=8, granularity=PER_CHANNEL)
+A8 = QuantSpec(bits=8)
+
+
+def _fake_reference(variables, x, weights, activations):
+    """Independent reference: fake-quant every layer input and kernel by hand, float everything."""
+    def impl(call):
+        params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, weights)}
+        xin = call.inputs if activations is None else jb.quant.fake_quant(call.inputs, activations)
+        return call.run(params, xin)
+    return jb.intercept.replace(_Net().apply, None, impl)(variables, x)
+
+
+@pytest.mark.parametrize("activations", [A8, QuantSpec(bits=8, granularity=PER_TOKEN), None])
+def test_int8_matmul_matches_fake_quant(activations):
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    v = _Net().init(jax.random.key(1), x)
+    ours = jax.jit(jb.quant.qat(_Net().apply, weights=W8, activations=activations))(v, x)
+    ref = _fake_reference(v, x, W8, activations)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    # the integer path really runs int8 x int8 -> int32
+    hlo = jax.jit(jb.quant.qat(_Net().apply, weights=W8, activations=A8)).lower(v, x).as_text()
+    assert "i8>" in hlo and "-> tensor<4x32xi32>" in hlo.replace("\n", " ") or "xi32>" in hlo
+
+
+def test_qat_gradients_are_straight_through():
+    model = nn.Dense(5)
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    v = model.init(jax.random.key(1), x)
+    scale = jnp.abs(x).max() / 127 / 2  # static scale clips the largest half of the inputs
+    s = {"": jb.quant.Scale(scale, None)}
+    loss = lambda v, x: jnp.sum(jb.quant.qat(model.apply, weights=W8, activations=A8, scales=s)(v, x) ** 2)
+    gv, gx = jax.grad(loss, argnums=(0, 1))(v, x)
+    # analytic STE reference: d/dW = x_hat^T dy, d/dx = (dy W_hat^T) * inside
+    w_hat = jb.quant.fake_quant(v["params"]["kernel"], W8)
+    x_hat = jb.quant.fake_quant(x, A8, scale=scale)
+    dy = 2 * (x_hat @ w_hat + v["params"]["bias"])
+    inside = jnp.abs(x) <= 127 * scale
+    np.testing.assert_allclose(gv["params"]["kernel"], x_hat.T @ dy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gv["params"]["bias"], dy.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, (dy @ w_hat.T) * inside, rtol=1e-5, atol=1e-5)
+    assert 0 < int(inside.sum()) < x.size
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_apply_with_qarray_kernels(bits):
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    v = _Net().init(jax.random.key(1), x)
+    spec = QuantSpec(bits=bits, granularity=PER_CHANNEL)
+    qv = {"params": jb.quant.quantize_params(v["params"], spec)}
+    ref = _Net().apply(jb.quant.dequantize_params(qv), x)
+    weight_only = jax.jit(jb.quant.qat(_Net().apply))(qv, x)
+    np.testing.assert_allclose(weight_only, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    full = jax.jit(jb.quant.qat(_Net().apply, activations=A8))(qv, x)
+    np.testing.assert_allclose(full, _fake_reference(v, x, spec, A8), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_static_activation_scales_ptq():
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 3))
+    v = _Net().init(jax.random.key(1), x)
+    scales = jb.quant.calibrate_activations(_Net().apply, [(v, x[:8]), (v, x[8:])], A8)
+    assert sorted(scales) == ["Conv_0", "DenseGeneral_0", "Dense_0"]
+    np.testing.assert_allclose(scales["Conv_0"].scale.squeeze(), jnp.abs(x).max() / 127, rtol=1e-6)
+    f = jax.jit(jb.quant.qat(_Net().apply, weights=W8, activations=A8, scales=scales))
+    ours = f(v, x[:2])
+    def impl(call):  # reference with the same static scales
+        s = scales[call.path]
+        params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, W8)}
+        return call.run(params, jb.quant.fake_quant(call.inputs, A8, scale=s.scale))
+    ref = jb.intercept.replace(_Net().apply, None, impl)(v, x[:2])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    with pytest.raises(ValueError, match="PER_TOKEN"):
+        jb.quant.calibrate_activations(_Net().apply, [(v, x)], QuantSpec(granularity=PER_TOKEN))
+
+
+def test_nnx_linear_and_conv():
+    model = jb.models.NnxCNN(rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    f = jb.quant.qat(model, weights=W8, activations=A8)
+    ours = f(x)
+    def impl(call):
+        params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, W8)}
+        return call.run(params, jb.quant.fake_quant(call.inputs, A8))
+    ref = jb.intercept.replace(model, None, impl)(x)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+    assert not np.allclose(ours, model(x), atol=1e-6)  # it did quantize
+
+
+def test_weight_rules_must_match_a_layer():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    v = _Net().init(jax.random.key(1), x)
+    f = jb.quant.qat(_Net().apply, weights=[("Conv_0", QuantSpec(bits=4)), ("Nope_.*", W8)])
+    with pytest.raises(ValueError, match="Nope"):
+        f(v, x)
