@@ -68,9 +68,16 @@ def layer_order(apply_fn: Callable, variables: Any, batch: Any, *, where: str | 
       >>> layer_order(model.apply, variables, jnp.ones((1, 4)))
       ['layers_0', 'layers_2']
     """
-    fn = _intercept.capture(apply_fn, _dense_selector(where))
-    _, records = jax.eval_shape(fn, variables, *_args(batch))
-    paths = list(dict.fromkeys(k.split("@")[0] for k in records))
+    select, called = _dense_selector(where), []
+
+    def record(path: str, module: Any) -> bool:  # the selector sees calls in order; result dicts are sorted
+        chosen = select(path, module)
+        if chosen:
+            called.append(path)
+        return chosen
+
+    jax.eval_shape(_intercept.capture(apply_fn, record), variables, *_args(batch))
+    paths = list(dict.fromkeys(called))
     if not paths:
         raise ValueError(f"where={where!r} selects no Dense layer of the model")
     if where is not None:
