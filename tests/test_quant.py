@@ -16,7 +16,7 @@ from jaxopt_big.quant import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, G
 GRANULARITIES = [PER_TENSOR, PER_CHANNEL, Group(2), Group(4)]
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(bits=st.integers(2, 8), symmetric=st.booleans(), g=st.sampled_from(GRANULARITIES),
                   calibration=st.sampled_from([AbsMax(), MinMax()]), seed=st.integers(0, 1000),
                   scale=st.floats(1e-3, 1e3))
@@ -236,7 +236,7 @@ def test_static_activation_scales_ptq():
 
 
 def test_nnx_linear_and_conv():
-    model = jb.models.NnxCNN(rngs=nnx.Rngs(0))
+    model = jb.models.NnxCNN(features=(4, 8), hidden=16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     f = jb.quant.qat(model, weights=W8, activations=A8)
     ours = f(x)
