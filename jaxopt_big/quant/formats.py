@@ -30,7 +30,6 @@ import numpy as np
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import spec as _spec
 from jaxopt_big.quant.calibrate import check_input, expand
-from jaxopt_big.quant.fake import ste
 
 __all__ = ["Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array", "pack_bits", "unpack_bits"]
 
@@ -76,6 +75,12 @@ def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
     stream = ((packed[:, None].astype(jnp.uint32) >> jnp.arange(8, dtype=jnp.uint32)) & 1).reshape(-1)
     planes = stream[: n * bits].reshape(n, bits)
     return (planes << jnp.arange(bits, dtype=jnp.uint32)).sum(axis=1).astype(jnp.int32)
+
+
+def _ste(x: jax.Array, value: jax.Array, inside: jax.Array | None = None) -> jax.Array:
+    """``value`` forward, bit for bit (``x - stop_gradient(x)`` is exactly 0); gradient 1 where ``inside``."""
+    delta = x - jax.lax.stop_gradient(x)
+    return jax.lax.stop_gradient(value) + (delta if inside is None else jnp.where(inside, delta, jnp.zeros_like(delta)))
 
 
 def _where(path: str) -> str:
@@ -188,7 +193,7 @@ class Binary(_spec.Format):
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, plus = self._values(x, scale, zero_point, path)
         value = jnp.where(plus, 1.0, -1.0) * expand(scale, x.shape)
-        return ste(x, value.astype(x.dtype), jnp.ones(x.shape, bool))
+        return _ste(x, value.astype(x.dtype))
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, plus = self._values(x, scale, zero_point, path)
@@ -241,7 +246,7 @@ class Ternary(_spec.Format):
 
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, codes = self._values(x, scale, zero_point, path)
-        return ste(x, (codes * expand(scale, x.shape)).astype(x.dtype), jnp.ones(x.shape, bool))
+        return _ste(x, (codes * expand(scale, x.shape)).astype(x.dtype))
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, codes = self._values(x, scale, zero_point, path)
@@ -337,7 +342,7 @@ class Float8(_spec.Format):
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, values = self._cast(x, scale, zero_point, path)
         value = values.astype(jnp.float32) * scale
-        return ste(x, value.astype(x.dtype), jnp.abs(x) <= self.max * scale)
+        return _ste(x, value.astype(x.dtype), jnp.abs(x) <= self.max * scale)
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, values = self._cast(x, scale, zero_point, path)
