@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxopt_big import data as _data
@@ -143,14 +144,15 @@ def two_bit_qat(ctx: Context) -> Result:
 
 
 def weight_sharing(ctx: Context) -> Result:
-    from jaxopt_big.quant import cluster
+    from jaxopt_big import quant
+    from jaxopt_big.quant.cluster import cluster
     start = time.perf_counter()
-    clustered = cluster.cluster(ctx.params, 8, key=ctx.key(8))
+    clustered = cluster(ctx.params, 8, key=ctx.key(8))
     seconds = time.perf_counter() - start
-    apply = lambda books, x: ctx.apply(_leaves.densify(cluster.with_codebooks(clustered, books)), x)
-    books, tuned = train_classifier(ctx, cluster.codebooks(clustered), epochs=ctx.epochs(4), lr=3e-4, apply=apply,
+    apply = lambda books, x: ctx.apply(_leaves.densify(quant.with_codebooks(clustered, books)), x)
+    books, tuned = train_classifier(ctx, quant.codebooks(clustered), epochs=ctx.epochs(4), lr=3e-4, apply=apply,
                                     desc="centroid fine-tune")
-    clustered = cluster.with_codebooks(clustered, books)
+    clustered = quant.with_codebooks(clustered, books)
     return Result("8-cluster weight sharing + centroid fine-tune", accuracy(ctx, _leaves.densify(clustered)),
                   _leaves.nbytes(clustered), seconds + tuned, clustered)
 
@@ -184,13 +186,74 @@ def low_rank(ctx: Context) -> Result:
                   seconds, params)
 
 
+def lora_adaptation(ctx: Context) -> Result:
+    """A CNN trained on digits 0-4 adapted to digits 5-9 by rank-4 LoRA, against full fine-tuning."""
+    from jaxopt_big import lowrank
+    old, new = (ctx.train.take(ctx.train.y < 5), ctx.train.take(ctx.train.y >= 5))
+    new_test = ctx.test.take(ctx.test.y >= 5)
+    base = ctx.model.init(ctx.key(10), ctx.train.x[:1])["params"]
+    base, _ = train_classifier(ctx, base, epochs=ctx.epochs(15), lr=3e-3, data=old, desc="base on 0-4")
+    adapted = lowrank.lora_init(base, ctx.key(11), rank=4, alpha=8.0)
+    run = lowrank.apply(ctx.model.apply)
+    apply = lambda p, x: run({"params": p}, x)
+    tx = lowrank.lora_trainable(optax.adam(3e-3))
+    adapted, seconds = train_classifier(ctx, adapted, epochs=ctx.epochs(15), lr=3e-3, apply=apply, tx=tx, data=new,
+                                        desc="LoRA on 5-9")
+    full, _ = train_classifier(ctx, base, epochs=ctx.epochs(15), lr=1e-3, data=new, desc="full fine-tune 5-9")
+    lora_acc = _train.evaluate(apply, adapted, new_test)["accuracy"]
+    full_acc = _train.evaluate(ctx.apply, full, new_test)["accuracy"]
+    adapters, _ = lowrank.lora_partition(adapted)
+    trained = sum(x.size for x in jax.tree.leaves(adapters)) / sum(x.size for x in jax.tree.leaves(base))
+    return Result("LoRA r=4 adapters (0-4 -> 5-9)", lora_acc, _leaves.nbytes(adapters), seconds, adapted,
+                  note=f"accuracy on 5-9; full fine-tune {full_acc:.4f}; trains {100 * trained:.1f}% of params; "
+                       "bytes = adapters")
+
+
+def _transfer_set(ctx: Context) -> tuple[_data.Dataset, _data.Dataset]:
+    """10% of the training labels; the other rows keep their inputs with label -1 (unlabeled)."""
+    import numpy as np
+    rng = np.random.default_rng(ctx.seed)
+    labeled = np.zeros(len(ctx.train), bool)
+    labeled[rng.permutation(len(ctx.train))[: len(ctx.train) // 10]] = True
+    y = np.where(labeled, ctx.train.y, -1).astype(np.int32)
+    return _data.Dataset(ctx.train.x, y), ctx.train.take(labeled)
+
+
+def _student(ctx: Context):
+    model = _models.MLP(features=(128, 128))
+    return model, model.init(ctx.key(12), ctx.train.x[:1])["params"], lambda p, x: model.apply({"params": p}, x)
+
+
+def kd_student(ctx: Context) -> Result:
+    from jaxopt_big import distill
+    transfer, _ = _transfer_set(ctx)
+    _, params, apply = _student(ctx)
+    teacher = lambda x: ctx.apply(ctx.params, x)
+    kd = distill.combine(optax.softmax_cross_entropy_with_integer_labels, teacher, student=apply, alpha=0.5,
+                         temperature=4.0)
+    loss_fn = lambda p, b: kd(p, distill.Batch(x=b[0], y=jnp.maximum(b[1], 0), labeled=b[1] >= 0))
+    params, seconds = train_classifier(ctx, params, epochs=ctx.epochs(15), lr=2e-3, apply=apply, loss_fn=loss_fn,
+                                       data=transfer, desc="KD student")
+    return Result("KD MLP student (10% labels + teacher)", accuracy(ctx, params, apply), _leaves.nbytes(params),
+                  seconds, params)
+
+
+def plain_student(ctx: Context) -> Result:
+    _, labeled = _transfer_set(ctx)
+    _, params, apply = _student(ctx)
+    params, seconds = train_classifier(ctx, params, epochs=10 * ctx.epochs(15), lr=2e-3, apply=apply, data=labeled,
+                                       desc="plain student")
+    return Result("plain MLP student (10% labels)", accuracy(ctx, params, apply), _leaves.nbytes(params), seconds,
+                  params, note="same number of steps as the KD student")
+
+
 def _tree_paths(tree: Any) -> list[str]:
     from jaxopt_big import tree as _tree
     return _tree.paths(tree)
 
 
 STAGES: list[Callable[[Context], Result]] = [dense, int8_ptq, two_bit_ptq, two_bit_qat, weight_sharing,
-                                             mixed_precision, low_rank]
+                                             mixed_precision, low_rank, lora_adaptation, kd_student, plain_student]
 
 
 def _table(results: list[Result], ctx: Context) -> list[tuple[str, ...]]:
