@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from scipy.special import erf
 
 from jaxopt_big import calibration, zoo
 from jaxopt_big.sparsity import oneshot
@@ -46,7 +47,7 @@ def numpy_bert(tensors, config, ids, mask):
         ctx = (a @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
         x = norm(x + linear(ctx, p + "attention.output.dense"), p + "attention.output.LayerNorm")
         h = linear(x, p + "intermediate.dense")
-        h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+        h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
         x = norm(x + linear(h, p + "output.dense"), p + "output.LayerNorm")
     pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
