@@ -1,0 +1,353 @@
+"""Masks from scores: scope, distribution across layers, and structure, all exact in count.
+
+A mask tree has the structure of the parameters: a bool array (True = keep) for every selected leaf
+and ``None`` for the others. Counts are exact: a layer of ``n`` weights at sparsity ``s`` loses exactly
+``round(s * n)`` weights (or groups, for block and channel structures), ties broken by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+from jaxopt_big.sparsity import _select
+
+__all__ = ["Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel", "make_masks",
+           "global_threshold", "apply_masks", "sparsity", "erk_densities"]
+
+
+class Scope(enum.Enum):
+    """Where the sparsity target applies: to each selected layer, or to all selected weights together."""
+
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Uniform:
+    """Every selected layer gets the same sparsity."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ERK:
+    """Erdős–Rényi-Kernel: layer density proportional to ``sum(shape) / prod(shape)`` (Evci et al.).
+
+    Layers whose density would exceed 1 stay dense and the others share the remaining budget, so the
+    overall sparsity of the selected weights is the target. ``power`` scales the raw ratio.
+    """
+
+    power: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.power, (int, float)) and self.power > 0):
+            raise ValueError(f"ERK power must be a positive number, got {self.power!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unstructured:
+    """Individual weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NM:
+    """Keep the ``n`` largest scores in every ``m`` consecutive weights along the input axis (-2)."""
+
+    n: int
+    m: int
+
+    def __post_init__(self):
+        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n <= self.m):
+            raise ValueError(f"NM needs integers 0 < n <= m, got n={self.n!r}, m={self.m!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Prune whole blocks of ``shape`` over the trailing dims, ranked by the L2 norm of their scores."""
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
+        if not shape or not all(isinstance(b, int) and b > 0 for b in shape):
+            raise ValueError(f"Block shape must be a non-empty tuple of positive ints, got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """Prune whole slices along ``axis`` (filters / output channels for -1), ranked by slice L2 norm."""
+
+    axis: int = -1
+
+    def __post_init__(self):
+        if not isinstance(self.axis, int):
+            raise ValueError(f"Channel axis must be an int, got {self.axis!r}")
+
+
+Structure = Unstructured | NM | Block | Channel
+Distribution = Uniform | ERK
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    """Raises for a concrete value outside [0, 1); traced values are clipped by the callers."""
+    try:
+        v = float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if not 0.0 <= v < 1.0 or math.isnan(v):
+        raise ValueError(f"{name}: sparsity must be in [0, 1), got {value!r}")
+
+
+def _count(s: Any, n: int) -> Any:
+    """round(s * n), exact in Python for concrete s, float32 when traced."""
+    if isinstance(s, (int, float, np.floating)):
+        return round(float(s) * n)
+    return jnp.round(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0) * n).astype(jnp.int32)
+
+
+# --- structures: per-leaf group scores and their expansion back to weights --------------------
+
+def _check_structure(path: str, shape: tuple[int, ...], structure: Structure) -> None:
+    if isinstance(structure, Unstructured):
+        return
+    if len(shape) < 2:
+        raise ValueError(f"{path}: structure {structure} needs a leaf with ndim >= 2, got shape {shape}")
+    if isinstance(structure, NM) and shape[-2] % structure.m:
+        raise ValueError(f"{path}: input axis {shape[-2]} is not divisible by m={structure.m}")
+    if isinstance(structure, Block):
+        b = structure.shape
+        if len(b) > len(shape) or any(d % s for d, s in zip(shape[-len(b):], b)):
+            raise ValueError(f"{path}: shape {shape} is not divisible into blocks {b}")
+    if isinstance(structure, Channel) and not -len(shape) <= structure.axis < len(shape):
+        raise ValueError(f"{path}: channel axis {structure.axis} out of range for shape {shape}")
+
+
+def _block_view(x: jax.Array, b: tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
+    lead = x.shape[:x.ndim - len(b)]
+    split = sum(((d // s, s) for d, s in zip(x.shape[len(lead):], b)), ())
+    return x.reshape(lead + split), tuple(len(lead) + 2 * i + 1 for i in range(len(b)))
+
+
+def _group_scores(score: jax.Array, structure: Structure) -> jax.Array:
+    score = jnp.asarray(score, jnp.float32)
+    if isinstance(structure, Block):
+        view, axes = _block_view(score, structure.shape)
+        return jnp.sum(view * view, axis=axes)
+    if isinstance(structure, Channel):
+        axis = structure.axis % score.ndim
+        return jnp.sum(score * score, axis=tuple(a for a in range(score.ndim) if a != axis))
+    return score
+
+
+def _expand(keep: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
+    if isinstance(structure, Block):
+        b = structure.shape
+        lead = len(shape) - len(b)
+        for i, s in enumerate(b):
+            keep = jnp.repeat(keep, s, axis=lead + i)
+        return keep
+    if isinstance(structure, Channel):
+        axis = structure.axis % len(shape)
+        return jnp.broadcast_to(jnp.expand_dims(keep, tuple(a for a in range(len(shape)) if a != axis)), shape)
+    return keep
+
+
+def _nm_mask(score: jax.Array, nm: NM) -> jax.Array:
+    """Keep the n largest of each m consecutive scores along axis -2 (ties: lower index kept)."""
+    shape = score.shape
+    g = jnp.moveaxis(_select.ukey(score).reshape(shape[:-2] + (shape[-2] // nm.m, nm.m, shape[-1])), -2, -1)
+    # rank within the group: how many others beat this one (higher key, or equal key and lower index)
+    a, b = g[..., :, None], g[..., None, :]
+    i = jnp.arange(nm.m)
+    beats = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
+    keep = beats.sum(-1) < nm.n
+    return jnp.moveaxis(keep, -1, -2).reshape(shape)
+
+
+# --- distributions ---------------------------------------------------------------------------
+
+def erk_densities(shapes: Sequence[tuple[int, ...]], sparsity: Any, *, power: float = 1.0) -> jax.Array:
+    """ERK layer densities for an overall ``sparsity`` of the given layer shapes (traceable).
+
+    Examples:
+      >>> d = erk_densities([(64, 64), (64, 10)], 0.5)
+      >>> round(float((d * jnp.array([64 * 64, 640])).sum() / (64 * 64 + 640)), 4)
+      0.5
+    """
+    sizes = jnp.array([math.prod(s) for s in shapes], jnp.float32)
+    raw = jnp.array([(sum(s) / math.prod(s)) ** power for s in shapes], jnp.float32)
+    budget = (1.0 - jnp.asarray(sparsity, jnp.float32)) * sizes.sum()
+    dense = jnp.zeros(len(shapes), bool)
+    for _ in range(len(shapes)):  # each round fixes at least one more layer at density 1, or is stable
+        eps = (budget - jnp.where(dense, sizes, 0).sum()) / jnp.maximum(jnp.where(dense, 0, raw * sizes).sum(), 1e-30)
+        dense = dense | (eps * raw > 1.0)
+    return jnp.where(dense, 1.0, jnp.clip(eps * raw, 0.0, 1.0))
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+def _selected(scores: Any, where: Any) -> list[tuple[str, jax.Array]]:
+    chosen = _tree.select(scores, where)
+    flat = [(p, x) for (p, x), c in zip(_with_paths(scores), jax.tree.leaves(chosen)) if c]
+    if not flat:
+        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(scores)}")
+    return flat
+
+
+def _with_paths(tree: Any) -> list[tuple[str, Any]]:
+    return [(_tree.path_str(p), x) for p, x in _leaves.leaves_with_path(tree)]
+
+
+def _layer_sparsities(flat, sparsity, distribution, structure) -> list[Any]:
+    paths = [p for p, _ in flat]
+    if isinstance(sparsity, (list, tuple)):
+        per = _tree.rules({p: 0 for p in paths}, sparsity)
+        missing = [p for p in paths if per[p] is None]
+        if missing:
+            raise ValueError(f"sparsity rules give no value for selected leaves {missing}")
+        values = [per[p] for p in paths]
+    elif isinstance(distribution, ERK):
+        _check_fraction("sparsity", sparsity)
+        d = erk_densities([tuple(x.shape) for _, x in flat], sparsity, power=distribution.power)
+        values = [1.0 - d[i] for i in range(len(flat))]
+    else:
+        values = [sparsity] * len(flat)
+    for p, v in zip(paths, values):
+        _check_fraction(p, v)
+    return values
+
+
+def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS, scope: Scope = Scope.LAYER,
+               distribution: Distribution = Uniform(), structure: Structure = Unstructured()) -> Any:
+    """Keep-masks that prune the lowest scores of the selected leaves to ``sparsity``.
+
+    Args:
+      scores: score pytree (see :mod:`scores`); higher is more important, NaN is lowest.
+      sparsity: fraction in [0, 1) to prune (a float or a traced scalar); with ``Scope.LAYER`` also a
+        list of ``(regex, fraction)`` rules. With ``NM`` it may be None (the pattern fixes it) and a
+        traced value of 0 means "no pruning yet".
+      where: which leaves to prune (:func:`jaxopt_big.tree.select`); default: kernels.
+      scope: ``Scope.LAYER`` (exact count per leaf) or ``Scope.GLOBAL`` (exact count over all
+        selected leaves, by :func:`global_threshold`).
+      distribution: ``Uniform()`` or ``ERK()`` layer sparsities (``Scope.LAYER`` only).
+      structure: ``Unstructured()``, ``NM(n, m)``, ``Block(shape)`` or ``Channel(axis)``.
+
+    Returns:
+      A tree like ``scores``: a bool array (True = keep) at each selected leaf, None elsewhere.
+
+    Raises:
+      ValueError: a sparsity outside [0, 1), a selection matching nothing, a structure that does not
+        fit a leaf (names the leaf path and shape), or an incompatible option combination.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> s = {"d": {"kernel": jnp.array([[1.0, 4.0], [3.0, 2.0]]), "bias": jnp.ones(2)}}
+      >>> m = make_masks(s, 0.5)
+      >>> m["d"]["kernel"].tolist(), m["d"]["bias"]
+      ([[False, True], [True, False]], None)
+    """
+    if not isinstance(scope, Scope):
+        raise TypeError(f"scope must be a Scope, got {scope!r}")
+    if not isinstance(distribution, (Uniform, ERK)):
+        raise TypeError(f"distribution must be Uniform() or ERK(), got {distribution!r}")
+    if not isinstance(structure, (Unstructured, NM, Block, Channel)):
+        raise TypeError(f"structure must be Unstructured(), NM, Block or Channel, got {structure!r}")
+    if sparsity is None and not isinstance(structure, NM):
+        raise ValueError(f"sparsity is required for structure {structure}")
+    flat = _selected(scores, where)
+    for p, x in flat:
+        _check_structure(p, tuple(x.shape), structure)
+    if isinstance(structure, NM):
+        if scope is not Scope.LAYER or not isinstance(distribution, Uniform):
+            raise ValueError("NM is a per-group pattern: use scope=Scope.LAYER and distribution=Uniform()")
+        target = 1.0 - structure.n / structure.m
+        if sparsity is not None:
+            _check_fraction("sparsity", sparsity)
+            if isinstance(sparsity, (int, float)) and sparsity not in (0, target):
+                raise ValueError(f"NM({structure.n}, {structure.m}) prunes {target}; got sparsity={sparsity!r}")
+        on = True if sparsity is None else jnp.asarray(sparsity) > 0
+        masks = {p: _nm_mask(x, structure) | ~on for p, x in flat}
+    elif scope is Scope.GLOBAL:
+        if not isinstance(distribution, Uniform):
+            raise ValueError(f"distribution {distribution} applies to Scope.LAYER; GLOBAL picks layer sparsities itself")
+        _check_fraction("sparsity", sparsity)
+        groups = [_group_scores(x, structure) for _, x in flat]
+        pruned = _select.bottom_k(groups, _count(sparsity, sum(int(g.size) for g in groups)))
+        masks = {p: _expand(~m, tuple(x.shape), structure) for (p, x), m in zip(flat, pruned)}
+    else:
+        masks = {}
+        for (p, x), s in zip(flat, _layer_sparsities(flat, sparsity, distribution, structure)):
+            g = _group_scores(x, structure)
+            masks[p] = _expand(~_select.bottom_k([g], _count(s, int(g.size)))[0], tuple(x.shape), structure)
+    return _tree.map_with_path(lambda p, x: masks.get(p), scores)
+
+
+def global_threshold(scores: Any, sparsity: Any, *, where: Any = _tree.KERNELS) -> jax.Array:
+    """The largest pruned score when pruning ``round(sparsity * n)`` of all selected scores.
+
+    Exact (equal to the value at that rank of a full sort), computed in a handful of O(n)
+    counting passes without sorting, concatenating or gathering the leaves; sharded leaves are
+    counted where they live. NaN ranks lowest, so the result is NaN when only NaNs are pruned; it
+    is also NaN when nothing is pruned. Scores are compared as float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> s = {"a": {"kernel": jnp.arange(6.0).reshape(2, 3)}, "b": {"kernel": jnp.arange(6.0, 10).reshape(2, 2)}}
+      >>> float(global_threshold(s, 0.4))
+      3.0
+    """
+    _check_fraction("sparsity", sparsity)
+    arrays = [x for _, x in _selected(scores, where)]
+    k = _count(sparsity, sum(int(x.size) for x in arrays))
+    t = _select.kth_smallest(arrays, jnp.asarray(k) - 1, lambda i, x: _select.ukey(x))[0]
+    return jnp.where(jnp.asarray(k) > 0, _select.from_ukey(t), jnp.nan)
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+    """Zeroes the pruned weights: ``where(mask, w, 0)`` where a mask is given, ``w`` where it is None.
+
+    Raises:
+      ValueError: the mask tree does not match the parameters, or a mask's shape does not.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> apply_masks({"w": jnp.array([1.0, 2.0]), "b": jnp.ones(1)}, {"w": jnp.array([True, False]), "b": None})
+      {'b': Array([1.], dtype=float32), 'w': Array([1., 0.], dtype=float32)}
+    """
+    def one(path, m, w):
+        if m is None:
+            return w
+        if jnp.shape(m) != jnp.shape(w):
+            raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(w)}")
+        return jnp.where(m, w, jnp.zeros((), w.dtype))
+
+    try:
+        return jax.tree_util.tree_map_with_path(lambda p, m, w: one(_tree.path_str(p), m, w), masks, params,
+                                                is_leaf=lambda x: x is None)
+    except ValueError as e:
+        if "mask shape" in str(e):
+            raise
+        raise ValueError(f"mask tree does not match the parameters: {e}") from None
+
+
+def sparsity(tree: Any) -> dict[str, float]:
+    """Fraction of zeros (or False) per array leaf, by path; compressed leaves use their dense value.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> sparsity({"w": jnp.array([0.0, 1.0, 0.0, 2.0])})
+      {'w': 0.5}
+    """
+    out = {}
+    for p, x in _with_paths(tree):
+        x = x.dense() if _leaves.is_compressed(x) else x
+        out[p] = float(jnp.mean(jnp.asarray(x) == 0)) if jnp.size(x) else 0.0
+    return out
