@@ -16,7 +16,7 @@ import numpy as np
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
-__all__ = ["Row", "Report", "summary"]
+__all__ = ["Row", "Report", "summary", "MemoryEstimate", "training_memory"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +120,81 @@ def summary(tree: Any) -> Report:
       (10, 40, 0.2)
     """
     return Report(tuple(_row(p, x) for p, x in zip(_tree.paths(tree), jax.tree.leaves(tree, is_leaf=_leaves.is_compressed))))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device of training state, on the most loaded device.
+
+    ``grads`` is the size of one gradient tree (the parameters' shardings); ``total`` adds them up
+    (activations and temporaries are not included: they depend on the model and batch).
+    """
+
+    params: int
+    grads: int
+    opt_state: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.opt_state
+
+    def __str__(self) -> str:
+        mib = lambda b: f"{b / 2**20:.2f} MiB"
+        return (f"per device: params {mib(self.params)}, grads {mib(self.grads)}, "
+                f"optimizer {mib(self.opt_state)}, total {mib(self.total)}")
+
+
+def _per_device_bytes(tree: Any, shardings: Any) -> int:
+    loads: dict[Any, int] = {}
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: v is None)):
+        shape, itemsize = tuple(np.shape(x)), np.dtype(x.dtype).itemsize
+        if s is None:  # unplaced: the default device holds it
+            loads[None] = loads.get(None, 0) + math.prod(shape) * itemsize
+            continue
+        shard = math.prod(s.shard_shape(shape)) * itemsize
+        for d in s.device_set:
+            loads[d] = loads.get(d, 0) + shard
+    return max(loads.values(), default=0)
+
+
+def _opt_shardings(opt_abstract: Any, params: Any, shardings: Any) -> Any:
+    """Moments mirroring a parameter (path suffix and shape) get its sharding, the rest is replicated."""
+    by_path = {p: (tuple(np.shape(x)), s) for p, x, s in
+               zip(_tree.paths(params), jax.tree.leaves(params), jax.tree.leaves(shardings, is_leaf=lambda v: v is None))}
+    placed = [s for _, s in by_path.values() if s is not None]
+    replicated = placed[0] if placed else None
+    if isinstance(replicated, jax.sharding.NamedSharding):
+        replicated = jax.sharding.NamedSharding(replicated.mesh, jax.P())
+
+    def pick(path: str, x: Any) -> Any:
+        parts = path.split("/")
+        for i in range(len(parts)):
+            shape_sharding = by_path.get("/".join(parts[i:]))
+            if shape_sharding is not None and shape_sharding[0] == tuple(np.shape(x)):
+                return shape_sharding[1]
+        return replicated
+    return _tree.map_with_path(pick, opt_abstract)
+
+
+def training_memory(params: Any, tx: Any) -> MemoryEstimate:
+    """Estimated per-device bytes of parameters, gradients and ``tx``'s state under their shardings.
+
+    ``params`` may be arrays (their ``.sharding`` is used) or ``jax.ShapeDtypeStruct`` with a
+    ``sharding``. Optimizer-state leaves that mirror a parameter (same shape, path ending in the
+    parameter's path, as Adam's moments do) are counted with that parameter's sharding, as
+    ``jaxopt_big.parallel.shard_params`` places them; other state is counted replicated. Nothing
+    is allocated.
+
+    Examples:
+      >>> import optax, jax.numpy as jnp
+      >>> m = training_memory({"w": jnp.zeros((256, 256))}, optax.adam(1e-3))
+      >>> m.params, m.grads, m.opt_state
+      (262144, 262144, 524292)
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                            params)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    opt_abstract = jax.eval_shape(tx.init, abstract)
+    per_param = _per_device_bytes(abstract, shardings)
+    return MemoryEstimate(params=per_param, grads=per_param,
+                          opt_state=_per_device_bytes(opt_abstract, _opt_shardings(opt_abstract, params, shardings)))
