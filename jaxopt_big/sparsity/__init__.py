@@ -1,8 +1,14 @@
 """Pruning and sparse training: scores, exact masks, schedules, optax wrappers, packed storage."""
 
+from jaxopt_big.sparsity.dynamic import drop_fraction_at, rigl, set_
 from jaxopt_big.sparsity.masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
                                        erk_densities, global_threshold, make_masks, sparsity)
+from jaxopt_big.sparsity.packed import PackedSparse, pack, pack_array, unpack
+from jaxopt_big.sparsity.schedules import constant_schedule, one_shot, polynomial_schedule
 from jaxopt_big.sparsity.scores import magnitude, random, saliency
+from jaxopt_big.sparsity.transform import PruneState, prune
 
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
-           "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities"]
+           "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",
+           "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at",
+           "PackedSparse", "pack", "pack_array", "unpack"]

@@ -1,0 +1,124 @@
+"""``PackedSparse``: a pruned array stored as a packed bit mask plus its kept values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+
+__all__ = ["PackedSparse", "pack", "unpack", "pack_array"]
+
+
+@flax.struct.dataclass
+class PackedSparse(_leaves.Compressed):
+    """One sparse array: ``bits`` (the keep-mask, 8 per byte, row-major) and the kept ``values``.
+
+    Its ``nbytes`` is ``ceil(size / 8) + nnz * itemsize``: a 90%-sparse float32 array takes about
+    0.525 bytes per weight instead of 4.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = pack_array(jnp.array([[0.0, 2.0], [3.0, 0.0]]))
+      >>> p.dense().tolist(), p.nbytes, p.kind
+      ([[0.0, 2.0], [3.0, 0.0]], 9, 'sparse 50%')
+    """
+
+    bits: jax.Array
+    values: jax.Array
+    dense_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+    def dense(self) -> jax.Array:
+        size = int(np.prod(self.dense_shape))
+        keep = jnp.unpackbits(self.bits, count=size).astype(bool)
+        pos = jnp.cumsum(keep) - 1
+        vals = jnp.concatenate([self.values, jnp.zeros(1, self.values.dtype)])  # safe index for an all-pruned array
+        return jnp.where(keep, vals[jnp.clip(pos, 0, self.values.shape[0])], 0).reshape(self.dense_shape)
+
+    def mask(self) -> jax.Array:
+        """The keep-mask (True = stored value)."""
+        size = int(np.prod(self.dense_shape))
+        return jnp.unpackbits(self.bits, count=size).astype(bool).reshape(self.dense_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes + self.values.nbytes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.dense_shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.values.dtype
+
+    @property
+    def kind(self) -> str:
+        return f"sparse {1 - self.nonzero_fraction():.0%}"
+
+    def nonzero_fraction(self) -> float:
+        return self.values.shape[0] / max(int(np.prod(self.dense_shape)), 1)
+
+
+def pack_array(x: jax.Array, mask: jax.Array | None = None) -> PackedSparse:
+    """Packs one array, keeping the entries where ``mask`` is True (default: the nonzeros).
+
+    Runs eagerly: the number of kept values sets the stored size.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> pack_array(jnp.arange(4.0), jnp.array([True, False, True, False])).values.tolist()
+      [0.0, 2.0]
+    """
+    x = jnp.asarray(x)
+    keep = (x != 0) if mask is None else jnp.asarray(mask, bool)
+    if keep.shape != x.shape:
+        raise ValueError(f"mask shape {keep.shape} differs from array shape {x.shape}")
+    flat, kflat = np.asarray(x).reshape(-1), np.asarray(keep).reshape(-1)
+    return PackedSparse(bits=jnp.asarray(np.packbits(kflat)), values=jnp.asarray(flat[kflat]),
+                        dense_shape=tuple(x.shape))
+
+
+def pack(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
+    """Replaces pruned leaves by :class:`PackedSparse`.
+
+    Args:
+      params: parameter pytree.
+      masks: a mask tree from :func:`make_masks` / :func:`prune` (leaves with None stay dense); if
+        None, the leaves selected by ``where`` are packed by their nonzeros.
+      where: the selection used when ``masks`` is None.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> packed = pack({"d": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.ones(2)}})
+      >>> type(packed["d"]["kernel"]).__name__, unpack(packed)["d"]["kernel"].tolist()
+      ('PackedSparse', [[0.0, 1.0], [0.0, 0.0]])
+    """
+    if masks is None:
+        return _tree.map_selected(lambda p, x: pack_array(x), params, where)
+
+    def one(path, m, x):
+        if m is None:
+            return x
+        if jnp.shape(m) != jnp.shape(x):
+            raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(x)}")
+        return pack_array(x, m)
+
+    return jax.tree_util.tree_map_with_path(lambda p, m, x: one(_tree.path_str(p), m, x), masks, params,
+                                            is_leaf=lambda x: x is None)
+
+
+def unpack(tree: Any) -> Any:
+    """Dense arrays again (every compressed leaf densified).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> unpack({"w": pack_array(jnp.array([0.0, 5.0]))})["w"].tolist()
+      [0.0, 5.0]
+    """
+    return _leaves.densify(tree)

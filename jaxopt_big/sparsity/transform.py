@@ -1,0 +1,141 @@
+"""``prune``: an optax wrapper that keeps the selected weights at a scheduled sparsity."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxopt_big import tree as _tree
+from jaxopt_big.sparsity import masks as _masks
+from jaxopt_big.sparsity import scores as _scores
+
+__all__ = ["PruneState", "prune"]
+
+ScoreFn = Callable[[Any, Any, jax.Array], Any]
+
+
+class PruneState(NamedTuple):
+    """State of :func:`prune` (and of the dynamic sparse transforms).
+
+    Attributes:
+      inner: state of the wrapped transform.
+      masks: keep-masks, a bool array per selected leaf and None elsewhere.
+      count: int32 number of updates so far (the schedule's step).
+      key: PRNG key for random scores / regrowth, split at every update.
+      dense: with ``straight_through=True`` the dense weights that the gradient trains; else None.
+    """
+
+    inner: optax.OptState
+    masks: Any
+    count: jax.Array
+    key: jax.Array
+    dense: Any = None
+
+
+def score_fn(score: Any) -> ScoreFn:
+    """The built-in scores as ``(params, grads, key) -> scores``; other callables are used as given."""
+    if score is _scores.magnitude:
+        return lambda p, g, k: _scores.magnitude(p)
+    if score is _scores.saliency:
+        return lambda p, g, k: _scores.saliency(p, g)
+    if score is _scores.random:
+        return lambda p, g, k: _scores.random(p, k)
+    if not callable(score):
+        raise TypeError(f"score must be magnitude, saliency, random or a callable (params, grads, key), got {score!r}")
+    return score
+
+
+def as_schedule(sparsity: Any) -> optax.Schedule:
+    """A float becomes a constant schedule; the value at step 0 is checked to be in [0, 1)."""
+    schedule = sparsity if callable(sparsity) else (lambda count: jnp.asarray(sparsity, jnp.float32))
+    _masks._check_fraction("sparsity", sparsity if not callable(sparsity) else schedule(jnp.int32(0)))
+    return schedule
+
+
+def check_params(name: str, params: Any) -> None:
+    if params is None:
+        raise ValueError(f"{name}: update needs the current params (tx.update(grads, state, params))")
+
+
+def ones_masks(params: Any, where: Any) -> Any:
+    """All-True masks (with the parameter's sharding) at the selected leaves, None elsewhere."""
+    chosen = _tree.select(params, where)
+    if not any(jax.tree.leaves(chosen)):
+        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
+    return jax.tree.map(lambda x, c: jnp.full_like(x, True, dtype=bool) if c else None, params, chosen)
+
+
+def masked_updates(masks: Any, updates: Any, params: Any) -> Any:
+    """Updates that leave pruned weights at exactly zero: ``-w`` where the mask is False."""
+    return jax.tree.map(lambda m, u, w: u if m is None else jnp.where(m, u, -w).astype(u.dtype),
+                        masks, updates, params, is_leaf=lambda x: x is None)
+
+
+def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule, score: Any = _scores.magnitude,
+          update_every: int = 100, where: Any = _tree.KERNELS, scope: _masks.Scope = _masks.Scope.LAYER,
+          distribution: _masks.Distribution = _masks.Uniform(),
+          structure: _masks.Structure = _masks.Unstructured(), straight_through: bool = False,
+          key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``tx`` so the selected weights are pruned to a (scheduled) sparsity while it trains them.
+
+    At every ``update_every``-th update (the first included) the masks are recomputed from
+    ``score`` at ``sparsity(count)`` under ``lax.cond`` (the schedule is traced: no recompilation).
+    Gradients of pruned weights are masked before ``tx``, and the returned updates set pruned
+    weights to exactly zero. With ``straight_through=True`` the state keeps the dense weights:
+    the gradient (taken at the masked weights) trains all of them, pruned ones can come back at the
+    next mask update, and the params seen by the model are the masked dense weights.
+
+    Args:
+      tx: any optax transform.
+      sparsity: a fraction in [0, 1) or a schedule (see :mod:`schedules`).
+      score: ``magnitude``, ``saliency``, ``random`` or a callable ``(params, grads, key) -> scores``.
+      update_every: mask update period in updates.
+      where, scope, distribution, structure: as in :func:`make_masks`.
+      straight_through: keep dense weights and train them with the gradient of the masked model.
+      key: PRNG key for random scores (required when ``score`` is ``random``).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"d": {"kernel": jnp.array([[1.0, -3.0], [0.5, 2.0]])}}
+      >>> tx = prune(optax.sgd(0.0), sparsity=0.5)
+      >>> updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["d"]["kernel"].tolist()
+      [[0.0, -3.0], [0.0, 2.0]]
+    """
+    schedule = as_schedule(sparsity)
+    scorer = score_fn(score)
+    if not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+    if score is _scores.random and key is None:
+        raise ValueError("score=random needs an explicit key=")
+    inner_tx = optax.with_extra_args_support(tx)
+
+    def new_masks(weights, grads, key, s):
+        return _masks.make_masks(scorer(weights, grads, key), s, where=where, scope=scope,
+                                 distribution=distribution, structure=structure)
+
+    def init(params):
+        return PruneState(inner_tx.init(params), ones_masks(params, where), jnp.zeros([], jnp.int32),
+                          jax.random.key(0) if key is None else key, params if straight_through else None)
+
+    def update(grads, state, params=None, **extra):
+        check_params("prune", params)
+        weights = state.dense if straight_through else params
+        key, sub = jax.random.split(state.key)
+        masks = lax.cond(state.count % update_every == 0,
+                         lambda: new_masks(weights, grads, sub, schedule(state.count)), lambda: state.masks)
+        if not straight_through:
+            grads = _masks.apply_masks(grads, masks)
+            updates, inner = inner_tx.update(grads, state.inner, params, **extra)
+            return masked_updates(masks, updates, params), PruneState(inner, masks, state.count + 1, key)
+        updates, inner = inner_tx.update(grads, state.inner, weights, **extra)
+        dense = optax.apply_updates(weights, updates)
+        sparse = _masks.apply_masks(dense, masks)
+        updates = jax.tree.map(lambda n, w: (n - w).astype(w.dtype), sparse, params)
+        return masked_updates(masks, updates, params), PruneState(inner, masks, state.count + 1, key, dense)
+
+    return optax.GradientTransformationExtraArgs(init, update)
