@@ -95,7 +95,7 @@ class Manager:
     Examples:
       >>> import tempfile, jax.numpy as jnp
       >>> with Manager(tempfile.mkdtemp(), max_to_keep=2) as mgr:
-      ...     _ = [mgr.save(s, {"w": jnp.full(2, s)}) for s in (1, 2, 3)]
+      ...     _ = [mgr.save(s, {"w": jnp.full(2, float(s))}) for s in (1, 2, 3)]
       ...     mgr.all_steps(), mgr.restore(like={"w": jnp.zeros(2)})["w"].tolist()
       ([2, 3], [3.0, 3.0])
     """
