@@ -1,0 +1,209 @@
+"""Training steps, fit options, K-fold splits and cross-validation."""
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxopt_big as jb
+from tests import digits_util
+
+MLP = jb.models.MLP(features=(32,))
+
+
+def _mlp_state(tx, x):
+    return jb.train.TrainState.create(MLP.init(jax.random.key(0), x[:1])["params"], tx)
+
+
+def _digits(n=128):
+    train, _ = digits_util.split(flat=True)
+    return train.x[:n], train.y[:n]
+
+
+def test_accumulation_4x32_equals_batch_128():
+    x, y = _digits(128)
+    tx = optax.adam(1e-2)
+    loss = jb.train.classifier_loss(lambda p, x: MLP.apply({"params": p}, x))
+    big, acc = _mlp_state(tx, x), _mlp_state(tx, x)
+    step_big = jb.train.make_step(loss, tx, donate=False)
+    step_acc = jb.train.make_step(loss, tx, accum_steps=4, donate=False)
+    for _ in range(3):
+        big, m_big = step_big(big, (x, y))
+        acc, m_acc = step_acc(acc, (x, y))
+    chex.assert_trees_all_close(acc.params, big.params, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_acc["accuracy"], m_big["accuracy"], rtol=1e-6)
+    with pytest.raises(ValueError, match="leading size 128 is not divisible by accum_steps=3"):
+        jb.train.make_step(loss, tx, accum_steps=3)(big, (x, y))
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    x, y = _digits(64)
+    seen = []
+
+    def loss(p, batch):
+        seen.append((p["Dense_0"]["kernel"].dtype, batch[0].dtype))
+        return jb.train.classifier_loss(lambda p, x: MLP.apply({"params": p}, x))(p, batch)
+
+    tx = optax.adam(1e-2)
+    state = _mlp_state(tx, x)
+    ref, _ = jb.train.make_step(jb.train.classifier_loss(lambda p, x: MLP.apply({"params": p}, x)), tx,
+                                donate=False)(state, (x, y))
+    new, metrics = jb.train.make_step(loss, tx, compute_dtype=jnp.bfloat16, donate=False)(state, (x, y))
+    assert seen == [(jnp.bfloat16, jnp.bfloat16)]
+    assert all(l.dtype == jnp.float32 for l in jax.tree.leaves((new.params, new.opt_state[0].mu)))
+    assert metrics["loss"].dtype == jnp.float32
+    # adam's first step moves every weight by ~lr * sign(g): bf16 gradients agree with float32 in sign
+    agree = [float(jnp.mean(jnp.sign(a - s) == jnp.sign(b - s)))
+             for a, b, s in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params), jax.tree.leaves(state.params))]
+    assert min(agree) > 0.9, agree
+
+
+def test_batch_norm_statistics_move_into_the_state():
+    model = jb.models.CNN(features=(4,), hidden=8, batch_norm=True)
+    train, _ = digits_util.split()
+    x, y = train.x[:32], train.y[:32]
+    variables = model.init(jax.random.key(0), x[:1])
+
+    def apply(params, stats, x):
+        logits, new = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        return logits, new["batch_stats"]
+
+    tx = optax.sgd(0.1)
+    state = jb.train.TrainState.create(variables["params"], tx, batch_stats=variables["batch_stats"])
+    step = jb.train.make_step(jb.train.classifier_loss(apply, batch_stats=True), tx, donate=False)
+    new, metrics = step(state, (x, y))
+    _, expected = apply(variables["params"], variables["batch_stats"], x)
+    chex.assert_trees_all_close(new.batch_stats, expected, atol=1e-6)
+    assert not np.allclose(new.batch_stats["BatchNorm_0"]["mean"], 0.0)
+    assert set(metrics) == {"loss", "accuracy"}
+    # accumulation threads the statistics through the microbatches in order
+    acc, _ = jb.train.make_step(jb.train.classifier_loss(apply, batch_stats=True), tx, accum_steps=2,
+                                donate=False)(state, (x, y))
+    _, first = apply(variables["params"], variables["batch_stats"], x[0::2])
+    _, second = apply(variables["params"], first, x[1::2])
+    chex.assert_trees_all_close(acc.batch_stats, second, atol=1e-6)
+
+
+def test_extra_args_transform_gets_params_and_no_retrace():
+    def update(updates, state, params=None, **extra):  # pulls every weight to zero: needs params
+        return jax.tree.map(lambda p: -p, params), state
+
+    tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    traced = chex.assert_max_traces(lambda p, b: (jnp.sum(p["w"] * b), {"mean_b": b.mean()}), n=1)
+    step = jb.train.make_step(traced, tx)
+    state = jb.train.TrainState.create({"w": jnp.ones(3)}, tx)
+    for i in range(4):  # new data every step, no new trace
+        state, metrics = step(state, jnp.full(3, float(i)))
+    assert float(jnp.abs(state.params["w"]).sum()) == 0.0 and int(state.step) == 4
+    assert float(metrics["mean_b"]) == 3.0
+    chex.clear_trace_counter()
+
+
+def _fit_setup(n=256):
+    x, y = _digits(n)
+    ds = jb.data.Dataset(x, y)
+    apply = lambda p, x: MLP.apply({"params": p}, x)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    return ds, apply, tx, jb.train.make_step(jb.train.classifier_loss(apply), tx)
+
+
+def test_fit_eval_callbacks_and_plateau():
+    ds, apply, tx, step = _fit_setup()
+    seen = []
+    calls = iter([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # improves once, then a plateau
+    state, history = jb.train.fit(
+        step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0), progress=False,
+        eval_fn=lambda s: {"score": next(calls)}, eval_every=1,
+        plateau=jb.train.ReduceOnPlateau(monitor="val_score", factor=0.5, patience=2),
+        callbacks=[lambda e, s, r: seen.append((e, int(s.step)))])
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert seen == [(e, 4 * e) for e in range(1, 7)]
+    # records show the rate each epoch trained with; no improvement after epoch 2 halves it after 4 and 6
+    np.testing.assert_allclose([h["lr"] for h in history], [1e-2] * 4 + [5e-3] * 2, rtol=1e-6)
+    np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"], 2.5e-3, rtol=1e-6)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert "memory_bytes_in_use" not in history[0]  # CPU reports no memory statistics
+    with pytest.raises(ValueError, match="inject_hyperparams"):
+        jb.train.fit(jb.train.make_step(jb.train.classifier_loss(apply), optax.sgd(0.1)),
+                     _mlp_state(optax.sgd(0.1), ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0),
+                     plateau=jb.train.ReduceOnPlateau())
+    with pytest.raises(ValueError, match="factor must be in"):
+        jb.train.ReduceOnPlateau(factor=2.0)
+
+
+def test_fit_early_stopping_and_callback_stop():
+    ds, _, tx, step = _fit_setup()
+    scores = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
+    _, history = jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0),
+                              eval_fn=lambda s: {"loss": next(scores)},
+                              early_stopping=jb.train.EarlyStopping(monitor="val_loss", patience=2))
+    assert len(history) == 4  # best at epoch 2, two worse epochs
+    _, history = jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0),
+                              callbacks=[lambda e, s, r: e == 3])
+    assert len(history) == 3
+    with pytest.raises(ValueError, match=r"monitors 'val_acc', but the epoch record has only"):
+        jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0),
+                     early_stopping=jb.train.EarlyStopping(monitor="val_acc"))
+
+
+def test_fit_device_memory_statistics_when_reported(monkeypatch):
+    class Device:
+        def memory_stats(self):
+            return {"bytes_in_use": 10, "peak_bytes_in_use": 20, "other": 1}
+
+    ds, _, tx, step = _fit_setup(128)
+    state = _mlp_state(tx, ds.x)
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device()])
+    _, history = jb.train.fit(step, state, ds, epochs=1, batch_size=64, key=jax.random.key(0))
+    assert history[0]["memory_bytes_in_use"] == 10 and history[0]["memory_peak_bytes_in_use"] == 20
+
+
+def test_fit_checkpoints_resume_exactly(tmp_path):
+    ds, _, tx, step = _fit_setup()
+    fit = lambda state, epochs, mgr: jb.train.fit(step, state, ds, epochs=epochs, batch_size=64,
+                                                  key=jax.random.key(1), checkpoint=mgr, checkpoint_every=2)
+    straight, straight_history = fit(_mlp_state(tx, ds.x), 4, None)
+    with jb.checkpoint.Manager(tmp_path / "run") as mgr:
+        fit(_mlp_state(tx, ds.x), 2, mgr)  # "crash" after two epochs
+    with jb.checkpoint.Manager(tmp_path / "run") as mgr:
+        resumed, history = fit(_mlp_state(tx, ds.x), 4, mgr)
+        assert mgr.all_steps() == [8, 16]
+    chex.assert_trees_all_equal(resumed.params, straight.params)
+    assert [h["loss"] for h in history] == [h["loss"] for h in straight_history]
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(n=st.integers(10, 60), k=st.integers(2, 6), classes=st.integers(1, 4), seed=st.integers(0, 99))
+def test_kfold_partitions_and_stratifies(n, k, classes, seed):
+    labels = np.random.default_rng(seed).integers(0, classes, n)
+    folds = list(jb.train.kfold(n, k, jax.random.key(seed), labels=labels))
+    tests = [t for _, t in folds]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(n))
+    for train, test in folds:
+        assert not set(train) & set(test) and len(train) + len(test) == n
+    assert max(map(len, tests)) - min(map(len, tests)) <= 1
+    for c in range(classes):
+        per_fold = [int((labels[t] == c).sum()) for t in tests]
+        assert max(per_fold) - min(per_fold) <= 1, (c, per_fold)
+
+
+def test_cross_validate_digits_k5_and_vmap_equals_sequential():
+    train, _ = digits_util.split(flat=True)
+    ds = jb.data.Dataset(train.x, train.y)
+    model = jb.models.MLP(features=(32,))
+    init = lambda key: model.init(key, ds.x[:1])["params"]
+    apply = lambda p, x: model.apply({"params": p}, x)
+    kwargs = dict(k=5, epochs=4, batch_size=64, key=jax.random.key(0))
+    cv = jb.train.cross_validate(init, apply, ds, optax.adam(1e-2), **kwargs)
+    assert len(cv.folds) == 5 and cv.mean["accuracy"] > 0.9 and 0 < cv.std["accuracy"] < 0.05, str(cv)
+    assert "accuracy" in str(cv) and "±" in str(cv)
+    together = jb.train.cross_validate(init, apply, ds, optax.adam(1e-2), vmap=True, **kwargs)
+    for a, b in zip(cv.folds, together.folds):
+        assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 280 and abs(a["loss"] - b["loss"]) < 1e-3
+    with pytest.raises(ValueError, match="k must be an int in"):
+        list(jb.train.kfold(5, 6, jax.random.key(0)))
