@@ -136,3 +136,27 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="must equal the 4 stages"):
         jb.parallel.pipeline(lambda p, h: h, jnp.zeros((3, 2)), jnp.zeros((4, 2)),
                              mesh=jax.make_mesh((4, 2), ("stage", "data")), microbatches=2)
+
+
+def test_quantize_transform_keeps_every_leaf_sharding():
+    def snap(updates, state, params=None, **extra):  # weights stay on an int8 grid after the update
+        new = jb.quant.fake_quant_params(optax.apply_updates(params, updates), jb.quant.QuantSpec(bits=8))
+        return jax.tree.map(lambda n, p: n - p, new, params), state
+
+    tx = optax.chain(optax.adam(1e-2), optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), snap))
+    mesh = jb.parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    state = jb.parallel.shard_params(jb.train.TrainState.create(_params(), tx), mesh, TENSOR_RULES)
+    before = jax.tree.map(lambda x: x.sharding, state)
+    state, _ = _run(jb.train.make_step(LOSS, tx, mesh=mesh), state, n=2)
+    assert jax.tree.map(lambda x: x.sharding, state) == before
+    kernel = np.asarray(state.params["Dense_1"]["kernel"])
+    assert len(np.unique(kernel)) <= 255  # really quantized
+
+
+def test_explicit_axes_fsdp():
+    ref_state, _ = _reference()
+    mesh = jb.parallel.make_mesh(data=4, fsdp=2, explicit=True)
+    state = jb.parallel.shard_params(jb.train.TrainState.create(_params(), TX), mesh)
+    state, _ = _run(jb.train.make_step(LOSS, TX, mesh=mesh), state)
+    assert state.params["Dense_0"]["kernel"].sharding.spec == jax.P(None, "fsdp")
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params), atol=1e-5, rtol=1e-5)

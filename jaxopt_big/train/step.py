@@ -142,6 +142,28 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
                          batch_stats=state.batch_stats if batch_stats is None else batch_stats)
 
 
+def _gathering(loss_fn: LossFn, *, fsdp_axis: str) -> LossFn:
+    """Under ``Explicit`` axes, all-gathers FSDP-split parameters before the forward pass.
+
+    (``Auto`` axes leave this to XLA.) The gradient of the gather is a reduce-scatter, so gradients
+    come back split like the parameters.
+    """
+    def drop(entry):
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != fsdp_axis)
+            return kept or None
+        return None if entry == fsdp_axis else entry
+
+    def gather(x):
+        spec = jax.typeof(x).sharding.spec
+        new = jax.P(*(drop(e) for e in spec))
+        return x if new == spec else jax.sharding.reshard(x, new)
+
+    def gathered(params, batch, **kwargs):
+        return loss_fn(jax.tree.map(gather, params), batch, **kwargs)
+    return gathered
+
+
 def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1, donate: bool = True,
               mesh: jax.sharding.Mesh | None = None, compute_dtype: Any = None,
               batch_axes: tuple[str, ...] = ("data", "fsdp")) -> Step:
@@ -158,7 +180,9 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
       donate: donate the state's buffers (updated in place).
       mesh: run under this mesh: the batch is sharded over ``batch_axes`` (a batch not divisible by
         their size raises ``ValueError``) and the new state keeps the input state's shardings
-        (use :func:`jaxopt_big.parallel.shard_params` to place it).
+        (use :func:`jaxopt_big.parallel.shard_params` to place it). Under ``Explicit`` mesh axes the
+        FSDP-split parameters are all-gathered before the forward pass; tensor-parallel layers
+        under ``Explicit`` axes need the model's own output shardings.
       compute_dtype: e.g. ``jnp.bfloat16``: forward and backward in that dtype, float32 master
         weights and optimizer state.
       batch_axes: mesh axes the batch's leading dimension is split over (those present in the mesh).
@@ -181,6 +205,8 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
         return apply_gradients(tx, state, grads, stats), metrics
 
     donate_argnums = (0,) if donate else ()
+    if mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types:
+        loss_fn = _gathering(loss_fn, fsdp_axis="fsdp")
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
 
