@@ -58,7 +58,7 @@ class Context:
         return jax.random.fold_in(jax.random.key(self.seed), i)
 
     def epochs(self, full: int) -> int:
-        return max(1, full // 3) if self.quick else full
+        return max(1, full // 2) if self.quick else full
 
 
 def smoothed_loss(apply: Callable, smoothing: float = 0.1) -> Callable:
@@ -81,7 +81,6 @@ def train_classifier(ctx: Context, params: Any, *, epochs: int, lr: float, apply
     if tx is None:
         tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps), weight_decay=1e-4)
     step = _train.make_step(loss_fn or smoothed_loss(apply), tx)
-    params = jax.tree.map(jax.numpy.copy, params)  # the step donates its state; the caller keeps `params`
     start = time.perf_counter()
     state, _ = _train.fit(step, _train.TrainState.create(params, tx), data, epochs=epochs, batch_size=64,
                           key=ctx.key(key_index), desc=desc)
@@ -136,8 +135,9 @@ def two_bit_ptq(ctx: Context) -> Result:
 
 def two_bit_qat(ctx: Context) -> Result:
     from jaxopt_big import quant
-    spec = _two_bit(quant.MSE())
-    apply = lambda p, x: ctx.apply(quant.fake_quant_params(p, spec), x)
+    spec = _two_bit(quant.AbsMax())
+    run = quant.qat(ctx.model.apply, weights=spec)
+    apply = lambda p, x: run({"params": p}, x)
     params, seconds = train_classifier(ctx, ctx.params, epochs=ctx.epochs(8), lr=1e-3, apply=apply, desc="2-bit QAT")
     qparams = quant.quantize_params(params, spec)
     return Result("2-bit QAT (weights)", _quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds, qparams)
@@ -176,9 +176,8 @@ def mixed_precision(ctx: Context) -> Result:
 
 def low_rank(ctx: Context) -> Result:
     from jaxopt_big import lowrank
-    rules = [(p, {"max_params": x.size // 2}) for p, x in zip(_tree_paths(ctx.params), jax.tree.leaves(ctx.params))
-             if p.startswith("Dense_0/kernel")]
-    factored = lowrank.factorize_params(ctx.params, rules)
+    kernel = ctx.params["Dense_0"]["kernel"]
+    factored = lowrank.factorize_params(ctx.params, [("Dense_0/kernel", {"max_params": kernel.size // 2})])
     run = lowrank.apply(ctx.model.apply)
     apply = lambda p, x: run({"params": p}, x)
     params, seconds = train_classifier(ctx, factored, epochs=ctx.epochs(4), lr=1e-3, apply=apply, desc="low-rank fine-tune")
@@ -193,10 +192,10 @@ def lora_adaptation(ctx: Context) -> Result:
     new_test = ctx.test.take(ctx.test.y >= 5)
     base = ctx.model.init(ctx.key(10), ctx.train.x[:1])["params"]
     base, _ = train_classifier(ctx, base, epochs=ctx.epochs(15), lr=3e-3, data=old, desc="base on 0-4")
-    adapted = lowrank.lora_init(base, ctx.key(11), rank=4, alpha=8.0)
+    adapted = lowrank.lora_init(base, ctx.key(11), rank=4, alpha=16.0)
     run = lowrank.apply(ctx.model.apply)
     apply = lambda p, x: run({"params": p}, x)
-    tx = lowrank.lora_trainable(optax.adam(3e-3))
+    tx = lowrank.lora_trainable(optax.adam(optax.cosine_decay_schedule(1e-2, _steps(ctx, ctx.epochs(15)) // 2)))
     adapted, seconds = train_classifier(ctx, adapted, epochs=ctx.epochs(15), lr=3e-3, apply=apply, tx=tx, data=new,
                                         desc="LoRA on 5-9")
     full, _ = train_classifier(ctx, base, epochs=ctx.epochs(15), lr=1e-3, data=new, desc="full fine-tune 5-9")
@@ -247,13 +246,98 @@ def plain_student(ctx: Context) -> Result:
                   params, note="same number of steps as the KD student")
 
 
-def _tree_paths(tree: Any) -> list[str]:
-    from jaxopt_big import tree as _tree
-    return _tree.paths(tree)
+def _steps(ctx: Context, epochs: int) -> int:
+    return epochs * (len(ctx.train) // 64)
 
 
-STAGES: list[Callable[[Context], Result]] = [dense, int8_ptq, two_bit_ptq, two_bit_qat, weight_sharing,
-                                             mixed_precision, low_rank, lora_adaptation, kd_student, plain_student]
+def _adamw(lr: float, steps: int) -> optax.GradientTransformation:
+    return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps), weight_decay=1e-4)
+
+
+def _pruned_result(ctx: Context, method: str, params: Any, seconds: float, apply: Callable | None = None) -> Result:
+    from jaxopt_big import sparsity
+    packed = sparsity.pack(params)
+    fraction = sparsity.sparsity(params)
+    kernels = [v for p, v in fraction.items() if p.endswith("kernel")]
+    return Result(method, accuracy(ctx, _leaves.densify(packed), apply), _leaves.nbytes(packed), seconds, packed,
+                  note=f"kernel sparsity {min(kernels):.2f}-{max(kernels):.2f}")
+
+
+def global_magnitude(ctx: Context) -> Result:
+    from jaxopt_big import sparsity
+    epochs = ctx.epochs(15)
+    steps = _steps(ctx, epochs)
+    schedule = sparsity.polynomial_schedule(final_sparsity=0.9, begin_step=0, end_step=int(0.7 * steps),
+                                            update_every=10)
+    tx = sparsity.prune(_adamw(2e-3, steps), sparsity=schedule, update_every=10, scope=sparsity.Scope.GLOBAL)
+    params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=2e-3, tx=tx, desc="global pruning 90%")
+    return _pruned_result(ctx, "global magnitude 90% (polynomial) + fine-tune", params, seconds)
+
+
+def two_four(ctx: Context) -> Result:
+    from jaxopt_big import sparsity
+    epochs = ctx.epochs(8)
+    tx = sparsity.prune(_adamw(5e-4, _steps(ctx, epochs)), sparsity=0.5, structure=sparsity.NM(2, 4),
+                        where=r"(Conv_1|Dense_\d+)/kernel")
+    params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=5e-4, tx=tx, desc="2:4 sparsity")
+    return _pruned_result(ctx, "2:4 sparsity (Conv_1, Dense) + fine-tune", params, seconds)
+
+
+def rigl(ctx: Context) -> Result:
+    from jaxopt_big import sparsity
+    epochs = ctx.epochs(16)
+    steps = _steps(ctx, epochs)
+    tx = sparsity.rigl(_adamw(1e-3, steps), sparsity=0.9, key=ctx.key(13), update_every=20,
+                       end_step=int(0.75 * steps), distribution=sparsity.ERK())
+    params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=1e-3, tx=tx, desc="RigL 90%")
+    return _pruned_result(ctx, "RigL 90% (ERK) from the teacher", params, seconds)
+
+
+def kfold(ctx: Context) -> Result:
+    epochs = ctx.epochs(12)
+    start = time.perf_counter()
+    cv = _train.cross_validate(lambda key: ctx.model.init(key, ctx.train.x[:1])["params"], ctx.apply, ctx.train,
+                               _adamw(3e-3, _steps(ctx, epochs)), k=5, epochs=epochs, batch_size=64, key=ctx.key(15),
+                               loss_fn=smoothed_loss(ctx.apply))
+    return Result("dense CNN, 5-fold CV on the training split", cv.mean["accuracy"], ctx.dense_bytes,
+                  time.perf_counter() - start, note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}")
+
+
+def stacked(ctx: Context) -> Result:
+    """Prune 80% (global) while training an int8 fake-quantized student distilled from the teacher."""
+    from jaxopt_big import distill, quant, sparsity
+    epochs = ctx.epochs(12)
+    steps = _steps(ctx, epochs)
+    spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL)
+    student = lambda p, x: ctx.apply(quant.fake_quant_params(p, spec), x)
+    teacher_params = ctx.params
+    loss_fn = distill.combine(optax.softmax_cross_entropy_with_integer_labels, lambda x: ctx.apply(teacher_params, x),
+                              student=student, alpha=0.5, temperature=4.0)
+    schedule = sparsity.polynomial_schedule(final_sparsity=0.8, begin_step=0, end_step=int(0.7 * steps),
+                                            update_every=10)
+    tx = sparsity.prune(_adamw(1e-3, steps), sparsity=schedule, update_every=10, scope=sparsity.Scope.GLOBAL)
+    params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=1e-3, tx=tx, loss_fn=loss_fn,
+                                       desc="prune 80% + int8 QAT + KD")
+    stored = jax.tree.map(lambda x: _sparse_int8(x, spec) if x.ndim >= 2 else x, params)
+    restored = jax.tree.map(lambda x: x["codes"].dense().astype(jnp.float32) * x["scale"] if isinstance(x, dict) else x,
+                            stored, is_leaf=lambda x: isinstance(x, dict) and "codes" in x)
+    return Result("stacked: prune 80% -> int8 -> distill", accuracy(ctx, restored), _leaves.nbytes(stored), seconds,
+                  stored, note="kernels stored as packed-sparse int8 codes + per-channel scales")
+
+
+def _sparse_int8(w: jax.Array, spec: Any) -> dict[str, Any]:
+    """A pruned kernel as its nonzero int8 codes (bit mask + values) and per-channel scales.
+
+    Symmetric grids map 0 to code 0, so the pruned weights stay exactly zero in the codes.
+    """
+    from jaxopt_big import quant, sparsity
+    q = quant.quantize(w, spec)
+    return {"codes": sparsity.pack_array(q.int_values(), w != 0), "scale": q.scale}
+
+
+STAGES: list[Callable[[Context], Result]] = [dense, global_magnitude, two_four, rigl, int8_ptq, two_bit_ptq,
+                                             two_bit_qat, weight_sharing, mixed_precision, low_rank, lora_adaptation,
+                                             kd_student, plain_student, kfold, stacked]
 
 
 def _table(results: list[Result], ctx: Context) -> list[tuple[str, ...]]:
@@ -320,8 +404,9 @@ def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) ->
     for i, r in enumerate(results):
         if r.params is None:
             continue
-        name = "".join(c if c.isalnum() else "_" for c in r.method.lower()).strip("_")
-        _checkpoint.save_params(out / "models" / name, r.params)
+        name = "_".join("".join(c if c.isalnum() else " " for c in r.method.lower()).split())
+        with _checkpoint.Manager(out / "models" / name, async_save=False) as manager:
+            manager.save(0, r.params, extra={"method": r.method, "report": _report.summary(r.params).as_dicts()})
         md += ["", f"## {r.method}", "", _report.summary(r.params).to_markdown()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     _plot(results, ctx, out / "accuracy_vs_compression.png")

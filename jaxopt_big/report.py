@@ -103,6 +103,22 @@ class Report:
         lines.insert(len(lines) - 1, "-" * len(lines[0]))
         return "\n".join(lines)
 
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """The rows as JSON-ready dicts (saved next to a checkpoint; see :meth:`from_dicts`)."""
+        return [dataclasses.asdict(r) for r in self.rows]
+
+    @classmethod
+    def from_dicts(cls, rows: list[dict[str, Any]]) -> "Report":
+        """Inverse of :meth:`as_dicts`.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> r = summary({"k": jnp.ones((2, 2))})
+          >>> Report.from_dicts(r.as_dicts()) == r
+          True
+        """
+        return cls(tuple(Row(**{**d, "shape": tuple(d["shape"])}) for d in rows))
+
     def to_markdown(self) -> str:
         rows = [self._HEADER, *self._cells()]
         out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
