@@ -70,7 +70,11 @@ def _sample(arrays: Sequence[jax.Array], key_fn: KeyFn, n: int) -> jax.Array:
     for i, x in enumerate(arrays):
         m = max(1, round(_SAMPLE * x.size / n))
         stride = max(1, x.size // m)
-        parts.append(key_fn(i, x.reshape(-1)[stride // 2::stride][:m]))
+        take = lambda x: x.reshape(-1)[stride // 2::stride][:m]
+        if any(a is not None for a in jax.typeof(x).sharding.spec):
+            # Explicit mesh axes: let XLA partition the strided read; only the sample is replicated.
+            take = jax.sharding.auto_axes(take, out_sharding=jax.P())
+        parts.append(key_fn(i, take(x)))
     return jnp.sort(jnp.concatenate(parts))
 
 
@@ -117,6 +121,7 @@ def flat_index(shape: tuple[int, ...], offset: int = 0) -> jax.Array:
     return idx
 
 
+@jax.jit
 def bottom_k(arrays: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     """Boolean masks, True for exactly the ``k`` lowest scores across ``arrays``.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Any, Sequence
 
@@ -136,18 +137,39 @@ def _block_view(x: jax.Array, b: tuple[int, ...]) -> tuple[jax.Array, tuple[int,
     return x.reshape(lead + split), tuple(len(lead) + 2 * i + 1 for i in range(len(b)))
 
 
+def _like_explicit(fn, x: jax.Array, arg: jax.Array) -> jax.Array:
+    """``fn(arg)``; on explicit mesh axes run with auto axes and give the result ``x``'s spec."""
+    spec = jax.typeof(x).sharding.spec
+    if any(a is not None for a in spec):
+        return jax.sharding.auto_axes(fn, out_sharding=jax.P(*spec))(arg)
+    return fn(arg)
+
+
+def _block_scores(score: jax.Array, b: tuple[int, ...]) -> jax.Array:
+    view, axes = _block_view(score, b)
+    return jnp.sum(view * view, axis=axes)
+
+
 def _group_scores(score: jax.Array, structure: Structure) -> jax.Array:
     score = jnp.asarray(score, jnp.float32)
-    if isinstance(structure, Block):
-        view, axes = _block_view(score, structure.shape)
-        return jnp.sum(view * view, axis=axes)
+    if isinstance(structure, Block):  # the block grid keeps the weight's dims, so its sharding too
+        return _like_explicit(lambda s: _block_scores(s, structure.shape), score, score)
     if isinstance(structure, Channel):
         axis = structure.axis % score.ndim
         return jnp.sum(score * score, axis=tuple(a for a in range(score.ndim) if a != axis))
     return score
 
 
-def _expand(keep: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
+def _expand(keep: jax.Array, x: jax.Array, structure: Structure) -> jax.Array:
+    """Group keep-flags back to weights, tied to ``x`` so the mask takes the parameter's sharding."""
+    if isinstance(structure, Unstructured):
+        return keep
+    # (|x| < 0) is always False, but makes the result elementwise in x for sharding propagation.
+    expand = lambda k: _expand_groups(k, tuple(x.shape), structure)
+    return (_like_explicit(expand, x, keep) if isinstance(structure, Block) else expand(keep)) | (jnp.abs(x) < 0)
+
+
+def _expand_groups(keep: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
     if isinstance(structure, Block):
         b = structure.shape
         lead = len(shape) - len(b)
@@ -160,6 +182,7 @@ def _expand(keep: jax.Array, shape: tuple[int, ...], structure: Structure) -> ja
     return keep
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _nm_mask(score: jax.Array, nm: NM) -> jax.Array:
     """Keep the n largest of each m consecutive scores along axis -2 (ties: lower index kept)."""
     shape = score.shape
@@ -273,7 +296,7 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
             _check_fraction("sparsity", sparsity)
             if isinstance(sparsity, (int, float)) and sparsity not in (0, target):
                 raise ValueError(f"NM({structure.n}, {structure.m}) prunes {target}; got sparsity={sparsity!r}")
-        on = True if sparsity is None else jnp.asarray(sparsity) > 0
+        on = jnp.asarray(True) if sparsity is None else jnp.asarray(sparsity) > 0
         masks = {p: _nm_mask(x, structure) | ~on for p, x in flat}
     elif scope is Scope.GLOBAL:
         if not isinstance(distribution, Uniform):
@@ -281,12 +304,12 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
         _check_fraction("sparsity", sparsity)
         groups = [_group_scores(x, structure) for _, x in flat]
         pruned = _select.bottom_k(groups, _count(sparsity, sum(int(g.size) for g in groups)))
-        masks = {p: _expand(~m, tuple(x.shape), structure) for (p, x), m in zip(flat, pruned)}
+        masks = {p: _expand(~m, x, structure) for (p, x), m in zip(flat, pruned)}
     else:
         masks = {}
         for (p, x), s in zip(flat, _layer_sparsities(flat, sparsity, distribution, structure)):
             g = _group_scores(x, structure)
-            masks[p] = _expand(~_select.bottom_k([g], _count(s, int(g.size)))[0], tuple(x.shape), structure)
+            masks[p] = _expand(~_select.bottom_k([g], _count(s, int(g.size)))[0], x, structure)
     return _tree.map_with_path(lambda p, x: masks.get(p), scores)
 
 

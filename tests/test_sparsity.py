@@ -1,0 +1,301 @@
+"""Pruning: exact counts, structures, global threshold vs sort, optax wrapper, sharding, bad input."""
+
+import re
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxopt_big as jb
+from jaxopt_big import sparsity as sp
+
+SETTINGS = hypothesis.settings(max_examples=15, deadline=None)
+shapes = st.sampled_from([(1, 1), (3, 7), (16, 16), (40, 25)])  # few shapes: few compilations
+
+
+def _tree(key, shapes_):
+    keys = jax.random.split(key, len(shapes_))
+    return {f"l{i}": {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[-1])}
+            for i, (k, s) in enumerate(zip(keys, shapes_))}
+
+
+@hypothesis.given(s=st.floats(0.0, 0.99), shape=shapes, seed=st.integers(0, 100), ties=st.booleans())
+@SETTINGS
+def test_layer_masks_prune_exactly_the_lowest(s, shape, seed, ties):
+    w = np.asarray(jax.random.normal(jax.random.key(seed), shape))
+    if ties:
+        w = np.round(w)
+    mask = np.asarray(sp.make_masks(sp.magnitude({"k": {"kernel": jnp.asarray(w)}}), s)["k"]["kernel"])
+    k = round(s * w.size)
+    assert int((~mask).sum()) == k
+    ref = np.ones(w.size, bool)
+    ref[np.argsort(np.abs(w).ravel(), kind="stable")[:k]] = False  # ties: lower index pruned first
+    np.testing.assert_array_equal(mask.ravel(), ref)
+
+
+@hypothesis.given(s=st.floats(0.0, 0.99), sh=st.sampled_from([[(3, 7)], [(16, 16), (40, 25)], [(1, 1), (3, 7), (16, 16)]]), seed=st.integers(0, 50))
+@SETTINGS
+def test_global_masks_and_threshold_match_sort(s, sh, seed):
+    params = _tree(jax.random.key(seed), sh)
+    scores = sp.magnitude(params)
+    masks = sp.make_masks(scores, s, scope=sp.Scope.GLOBAL)
+    kernels = [np.asarray(scores[f"l{i}"]["kernel"]).ravel() for i in range(len(sh))]
+    flat = np.concatenate(kernels)
+    k = round(s * flat.size)
+    got = np.concatenate([np.asarray(masks[f"l{i}"]["kernel"]).ravel() for i in range(len(sh))])
+    assert int((~got).sum()) == k
+    assert all(masks[f"l{i}"]["bias"] is None for i in range(len(sh)))
+    if k:
+        ref_t = np.sort(flat)[k - 1]
+        assert float(sp.global_threshold(scores, s)) == ref_t
+        assert flat[~got].max() == ref_t and (flat[got] >= ref_t).all()
+
+
+def test_threshold_with_heavy_ties_and_structured_values():
+    x = jnp.concatenate([jnp.zeros(5000), jnp.full(3000, 2.0), jnp.arange(2000.0)]).reshape(100, 100)
+    scores = {"a": {"kernel": x}, "b": {"kernel": -x.T}}
+    flat = np.sort(np.concatenate([np.asarray(x).ravel(), -np.asarray(x).ravel()]))
+    for s in (0.1, 0.3, 0.5, 0.74, 0.75, 0.9):
+        assert float(sp.global_threshold(scores, s)) == flat[round(s * flat.size) - 1]
+        m = sp.make_masks(scores, s, scope=sp.Scope.GLOBAL)
+        assert int(sum((~m[k]["kernel"]).sum() for k in "ab")) == round(s * flat.size)
+
+
+def test_nan_scores_are_pruned_first_and_counts_stay_exact():
+    w = jnp.arange(1.0, 21.0).reshape(4, 5).at[1, 2].set(jnp.nan).at[3, 4].set(jnp.nan)
+    for scope in sp.Scope:
+        m = sp.make_masks({"d": {"kernel": w}}, 0.25, scope=scope)["d"]["kernel"]
+        assert int((~m).sum()) == 5
+        assert not m[1, 2] and not m[3, 4]
+        np.testing.assert_array_equal(np.asarray(~m).ravel().nonzero()[0], [0, 1, 2, 7, 19])
+
+
+@hypothesis.given(n=st.integers(1, 4), m_=st.sampled_from([4, 8]), rows=st.sampled_from([1, 3]),
+                  cols=st.sampled_from([1, 5]), seed=st.integers(0, 50))
+@SETTINGS
+def test_nm_masks_are_valid(n, m_, rows, cols, seed):
+    hypothesis.assume(n <= m_)
+    w = jax.random.normal(jax.random.key(seed), (3, rows * m_, cols))
+    mask = np.asarray(sp.make_masks(sp.magnitude({"c": {"kernel": w}}), structure=sp.NM(n, m_))["c"]["kernel"])
+    groups = mask.reshape(3, rows, m_, cols)
+    assert (groups.sum(2) == n).all()
+    a = np.abs(np.asarray(w)).reshape(3, rows, m_, cols)
+    kept_min = np.where(groups, a, np.inf).min(2)
+    pruned_max = np.where(groups, -np.inf, a).max(2)
+    assert (kept_min >= pruned_max).all()
+
+
+def test_block_and_channel_masks_prune_whole_groups_by_norm():
+    w = jax.random.normal(jax.random.key(0), (8, 12))
+    m = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.5, structure=sp.Block((2, 3)))["d"]["kernel"])
+    blocks = m.reshape(4, 2, 4, 3)
+    assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all() and (~blocks.any(axis=(1, 3))).sum() == 8
+    norms = (np.asarray(w) ** 2).reshape(4, 2, 4, 3).sum((1, 3))
+    keep = blocks.all(axis=(1, 3))
+    assert norms[keep].min() >= norms[~keep].max()
+    c = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.25, structure=sp.Channel(-1))["d"]["kernel"])
+    col_norm = np.linalg.norm(np.asarray(w), axis=0)
+    dropped = ~c.all(0)
+    assert dropped.sum() == 3 and (c.all(0) | ~c.any(0)).all()
+    assert col_norm[dropped].max() <= col_norm[~dropped].min()
+
+
+def test_erk_densities_match_the_formula():
+    shapes_ = [(64, 32), (3, 3, 16, 32), (32, 10)]
+    params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)} for i, s in enumerate(shapes_)}
+    masks = sp.make_masks(sp.magnitude(params), 0.8, distribution=sp.ERK())
+    sizes = np.array([np.prod(s) for s in shapes_])
+    raw = np.array([sum(s) / np.prod(s) for s in shapes_])
+    eps = 0.2 * sizes.sum() / (raw * sizes).sum()  # no layer saturates at 80%
+    assert (eps * raw < 1).all()
+    dens = np.array([float(masks[f"l{i}"]["kernel"].mean()) for i in range(3)])
+    assert (np.abs(dens - eps * raw) <= 1.0 / sizes).all(), (dens, eps * raw)
+    # with high density some layers saturate at 1 and the total still hits the target
+    d = np.asarray(sp.erk_densities(shapes_, 0.1))
+    assert d.max() == 1.0 and abs((d * sizes).sum() / sizes.sum() - 0.9) < 1e-5
+
+
+def test_schedules():
+    f = sp.polynomial_schedule(final_sparsity=0.9, begin_step=10, end_step=110, update_every=10, init_sparsity=0.1)
+    for t in (0, 9, 10, 15, 20, 60, 109, 110, 500):
+        p = 0.0 if t < 10 else min((t - 10) // 10 * 10 / 100, 1.0)
+        ref = 0.0 if t < 10 else 0.9 + (0.1 - 0.9) * (1 - p) ** 3
+        assert abs(float(jax.jit(f)(t)) - ref) < 1e-6, t
+    assert float(sp.constant_schedule(0.3)(7)) == pytest.approx(0.3)
+
+
+def _mlp_problem():
+    params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 32)), "bias": jnp.zeros(32)},
+              "Dense_1": {"kernel": jax.random.normal(jax.random.key(1), (32, 4)), "bias": jnp.zeros(4)}}
+    x = jax.random.normal(jax.random.key(2), (64, 16))
+    y = jax.random.normal(jax.random.key(3), (64, 4))
+
+    def loss(p):
+        h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+        return jnp.mean((h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] - y) ** 2)
+    return params, loss
+
+
+def _train(tx, steps, params, loss, max_traces=1):
+    @jax.jit
+    @chex.assert_max_traces(n=max_traces)
+    def step(params, state):
+        g = jax.grad(loss)(params)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    state = tx.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+@pytest.mark.parametrize("ste", [False, True])
+def test_pruned_weights_exactly_zero_after_100_steps_without_retracing(ste):
+    chex.clear_trace_counter()
+    params, loss = _mlp_problem()
+    sched = sp.polynomial_schedule(final_sparsity=0.8, begin_step=0, end_step=60, update_every=10)
+    tx = sp.prune(optax.adam(1e-2), sparsity=sched, update_every=10, straight_through=ste)
+    out, state = _train(tx, 100, params, loss)
+    for layer in ("Dense_0", "Dense_1"):
+        k, m = np.asarray(out[layer]["kernel"]), np.asarray(state.masks[layer]["kernel"])
+        assert (k[~m] == 0).all() and int((~m).sum()) == round(0.8 * k.size)
+        assert (np.asarray(out[layer]["bias"]) != 0).any()
+    assert float(loss(out)) < float(loss(params))
+    if ste:  # dense weights keep training under the mask
+        assert (np.asarray(state.dense["Dense_0"]["kernel"])[~np.asarray(state.masks["Dense_0"]["kernel"])] != 0).any()
+
+
+def test_prune_composes_with_chain_multisteps_and_apply_if_finite():
+    params, loss = _mlp_problem()
+    k = lambda p: np.asarray(p["Dense_0"]["kernel"])
+    for tx in (optax.chain(optax.clip_by_global_norm(1.0), sp.prune(optax.adam(1e-2), sparsity=0.5, update_every=5)),
+               optax.MultiSteps(sp.prune(optax.adam(1e-2), sparsity=0.5, update_every=5), every_k_schedule=2),
+               optax.apply_if_finite(sp.prune(optax.adam(1e-2), sparsity=0.5, update_every=5), 3)):
+        chex.clear_trace_counter()
+        out, state = _train(tx, 20, params, loss)
+        masks = optax.tree_utils.tree_get(state, "masks")
+        assert (k(out)[~np.asarray(masks["Dense_0"]["kernel"])] == 0).all()
+        assert abs((k(out) == 0).mean() - 0.5) < 0.01, tx
+        assert float(loss(out)) < float(loss(params))
+
+
+def test_saliency_and_random_scores_prune_to_target():
+    params, loss = _mlp_problem()
+    for score in (sp.saliency, sp.random):
+        chex.clear_trace_counter()
+        tx = sp.prune(optax.sgd(1e-2), sparsity=0.6, score=score, key=jax.random.key(1), scope=sp.Scope.GLOBAL)
+        out, _ = _train(tx, 3, params, loss)
+        n = sum(out[l]["kernel"].size for l in ("Dense_0", "Dense_1"))
+        assert sum(int((out[l]["kernel"] == 0).sum()) for l in ("Dense_0", "Dense_1")) == round(0.6 * n)
+
+
+@pytest.mark.parametrize("grow", [sp.set_, sp.rigl])
+def test_dynamic_sparsity_stays_exact_and_regrown_start_at_zero(grow):
+    params, loss = _mlp_problem()
+    tx = grow(optax.adam(1e-2), sparsity=0.7, key=jax.random.key(0), update_every=5, end_step=40)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    changed = False
+    for t in range(30):
+        old = np.asarray(state.masks["Dense_0"]["kernel"])
+        u, state = step(params, state)
+        params = optax.apply_updates(params, u)
+        new = np.asarray(state.masks["Dense_0"]["kernel"])
+        k = np.asarray(params["Dense_0"]["kernel"])
+        assert int((~new).sum()) == round(0.7 * new.size)
+        assert (k[~new] == 0).all() and (k[new & ~old] == 0).all()
+        changed |= bool((new != old).any()) and t > 0
+    assert changed
+    assert (np.asarray(params["Dense_0"]["kernel"]) == 0).sum() >= round(0.7 * 512)
+
+
+def test_packed_sparse_round_trip_bytes_and_report():
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (100, 100)), "bias": jnp.ones(100)}}
+    masks = sp.make_masks(sp.magnitude(params), 0.9)
+    pruned = sp.apply_masks(params, masks)
+    packed = sp.pack(pruned, masks)
+    assert isinstance(packed["d"]["kernel"], sp.PackedSparse) and jb.leaves.is_compressed(packed["d"]["kernel"])
+    chex.assert_trees_all_equal(sp.unpack(packed), pruned)
+    assert packed["d"]["kernel"].nbytes == 10000 // 8 + 1000 * 4
+    assert pruned["d"]["kernel"].nbytes / packed["d"]["kernel"].nbytes >= 6
+    chex.assert_trees_all_equal(jax.jit(lambda t: sp.unpack(t))(packed), pruned)
+    assert "sparse 90%" in str(jb.report.summary(packed))
+    assert sp.sparsity(packed)["d/kernel"] == pytest.approx(0.9)
+
+
+def _mesh_params(axis_type):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    shard = lambda x, spec: jax.device_put(x, jax.NamedSharding(mesh, spec))
+    params = {"a": {"kernel": shard(jax.random.normal(jax.random.key(0), (256, 128)), jax.P("data", None))},
+              "b": {"kernel": shard(jax.random.normal(jax.random.key(1), (128, 256)), jax.P(None, "data"))},
+              "c": {"kernel": shard(jax.random.normal(jax.random.key(2), (3, 3, 16, 32)), jax.P(None, None, None, "data"))}}
+    return mesh, params
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_masks_keep_parameter_sharding(axis_type):
+    mesh, params = _mesh_params(axis_type)
+    with jax.set_mesh(mesh):
+        for kw in ({}, {"scope": sp.Scope.GLOBAL}, {"structure": sp.NM(2, 4)}, {"structure": sp.Channel(-1)},
+                   {"structure": sp.Block((4, 4))}):
+            masks = jax.jit(lambda p: sp.make_masks(sp.magnitude(p), None if "structure" in kw and
+                                                    isinstance(kw["structure"], sp.NM) else 0.5, **kw))(params)
+            for name in params:
+                m, w = masks[name]["kernel"], params[name]["kernel"]
+                assert m.sharding.is_equivalent_to(w.sharding, w.ndim), (kw, name, m.sharding, w.sharding)
+            n = sum(int(params[k]["kernel"].size) for k in params)
+            assert sum(int((~masks[k]["kernel"]).sum()) for k in params) == n // 2
+        tx = sp.prune(optax.sgd(0.1), sparsity=0.5, scope=sp.Scope.GLOBAL, update_every=1)
+        state = tx.init(params)
+        u, state = jax.jit(tx.update)(params, state, params)
+        for name in params:
+            w = params[name]["kernel"]
+            assert state.masks[name]["kernel"].sharding.is_equivalent_to(w.sharding, w.ndim)
+            assert u[name]["kernel"].sharding.is_equivalent_to(w.sharding, w.ndim)
+
+
+def test_global_threshold_does_not_gather_sharded_leaves():
+    mesh, params = _mesh_params(jax.sharding.AxisType.Auto)
+    hlo = jax.jit(lambda p: sp.global_threshold(sp.magnitude(p), 0.7)).lower(params).compile().as_text()
+    for line in hlo.splitlines():
+        if re.search(r"= \S+ all-gather\(", line):
+            shape = line.split("=")[1].split("all-gather")[0]
+            numbers = [int(s) for s in shape.replace("[", ",").replace("]", ",").split(",") if s.strip().isdigit()]
+            assert np.prod(numbers or [1]) <= 16384 // 2, line  # only sample slices move, never a leaf
+
+
+def test_bad_input_is_loud():
+    p = {"d": {"kernel": jnp.ones((6, 4)), "bias": jnp.ones(4)}}
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        sp.make_masks(p, 1.0)
+    with pytest.raises(ValueError, match="-0.1"):
+        sp.prune(optax.sgd(1), sparsity=-0.1)
+    with pytest.raises(ValueError, match=r"d/kernel: sparsity must be in \[0, 1\), got 1.5"):
+        sp.make_masks(p, [("d/kernel", 1.5)])
+    with pytest.raises(ValueError, match="n=3, m=2"):
+        sp.NM(3, 2)
+    with pytest.raises(ValueError, match="d/kernel: input axis 6 is not divisible by m=4"):
+        sp.make_masks(p, structure=sp.NM(2, 4))
+    with pytest.raises(ValueError, match=r"d/bias: structure .* ndim >= 2, got shape \(4,\)"):
+        sp.make_masks(p, 0.5, where=".*bias", structure=sp.Channel(-1))
+    with pytest.raises(ValueError, match="'nothing' matches no leaf"):
+        sp.make_masks(p, 0.5, where="nothing")
+    with pytest.raises(ValueError, match="matches no leaf"):
+        sp.prune(optax.sgd(1), sparsity=0.5, where=lambda path, x: False).init(p)
+    with pytest.raises(ValueError, match=r"d/kernel: shape \(6, 4\) is not divisible into blocks \(4, 4\)"):
+        sp.make_masks(p, 0.5, structure=sp.Block((4, 4)))
+    with pytest.raises(TypeError, match="Scope"):
+        sp.make_masks(p, 0.5, scope="global")
+    with pytest.raises(ValueError, match="needs the current params"):
+        tx = sp.prune(optax.sgd(1), sparsity=0.5)
+        tx.update(p, tx.init(p))
+    with pytest.raises(ValueError, match="mask shape"):
+        sp.apply_masks(p, {"d": {"kernel": jnp.ones((4, 6), bool), "bias": None}})
+    with pytest.raises(ValueError, match="final_sparsity must be a sparsity in"):
+        sp.polynomial_schedule(final_sparsity=1.2, begin_step=0, end_step=10)
