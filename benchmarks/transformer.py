@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 import jaxopt_big as jb  # noqa: E402
 from common import write  # noqa: E402
 from jaxopt_big import calibration, zoo  # noqa: E402
-from jaxopt_big.quant import gptq  # noqa: E402
+from jaxopt_big.quant import gptq_kernel  # noqa: E402
 from jaxopt_big.sparsity import oneshot  # noqa: E402
 from test_zoo import numpy_bert  # noqa: E402  (the independent reference forward pass)
 
@@ -109,7 +109,7 @@ def main(quick: bool) -> dict:
         "2:4 SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM(),
                                                                                      path=p)),
         "int8 per-channel PTQ": lambda: jb.quant.quantize_params(params, INT8, where=ENCODER),
-        "int4 GPTQ g128": lambda: sequential(lambda p, k, s: gptq.gptq_kernel(k, s.hessian, INT4, act_order=True,
+        "int4 GPTQ g128": lambda: sequential(lambda p, k, s: gptq_kernel(k, s.hessian, INT4, act_order=True,
                                                                               path=p)),
         "int4 RTN g128": lambda: jb.quant.quantize_params(params, INT4, where=ENCODER),
         "LoRA r8 on int4 RTN, merged": lambda: lora_recovered(

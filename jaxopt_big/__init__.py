@@ -9,9 +9,9 @@ Examples:
   ['Dense_0/kernel']
 """
 
-from jaxopt_big import (checkpoint, data, distill, intercept, leaves, lowrank, models, parallel, quant, report,
-                        sparsity, train, tree)
+from jaxopt_big import (calibration, checkpoint, data, distill, intercept, leaves, lowrank, models, parallel, quant,
+                        report, sparsity, train, tree, zoo)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "data", "distill", "intercept", "leaves", "lowrank", "models", "parallel", "quant",
-           "report", "sparsity", "train", "tree"]
+__all__ = ["calibration", "checkpoint", "data", "distill", "intercept", "leaves", "lowrank", "models", "parallel",
+           "quant", "report", "sparsity", "train", "tree", "zoo"]

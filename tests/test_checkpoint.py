@@ -105,7 +105,7 @@ def test_compressed_leaves_round_trip(tmp_path):
     params = {"mine": _int8(w),
               "q": jb.quant.quantize(w, jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)),
               "lr": jb.lowrank.factorize(w, rank=4),
-              "c": jb.quant.cluster.cluster({"kernel": w}, 8, key=jax.random.key(4))["kernel"],
+              "c": jb.quant.cluster({"kernel": w}, 8, key=jax.random.key(4))["kernel"],
               "mask": w > 0}
     state = jb.train.TrainState.create(params, optax.identity())
     with jb.checkpoint.Manager(tmp_path, async_save=False) as mgr:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxopt_big import calibration
-from jaxopt_big.quant import gptq
+from jaxopt_big.quant import gptq, gptq_kernel
 from jaxopt_big.quant.qarray import QArray
 from jaxopt_big.quant.spec import PER_CHANNEL, Group, MinMax, QuantSpec
 
@@ -81,7 +81,7 @@ def error(kernel):
 def test_gptq_matches_numpy_reference(bits, symmetric, group, act_order):
     spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=Group(group) if group else PER_CHANNEL,
                      calibration=MinMax())
-    q = gptq.gptq_kernel(W, H, spec, block_size=32, act_order=act_order)
+    q = gptq_kernel(W, H, spec, block_size=32, act_order=act_order)
     ref = np_gptq(W, H, bits, symmetric=symmetric, group=group, act_order=act_order)
     ours = np.asarray(q.dense())
     # float32 vs float64: a rare weight may round to the neighbouring level, so compare almost all
@@ -92,7 +92,7 @@ def test_gptq_matches_numpy_reference(bits, symmetric, group, act_order):
 
 def test_gptq_returns_packed_qarray_on_its_grid():
     spec = QuantSpec(bits=4, symmetric=False, granularity=Group(16), calibration=MinMax())
-    q = gptq.gptq_kernel(W, H, spec)
+    q = gptq_kernel(W, H, spec)
     assert isinstance(q, QArray) and q.bits == 4 and q.scale.shape == (4, 32)
     assert q.nbytes == 64 * 32 // 2 + 2 * 4 * 32 * 4  # 4-bit codes + float32 scale and zero point per group
     codes = (np.asarray(q.dense()) / np.repeat(np.asarray(q.scale), 16, axis=0)
@@ -104,8 +104,8 @@ def test_gptq_returns_packed_qarray_on_its_grid():
 def test_gptq_beats_round_to_nearest(bits, granularity):
     spec = QuantSpec(bits=bits, symmetric=False, granularity=granularity, calibration=MinMax())
     rtn = spec.fake_quant(W)
-    assert error(gptq.gptq_kernel(W, H, spec).dense()) < 0.7 * error(rtn)
-    assert error(gptq.gptq_kernel(W, H, spec, act_order=True).dense()) < 0.7 * error(rtn)
+    assert error(gptq_kernel(W, H, spec).dense()) < 0.7 * error(rtn)
+    assert error(gptq_kernel(W, H, spec, act_order=True).dense()) < 0.7 * error(rtn)
 
 
 class MLP(nn.Module):
@@ -119,7 +119,7 @@ def test_sequential_gptq_on_mlp_keeps_outputs_closer_than_rtn():
     variables = MLP().init(jax.random.key(0), x)
     spec = QuantSpec(bits=3, symmetric=False, granularity=PER_CHANNEL, calibration=MinMax())
     new, stats = calibration.sequential(MLP().apply, variables, [x[:128], x[128:]],
-                                        lambda p, k, s: gptq.gptq_kernel(k, s.hessian, spec, path=p))
+                                        lambda p, k, s: gptq_kernel(k, s.hessian, spec, path=p))
     assert all(isinstance(new["params"][p]["kernel"], QArray) for p in ("Dense_0", "Dense_1"))
     rtn = {"params": jax.tree.map(lambda v: v, variables["params"])}
     for p in ("Dense_0", "Dense_1"):
@@ -132,13 +132,13 @@ def test_sequential_gptq_on_mlp_keeps_outputs_closer_than_rtn():
 
 
 def test_gptq_tree_and_bad_inputs():
-    out = gptq.gptq({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": H}, QuantSpec(bits=4))
+    out = gptq({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": H}, QuantSpec(bits=4))
     assert isinstance(out["params"]["Dense_0"]["kernel"], QArray)
     with pytest.raises(ValueError, match="L/kernel: group size 24 does not divide the input axis 64"):
-        gptq.gptq_kernel(W, H, QuantSpec(bits=4, granularity=Group(24)), path="L/kernel")
+        gptq_kernel(W, H, QuantSpec(bits=4, granularity=Group(24)), path="L/kernel")
     with pytest.raises(ValueError, match="axis=-1"):
-        gptq.gptq_kernel(W, H, QuantSpec(bits=4, granularity=PER_CHANNEL, axis=0))
+        gptq_kernel(W, H, QuantSpec(bits=4, granularity=PER_CHANNEL, axis=0))
     with pytest.raises(ValueError, match="hessian has shape"):
-        gptq.gptq_kernel(W, H[:8, :8], QuantSpec(bits=4))
+        gptq_kernel(W, H[:8, :8], QuantSpec(bits=4))
     with pytest.raises(TypeError, match="QuantSpec"):
-        gptq.gptq_kernel(W, H, "int4")
+        gptq_kernel(W, H, "int4")

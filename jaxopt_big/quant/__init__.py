@@ -9,11 +9,11 @@ Examples:
 """
 
 from jaxopt_big.quant.calibrate import calibrate, expand
-from jaxopt_big.quant.cluster import Clustered, KMeans, codebooks, kmeans, with_codebooks
+from jaxopt_big.quant.cluster import Clustered, KMeans, cluster, codebooks, kmeans, with_codebooks
 from jaxopt_big.quant.fake import fake_quant, ste
 from jaxopt_big.quant.formats import F8, Binary, Float8, Float8Array, SubByteArray, Ternary, pack_bits, unpack_bits
-from jaxopt_big.quant.gptq import gptq_kernel
-from jaxopt_big.quant.lsq import LSQ, Learned, lsq_export
+from jaxopt_big.quant.gptq import gptq, gptq_kernel
+from jaxopt_big.quant.lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant.mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
 from jaxopt_big.quant.ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
 from jaxopt_big.quant.qarray import QArray, container_bits, dequantize, quantize
@@ -25,9 +25,8 @@ __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSO
            "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand", "fake_quant", "ste",
            "QArray", "quantize", "dequantize", "container_bits",
            "quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat",
-           # lsq.py, formats.py, cluster.py, mixed.py, gptq.py (issue #9 and others). The functions named like
-           # their module (lsq, cluster, gptq) stay reachable as jb.quant.<module>.<function>: re-exporting
-           # them would shadow the modules that callers import (`from jaxopt_big.quant import cluster`).
-           "LSQ", "Learned", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
-           "pack_bits", "unpack_bits", "Clustered", "KMeans", "kmeans", "codebooks", "with_codebooks",
-           "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq_kernel"]
+           # `cluster`, `lsq` and `gptq` are the functions (as in DESIGN.md), not their modules: import
+           # module-level helpers with `from jaxopt_big.quant.<module> import <name>`.
+           "LSQ", "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
+           "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",
+           "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq", "gptq_kernel"]
