@@ -14,7 +14,7 @@ import pytest
 import jaxopt_big as jb
 from jaxopt_big import sparsity as sp
 
-SETTINGS = hypothesis.settings(max_examples=15, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
 shapes = st.sampled_from([(1, 1), (3, 7), (16, 16), (40, 25)])  # few shapes: few compilations
 
 
