@@ -38,20 +38,13 @@ from test_zoo import numpy_bert  # noqa: E402  (the independent reference forwar
 ENCODER = r"layer_\d+/.*/kernel"  # the 36 Dense kernels; embeddings and LayerNorms stay float32
 INT4 = jb.quant.QuantSpec(bits=4, symmetric=False, granularity=jb.quant.Group(128), calibration=jb.quant.MinMax())
 INT8 = jb.quant.QuantSpec(bits=8, granularity=jb.quant.PER_CHANNEL)
-
-
-class NM:
-    """2:4 structure for ``oneshot`` (duck-typed like ``jb.sparsity.NM``)."""
-    n, m = 2, 4
+NM24 = jb.sparsity.NM(2, 4)
 
 
 def magnitude(params, sparsity):
     """Per-layer magnitude pruning of the encoder kernels: the classic baseline."""
-    def prune(path, w):
-        k = int(round(sparsity * w.size))
-        threshold = jnp.sort(jnp.abs(w).ravel())[k]
-        return jnp.where(jnp.abs(w) < threshold, 0.0, w)
-    return jb.tree.map_selected(prune, params, ENCODER)
+    masks = jb.sparsity.make_masks(jb.sparsity.magnitude(params), sparsity, where=ENCODER)
+    return jb.sparsity.apply_masks(params, masks)
 
 
 def lora_recovered(model, params, base, batches, target, steps, key):
@@ -106,7 +99,7 @@ def main(quick: bool) -> dict:
         "50% magnitude": lambda: magnitude(params, 0.5),
         "50% Wanda": lambda: sequential(lambda p, k, s: oneshot.wanda_kernel(k, s.norms, 0.5, path=p)),
         "50% SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, 0.5, path=p)),
-        "2:4 SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM(),
+        "2:4 SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM24,
                                                                                      path=p)),
         "int8 per-channel PTQ": lambda: jb.quant.quantize_params(params, INT8, where=ENCODER),
         "int4 GPTQ g128": lambda: sequential(lambda p, k, s: gptq_kernel(k, s.hessian, INT4, act_order=True,

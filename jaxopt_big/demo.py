@@ -9,6 +9,7 @@ Orbax and writes ``report.md`` and ``accuracy_vs_compression.png``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -36,6 +37,7 @@ class Result:
     seconds: float
     params: Any = None  # what gets saved (compressed leaves stay compressed)
     note: str = ""
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # numbers behind the note
 
 
 @dataclasses.dataclass
@@ -130,7 +132,7 @@ def two_bit_ptq(ctx: Context) -> Result:
     seconds = time.perf_counter() - start
     absmax = accuracy(ctx, quant.dequantize_params(quant.quantize_params(ctx.params, _two_bit(quant.AbsMax()))))
     return Result("2-bit PTQ (MSE calibration)", _quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds,
-                  qparams, note=f"absmax calibration: {absmax:.4f}")
+                  qparams, note=f"absmax calibration: {absmax:.4f}", extra={"absmax_accuracy": absmax})
 
 
 def two_bit_qat(ctx: Context) -> Result:
@@ -205,7 +207,7 @@ def lora_adaptation(ctx: Context) -> Result:
     trained = sum(x.size for x in jax.tree.leaves(adapters)) / sum(x.size for x in jax.tree.leaves(base))
     return Result("LoRA r=4 adapters (0-4 -> 5-9)", lora_acc, _leaves.nbytes(adapters), seconds, adapted,
                   note=f"accuracy on 5-9; full fine-tune {full_acc:.4f}; trains {100 * trained:.1f}% of params; "
-                       "bytes = adapters")
+                       "bytes = adapters", extra={"full_finetune_accuracy": full_acc, "trained_fraction": trained})
 
 
 def _transfer_set(ctx: Context) -> tuple[_data.Dataset, _data.Dataset]:
@@ -265,7 +267,7 @@ def _pruned_result(ctx: Context, method: str, params: Any, seconds: float, apply
 
 def global_magnitude(ctx: Context) -> Result:
     from jaxopt_big import sparsity
-    epochs = ctx.epochs(15)
+    epochs = ctx.epochs(20)
     steps = _steps(ctx, epochs)
     schedule = sparsity.polynomial_schedule(final_sparsity=0.9, begin_step=0, end_step=int(0.7 * steps),
                                             update_every=10)
@@ -285,12 +287,13 @@ def two_four(ctx: Context) -> Result:
 
 def rigl(ctx: Context) -> Result:
     from jaxopt_big import sparsity
-    epochs = ctx.epochs(16)
+    epochs = ctx.epochs(40)
     steps = _steps(ctx, epochs)
-    tx = sparsity.rigl(_adamw(1e-3, steps), sparsity=0.9, key=ctx.key(13), update_every=20,
+    tx = sparsity.rigl(_adamw(3e-3, steps), sparsity=0.9, key=ctx.key(13), update_every=50,
                        end_step=int(0.75 * steps), distribution=sparsity.ERK())
-    params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=1e-3, tx=tx, desc="RigL 90%")
-    return _pruned_result(ctx, "RigL 90% (ERK) from the teacher", params, seconds)
+    params = ctx.model.init(ctx.key(14), ctx.train.x[:1])["params"]
+    params, seconds = train_classifier(ctx, params, epochs=epochs, lr=3e-3, tx=tx, desc="RigL 90% from scratch")
+    return _pruned_result(ctx, "RigL 90% (ERK) trained sparse from scratch", params, seconds)
 
 
 def kfold(ctx: Context) -> Result:
@@ -300,7 +303,8 @@ def kfold(ctx: Context) -> Result:
                                _adamw(3e-3, _steps(ctx, epochs)), k=5, epochs=epochs, batch_size=64, key=ctx.key(15),
                                loss_fn=smoothed_loss(ctx.apply))
     return Result("dense CNN, 5-fold CV on the training split", cv.mean["accuracy"], ctx.dense_bytes,
-                  time.perf_counter() - start, note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}")
+                  time.perf_counter() - start, note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}",
+                  extra={"std": cv.std["accuracy"], "folds": [f["accuracy"] for f in cv.folds]})
 
 
 def stacked(ctx: Context) -> Result:
@@ -409,4 +413,7 @@ def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) ->
             manager.save(0, r.params, extra={"method": r.method, "report": _report.summary(r.params).as_dicts()})
         md += ["", f"## {r.method}", "", _report.summary(r.params).to_markdown()]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    rows = [{"method": r.method, "accuracy": r.accuracy, "delta_pt": 100 * (r.accuracy - ctx.accuracy), "bytes": r.nbytes,
+             "ratio": ctx.dense_bytes / r.nbytes, "seconds": r.seconds, "note": r.note, **r.extra} for r in results]
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(results, ctx, out / "accuracy_vs_compression.png")

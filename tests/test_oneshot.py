@@ -1,6 +1,5 @@
 """Wanda, SparseGPT and sequential calibration against numpy references of the same algorithms."""
 
-import types
 
 import flax.linen as nn
 import hypothesis
@@ -13,7 +12,7 @@ import pytest
 from jaxopt_big import calibration
 from jaxopt_big.sparsity import oneshot
 
-NM = lambda n, m: types.SimpleNamespace(n=n, m=m)  # noqa: E731 - duck-typed NM(n, m) structure
+from jaxopt_big.sparsity import NM  # noqa: E402
 
 
 # ---- numpy references, written from the papers -------------------------------------------------

@@ -3,6 +3,7 @@
 from jaxopt_big.sparsity.dynamic import drop_fraction_at, rigl, set_
 from jaxopt_big.sparsity.masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
                                        erk_densities, global_threshold, make_masks, sparsity)
+from jaxopt_big.sparsity.oneshot import sparsegpt, sparsegpt_kernel, wanda, wanda_kernel
 from jaxopt_big.sparsity.packed import PackedSparse, pack, pack_array, unpack
 from jaxopt_big.sparsity.schedules import constant_schedule, one_shot, polynomial_schedule
 from jaxopt_big.sparsity.scores import magnitude, random, saliency
@@ -11,4 +12,4 @@ from jaxopt_big.sparsity.transform import PruneState, prune
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
            "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",
            "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at",
-           "PackedSparse", "pack", "pack_array", "unpack"]
+           "PackedSparse", "pack", "pack_array", "unpack", "wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]

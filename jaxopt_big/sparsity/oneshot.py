@@ -25,18 +25,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import calibration as _calibration
+from jaxopt_big.sparsity.masks import NM, Unstructured
 
 __all__ = ["wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]
 
 
 def _nm(structure: Any, path: str) -> tuple[int, int] | None:
     """``(n, m)`` of an ``NM(n, m)`` structure, None for unstructured."""
-    if structure is None or type(structure).__name__ == "Unstructured":
+    if structure is None or isinstance(structure, Unstructured):
         return None
-    n, m = getattr(structure, "n", None), getattr(structure, "m", None)
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
+    if not isinstance(structure, NM):
         raise TypeError(f"{path}: structure must be None, Unstructured() or NM(n, m), got {structure!r}")
-    return n, m
+    return structure.n, structure.m
 
 
 def _check(path: str, kernel: Any, sparsity: float, nm: tuple[int, int] | None) -> jax.Array:

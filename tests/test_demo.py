@@ -1,0 +1,96 @@
+"""`jaxopt-big demo --quick` end to end: every technique on digits, checked against the issues' thresholds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    return out, proc.stdout, rows
+
+
+def _row(rows, prefix):
+    (row,) = [r for m, r in rows.items() if m.startswith(prefix)]
+    return row
+
+
+def test_prints_one_table_with_every_method(demo):
+    _, stdout, rows = demo
+    assert len(rows) == 15
+    table = stdout[stdout.index("method"):]
+    for method in rows:
+        assert method in table
+    for column in ("accuracy", "delta", "bytes", "ratio", "train s"):
+        assert column in table.splitlines()[0]
+
+
+def test_dense_teacher_accuracy(demo):
+    assert _row(demo[2], "dense CNN (teacher)")["accuracy"] >= 0.975
+
+
+@pytest.mark.parametrize("prefix, max_drop_pt", [
+    ("global magnitude 90%", 1.0), ("2:4 sparsity", 0.5), ("RigL 90%", 1.5), ("int8 PTQ", 0.5),
+    ("2-bit QAT", 1.5), ("8-cluster", 1.0), ("low-rank 50%", 1.5), ("stacked", 1.5)])
+def test_compressed_models_stay_close_to_dense(demo, prefix, max_drop_pt):
+    row = _row(demo[2], prefix)
+    assert row["delta_pt"] >= -max_drop_pt, row
+    assert row["ratio"] > 1.0 or prefix == "2:4 sparsity" and row["ratio"] > 1.5
+
+
+def test_two_bit_ptq_mse_beats_absmax(demo):
+    row = _row(demo[2], "2-bit PTQ")
+    assert row["accuracy"] >= 0.95 and row["absmax_accuracy"] < row["accuracy"], row
+    assert row["ratio"] > 12
+
+
+def test_mixed_precision_beats_uniform_two_bit(demo):
+    rows = demo[2]
+    assert _row(rows, "mixed precision")["accuracy"] > _row(rows, "2-bit PTQ")["accuracy"]
+
+
+def test_lora_reaches_90_percent_of_full_finetuning(demo):
+    row = _row(demo[2], "LoRA")
+    assert row["accuracy"] >= 0.9 * row["full_finetune_accuracy"], row
+    assert row["trained_fraction"] < 0.05
+
+
+def test_kd_student_beats_plain_student(demo):
+    rows = demo[2]
+    assert _row(rows, "KD MLP student")["accuracy"] - _row(rows, "plain MLP student")["accuracy"] >= 0.02
+
+
+def test_cross_validation_reports_mean_and_spread(demo):
+    row = _row(demo[2], "dense CNN, 5-fold")
+    assert len(row["folds"]) == 5 and abs(sum(row["folds"]) / 5 - row["accuracy"]) < 1e-9 and row["std"] < 0.05
+
+
+def test_files_written(demo):
+    out = demo[0]
+    assert (out / "report.md").read_text().startswith("# jaxopt-big demo")
+    png = (out / "accuracy_vs_compression.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    saved = sorted(p.name for p in (out / "models").iterdir())
+    assert len(saved) == 14  # every row with a model (CV has none)
+
+
+def test_report_command_reads_a_saved_model(demo):
+    out = demo[0]
+    target = out / "models" / "int8_ptq_weights_static_activations"
+    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(target)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Dense_0/kernel" in proc.stdout and "int8" in proc.stdout
+
+
+def test_report_command_missing_directory_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
