@@ -299,3 +299,17 @@ def test_bad_input_is_loud():
         sp.apply_masks(p, {"d": {"kernel": jnp.ones((4, 6), bool), "bias": None}})
     with pytest.raises(ValueError, match="final_sparsity must be a sparsity in"):
         sp.polynomial_schedule(final_sparsity=1.2, begin_step=0, end_step=10)
+
+
+def test_dynamic_sparsity_can_start_from_the_largest_weights():
+    w = jax.random.normal(jax.random.key(0), (32, 16))
+    params = {"d": {"kernel": w}}
+    tx = sp.rigl(optax.sgd(0.1), sparsity=0.75, key=jax.random.key(1), end_step=10, start=sp.Start.MAGNITUDE)
+    mask = np.asarray(tx.init(params).masks["d"]["kernel"])
+    kept = np.sort(np.abs(np.asarray(w)).ravel())[-mask.sum():]  # independent top-k by numpy
+    assert mask.sum() == 128 and np.array_equal(np.sort(np.abs(np.asarray(w))[mask]), kept)
+    random_mask = np.asarray(sp.rigl(optax.sgd(0.1), sparsity=0.75, key=jax.random.key(1), end_step=10)
+                             .init(params).masks["d"]["kernel"])
+    assert random_mask.sum() == 128 and not np.array_equal(random_mask, mask)
+    with pytest.raises(TypeError, match="start must be"):
+        sp.set_(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(1), end_step=10, start="magnitude")

@@ -1,6 +1,6 @@
 """Pruning and sparse training: scores, exact masks, schedules, optax wrappers, packed storage."""
 
-from jaxopt_big.sparsity.dynamic import drop_fraction_at, rigl, set_
+from jaxopt_big.sparsity.dynamic import Start, drop_fraction_at, rigl, set_
 from jaxopt_big.sparsity.masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
                                        erk_densities, global_threshold, make_masks, sparsity)
 from jaxopt_big.sparsity.oneshot import sparsegpt, sparsegpt_kernel, wanda, wanda_kernel
@@ -11,5 +11,5 @@ from jaxopt_big.sparsity.transform import PruneState, prune
 
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
            "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",
-           "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at",
+           "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at", "Start",
            "PackedSparse", "pack", "pack_array", "unpack", "wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]

@@ -1,6 +1,7 @@
 """Dynamic sparse training: SET (random regrowth) and RigL (gradient regrowth).
 
-The topology starts random at the target sparsity. Every ``update_every`` updates until
+The topology starts random at the target sparsity (``Start.RANDOM``, training from scratch as in
+the papers) or from the largest weights (``Start.MAGNITUDE``, to sparsify a trained model). Every ``update_every`` updates until
 ``end_step``, each layer drops its ``f_t * active`` smallest-magnitude active weights and regrows
 as many inactive ones (random for SET, largest ``|grad|`` for RigL), with
 ``f_t = drop_fraction * (1 + cos(pi * t / end_step)) / 2``. The count of active weights never
@@ -9,6 +10,7 @@ changes, and regrown weights start at exactly zero (they get no update on the st
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Callable
 
 import jax
@@ -22,7 +24,14 @@ from jaxopt_big.sparsity import masks as _masks
 from jaxopt_big.sparsity import scores as _scores
 from jaxopt_big.sparsity.transform import PruneState, check_params, masked_updates
 
-__all__ = ["set_", "rigl", "drop_fraction_at"]
+__all__ = ["set_", "rigl", "drop_fraction_at", "Start"]
+
+
+class Start(enum.Enum):
+    """Initial topology of dynamic sparse training."""
+
+    RANDOM = "random"        # a random mask (training from scratch)
+    MAGNITUDE = "magnitude"  # keep the largest weights (sparsifying a trained model)
 
 GrowFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]   # (weights, grads, key) -> grow score
 
@@ -48,9 +57,11 @@ def _drop_grow(mask: jax.Array, w: jax.Array, grow: jax.Array, fraction: jax.Arr
 
 
 def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int, end_step: int,
-             drop_fraction: float, where: Any, distribution: _masks.Distribution, key: jax.Array
-             ) -> optax.GradientTransformationExtraArgs:
+             drop_fraction: float, where: Any, distribution: _masks.Distribution, key: jax.Array,
+             start: Start) -> optax.GradientTransformationExtraArgs:
     _masks._check_fraction("sparsity", sparsity)
+    if not isinstance(start, Start):
+        raise TypeError(f"{name}: start must be Start.RANDOM or Start.MAGNITUDE, got {start!r}")
     if not isinstance(sparsity, (int, float)):
         raise TypeError(f"{name}: sparsity must be a float (dynamic sparsity keeps it constant), got {sparsity!r}")
     if not (isinstance(drop_fraction, (int, float)) and 0.0 <= drop_fraction <= 1.0):
@@ -64,7 +75,8 @@ def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int,
 
     def init(params):
         k_init, k_state = jax.random.split(key)
-        masks = _masks.make_masks(_scores.random(params, k_init), sparsity, where=where, distribution=distribution)
+        scores = _scores.random(params, k_init) if start is Start.RANDOM else _scores.magnitude(params)
+        masks = _masks.make_masks(scores, sparsity, where=where, distribution=distribution)
         return PruneState(inner_tx.init(params), masks, jnp.zeros([], jnp.int32), k_state)
 
     def rewire(masks, params, grads, key, fraction):
@@ -91,7 +103,8 @@ def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int,
 
 def set_(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, update_every: int = 100,
          end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
-         distribution: _masks.Distribution = _masks.Uniform()) -> optax.GradientTransformationExtraArgs:
+         distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
+         ) -> optax.GradientTransformationExtraArgs:
     """Sparse Evolutionary Training (Mocanu et al. 2018): drop smallest weights, regrow at random.
 
     Examples:
@@ -104,12 +117,13 @@ def set_(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, u
     """
     grow = lambda w, g, k: jax.random.uniform(k, w.shape)
     return _dynamic("set_", tx, grow, sparsity=sparsity, update_every=update_every, end_step=end_step,
-                    drop_fraction=drop_fraction, where=where, distribution=distribution, key=key)
+                    drop_fraction=drop_fraction, where=where, distribution=distribution, key=key, start=start)
 
 
 def rigl(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, update_every: int = 100,
          end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
-         distribution: _masks.Distribution = _masks.Uniform()) -> optax.GradientTransformationExtraArgs:
+         distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
+         ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop smallest weights, regrow where the dense gradient is largest.
 
     ``grads`` given to ``update`` must be the dense gradient (as the training step computes it).
@@ -124,4 +138,4 @@ def rigl(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, u
     """
     grow = lambda w, g, k: jnp.abs(g)
     return _dynamic("rigl", tx, grow, sparsity=sparsity, update_every=update_every, end_step=end_step,
-                    drop_fraction=drop_fraction, where=where, distribution=distribution, key=key)
+                    drop_fraction=drop_fraction, where=where, distribution=distribution, key=key, start=start)
