@@ -106,6 +106,9 @@ def test_compressed_leaves_round_trip(tmp_path):
               "q": jb.quant.quantize(w, jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)),
               "lr": jb.lowrank.factorize(w, rank=4),
               "c": jb.quant.cluster({"kernel": w}, 8, key=jax.random.key(4))["kernel"],
+              "sparse": jb.sparsity.pack_array(jnp.where(jnp.abs(w) > 1.0, w, 0.0)),
+              "lora": jb.lowrank.lora_init({"kernel": w}, jax.random.key(6), rank=2, alpha=4.0)["kernel"],
+              "ternary": jb.quant.Ternary().quantize(w),
               "mask": w > 0}
     state = jb.train.TrainState.create(params, optax.identity())
     with jb.checkpoint.Manager(tmp_path, async_save=False) as mgr:

@@ -270,12 +270,11 @@ def test_cnn_attention_feature_on_conv_maps():
     np.testing.assert_allclose(float(aux["feature/Conv_0->Conv_1"]), ref, rtol=1e-4)
 
 
-def test_one_jitted_step_distils_a_fake_quantized_student():
-    # composition with weight QAT (prune(...) joins this step once jaxopt_big.sparsity lands)
+def test_one_jitted_step_distils_a_pruned_fake_quantized_student():
     spec = jb.quant.QuantSpec(bits=4)
     quantized = lambda p, x: student(jb.quant.fake_quant_params(p, spec), x)
     loss_fn = distill.combine(CE, teacher, student=quantized, alpha=0.5, temperature=2.0)
-    tx = optax.adam(1e-2)
+    tx = jb.sparsity.prune(optax.adam(1e-2), sparsity=0.5, update_every=1000)
     step = jb.train.make_step(loss_fn, tx, donate=False)
     state, first = step(jb.train.TrainState.create(S_PARAMS, tx), (X, Y))
     s = np.asarray(student(jb.quant.fake_quant_params(S_PARAMS, spec), X), np.float64)
@@ -283,3 +282,5 @@ def test_one_jitted_step_distils_a_fake_quantized_student():
     for _ in range(30):
         state, metrics = step(state, (X, Y))
     assert float(metrics["loss"]) < 0.7 * float(first["loss"])
+    kernels = [x for x, keep in zip(jax.tree.leaves(state.params), jax.tree.leaves(jb.tree.select(state.params))) if keep]
+    assert kernels and all(int((k == 0).sum()) == k.size // 2 for k in kernels)  # exactly half pruned
