@@ -95,12 +95,13 @@ def main(quick: bool) -> dict:
         new, _ = calibration.sequential(model.apply, {"params": params}, cal, compress, row_mask=row_mask)
         return new["params"]
 
+    packed = lambda p: jb.sparsity.pack(p, where=ENCODER)  # noqa: E731 - pruned kernels stored as bit mask + values
     variants = {
-        "50% magnitude": lambda: magnitude(params, 0.5),
-        "50% Wanda": lambda: sequential(lambda p, k, s: oneshot.wanda_kernel(k, s.norms, 0.5, path=p)),
-        "50% SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, 0.5, path=p)),
-        "2:4 SparseGPT": lambda: sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM24,
-                                                                                     path=p)),
+        "50% magnitude": lambda: packed(magnitude(params, 0.5)),
+        "50% Wanda": lambda: packed(sequential(lambda p, k, s: oneshot.wanda_kernel(k, s.norms, 0.5, path=p))),
+        "50% SparseGPT": lambda: packed(sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, 0.5, path=p))),
+        "2:4 SparseGPT": lambda: packed(sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM24,
+                                                                                            path=p))),
         "int8 per-channel PTQ": lambda: jb.quant.quantize_params(params, INT8, where=ENCODER),
         "int4 GPTQ g128": lambda: sequential(lambda p, k, s: gptq_kernel(k, s.hessian, INT4, act_order=True,
                                                                               path=p)),

@@ -45,7 +45,8 @@ class Compressed(abc.ABC):
     """Base class of compressed leaves: a stand-in for one dense array.
 
     Subclasses are ``flax.struct`` dataclasses (so they flatten, jit and checkpoint) and implement
-    ``dense``, ``nbytes`` and ``kind``. ``shape``/``dtype`` are those of the dense value.
+    ``dense``, ``nbytes`` and ``kind``. ``shape``/``dtype`` are those of the dense value; by default
+    they read static ``dense_shape``/``dense_dtype`` fields.
     """
 
     @abc.abstractmethod
@@ -58,14 +59,14 @@ class Compressed(abc.ABC):
         """Bytes really stored, all parts included."""
 
     @property
-    @abc.abstractmethod
     def shape(self) -> tuple[int, ...]:
-        """Shape of the dense value."""
+        """Shape of the dense value: the ``dense_shape`` field unless a subclass says otherwise."""
+        return tuple(self.dense_shape)
 
     @property
-    @abc.abstractmethod
     def dtype(self) -> Any:
-        """Dtype of the dense value."""
+        """Dtype of the dense value: the ``dense_dtype`` field unless a subclass says otherwise."""
+        return self.dense_dtype
 
     @property
     @abc.abstractmethod

@@ -3,7 +3,6 @@
 import pathlib
 
 import chex
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 import jaxopt_big as jb
+from test_leaves import Int8
 
 MODEL = jb.models.MLP(features=(32,), num_classes=4)
 X = np.asarray(jax.random.normal(jax.random.key(1), (20, 16, 8)), np.float32)
@@ -36,37 +36,8 @@ def _steps(step, state, start, stop):
     return state
 
 
-@flax.struct.dataclass
-class Int8Leaf(jb.leaves.Compressed):
-    """A test-only compressed leaf: int8 values and one float scale."""
-
-    values: jax.Array
-    scale: jax.Array
-    label: str = flax.struct.field(pytree_node=False, default="t")
-
-    def dense(self):
-        return self.values.astype(jnp.float32) * self.scale
-
-    @property
-    def nbytes(self):
-        return self.values.nbytes + self.scale.nbytes
-
-    @property
-    def shape(self):
-        return self.values.shape
-
-    @property
-    def dtype(self):
-        return jnp.float32
-
-    @property
-    def kind(self):
-        return "int8-test"
-
-
 def _int8(w):
-    scale = jnp.abs(w).max() / 127
-    return Int8Leaf(jnp.round(w / scale).astype(jnp.int8), scale, label="int8")
+    return Int8.of(w).replace(label="custom")  # a non-default static field must survive the round trip
 
 
 def test_exact_resume_is_bitwise(tmp_path):
@@ -116,7 +87,7 @@ def test_compressed_leaves_round_trip(tmp_path):
         back = mgr.restore(1, like=jb.checkpoint.abstract(state))
     for name in params:
         assert type(back.params[name]) is type(params[name]), name
-    assert back.params["mine"].label == "int8" and back.params["q"].bits == 4
+    assert back.params["mine"].label == "custom" and back.params["q"].bits == 4
     chex.assert_trees_all_equal(jb.leaves.densify(back.params), jb.leaves.densify(params))
     assert back.params["mask"].dtype == jnp.bool_
 

@@ -12,6 +12,7 @@ import jaxopt_big as jb
 class Int8(jb.leaves.Compressed):
     values: jax.Array
     scale: jax.Array
+    label: str = flax.struct.field(pytree_node=False, default="int8")  # a static field, as QArray.bits
 
     @classmethod
     def of(cls, x):
@@ -35,7 +36,7 @@ class Int8(jb.leaves.Compressed):
 
     @property
     def kind(self):
-        return "int8"
+        return self.label
 
 
 def _tree():

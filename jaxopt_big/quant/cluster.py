@@ -67,9 +67,6 @@ class Clustered(_leaves.Compressed):
     def nbytes(self) -> int:
         return self.codebook.size * self.codebook.dtype.itemsize + self.packed.size * self.packed.dtype.itemsize
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.dense_shape
 
     @property
     def dtype(self) -> Any:
@@ -100,6 +97,8 @@ def _assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
 
 
 def _kmeans_plus_plus(x: jax.Array, n_clusters: int, key: jax.Array) -> jax.Array:
+    """Greedy k-means++ (Arthur & Vassilvitskii): each new centroid is the best of a few D²-samples."""
+    trials = 2 + int(math.log(n_clusters))
     first_key, key = jax.random.split(key)
     centroids = jnp.zeros(n_clusters, x.dtype).at[0].set(x[jax.random.randint(first_key, (), 0, x.size)])
     d2 = (x - centroids[0]) ** 2
@@ -108,8 +107,10 @@ def _kmeans_plus_plus(x: jax.Array, n_clusters: int, key: jax.Array) -> jax.Arra
         centroids, d2 = carry
         total = d2.sum()
         p = jnp.where(total > 0, d2 / jnp.where(total > 0, total, 1.0), 1.0 / x.size)
-        pick = x[jax.random.choice(jax.random.fold_in(key, i), x.size, p=p)]
-        return centroids.at[i].set(pick), jnp.minimum(d2, (x - pick) ** 2)
+        picks = x[jax.random.choice(jax.random.fold_in(key, i), x.size, (trials,), p=p)]
+        candidates = jnp.minimum(d2[None], (x[None] - picks[:, None]) ** 2)
+        best = jnp.argmin(candidates.sum(axis=1))
+        return centroids.at[i].set(picks[best]), candidates[best]
 
     return jax.lax.fori_loop(1, n_clusters, body, (centroids, d2))[0]
 

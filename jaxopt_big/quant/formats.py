@@ -144,13 +144,7 @@ class SubByteArray(_leaves.Compressed):
     def nbytes(self) -> int:
         return self.codes.size + self.scale.size * self.scale.dtype.itemsize
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.dense_shape
 
-    @property
-    def dtype(self) -> Any:
-        return self.dense_dtype
 
     @property
     def kind(self) -> str:
@@ -283,9 +277,6 @@ class Float8Array(_leaves.Compressed):
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
-    @property
-    def dtype(self) -> Any:
-        return self.dense_dtype
 
     @property
     def kind(self) -> str:

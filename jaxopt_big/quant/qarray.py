@@ -80,13 +80,7 @@ class QArray(_leaves.Compressed):
     dense_shape: tuple[int, ...] = struct.field(pytree_node=False)
     dense_dtype: Any = struct.field(pytree_node=False)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.dense_shape
 
-    @property
-    def dtype(self) -> Any:
-        return self.dense_dtype
 
     @property
     def kind(self) -> str:

@@ -49,9 +49,6 @@ class PackedSparse(_leaves.Compressed):
     def nbytes(self) -> int:
         return int(self.bits.nbytes + self.values.nbytes)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.dense_shape)
 
     @property
     def dtype(self) -> Any:
