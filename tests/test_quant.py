@@ -254,3 +254,9 @@ def test_weight_rules_must_match_a_layer():
     f = jb.quant.qat(_Net().apply, weights=[("Conv_0", QuantSpec(bits=4)), ("Nope_.*", W8)])
     with pytest.raises(ValueError, match="Nope"):
         f(v, x)
+
+
+def test_calibration_of_a_closed_over_constant_inside_jit():
+    x = jnp.linspace(-1.0, 1.0, 16)  # concrete, but traced into the jitted function below
+    scale, _ = jax.jit(lambda: jb.quant.calibrate(x, jb.quant.QuantSpec(bits=8)))()
+    np.testing.assert_allclose(float(np.asarray(scale).squeeze()), 1.0 / 127, rtol=1e-6)

@@ -26,9 +26,10 @@ def check_input(x: jax.Array, path: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{_where(path)}quantization needs a floating array, got dtype {x.dtype}")
-    if not isinstance(x, jax.core.Tracer) and bool(jnp.isnan(x).any()):
-        raise ValueError(f"{_where(path)}calibration data contains NaN "
-                         f"({int(jnp.isnan(x).sum())} of {x.size} values)")
+    nan = jnp.isnan(x)
+    # Under a trace even a closed-over concrete array gives a traced result: then nothing can be checked.
+    if not isinstance(nan, jax.core.Tracer) and bool(nan.any()):
+        raise ValueError(f"{_where(path)}calibration data contains NaN ({int(nan.sum())} of {x.size} values)")
     return x
 
 

@@ -12,16 +12,19 @@ from jaxopt_big.quant import spec as _spec
 __all__ = ["fake_quant", "ste"]
 
 
-def ste(x: jax.Array, value: jax.Array, inside: jax.Array) -> jax.Array:
-    """``value`` forward; gradient 1 where ``inside`` and 0 elsewhere (straight-through estimator).
+def ste(x: jax.Array, value: jax.Array, inside: jax.Array | None = None) -> jax.Array:
+    """``value`` forward (bit for bit); gradient 1 where ``inside`` (everywhere if None), else 0.
+
+    The straight-through estimator. ``inside=None`` skips the mask where nothing can be clipped
+    (scales calibrated on the same values by absmax).
 
     Examples:
       >>> x = jnp.array([0.4, 3.0])
       >>> jax.grad(lambda x: ste(x, jnp.round(x), x < 1).sum())(x).tolist()
       [1.0, 0.0]
     """
-    passed = jnp.where(inside, x, jnp.zeros_like(x))
-    return passed + jax.lax.stop_gradient(value - passed)
+    delta = x - jax.lax.stop_gradient(x)  # exactly zero forward, identity gradient
+    return value + (delta if inside is None else jnp.where(inside, delta, jnp.zeros_like(delta)))
 
 
 def integer_fake_quant(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, path: str = ""):

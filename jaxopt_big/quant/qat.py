@@ -63,8 +63,12 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
     z = None if zp is None else expand(zp, x.shape)
     xf = x.astype(jnp.float32)
     q = to_int(xf, spec, s, z)
-    lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
-    value = ste(xf, from_int(q, s, z), (xf >= lo) & (xf <= hi)).astype(x.dtype)
+    if static is None and z is None and isinstance(spec.calibration, _spec.AbsMax):
+        inside = None  # the range is this tensor's own absmax: nothing is clipped, no mask to apply
+    else:
+        lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
+        inside = (xf >= lo) & (xf <= hi)
+    value = ste(xf, from_int(q, s, z), inside).astype(x.dtype)
     return _Operand(value, q if zp is None else None, scale if zp is None else None)
 
 
