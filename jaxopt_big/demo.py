@@ -365,11 +365,12 @@ def _plot(results: list[Result], ctx: Context, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        ax.scatter(ctx.dense_bytes / r.nbytes, 100 * r.accuracy)
-        ax.annotate(r.method, (ctx.dense_bytes / r.nbytes, 100 * r.accuracy), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for i, r in enumerate(results, 1):  # numbered points and a legend: method names are too long to annotate
+        ratio = ctx.dense_bytes / r.nbytes
+        ax.scatter(ratio, 100 * r.accuracy, s=40, label=f"{i}. {r.method} ({100 * r.accuracy:.1f}%, {ratio:.1f}x)")
+        ax.annotate(str(i), (ratio, 100 * r.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
     ax.set_ylabel("hold-out accuracy (%)")
