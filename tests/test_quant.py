@@ -260,3 +260,24 @@ def test_calibration_of_a_closed_over_constant_inside_jit():
     x = jnp.linspace(-1.0, 1.0, 16)  # concrete, but traced into the jitted function below
     scale, _ = jax.jit(lambda: jb.quant.calibrate(x, jb.quant.QuantSpec(bits=8)))()
     np.testing.assert_allclose(float(np.asarray(scale).squeeze()), 1.0 / 127, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", list(jb.quant.Gradient))
+def test_qat_gradient_modes_differentiate_at_the_stated_operands(gradient):
+    model = nn.Dense(16, use_bias=False)
+    x = jax.random.normal(jax.random.key(0), (4, 32))
+    w = model.init(jax.random.key(1), x)["params"]["kernel"]
+    g = np.asarray(jax.random.normal(jax.random.key(2), (4, 16)))
+    f = jb.quant.qat(model.apply, weights=QuantSpec(granularity=PER_CHANNEL), activations=QuantSpec(),
+                     gradient=gradient)
+    gx = jax.grad(lambda x: (f({"params": {"kernel": w}}, x) * g).sum())(x)
+    gw = jax.grad(lambda w: (f({"params": {"kernel": w}}, x) * g).sum())(w)
+    wn, xn = np.asarray(w, np.float64), np.asarray(x, np.float64)
+    sw = np.abs(wn).max(0, keepdims=True) / 127  # independent numpy fake-quant of both operands
+    sx = np.abs(xn).max() / 127
+    wq, xq = np.round(wn / sw) * sw, np.round(xn / sx) * sx
+    w_at, x_at = (wq, xq) if gradient is jb.quant.Gradient.QUANTIZED else (wn, xn)
+    np.testing.assert_allclose(gx, g @ w_at.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw, x_at.T @ g, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="gradient must be"):
+        jb.quant.qat(model.apply, gradient="float")

@@ -17,14 +17,14 @@ from jaxopt_big.quant.lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant.mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
 from jaxopt_big.quant.ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
 from jaxopt_big.quant.qarray import QArray, container_bits, dequantize, quantize
-from jaxopt_big.quant.qat import qat
+from jaxopt_big.quant.qat import Gradient, qat
 from jaxopt_big.quant.spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity, Group,
                                    MinMax, PerChannel, Percentile, PerTensor, PerToken, QuantSpec)
 
 __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "PerToken", "PER_TOKEN", "Granularity",
            "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand", "fake_quant", "ste",
            "QArray", "quantize", "dequantize", "container_bits",
-           "quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat",
+           "quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat", "Gradient",
            # `cluster`, `lsq` and `gptq` are the functions (as in DESIGN.md), not their modules: import
            # module-level helpers with `from jaxopt_big.quant.<module> import <name>`.
            "LSQ", "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",

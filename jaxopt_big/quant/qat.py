@@ -10,13 +10,15 @@ selected layer runs its own computation with the contraction swapped for a quant
 * anything else (group scales along the contraction, affine grids, other formats, Einsum) runs the
   float contraction on fake-quantized operands.
 
-The forward value equals fake-quant numerics; gradients are straight-through (those of the float
-contraction on the fake-quantized operands, zero outside the clipping range), so QAT trains on the
-fast integer forward.
+The forward value equals fake-quant numerics; gradients are straight-through, zero outside the
+clipping range, so QAT trains on the fast integer forward. ``Gradient.QUANTIZED`` (the default) takes
+the contraction's gradient at the fake-quantized operands; ``Gradient.FLOAT`` takes it at the float
+operands, as qwix does, which keeps no float copy of the quantized operands for the backward pass.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -33,7 +35,14 @@ from jaxopt_big.quant.fake import ste
 from jaxopt_big.quant.ptq import Scale
 from jaxopt_big.quant.qarray import QArray
 
-__all__ = ["qat"]
+__all__ = ["qat", "Gradient"]
+
+
+class Gradient(enum.Enum):
+    """Where the straight-through backward pass of an integer contraction takes its gradient."""
+
+    QUANTIZED = "quantized"  # at the fake-quantized operands: the classic fake-quant STE
+    FLOAT = "float"          # at the float operands (qwix's QAT): cheaper, exact only as bits grow
 
 _DOT_LAYERS = (nn.Dense, nn.DenseGeneral, nnx.Linear, nnx.LinearGeneral)
 _CONV_LAYERS = (nn.Conv, nnx.Conv)
@@ -45,14 +54,17 @@ class _Operand(NamedTuple):
     value: jax.Array                 # fake-quant value with straight-through gradient (or the raw input)
     ints: jax.Array | None           # integer grid values (as floats) when on a symmetric integer grid
     scale: jax.Array | None          # compact scale (ndim of the operand) matching ``ints``
+    grad: jax.Array                  # the operand the integer contraction's backward pass differentiates at
 
 
-def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | None, path: str) -> _Operand:
+def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | None, path: str,
+                      gradient: Gradient) -> _Operand:
     if spec is None:
-        return _Operand(x, None, None)
+        return _Operand(x, None, None, x)
     if not isinstance(spec, _spec.QuantSpec):
         scale, zp = (None, None) if static is None else static
-        return _Operand(spec.fake_quant(x, scale, zp, path=path), None, None)
+        value = spec.fake_quant(x, scale, zp, path=path)
+        return _Operand(value, None, None, value)
     if static is None:
         scale, zp = jax.lax.stop_gradient(spec.calibrate(x, path=path))
     else:
@@ -69,12 +81,17 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
         lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
         inside = (xf >= lo) & (xf <= hi)
     value = ste(xf, from_int(q, s, z), inside).astype(x.dtype)
-    return _Operand(value, q if zp is None else None, scale if zp is None else None)
+    if gradient is Gradient.QUANTIZED:
+        grad = value
+    else:  # the float operand itself (no copy: XLA keeps x + (x - x) as written), masked where clipped
+        grad = x if inside is None else ste(xf, jax.lax.stop_gradient(xf), inside).astype(x.dtype)
+    return _Operand(value, q if zp is None else None, scale if zp is None else None, grad)
 
 
 def _from_qarray(q: QArray) -> _Operand:
     ints = q.int_values().astype(jnp.float32) if q.zero_point is None else None
-    return _Operand(q.dense(), ints, q.scale if ints is not None else None)
+    value = q.dense()
+    return _Operand(value, ints, q.scale if ints is not None else None, value)
 
 
 def _with_grad_of(op: Callable, a: jax.Array, b: jax.Array, y: jax.Array) -> jax.Array:
@@ -130,7 +147,7 @@ def _contract(op: Callable, x: _Operand, w: _Operand, out_scale: jax.Array | Non
     else:  # weight-only: integer weights in the matmul, dequantized by the output rescale
         acc = op(x.value, w.ints.astype(x.value.dtype), preferred_element_type=preferred)
     y = (acc.astype(jnp.float32) * out_scale).astype(jnp.result_type(x.value, w.value))
-    return _with_grad_of(float_op, x.value, w.value, y)
+    return _with_grad_of(float_op, x.grad, w.grad, y)
 
 
 class _Proxy:
@@ -188,7 +205,7 @@ class _Rules:
 
 def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | None]] | None = None,
         activations: _spec.Format | None = None, scales: Mapping[str, Scale] | None = None,
-        where: str | Sequence[str] | Callable | None = None) -> Callable:
+        where: str | Sequence[str] | Callable | None = None, gradient: Gradient = Gradient.QUANTIZED) -> Callable:
     """Runs the selected layers of ``fn`` on quantized weights and inputs.
 
     Args:
@@ -201,6 +218,9 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
       scales: static input scales from :func:`calibrate_activations` (PTQ); None: dynamic scales
         calibrated on each call.
       where: module-path selection of the layers (None: every Dense/Conv/Einsum layer).
+      gradient: where integer contractions take their straight-through gradient:
+        ``Gradient.QUANTIZED`` (at the fake-quantized operands) or ``Gradient.FLOAT`` (at the float
+        operands, as qwix does; float fallbacks keep the quantized-operand gradient).
 
     Returns:
       A function with ``fn``'s signature. Forward values are fake-quant numerics (computed with
@@ -220,6 +240,8 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
         raise TypeError(f"activations must be a QuantSpec/Format or None, got {activations!r}")
     if scales is not None and activations is None:
         raise ValueError("static activation scales were given but activations=None")
+    if not isinstance(gradient, Gradient):
+        raise TypeError(f"gradient must be Gradient.QUANTIZED or Gradient.FLOAT, got {gradient!r}")
 
     def wrapped(*args, **kwargs):
         rules = _Rules(weights)
@@ -237,8 +259,8 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
             if isinstance(kernel, QArray):
                 w = _from_qarray(kernel)
             else:
-                w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel")
-            x = _quantize_operand(call.inputs, activations, static, f"{call.path}/inputs")
+                w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
+            x = _quantize_operand(call.inputs, activations, static, f"{call.path}/inputs", gradient)
             params = {**call.params, "kernel": w.value}
             if isinstance(call.module, _DOT_LAYERS):
                 attr, out_scale_fn, lax_op = "dot_general", _dot_out_scale, lax.dot_general
@@ -257,7 +279,12 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
                         lax.conv_dimension_numbers(
                         lhs.shape, rhs.shape, op_kw.get("dimension_numbers"))
                     out_scale = out_scale_fn(dn, x, w, lhs.ndim, rhs.ndim)
-                return _contract(op, x._replace(value=lhs), w._replace(value=rhs), out_scale, preferred_element_type)
+                # Float-operand gradients only where the integer path runs: the operands line up there.
+                float_grad = gradient is Gradient.FLOAT and out_scale is not None
+                x_grad = x.grad if float_grad and x.ints is not None else lhs
+                w_grad = w.grad if float_grad else rhs
+                return _contract(op, x._replace(value=lhs, grad=x_grad), w._replace(value=rhs, grad=w_grad),
+                                 out_scale, preferred_element_type)
 
             # The layer sees the fake-quant operands (shapes, promotion, bias); the contraction swaps in
             # the integer computation where the scales allow it.
