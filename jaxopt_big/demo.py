@@ -63,14 +63,9 @@ class Context:
         return max(1, full // 2) if self.quick else full
 
 
-def smoothed_loss(apply: Callable, smoothing: float = 0.1) -> Callable:
-    """Cross-entropy against label-smoothed targets, with accuracy as aux."""
-    def loss_fn(params, batch):
-        x, y = batch
-        logits = apply(params, x)
-        targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), smoothing)
-        return optax.softmax_cross_entropy(logits, targets).mean(), {"accuracy": (logits.argmax(-1) == y).mean()}
-    return loss_fn
+def _adamw(lr: float, steps: int) -> optax.GradientTransformation:
+    """AdamW with a 10% linear warm-up and cosine decay over ``steps``: every stage's optimizer."""
+    return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps), weight_decay=1e-4)
 
 
 def train_classifier(ctx: Context, params: Any, *, epochs: int, lr: float, apply: Callable | None = None,
@@ -79,10 +74,8 @@ def train_classifier(ctx: Context, params: Any, *, epochs: int, lr: float, apply
     """AdamW with warm-up cosine decay (or ``tx``) on the smoothed loss; returns (params, seconds)."""
     data = ctx.train if data is None else data
     apply = ctx.apply if apply is None else apply
-    steps = max(epochs * (len(data) // 64), 1)
-    if tx is None:
-        tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps), weight_decay=1e-4)
-    step = _train.make_step(loss_fn or smoothed_loss(apply), tx)
+    tx = _adamw(lr, max(epochs * (len(data) // 64), 1)) if tx is None else tx
+    step = _train.make_step(loss_fn or _train.classifier_loss(apply, label_smoothing=0.1), tx)
     start = time.perf_counter()
     state, _ = _train.fit(step, _train.TrainState.create(params, tx), data, epochs=epochs, batch_size=64,
                           key=ctx.key(key_index), desc=desc)
@@ -165,7 +158,7 @@ def mixed_precision(ctx: Context) -> Result:
     start = time.perf_counter()
     spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL, calibration=quant.MSE())
     calib = next(_data.batches(ctx.train, 512, key=ctx.key(9)))
-    sens = mixed.sensitivity(smoothed_loss(ctx.apply, 0.0), ctx.params, (calib.x, calib.y), bits=(2, 4, 8), spec=spec)
+    sens = mixed.sensitivity(_train.classifier_loss(ctx.apply), ctx.params, (calib.x, calib.y), bits=(2, 4, 8), spec=spec)
     sizes = mixed.layer_bytes(ctx.params, bits=(2, 4, 8), spec=spec)
     budget = int(1.25 * sum(s[2] for s in sizes.values()))
     bits = mixed.allocate_bits(sens, sizes, budget)
@@ -253,10 +246,6 @@ def _steps(ctx: Context, epochs: int) -> int:
     return epochs * (len(ctx.train) // 64)
 
 
-def _adamw(lr: float, steps: int) -> optax.GradientTransformation:
-    return optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps), weight_decay=1e-4)
-
-
 def _pruned_result(ctx: Context, method: str, params: Any, seconds: float, apply: Callable | None = None) -> Result:
     from jaxopt_big import sparsity
     packed = sparsity.pack(params)
@@ -302,7 +291,7 @@ def kfold(ctx: Context) -> Result:
     start = time.perf_counter()
     cv = _train.cross_validate(lambda key: ctx.model.init(key, ctx.train.x[:1])["params"], ctx.apply, ctx.train,
                                _adamw(3e-3, _steps(ctx, epochs)), k=5, epochs=epochs, batch_size=64, key=ctx.key(15),
-                               loss_fn=smoothed_loss(ctx.apply))
+                               loss_fn=_train.classifier_loss(ctx.apply, label_smoothing=0.1))
     return Result("dense CNN, 5-fold CV on the training split", cv.mean["accuracy"], ctx.dense_bytes,
                   time.perf_counter() - start, note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}",
                   extra={"std": cv.std["accuracy"], "folds": [f["accuracy"] for f in cv.folds]})

@@ -216,3 +216,15 @@ def test_training_does_not_delete_the_callers_params():
     state, _ = step(jb.train.TrainState.create(params, tx), jnp.ones((4, 2)))
     assert float(params["w"].sum()) == 8.0  # still readable: the donated buffers were the state's own
     np.testing.assert_allclose(state.params["w"], 0.9 * np.ones((4, 2)))
+
+
+def test_classifier_loss_label_smoothing_matches_numpy():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+    y = np.array([0, 1])
+    loss, aux = jb.train.classifier_loss(lambda p, x: x, label_smoothing=0.3)(None, (jnp.asarray(logits), y))
+    targets = np.full((2, 3), 0.3 / 3) + 0.7 * np.eye(3)[y]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(loss), -(targets * logp).sum(-1).mean(), rtol=1e-6)
+    assert float(aux["accuracy"]) == 0.5
+    with pytest.raises(ValueError, match="label_smoothing"):
+        jb.train.classifier_loss(lambda p, x: x, label_smoothing=1.0)

@@ -16,10 +16,12 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, Any]]]
 Step = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def classifier_loss(apply_fn: Callable[..., Any], *, batch_stats: bool = False) -> LossFn:
+def classifier_loss(apply_fn: Callable[..., Any], *, batch_stats: bool = False,
+                    label_smoothing: float = 0.0) -> LossFn:
     """Softmax cross-entropy loss ``(params, (x, y)) -> (loss, {"accuracy": ...})`` for ``apply_fn``.
 
-    ``apply_fn(params, x)`` returns logits. With ``batch_stats=True`` (BatchNorm models) it is
+    ``apply_fn(params, x)`` returns logits; ``label_smoothing`` in [0, 1) mixes the one-hot targets
+    with the uniform distribution. With ``batch_stats=True`` (BatchNorm models) it is
     ``apply_fn(params, batch_stats, x) -> (logits, new_batch_stats)`` and the loss reports the new
     statistics under ``aux["batch_stats"]``, which ``make_step`` moves into the state.
 
@@ -30,8 +32,15 @@ def classifier_loss(apply_fn: Callable[..., Any], *, batch_stats: bool = False) 
       >>> float(aux["accuracy"])
       1.0
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+
     def metrics(logits, y):
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if label_smoothing:
+            targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), label_smoothing)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, {"accuracy": (logits.argmax(-1) == y).mean()}
 
     if not batch_stats:
