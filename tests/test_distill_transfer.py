@@ -7,7 +7,6 @@ the full-label case.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -45,13 +44,12 @@ def transfer(seed: int, label_fraction: float, *, epochs: int = 10, alpha: float
     model = jb.models.MLP()
     init = model.init(jax.random.key(seed), train.x[:1])["params"]
     apply = lambda p, x: model.apply({"params": p}, x)
-    fresh = lambda: jax.tree.map(jnp.copy, init)  # the steps donate their state
 
     only_labeled = train.take(np.flatnonzero(labeled))
     steps = epochs * (len(train) // BATCH)
-    base = digits_util.fit(apply, fresh(), only_labeled, epochs=steps // (len(only_labeled) // BATCH), seed=seed)
+    base = digits_util.fit(apply, init, only_labeled, epochs=steps // (len(only_labeled) // BATCH), seed=seed)
     targets = distill.precompute(lambda x: t_apply(t_params, x), train.x)
-    kd = _train_kd(apply, fresh(), train, labeled, targets.logits, epochs=epochs, seed=seed, alpha=alpha,
+    kd = _train_kd(apply, init, train, labeled, targets.logits, epochs=epochs, seed=seed, alpha=alpha,
                    temperature=temperature)
     return {"baseline": digits_util.accuracy(apply, base, test), "kd": digits_util.accuracy(apply, kd, test),
             "teacher": t_acc}
