@@ -26,7 +26,10 @@ def test_round_trip_error_at_most_half_a_step(bits, symmetric, g, calibration, s
     q = jb.quant.quantize(x, spec)
     step = jb.quant.expand(q.scale, x.shape)
     err = jnp.abs(jb.quant.dequantize(q) - x)
-    assert bool(jnp.all(err <= step / 2 * (1 + 1e-5)))  # absmax/min-max: every value is inside the range
+    # absmax/min-max: every value is inside the range. An affine absmax grid puts the largest value
+    # exactly half a step from the grid (the zero point is rounded), so float32 rounding of |x| counts too.
+    slack = 4 * np.finfo(np.float32).eps * jnp.abs(x)
+    assert bool(jnp.all(err <= step / 2 * (1 + 1e-5) + slack))
     ints = q.int_values()
     assert int(ints.min()) >= spec.qmin and int(ints.max()) <= spec.qmax
     np.testing.assert_allclose(jb.quant.dequantize(q), jb.quant.fake_quant(x, spec), rtol=1e-6, atol=1e-6 * scale)
