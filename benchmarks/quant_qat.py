@@ -68,12 +68,15 @@ def main(quick: bool) -> None:
                                             gradient=jb.quant.Gradient.FLOAT)}
     rules = [qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)]
     qwix_model = qwix.quantize_model(model, qwix.QtProvider(rules))
-    fns = {}
+    lowered = {}
     for name, apply in {"float": model.apply, **ours, "qwix": qwix_model.apply}.items():
         step, tx = _step(apply)
         state = tx.init(params)
-        compiled = [step.lower(params, state, x, y).compile() for _ in range(copies)]
-        fns[name] = [lambda c=c, state=state: c(params, state, x, y) for c in compiled]
+        lowered[name] = step.lower(params, state, x, y), state
+    fns = {name: [] for name in lowered}
+    for _ in range(copies):  # compiled round-robin: no candidate's copies all come first or last
+        for name, (low, state) in lowered.items():
+            fns[name].append(lambda c=low.compile(), state=state: c(params, state, x, y))
     t = interleaved(fns, repeats=10 if quick else 60, warmup=3)
     ours_ratio, qwix_ratio = t["ours"] / t["float"], t["qwix"] / t["float"]
 
