@@ -134,11 +134,13 @@ def densify(tree: Any) -> Any:
 
 
 def leaf_nbytes(x: Any) -> int:
-    """True bytes of one leaf (compressed or array-like)."""
+    """True bytes of one leaf (compressed or array-like, including tracers and shape-dtype structs)."""
     if is_compressed(x):
         return int(x.nbytes)
     if hasattr(x, "nbytes"):
         return int(x.nbytes)
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # jax.ShapeDtypeStruct
+        return math.prod(x.shape) * np.dtype(x.dtype).itemsize
     return int(np.asarray(x).nbytes)
 
 

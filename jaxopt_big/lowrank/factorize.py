@@ -59,7 +59,7 @@ class LowRank(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        return sum(x.size * np.dtype(x.dtype).itemsize for x in (self.u, self.v))
+        return _leaves.nbytes((self.u, self.v))
 
     @property
     def kind(self) -> str:

@@ -75,8 +75,7 @@ class LoRA(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        base = 0 if self.base is None else _leaves.leaf_nbytes(self.base)
-        return base + sum(x.size * np.dtype(x.dtype).itemsize for x in (self.a, self.b))
+        return _leaves.nbytes((self.base, self.a, self.b))
 
     @property
     def kind(self) -> str:

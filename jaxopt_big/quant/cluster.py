@@ -65,8 +65,7 @@ class Clustered(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        return self.codebook.size * self.codebook.dtype.itemsize + self.packed.size * self.packed.dtype.itemsize
-
+        return _leaves.nbytes((self.codebook, self.packed))
 
     @property
     def dtype(self) -> Any:

@@ -142,7 +142,7 @@ class SubByteArray(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        return self.codes.size + self.scale.size * self.scale.dtype.itemsize
+        return _leaves.nbytes((self.codes, self.scale))
 
 
 
@@ -271,7 +271,7 @@ class Float8Array(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        return self.values.size * self.values.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
+        return _leaves.nbytes((self.values, self.scale))
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -118,8 +118,7 @@ class Learned(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        parts = [self.weight, self.scale] + ([] if self.offset is None else [self.offset])
-        return sum(p.size * p.dtype.itemsize for p in parts)
+        return _leaves.nbytes((self.weight, self.scale, self.offset))
 
     @property
     def shape(self) -> tuple[int, ...]:

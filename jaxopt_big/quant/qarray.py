@@ -89,8 +89,7 @@ class QArray(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        parts = [self.values, self.scale] + ([] if self.zero_point is None else [self.zero_point])
-        return sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts)
+        return _leaves.nbytes((self.values, self.scale, self.zero_point))
 
     def int_values(self) -> jax.Array:
         """Unpacked signed integers (int8) with the dense shape."""

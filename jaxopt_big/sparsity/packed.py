@@ -47,8 +47,7 @@ class PackedSparse(_leaves.Compressed):
 
     @property
     def nbytes(self) -> int:
-        return int(self.bits.nbytes + self.values.nbytes)
-
+        return _leaves.nbytes((self.bits, self.values))
 
     @property
     def dtype(self) -> Any:
