@@ -75,12 +75,16 @@ def expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return scale
 
 
-def to_int(x: jax.Array, spec: _spec.QuantSpec, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
-    """Integer grid values (as floats) of ``x``; scale/zero point already broadcastable."""
+def to_int(x: jax.Array, spec: _spec.QuantSpec, scale: jax.Array, zero_point: jax.Array | None, *,
+           clip: bool = True) -> jax.Array:
+    """Integer grid values (as floats) of ``x``; scale/zero point already broadcastable.
+
+    ``clip=False`` skips the clamp to ``[qmin, qmax]`` where the caller knows ``x`` is inside the range.
+    """
     q = jnp.round(x / scale)
     if zero_point is not None:
         q = q + zero_point
-    return jnp.clip(q, spec.qmin, spec.qmax)
+    return jnp.clip(q, spec.qmin, spec.qmax) if clip else q
 
 
 def from_int(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:

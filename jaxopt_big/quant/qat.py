@@ -74,11 +74,12 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
     s = expand(scale, x.shape)
     z = None if zp is None else expand(zp, x.shape)
     xf = x.astype(jnp.float32)
-    if static is None and z is None and isinstance(spec.calibration, _spec.AbsMax):
-        # The range is this tensor's own absmax: |x / s| <= qmax up to rounding, nothing to clip or mask.
-        q, inside = jnp.round(xf / s), None
+    own_range = static is None and z is None and isinstance(spec.calibration, _spec.AbsMax)
+    # With the tensor's own absmax as range, |x / s| <= qmax up to rounding: nothing to clip or mask.
+    q = to_int(xf, spec, s, z, clip=not own_range)
+    if own_range:
+        inside = None
     else:
-        q = to_int(xf, spec, s, z)
         lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
         inside = (xf >= lo) & (xf <= hi)
     value = ste(xf, from_int(q, s, z), inside).astype(x.dtype)
