@@ -10,8 +10,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from common import interleaved, write
-from jaxopt_big.quant.cluster import cluster, kmeans
-from jaxopt_big.quant.formats import Binary, Float8, Ternary
+from jaxopt_big.quant._cluster import cluster, kmeans
+from jaxopt_big.quant._formats import Binary, Float8, Ternary
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import jaxopt_big as jb  # noqa: E402
 from common import write  # noqa: E402
 from jaxopt_big import calibration, zoo  # noqa: E402
 from jaxopt_big.quant import gptq_kernel  # noqa: E402
-from jaxopt_big.sparsity import oneshot  # noqa: E402
+from jaxopt_big.sparsity import _oneshot as oneshot  # noqa: E402
 from test_zoo import numpy_bert  # noqa: E402  (the independent reference forward pass)
 
 ENCODER = r"layer_\d+/.*/kernel"  # the 36 Dense kernels; embeddings and LayerNorms stay float32

@@ -140,7 +140,7 @@ def two_bit_qat(ctx: Context) -> Result:
 
 def weight_sharing(ctx: Context) -> Result:
     from jaxopt_big import quant
-    from jaxopt_big.quant.cluster import cluster
+    from jaxopt_big.quant._cluster import cluster
     start = time.perf_counter()
     clustered = cluster(ctx.params, 8, key=ctx.key(8))
     seconds = time.perf_counter() - start
@@ -154,7 +154,7 @@ def weight_sharing(ctx: Context) -> Result:
 
 def mixed_precision(ctx: Context) -> Result:
     from jaxopt_big import quant
-    from jaxopt_big.quant import mixed
+    from jaxopt_big.quant import _mixed as mixed
     start = time.perf_counter()
     spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL, calibration=quant.MSE())
     calib = next(_data.batches(ctx.train, 512, key=ctx.key(9)))

@@ -1,21 +1,48 @@
-"""Leaf paths, `where=` selection and first-match rules over parameter pytrees.
+"""Leaf paths, `where=` selection and THE rule engine every per-layer option goes through.
 
 A leaf's path is its keys joined by "/": ``params/Dense_0/kernel`` for a linen variables dict,
 ``l1/kernel`` for an ``nnx.State`` (the ``.value`` of a Variable is not part of the path), ``0/w``
 for lists and tuples, and field names for NamedTuples and dataclasses. Compressed leaves
 (:mod:`jaxopt_big.leaves`) are single leaves.
+
+Rule semantics, the same for every technique (masks, prune, quantize, fake-quant, QAT, LSQ,
+cluster, factorize, LoRA, sharding, one-shot methods, interception):
+
+1. A pattern is a regex that must *fully* match the leaf path, or a module path above it: ``"mlp"``
+   selects ``mlp/kernel`` and ``mlp/bias``, but not ``mlp_norm/scale``.
+2. ``where`` picks the candidate leaves (default :data:`KERNELS`); an option given as one value
+   applies to every candidate; given as ``[Rule(pattern, value), ...]`` the first rule that matches
+   a candidate gives its value, and candidates no rule claims stay as they are.
+3. A rule that claims no candidate raises ``ValueError`` listing the candidates (a typo never
+   silently leaves layers out), unless the rule says ``required=False``.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> params = {"layer_0": {"attn": {"kernel": jnp.ones((4, 4))}, "mlp": {"kernel": jnp.ones((4, 8)),
+  ...                                                                    "bias": jnp.ones(8)}}}
+  >>> assign(params, [Rule(r"layer_\\d+/mlp", 4), Rule(".*", 8)])     # first match wins; bias is no candidate
+  {'layer_0': {'attn': {'kernel': 8}, 'mlp': {'bias': None, 'kernel': 4}}}
+  >>> assign(params, [Rule("layer_0/mlp", 4)])                      # unclaimed candidates stay as they are
+  {'layer_0': {'attn': {'kernel': None}, 'mlp': {'bias': None, 'kernel': 4}}}
+  >>> assign(params, [Rule("mlp", 4)], what="bits")
+  Traceback (most recent call last):
+  ...
+  ValueError: bits: pattern 'mlp' matches no leaf; available paths: [layer_0/attn/kernel, layer_0/mlp/kernel]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Iterable, Sequence
+import warnings
+from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 import jax
 
 from jaxopt_big import leaves as _leaves
 
-__all__ = ["paths", "path_str", "select", "rules", "map_with_path", "map_selected", "KERNELS", "Where"]
+__all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error",
+           "map_with_path", "map_selected", "KERNELS", "Where"]
 
 Where = str | Sequence[str] | Callable[[str, Any], bool] | Any
 
@@ -94,9 +121,70 @@ def _compile(pattern: str) -> re.Pattern:
         raise ValueError(f"invalid regex {pattern!r}: {e}") from None
 
 
-def _no_match(pattern: str, available: Sequence[str]) -> ValueError:
+def _module_paths(path: str) -> list[str]:
+    """The leaf path and every "/"-prefix of it, longest first (``a/b/c`` -> ``a/b/c``, ``a/b``, ``a``)."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _matches(compiled: re.Pattern, path: str) -> bool:
+    return any(compiled.fullmatch(p) for p in _module_paths(path))
+
+
+def no_match_error(what: str, pattern: str, available: Sequence[str]) -> ValueError:
+    """The one error for a pattern or rule that claims no leaf, listing what it could have claimed."""
     shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
-    return ValueError(f"pattern {pattern!r} matches no leaf; available paths: [{shown}]")
+    return ValueError(f"{what}: pattern {pattern!r} matches no leaf; available paths: [{shown}]")
+
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(Generic[T]):
+    r"""A per-leaf option: ``value`` for the leaves whose path ``pattern`` matches.
+
+    ``pattern`` is a regex that must fully match either the leaf path (``layer_0/mlp/up/kernel``) or
+    a module path above it (``layer_0/mlp/up`` selects every leaf under that module). In a list of
+    rules the first match wins; ``value=None`` claims leaves and leaves them as they are. A rule
+    that claims no leaf is an error unless ``required=False``.
+
+    Examples:
+      >>> Rule(r"layer_\d+/mlp", 4).matches("layer_3/mlp/up/kernel")
+      True
+      >>> Rule(r"layer_\d+/mlp", 4).matches("layer_3/mlp_norm/scale")
+      False
+    """
+
+    pattern: str
+    value: T
+    required: bool = dataclasses.field(default=True, kw_only=True)
+
+    def __post_init__(self):
+        _compile(self.pattern)
+
+    def matches(self, path: str) -> bool:
+        """Whether this rule's pattern fully matches ``path`` or a module path above it."""
+        return _matches(_compile(self.pattern), path)
+
+
+def is_rules(value: Any) -> bool:
+    """True for a non-empty list or tuple of :class:`Rule` (the ``Sequence[Rule]`` form of an option)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(r, Rule) for r in value)
+
+
+def _is_pairs(value: Any) -> bool:
+    """The pre-Rule spelling ``[(regex, value), ...]``, still read for one release."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in value)
+
+
+def _as_rules(value: Any, what: str) -> list[Rule]:
+    if _is_pairs(value):
+        warnings.warn(f"{what}: (regex, value) pairs are deprecated; use jb.tree.Rule(regex, value)",
+                      DeprecationWarning, stacklevel=4)
+        return [Rule(p, v) for p, v in value]
+    return list(value)
 
 
 def select(tree: Any, where: Where = KERNELS) -> Any:
@@ -104,9 +192,9 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
 
     Args:
       tree: any pytree (linen params, ``nnx.State``, lists, tuples, NamedTuples).
-      where: a regex (full match on the leaf path), a list of regexes (any may match; each must
-        match some leaf), a callable ``(path, leaf) -> bool``, or a pytree of bools with the
-        structure of ``tree``.
+      where: a regex (full match on the leaf path or on a module path above it), a list of regexes
+        (any may match; each must match some leaf), a callable ``(path, leaf) -> bool``, or a pytree
+        of bools with the structure of ``tree``.
 
     Returns:
       A pytree with the structure of ``tree`` holding ``True``/``False``.
@@ -122,6 +210,8 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
       {'Dense_0': {'bias': False, 'kernel': True}}
       >>> select(p, ".*bias")
       {'Dense_0': {'bias': True, 'kernel': False}}
+      >>> select(p, "Dense_0")          # a module path selects every leaf under it
+      {'Dense_0': {'bias': True, 'kernel': True}}
     """
     flat, treedef = _with_paths(tree)
     available = [p for p, _ in flat]
@@ -129,10 +219,10 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
                                   and all(isinstance(w, str) for w in where)):
         patterns = [where] if isinstance(where, str) else list(where)
         compiled = [_compile(w) for w in patterns]
-        hits = [[bool(c.fullmatch(p)) for p in available] for c in compiled]
+        hits = [[_matches(c, p) for p in available] for c in compiled]
         for w, h in zip(patterns, hits):
             if not any(h):
-                raise _no_match(w, available)
+                raise no_match_error("where", w, available)
         chosen = [any(col) for col in zip(*hits)] if available else []
     elif callable(where):
         chosen = [bool(where(p, x)) for p, x in flat]
@@ -148,35 +238,86 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
     return jax.tree_util.tree_unflatten(treedef, chosen)
 
 
-def rules(tree: Any, rules: Sequence[tuple[str, Any]]) -> Any:
-    """Per-leaf values from ``(regex, value)`` rules; first full match wins, ``None`` where none.
+def assign(tree: Any, value: Any, *, where: Where = KERNELS, what: str = "value") -> Any:
+    """Per-leaf values of an option given as ``value | Sequence[Rule]``; ``None`` where none applies.
 
-    Every rule must match at least one leaf that no earlier rule took, so a typo cannot silently
-    leave layers out.
+    The one way every technique reads a per-leaf option: ``where`` picks the candidate leaves; a
+    plain value goes to every candidate; rules assign values among the candidates, first match
+    wins, and candidates no rule claims get ``None`` (stay as they are). A required rule that claims
+    no candidate raises :func:`no_match_error`, listing the candidates.
+
+    Args:
+      tree: the parameter pytree.
+      value: one value for every candidate, or a list of :class:`Rule`.
+      where: the candidates (see :func:`select`); default: kernels.
+      what: the option's name, used in error messages.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = {"attn": {"kernel": jnp.ones((2, 2))}, "mlp": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+      >>> assign(p, [Rule("mlp", 4), Rule(".*", 8)])
+      {'attn': {'kernel': 8}, 'mlp': {'bias': None, 'kernel': 4}}
+      >>> assign(p, 8, where="mlp")
+      {'attn': {'kernel': None}, 'mlp': {'bias': 8, 'kernel': 8}}
+    """
+    flat, treedef = _with_paths(tree)
+    chosen = jax.tree.leaves(select(tree, where))
+    candidates = [p for (p, _), c in zip(flat, chosen) if c]
+    if not (is_rules(value) or _is_pairs(value)):
+        return jax.tree_util.tree_unflatten(treedef, [value if c else None for c in chosen])
+    rule_list = _as_rules(value, what)
+    compiled = [_compile(r.pattern) for r in rule_list]
+    used = [False] * len(rule_list)
+    values = []
+    for (p, _), c in zip(flat, chosen):
+        v = None
+        if c:
+            for i, (rule, pattern) in enumerate(zip(rule_list, compiled)):
+                if _matches(pattern, p):
+                    used[i], v = True, rule.value
+                    break
+        values.append(v)
+    for rule, u in zip(rule_list, used):
+        if rule.required and not u:
+            raise no_match_error(what, rule.pattern, candidates)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def rules(tree: Any, rules: Sequence[Rule]) -> Any:
+    """Per-leaf values from rules over *all* leaves; first match wins, ``None`` where none.
+
+    Every rule must claim at least one leaf that no earlier rule took, so a typo cannot silently
+    leave layers out. Same as ``assign(tree, rules, where=".*")``.
 
     Examples:
       >>> tree = {"Dense_0": {"kernel": 0}, "Dense_1": {"kernel": 0}}
-      >>> rules(tree, [("Dense_0/.*", 4), (".*", 8)])
+      >>> rules(tree, [Rule("Dense_0/.*", 4), Rule(".*", 8)])
       {'Dense_0': {'kernel': 4}, 'Dense_1': {'kernel': 8}}
     """
-    if isinstance(rules, (str, bytes)) or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rules):
-        raise TypeError(f"rules must be a sequence of (regex, value) pairs, got {rules!r}")
-    flat, treedef = _with_paths(tree)
-    available = [p for p, _ in flat]
-    compiled = [(_compile(pat), pat, val) for pat, val in rules]
-    used = [False] * len(compiled)
-    values = []
-    for p in available:
-        value = None
-        for i, (c, _, val) in enumerate(compiled):
-            if c.fullmatch(p):
-                used[i], value = True, val
-                break
-        values.append(value)
-    for (_, pat, _), u in zip(compiled, used):
-        if not u:
-            raise _no_match(pat, available)
-    return jax.tree_util.tree_unflatten(treedef, values)
+    if not isinstance(rules, (list, tuple)) or not rules:
+        raise TypeError(f"rules must be a sequence of jb.tree.Rule, got {rules!r}")
+    return assign(tree, rules, where=lambda p, x: True, what="rules")
+
+
+def map_assigned(fn: Callable[[str, Any, Any], Any], tree: Any, value: Any, *, where: Where = KERNELS,
+                 what: str = "value") -> Any:
+    """Applies ``fn(path, leaf, value)`` where :func:`assign` gives a value other than ``None``.
+
+    Raises:
+      ValueError: no leaf gets a value (the message lists the paths).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> p = {"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones((2, 2))}}
+      >>> out = map_assigned(lambda path, w, k: w * k, p, [Rule("a", 3.0)])
+      >>> float(out["a"]["kernel"][0, 0]), float(out["b"]["kernel"][0, 0])
+      (3.0, 1.0)
+    """
+    values = assign(tree, value, where=where, what=what)
+    flat_values = jax.tree.leaves(values, is_leaf=lambda v: v is None)
+    if all(v is None for v in flat_values):
+        raise no_match_error(what, repr(where), paths(tree))
+    return map_with_path(lambda p, x, v: x if v is None else fn(p, x, v), tree, values)
 
 
 def map_selected(fn: Callable[[str, Any], Any], tree: Any, where: Where = KERNELS) -> Any:
@@ -190,5 +331,5 @@ def map_selected(fn: Callable[[str, Any], Any], tree: Any, where: Where = KERNEL
     """
     chosen = select(tree, where)
     if not any(jax.tree.leaves(chosen)):
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {paths(tree)}")
+        raise no_match_error("where", repr(where), paths(tree))
     return map_with_path(lambda p, x, s: fn(p, x) if s else x, tree, chosen)

@@ -7,8 +7,8 @@ import pytest
 
 from jaxopt_big import calibration
 from jaxopt_big.quant import gptq, gptq_kernel
-from jaxopt_big.quant.qarray import QArray
-from jaxopt_big.quant.spec import PER_CHANNEL, Group, MinMax, QuantSpec
+from jaxopt_big.quant._qarray import QArray
+from jaxopt_big.quant._spec import PER_CHANNEL, Group, MinMax, QuantSpec
 
 
 # ---- numpy reference ---------------------------------------------------------------------------

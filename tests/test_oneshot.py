@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxopt_big import calibration
-from jaxopt_big.sparsity import oneshot
+from jaxopt_big.sparsity import _oneshot as oneshot
 
 from jaxopt_big.sparsity import NM  # noqa: E402
 

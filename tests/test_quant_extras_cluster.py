@@ -12,8 +12,8 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant.cluster import Clustered, cluster, codebooks, kmeans, with_codebooks
-from jaxopt_big.quant.formats import pack_bits, unpack_bits
+from jaxopt_big.quant._cluster import Clustered, cluster, codebooks, kmeans, with_codebooks
+from jaxopt_big.quant._formats import pack_bits, unpack_bits
 
 
 @hypothesis.settings(max_examples=20, deadline=None)

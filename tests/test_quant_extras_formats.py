@@ -12,9 +12,9 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant.fake import fake_quant
-from jaxopt_big.quant.formats import Binary, F8, Float8, SubByteArray, Ternary
-from jaxopt_big.quant.ptq import fake_quant_params, quantize_params
+from jaxopt_big.quant._fake import fake_quant
+from jaxopt_big.quant._formats import Binary, F8, Float8, SubByteArray, Ternary
+from jaxopt_big.quant._ptq import fake_quant_params, quantize_params
 
 
 @hypothesis.settings(max_examples=15, deadline=None)

@@ -7,9 +7,9 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant.lsq import LSQ, Learned, lsq, lsq_export
-from jaxopt_big.quant.qarray import QArray
-from jaxopt_big.quant.spec import PER_CHANNEL, QuantSpec
+from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
+from jaxopt_big.quant._qarray import QArray
+from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
 
 
 def _surrogate(x, s, beta, u, qmin, qmax, r0):

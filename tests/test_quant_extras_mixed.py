@@ -11,9 +11,9 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant.mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
-from jaxopt_big.quant.ptq import quantize_params
-from jaxopt_big.quant.spec import PER_CHANNEL, QuantSpec
+from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
+from jaxopt_big.quant._ptq import quantize_params
+from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
 
 BITS = (2, 3, 4, 8)
 

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 
 from jaxopt_big import calibration, zoo
-from jaxopt_big.sparsity import oneshot
+from jaxopt_big.sparsity import _oneshot as oneshot
 
 
 def numpy_bert(tensors, config, ids, mask):

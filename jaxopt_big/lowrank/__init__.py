@@ -7,9 +7,9 @@ Examples:
   4
 """
 
-from jaxopt_big.lowrank.apply import apply, densify
-from jaxopt_big.lowrank.factorize import Factorization, LowRank, factorize, factorize_params
-from jaxopt_big.lowrank.lora import (LoRA, lora_combine, lora_init, lora_labels, lora_merge, lora_partition,
+from jaxopt_big.lowrank._apply import apply, densify
+from jaxopt_big.lowrank._factorize import Factorization, LowRank, factorize, factorize_params
+from jaxopt_big.lowrank._lora import (LoRA, lora_combine, lora_init, lora_labels, lora_merge, lora_partition,
                                      lora_trainable, lora_unmerge)
 
 __all__ = ["Factorization", "LoRA", "LowRank", "apply", "densify", "factorize", "factorize_params", "lora_combine",

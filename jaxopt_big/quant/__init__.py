@@ -8,17 +8,17 @@ Examples:
   12
 """
 
-from jaxopt_big.quant.calibrate import calibrate, expand
-from jaxopt_big.quant.cluster import Clustered, KMeans, cluster, codebooks, kmeans, with_codebooks
-from jaxopt_big.quant.fake import fake_quant, ste
-from jaxopt_big.quant.formats import F8, Binary, Float8, Float8Array, SubByteArray, Ternary, pack_bits, unpack_bits
-from jaxopt_big.quant.gptq import gptq, gptq_kernel
-from jaxopt_big.quant.lsq import LSQ, Learned, lsq, lsq_export
-from jaxopt_big.quant.mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
-from jaxopt_big.quant.ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
-from jaxopt_big.quant.qarray import QArray, container_bits, dequantize, quantize
-from jaxopt_big.quant.qat import Gradient, qat
-from jaxopt_big.quant.spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity, Group,
+from jaxopt_big.quant._calibrate import calibrate, expand
+from jaxopt_big.quant._cluster import Clustered, KMeans, cluster, codebooks, kmeans, with_codebooks
+from jaxopt_big.quant._fake import fake_quant, ste
+from jaxopt_big.quant._formats import F8, Binary, Float8, Float8Array, SubByteArray, Ternary, pack_bits, unpack_bits
+from jaxopt_big.quant._gptq import gptq, gptq_kernel
+from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
+from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
+from jaxopt_big.quant._ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
+from jaxopt_big.quant._qarray import QArray, container_bits, dequantize, quantize
+from jaxopt_big.quant._qat import Gradient, qat
+from jaxopt_big.quant._spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity, Group,
                                    MinMax, PerChannel, Percentile, PerTensor, PerToken, QuantSpec)
 
 __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "PerToken", "PER_TOKEN", "Granularity",

@@ -1,13 +1,13 @@
 """Pruning and sparse training: scores, exact masks, schedules, optax wrappers, packed storage."""
 
-from jaxopt_big.sparsity.dynamic import Start, drop_fraction_at, rigl, set_
-from jaxopt_big.sparsity.masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
+from jaxopt_big.sparsity._dynamic import Start, drop_fraction_at, rigl, set_
+from jaxopt_big.sparsity._masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
                                        erk_densities, global_threshold, make_masks, sparsity)
-from jaxopt_big.sparsity.oneshot import sparsegpt, sparsegpt_kernel, wanda, wanda_kernel
-from jaxopt_big.sparsity.packed import PackedSparse, pack, pack_array, unpack
-from jaxopt_big.sparsity.schedules import constant_schedule, one_shot, polynomial_schedule
-from jaxopt_big.sparsity.scores import magnitude, random, saliency
-from jaxopt_big.sparsity.transform import PruneState, prune
+from jaxopt_big.sparsity._oneshot import sparsegpt, sparsegpt_kernel, wanda, wanda_kernel
+from jaxopt_big.sparsity._packed import PackedSparse, pack, pack_array, unpack
+from jaxopt_big.sparsity._schedules import constant_schedule, one_shot, polynomial_schedule
+from jaxopt_big.sparsity._scores import magnitude, random, saliency
+from jaxopt_big.sparsity._transform import PruneState, prune
 
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
            "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",

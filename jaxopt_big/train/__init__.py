@@ -1,10 +1,10 @@
 """Jitted optax training, evaluation, data splits and cross-validation."""
 
 from jaxopt_big.data import holdout_split
-from jaxopt_big.train.evaluation import CrossValidation, cross_validate, evaluate, kfold
-from jaxopt_big.train.loop import Callback, EarlyStopping, ReduceOnPlateau, fit
-from jaxopt_big.train.state import TrainState
-from jaxopt_big.train.step import apply_gradients, classifier_loss, grads_and_metrics, make_step
+from jaxopt_big.train._evaluation import CrossValidation, cross_validate, evaluate, kfold
+from jaxopt_big.train._loop import Callback, EarlyStopping, ReduceOnPlateau, fit
+from jaxopt_big.train._state import TrainState
+from jaxopt_big.train._step import apply_gradients, classifier_loss, grads_and_metrics, make_step
 
 __all__ = ["TrainState", "make_step", "classifier_loss", "grads_and_metrics", "apply_gradients", "evaluate", "fit",
            "EarlyStopping", "ReduceOnPlateau", "Callback", "holdout_split", "kfold", "cross_validate",

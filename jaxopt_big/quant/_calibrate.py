@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant import _spec
 
 __all__ = ["calibrate", "expand"]
 
@@ -158,7 +158,7 @@ def calibrate(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") ->
       ValueError: NaN in concrete ``x``; a group size that does not divide its axis; a bad axis.
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
       >>> scale, zp = calibrate(jnp.array([[1.0, -2.0], [0.5, 4.0]]), QuantSpec(granularity=PER_CHANNEL))
       >>> (scale * 127).tolist(), zp
       ([[1.0, 4.0]], None)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_big.train.state import TrainState
+from jaxopt_big.train._state import TrainState
 
 __all__ = ["make_step", "classifier_loss", "grads_and_metrics", "apply_gradients"]
 
@@ -219,7 +219,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
 
-    from jaxopt_big.parallel import sharding as _sharding  # parallel imports train: import at use
+    from jaxopt_big.parallel import _sharding as _sharding  # parallel imports train: import at use
 
     _sharding.batch_sharding(mesh, batch_axes)  # unknown axes fail here, not at the first step
     replicated = jax.sharding.NamedSharding(mesh, jax.P())

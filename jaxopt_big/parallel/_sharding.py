@@ -81,7 +81,7 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *,
         is not divisible by its mesh axes (the message names the path, shape and spec).
 
     Examples:
-      >>> from jaxopt_big.parallel.mesh import make_mesh
+      >>> from jaxopt_big.parallel._mesh import make_mesh
       >>> mesh = make_mesh(data=2, fsdp=4)
       >>> sh = param_shardings({"d": {"kernel": jax.numpy.zeros((8, 6)), "bias": jax.numpy.zeros(6)}}, mesh)
       >>> sh["d"]["kernel"].spec, sh["d"]["bias"].spec
@@ -119,7 +119,7 @@ def shard_params(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *, fsd
     """Places ``params`` (or a whole ``TrainState``) on ``mesh`` by :func:`param_shardings`.
 
     Examples:
-      >>> from jaxopt_big.parallel.mesh import make_mesh
+      >>> from jaxopt_big.parallel._mesh import make_mesh
       >>> mesh = make_mesh(data=2, tensor=4)
       >>> p = shard_params({"w": jax.numpy.zeros((4, 8))}, mesh, [("w", jax.P(None, "tensor"))])
       >>> p["w"].sharding.spec
@@ -132,7 +132,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str] = ("data", "fsdp
     """Sharding of a batch's leading dimension over the mesh ``axes`` (those larger than 1).
 
     Examples:
-      >>> from jaxopt_big.parallel.mesh import make_mesh
+      >>> from jaxopt_big.parallel._mesh import make_mesh
       >>> batch_sharding(make_mesh(data=4, fsdp=2)).spec
       P(('data', 'fsdp'),)
     """
@@ -153,7 +153,7 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh, axes: Sequence[str] = ("dat
       ValueError: a leaf's leading size is not divisible by the devices it is split over.
 
     Examples:
-      >>> from jaxopt_big.parallel.mesh import make_mesh
+      >>> from jaxopt_big.parallel._mesh import make_mesh
       >>> x = shard_batch(np.zeros((16, 3)), make_mesh(data=8))
       >>> x.sharding.spec, x.addressable_shards[0].data.shape
       (P('data',), (2, 3))

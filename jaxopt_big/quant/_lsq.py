@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant import spec as _spec
-from jaxopt_big.quant.calibrate import check_input, expand
+from jaxopt_big.quant import _spec
+from jaxopt_big.quant._calibrate import check_input, expand
 
 __all__ = ["LSQ", "Learned", "lsq", "lsq_export"]
 
@@ -40,14 +40,14 @@ def _scale_grad(x: jax.Array, g: float) -> jax.Array:
 class LSQ(_spec.Format):
     """A learned-step integer grid: the grid, granularity and initial calibrator of ``spec``.
 
-    As a :class:`~jaxopt_big.quant.spec.Format`, ``calibrate`` gives the initial
+    As a :class:`~jaxopt_big.quant._spec.Format`, ``calibrate`` gives the initial
     ``(step, offset)`` (offset None for symmetric grids; for affine ones the LSQ+ offset ``beta``
     in weight units, ``-zero_point * step``), ``fake_quant(x, step, offset)`` is differentiable in
-    all three, and ``quantize`` stores a :class:`~jaxopt_big.quant.qarray.QArray`.
+    all three, and ``quantize`` stores a :class:`~jaxopt_big.quant._qarray.QArray`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> f = LSQ(spec=QuantSpec(bits=2))
       >>> x = jnp.array([0.3, 0.8, -2.0, 0.6])
       >>> f.fake_quant(x, jnp.array(1.0)).tolist()
@@ -133,7 +133,7 @@ class Learned(_leaves.Compressed):
         return f"lsq int{self.format.spec.bits} (training)"
 
     def export(self) -> Any:
-        """The packed :class:`~jaxopt_big.quant.qarray.QArray` with the learned grid."""
+        """The packed :class:`~jaxopt_big.quant._qarray.QArray` with the learned grid."""
         return self.format.quantize(self.weight, self.scale, self.offset, path=self.path)
 
 
@@ -153,7 +153,7 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[tuple[str, Any]], *,
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_big as jb
-      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
       >>> t = lsq({"d": {"kernel": jnp.array([[0.5, -1.0], [1.0, 2.0]])}}, QuantSpec(bits=4, granularity=PER_CHANNEL))
       >>> (t["d"]["kernel"].scale * 7).tolist(), type(lsq_export(t)["d"]["kernel"]).__name__
       ([[1.0, 2.0]], 'QArray')
@@ -181,7 +181,7 @@ def lsq_export(tree: Any) -> Any:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> t = lsq({"k": {"kernel": jnp.array([[0.3, -1.0]])}}, QuantSpec(bits=2))
       >>> lsq_export(t)["k"]["kernel"].dense().tolist()
       [[0.0, -1.0]]

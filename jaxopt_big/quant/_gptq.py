@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import calibration as _calibration
-from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant import _spec
 
 __all__ = ["gptq", "gptq_kernel"]
 
@@ -76,7 +76,7 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
       path: name used in error messages.
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
       >>> x = jax.random.normal(jax.random.key(0), (256, 16)) * jnp.linspace(0.1, 3.0, 16)
       >>> w = jax.random.normal(jax.random.key(1), (16, 8))
       >>> spec = QuantSpec(bits=3, symmetric=False, granularity=PER_CHANNEL)
@@ -134,7 +134,7 @@ def gptq(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.
       spec, block_size, damp, act_order: as in :func:`gptq_kernel`.
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec, Group
+      >>> from jaxopt_big.quant._spec import QuantSpec, Group
       >>> x = jax.random.normal(jax.random.key(0), (32, 8))
       >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))}}
       >>> out = gptq(params, {"Dense_0": x.T @ x}, QuantSpec(bits=4, granularity=Group(4)))

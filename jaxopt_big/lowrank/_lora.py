@@ -4,7 +4,7 @@ A ``LoRA`` leaf replaces a kernel in the parameter tree and holds the frozen ``b
 or any compressed leaf such as a ``QArray`` for QLoRA), the trainable ``a`` (``(..., r)``, the
 kernel's input axes then rank) and ``b`` (``(r, n)``), and the static ``scale = alpha / r``. Its
 ``dense()`` is the merged kernel, so everything that densifies sees the adapted model, and
-:func:`jaxopt_big.lowrank.apply` runs it as ``x @ W + scale · (x @ A) @ B`` without merging.
+:func:`jaxopt_big.lowrank._apply` runs it as ``x @ W + scale · (x @ A) @ B`` without merging.
 """
 
 from __future__ import annotations

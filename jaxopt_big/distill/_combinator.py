@@ -19,7 +19,7 @@ from flax import nnx
 
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import tree as _tree
-from jaxopt_big.distill.losses import FeatureLoss, _check_positive, feature_loss, kd_loss
+from jaxopt_big.distill._losses import FeatureLoss, _check_positive, feature_loss, kd_loss
 
 __all__ = ["Feature", "NnxApply", "TeacherTargets", "Batch", "precompute", "combine"]
 

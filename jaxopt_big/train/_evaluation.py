@@ -10,8 +10,8 @@ import numpy as np
 import optax
 
 from jaxopt_big import data as _data
-from jaxopt_big.train.state import TrainState
-from jaxopt_big.train.step import apply_gradients, classifier_loss, grads_and_metrics
+from jaxopt_big.train._state import TrainState
+from jaxopt_big.train._step import apply_gradients, classifier_loss, grads_and_metrics
 
 __all__ = ["evaluate", "kfold", "cross_validate", "CrossValidation"]
 

@@ -11,8 +11,8 @@ from flax import nnx
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant import spec as _spec
-from jaxopt_big.quant.calibrate import calibrate
+from jaxopt_big.quant import _spec
+from jaxopt_big.quant._calibrate import calibrate
 
 __all__ = ["quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale"]
 
@@ -47,7 +47,7 @@ def quantize_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERN
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> p = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
       >>> q = quantize_params(p, [(".*Dense_0.*", QuantSpec(bits=4))])
       >>> type(q["Dense_0"]["kernel"]).__name__, q["Dense_0"]["bias"].dtype
@@ -61,7 +61,7 @@ def dequantize_params(tree: Any) -> Any:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> p = quantize_params({"k": {"kernel": jnp.ones((2, 2))}}, QuantSpec())
       >>> dequantize_params(p)["k"]["kernel"].tolist()
       [[1.0, 1.0], [1.0, 1.0]]
@@ -77,7 +77,7 @@ def fake_quant_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KE
 
     Examples:
       >>> import jax, jax.numpy as jnp
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> p = {"k": {"kernel": jnp.array([[0.1, 1.0], [0.3, -1.0]])}}
       >>> fake_quant_params(p, QuantSpec(bits=2))["k"]["kernel"].tolist()
       [[0.0, 1.0], [0.0, -1.0]]
@@ -99,7 +99,7 @@ def calibrate_activations(fn: Any, batches: Iterable[tuple], spec: _spec.Format,
     """Static input scales of the selected Dense/Conv/Einsum layers from ``N`` calibration batches.
 
     The inputs each layer sees over all batches are calibrated together with ``spec``'s calibrator
-    (absmax, min-max, percentile or MSE). Pass the result to :func:`jaxopt_big.quant.qat` as ``scales``.
+    (absmax, min-max, percentile or MSE). Pass the result to :func:`jaxopt_big.quant._qat` as ``scales``.
 
     Args:
       fn: linen apply function or nnx module (as for :func:`jaxopt_big.intercept.capture`).
@@ -112,7 +112,7 @@ def calibrate_activations(fn: Any, batches: Iterable[tuple], spec: _spec.Format,
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> model = nn.Dense(2)
       >>> v = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> s = calibrate_activations(model.apply, [(v, jnp.full((4, 3), 2.0)), (v, -jnp.ones((4, 3)))], QuantSpec())

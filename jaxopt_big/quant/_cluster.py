@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant.formats import pack_bits, unpack_bits
+from jaxopt_big.quant._formats import pack_bits, unpack_bits
 
 __all__ = ["Clustered", "KMeans", "kmeans", "cluster", "codebooks", "with_codebooks"]
 
@@ -34,7 +34,7 @@ class Clustered(_leaves.Compressed):
 
     Attributes:
       codebook: ``(k,)`` centroids (trainable).
-      packed: ``uint8`` buffer of the packed indices (see :func:`~jaxopt_big.quant.formats.pack_bits`).
+      packed: ``uint8`` buffer of the packed indices (see :func:`~jaxopt_big.quant._formats.pack_bits`).
       dense_shape: shape of the weight it stands for.
       bits: bits per index.
 

@@ -1,6 +1,6 @@
 """Sub-integer and float weight formats: binary, ternary and float8, with packed storage.
 
-Each format is a :class:`~jaxopt_big.quant.spec.Format`, so it goes wherever a ``QuantSpec`` does
+Each format is a :class:`~jaxopt_big.quant._spec.Format`, so it goes wherever a ``QuantSpec`` does
 (``fake_quant``, ``quantize``, ``quantize_params``, ``fake_quant_params``, activation QAT):
 
 - :class:`Binary`: ``sign(w) * mean|w|`` per channel; 1 bit per weight (:class:`SubByteArray`).
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_big import leaves as _leaves
-from jaxopt_big.quant import spec as _spec
-from jaxopt_big.quant.calibrate import check_input, expand
+from jaxopt_big.quant import _spec
+from jaxopt_big.quant._calibrate import check_input, expand
 
 __all__ = ["Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array", "pack_bits", "unpack_bits"]
 

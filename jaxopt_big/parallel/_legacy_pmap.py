@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import optax
 
-from jaxopt_big.train import state as _state
-from jaxopt_big.train import step as _step
+from jaxopt_big.train import _state
+from jaxopt_big.train import _step
 
 __all__ = ["pmap_step", "replicate", "unreplicate", "split_batch"]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# (the package re-exports the function `calibrate`, which shadows the module attribute)
-from jaxopt_big.quant.calibrate import check_input, expand, from_int, integer_calibrate, to_int
-from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant import _spec
 
 __all__ = ["fake_quant", "ste"]
 
@@ -56,7 +55,7 @@ def fake_quant(x: jax.typing.ArrayLike, spec: _spec.Format, scale: jax.typing.Ar
       path: leaf path used in error messages.
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> x = jnp.array([0.26, -1.0, 3.0])
       >>> fake_quant(x, QuantSpec(bits=2), scale=1.0).tolist()
       [0.0, -1.0, 1.0]

@@ -29,11 +29,11 @@ from flax import nnx
 from jax import lax
 
 from jaxopt_big import intercept as _intercept
-from jaxopt_big.quant import spec as _spec
-from jaxopt_big.quant.calibrate import expand, from_int, to_int
-from jaxopt_big.quant.fake import ste
-from jaxopt_big.quant.ptq import Scale
-from jaxopt_big.quant.qarray import QArray
+from jaxopt_big.quant import _spec
+from jaxopt_big.quant._calibrate import expand, from_int, to_int
+from jaxopt_big.quant._fake import ste
+from jaxopt_big.quant._ptq import Scale
+from jaxopt_big.quant._qarray import QArray
 
 __all__ = ["qat", "Gradient"]
 
@@ -230,7 +230,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
       >>> model = nn.Dense(4)
       >>> x = jax.random.normal(jax.random.key(1), (2, 8))
       >>> v = model.init(jax.random.key(0), x)

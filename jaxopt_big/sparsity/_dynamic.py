@@ -20,9 +20,9 @@ from jax import lax
 
 from jaxopt_big import tree as _tree
 from jaxopt_big.sparsity import _select
-from jaxopt_big.sparsity import masks as _masks
-from jaxopt_big.sparsity import scores as _scores
-from jaxopt_big.sparsity.transform import PruneState, check_params, masked_updates
+from jaxopt_big.sparsity import _masks
+from jaxopt_big.sparsity import _scores
+from jaxopt_big.sparsity._transform import PruneState, check_params, masked_updates
 
 __all__ = ["set_", "rigl", "drop_fraction_at", "Start"]
 

@@ -16,9 +16,8 @@ import numpy as np
 from flax import struct
 
 from jaxopt_big import leaves as _leaves
-# (the package re-exports the function `calibrate`, which shadows the module attribute)
-from jaxopt_big.quant.calibrate import check_input, expand, from_int, integer_calibrate, to_int
-from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant import _spec
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits"]
 
@@ -136,7 +135,7 @@ def quantize(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> 
     sharding on every axis they still span.
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec, PER_CHANNEL
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
       >>> w = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
       >>> q = quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL))
       >>> q.values.dtype, q.values.shape, q.nbytes
@@ -153,7 +152,7 @@ def dequantize(q: Any) -> jax.Array:
     """The dense value of a quantized leaf (arrays pass through).
 
     Examples:
-      >>> from jaxopt_big.quant.spec import QuantSpec
+      >>> from jaxopt_big.quant._spec import QuantSpec
       >>> dequantize(quantize(jnp.array([0.0, 1.0]), QuantSpec(bits=8))).tolist()
       [0.0, 1.0]
     """

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant import spec as _spec
+from jaxopt_big.quant import _spec
 
 __all__ = ["sensitivity", "layer_bytes", "allocate_bits", "allocation_rules"]
 

@@ -10,8 +10,8 @@ import optax
 from jax import lax
 
 from jaxopt_big import tree as _tree
-from jaxopt_big.sparsity import masks as _masks
-from jaxopt_big.sparsity import scores as _scores
+from jaxopt_big.sparsity import _masks
+from jaxopt_big.sparsity import _scores
 
 __all__ = ["PruneState", "prune"]
 

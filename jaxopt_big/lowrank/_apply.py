@@ -18,8 +18,8 @@ from flax import nnx
 
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
-from jaxopt_big.lowrank.factorize import LowRank
-from jaxopt_big.lowrank.lora import LoRA
+from jaxopt_big.lowrank._factorize import LowRank
+from jaxopt_big.lowrank._lora import LoRA
 
 __all__ = ["apply", "densify"]
 

@@ -170,13 +170,13 @@ class QuantSpec(Format):
         return 2 ** (self.bits - 1) - 1
 
     def calibrate(self, x, *, path=""):
-        from jaxopt_big.quant.calibrate import integer_calibrate
+        from jaxopt_big.quant._calibrate import integer_calibrate
         return integer_calibrate(x, self, path=path)
 
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
-        from jaxopt_big.quant.fake import integer_fake_quant
+        from jaxopt_big.quant._fake import integer_fake_quant
         return integer_fake_quant(x, self, scale, zero_point, path=path)
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
-        from jaxopt_big.quant.qarray import integer_quantize
+        from jaxopt_big.quant._qarray import integer_quantize
         return integer_quantize(x, self, scale, zero_point, path=path)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import calibration as _calibration
-from jaxopt_big.sparsity.masks import NM, Unstructured
+from jaxopt_big.sparsity._masks import NM, Unstructured
 
 __all__ = ["wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]
 

@@ -13,7 +13,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxopt_big import data as _data
-from jaxopt_big.train.state import TrainState
+from jaxopt_big.train._state import TrainState
 
 __all__ = ["fit", "EarlyStopping", "ReduceOnPlateau", "Callback"]
 
@@ -133,7 +133,7 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
 
     Examples:
       >>> import optax, jax.numpy as jnp
-      >>> from jaxopt_big.train.step import make_step, classifier_loss
+      >>> from jaxopt_big.train._step import make_step, classifier_loss
       >>> ds = _data.Dataset(np.eye(4, dtype=np.float32), np.arange(4) % 2)
       >>> tx = optax.sgd(0.5)
       >>> step = make_step(classifier_loss(lambda p, x: x @ p), tx)
