@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile jaxopt_big tests README.md $(ARGS)
 
+docs: $(STAMP)
+	$(VENV)/bin/pdoc --docformat google -o docs/api jaxopt_big jaxopt_big.cli jaxopt_big.demo
+	@echo "API reference: docs/api/index.html"
+
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/api

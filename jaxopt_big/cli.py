@@ -57,6 +57,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
     parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="train on the embedded digits data and compress it every way")
