@@ -26,19 +26,23 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import jax
+import optax
+
+from jaxopt_big import quant as _quant
+from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec as _qspec
-from jaxopt_big.sparsity import _masks
 
 __all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ"]
 
-Sparsity = float | _masks.NM
+Sparsity = float | _sparsity.NM
 
 
 def _check_sparsity(owner: str, value: Any) -> None:
-    if isinstance(value, _masks.NM):
+    if isinstance(value, _sparsity.NM):
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{owner}: sparsity must be a fraction in [0, 1) or NM(n, m), got {value!r}")
@@ -87,10 +91,10 @@ class SparseGPT:
 class RTN:
     """Round each weight to its nearest grid point (the spec's calibration picks the grid)."""
 
-    spec: _qspec.Format
+    spec: _quant.Format
 
     def __post_init__(self):
-        if not isinstance(self.spec, _qspec.Format):
+        if not isinstance(self.spec, _quant.Format):
             raise TypeError(f"RTN needs a QuantSpec or another Format, got {self.spec!r}")
 
 
@@ -98,13 +102,13 @@ class RTN:
 class GPTQ:
     """Quantize column by column with second-order error feedback (Frantar et al., 2022)."""
 
-    spec: _qspec.QuantSpec
+    spec: _quant.QuantSpec
     act_order: bool = False
     block_size: int = 128
     damp: float = 0.01
 
     def __post_init__(self):
-        if not isinstance(self.spec, _qspec.QuantSpec):
+        if not isinstance(self.spec, _quant.QuantSpec):
             raise TypeError(f"GPTQ needs an integer QuantSpec, got {self.spec!r}")
         if not isinstance(self.act_order, bool):
             raise TypeError(f"GPTQ.act_order must be a bool, got {self.act_order!r}")
@@ -127,12 +131,12 @@ class Plan:
     """
 
     sparsity: Sparsity | Pruner | None = None
-    quant: _qspec.Format | Quantizer | None = None
+    quant: _quant.Format | Quantizer | None = None
 
     def __post_init__(self):
         if self.sparsity is not None and not isinstance(self.sparsity, Pruner):
             _check_sparsity("Plan", self.sparsity)
-        if self.quant is not None and not isinstance(self.quant, (_qspec.Format, RTN, GPTQ)):
+        if self.quant is not None and not isinstance(self.quant, (_quant.Format, RTN, GPTQ)):
             raise TypeError(f"Plan.quant must be a QuantSpec, Format, RTN or GPTQ, got {self.quant!r}")
 
     @property
@@ -148,6 +152,27 @@ class Plan:
         if self.quant is None or isinstance(self.quant, Quantizer):
             return self.quant
         return RTN(self.quant)
+
+    def describe(self) -> str:
+        """A short label for the report, e.g. ``sparsegpt 2:4 + gptq int4 g128``.
+
+        Examples:
+          >>> from jaxopt_big import quant
+          >>> Plan(sparsity=0.5, quant=quant.QuantSpec(bits=4, granularity=quant.Group(128))).describe()
+          'magnitude 50% + rtn int4 g128'
+        """
+        parts = []
+        if self.pruner is not None:
+            s = self.pruner.sparsity
+            amount = f"{s.n}:{s.m}" if isinstance(s, _sparsity.NM) else f"{float(s):.0%}"
+            parts.append(f"{type(self.pruner).__name__.lower()} {amount}")
+        if self.quantizer is not None:
+            spec = self.quantizer.spec
+            grid = f"int{spec.bits}" if isinstance(spec, _quant.QuantSpec) else type(spec).__name__.lower()
+            if isinstance(getattr(spec, "granularity", None), _quant.Group):
+                grid += f" g{spec.granularity.size}"
+            parts.append(f"{type(self.quantizer).__name__.lower()} {grid}")
+        return " + ".join(parts) or "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,3 +196,97 @@ class Recipe:
     def plans(self, params: Any) -> Any:
         """The :class:`Plan` of every leaf of ``params`` (``None`` where none applies)."""
         return _tree.assign(params, list(self.rules), where=self.where, what="recipe")
+
+    def _planned(self, params: Any) -> list[tuple[str, Plan]]:
+        flat = jax.tree.leaves(self.plans(params), is_leaf=lambda v: v is None)
+        return [(p, plan) for p, plan in zip(_tree.paths(params), flat) if plan is not None]
+
+    def apply(self, params: Any) -> Any:
+        """Post-training compression without calibration data: magnitude pruning, then round to nearest.
+
+        A pruned and quantized kernel is quantized with its zeros in place. Plans that need
+        calibration data (Wanda, SparseGPT, GPTQ) raise: run them with
+        :func:`jaxopt_big.oneshot.compress`.
+
+        Examples:
+          >>> import jax, jaxopt_big as jb
+          >>> params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+          >>> out = jb.Recipe([jb.Rule(".*", jb.Plan(sparsity=0.5, quant=jb.quant.QuantSpec(bits=8)))]).apply(params)
+          >>> out["d"]["kernel"].kind, float((out["d"]["kernel"].dense() == 0).mean())
+          ('int8', 0.5)
+        """
+        for path, plan in self._planned(params):
+            for method in (plan.pruner, plan.quantizer):
+                if method is not None and not isinstance(method, (Magnitude, RTN)):
+                    raise ValueError(f"{path}: {type(method).__name__} needs calibration data; "
+                                     "use jb.oneshot.compress(model, params, batches, recipe)")
+
+        def one(path: str, w: Any, plan: Plan) -> Any:
+            if plan.pruner is not None:
+                w = _sparsity.apply_masks({"w": w}, _prune_masks({"w": w}, plan.pruner.sparsity))["w"]
+            return w if plan.quantizer is None else _quant.quantize(w, plan.quantizer.spec, path=path)
+
+        return _tree.map_with_path(lambda p, w, plan: w if plan is None else one(p, w, plan), params,
+                                   self.plans(params))
+
+    def for_training(self, tx: optax.GradientTransformation, apply_fn: Callable[..., Any], params: Any, *,
+                     ramp: optax.Schedule | None = None, update_every: int = 100
+                     ) -> tuple[optax.GradientTransformationExtraArgs, Callable[..., Any]]:
+        """Training-time compression around YOUR optimizer: ``(tx, forward)``.
+
+        ``tx`` prunes each planned kernel to its plan's sparsity by magnitude (one
+        :func:`jaxopt_big.sparsity.prune` wrapper per distinct sparsity/structure) and ``forward``
+        runs ``apply_fn(params, *args)`` on fake-quantized kernels (straight-through gradients), so
+        the model trains towards what :meth:`apply` will store. Calibration methods train as their
+        data-free counterparts (Wanda/SparseGPT as magnitude, GPTQ as round to nearest).
+
+        Args:
+          tx: your optax transform.
+          apply_fn: ``(params, *args) -> outputs``.
+          params: the parameters (to resolve the rules).
+          ramp: schedule of the fraction of each target sparsity reached at a step (e.g.
+            ``jb.sparsity.polynomial_schedule(final_sparsity=1.0, ...)``); None: the target from step 0.
+          update_every: mask update period (see :func:`jaxopt_big.sparsity.prune`).
+
+        Examples:
+          >>> import jax, optax, jaxopt_big as jb
+          >>> params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+          >>> recipe = jb.Recipe([jb.Rule("d", jb.Plan(sparsity=0.75, quant=jb.quant.QuantSpec(bits=4)))])
+          >>> tx, forward = recipe.for_training(optax.sgd(0.1), lambda p, x: x @ p["d"]["kernel"], params)
+          >>> grads = jax.grad(lambda p: forward(p, jax.numpy.ones((1, 8))).sum())(params)
+          >>> updates, _ = tx.update(grads, tx.init(params), params)
+          >>> float((optax.apply_updates(params, updates)["d"]["kernel"] == 0).mean())
+          0.75
+        """
+        groups: dict[Any, list[str]] = {}
+        quant: dict[Any, list[str]] = {}
+        for path, plan in self._planned(params):
+            if plan.pruner is not None:
+                groups.setdefault(plan.pruner.sparsity, []).append(path)
+            if plan.quantizer is not None:
+                quant.setdefault(plan.quantizer.spec, []).append(path)
+        for target, paths in groups.items():
+            structure = target if isinstance(target, _sparsity.NM) else _sparsity.Unstructured()
+            fraction = 1.0 - target.n / target.m if isinstance(target, _sparsity.NM) else float(target)
+            sparsity = fraction if ramp is None else (lambda step, f=fraction: f * ramp(step))
+            tx = _sparsity.prune(tx, sparsity=sparsity, structure=structure, update_every=update_every,
+                                 where=_only(paths))
+
+        def forward(p: Any, *args: Any, **kwargs: Any) -> Any:
+            for spec, paths in quant.items():
+                p = _quant.fake_quant_params(p, spec, where=_only(paths))
+            return apply_fn(p, *args, **kwargs)
+
+        return optax.with_extra_args_support(tx), forward
+
+
+def _only(paths: Sequence[str]) -> Callable[[str, Any], bool]:
+    """A ``where`` that selects exactly these leaf paths."""
+    chosen = frozenset(paths)
+    return lambda path, leaf: path in chosen
+
+
+def _prune_masks(tree: Any, target: Sparsity) -> Any:
+    if isinstance(target, _sparsity.NM):
+        return _sparsity.make_masks(_sparsity.magnitude(tree), None, where=".*", structure=target)
+    return _sparsity.make_masks(_sparsity.magnitude(tree), float(target), where=".*")

@@ -33,6 +33,7 @@ class Row:
     nbytes: int
     dense_bytes: int
     flops: int | None
+    planned: str | None = None  # the recipe's plan for this leaf (see summary(tree, plan=...))
 
     @property
     def ratio(self) -> float:
@@ -49,13 +50,14 @@ def _describe(x: Any) -> _leaves.Description:
     return _leaves.Description(kind="dense", shape=shape, dtype=dtype, bits=8.0 * dtype.itemsize, nonzero=nonzero)
 
 
-def _row(path: str, x: Any) -> Row:
+def _row(path: str, x: Any, planned: str | None = None) -> Row:
     d = _describe(x)
     size = math.prod(d.shape)
     dense_bytes = size * np.dtype(d.dtype).itemsize
     flops = d.flops if d.flops is not None else (2 * size if len(d.shape) >= 2 else None)
     return Row(path=path, shape=tuple(d.shape), dtype=str(np.dtype(d.dtype)), kind=d.kind, params=size,
-               nonzero=d.nonzero, bits=d.bits, nbytes=_leaves.leaf_nbytes(x), dense_bytes=dense_bytes, flops=flops)
+               nonzero=d.nonzero, bits=d.bits, nbytes=_leaves.leaf_nbytes(x), dense_bytes=dense_bytes, flops=flops,
+               planned=planned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,23 +82,29 @@ class Report:
             "flops": sum(r.flops or 0 for r in self.rows),
         }
 
-    _HEADER = ("path", "shape", "dtype", "kind", "params", "nonzero", "bits", "bytes", "ratio", "flops")
+    @property
+    def _header(self) -> tuple[str, ...]:
+        base = ("path", "shape", "dtype", "kind", "params", "nonzero", "bits", "bytes", "ratio", "flops")
+        return base + ("planned",) if any(r.planned for r in self.rows) else base
 
     def _cells(self) -> list[tuple[str, ...]]:
+        planned = len(self._header) > 10
+
         def fmt(r: Row) -> tuple[str, ...]:
             nz = "-" if r.nonzero is None else f"{r.nonzero:.3f}"
-            return (r.path, "x".join(map(str, r.shape)) or "()", r.dtype, r.kind, f"{r.params:,}", nz,
-                    f"{r.bits:.2f}", f"{r.nbytes:,}", f"{r.ratio:.2f}x", "-" if r.flops is None else f"{r.flops:,}")
+            cells = (r.path, "x".join(map(str, r.shape)) or "()", r.dtype, r.kind, f"{r.params:,}", nz,
+                     f"{r.bits:.2f}", f"{r.nbytes:,}", f"{r.ratio:.2f}x", "-" if r.flops is None else f"{r.flops:,}")
+            return cells + (r.planned or "-",) if planned else cells
         t = self.totals
         nz = "-" if t["nonzero"] is None else f"{t['nonzero']:.3f}"
         bits = 8 * t["nbytes"] / max(t["params"], 1)
         total = ("total", "", "", "", f"{t['params']:,}", nz, f"{bits:.2f}", f"{t['nbytes']:,}",
                  f"{t['ratio']:.2f}x", f"{t['flops']:,}")
-        return [fmt(r) for r in self.rows] + [total]
+        return [fmt(r) for r in self.rows] + [total + ("",) if planned else total]
 
     def __str__(self) -> str:
-        cells = [self._HEADER, *self._cells()]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(self._HEADER))]
+        cells = [self._header, *self._cells()]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(self._header))]
         lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in cells]
         lines.insert(1, "-" * len(lines[0]))
@@ -120,14 +128,19 @@ class Report:
         return cls(tuple(Row(**{**d, "shape": tuple(d["shape"])}) for d in rows))
 
     def to_markdown(self) -> str:
-        rows = [self._HEADER, *self._cells()]
+        rows = [self._header, *self._cells()]
         out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
         return "\n".join(out)
 
 
-def summary(tree: Any) -> Report:
+def summary(tree: Any, *, plan: Any = None) -> Report:
     """Builds the per-leaf report of a parameter tree (dense arrays and compressed leaves).
+
+    Args:
+      tree: the parameters, compressed or not.
+      plan: a :class:`jaxopt_big.Recipe`; its plan for each leaf becomes a "planned" column beside
+        what the leaf achieves (kind, nonzero, bits).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -135,7 +148,10 @@ def summary(tree: Any) -> Report:
       >>> r.totals["params"], r.totals["nbytes"], r.totals["nonzero"]
       (10, 40, 0.2)
     """
-    return Report(tuple(_row(p, x) for p, x in zip(_tree.paths(tree), jax.tree.leaves(tree, is_leaf=_leaves.is_compressed))))
+    leaves = jax.tree.leaves(tree, is_leaf=_leaves.is_compressed)
+    plans = ([None] * len(leaves) if plan is None
+             else [p and p.describe() for p in jax.tree.leaves(plan.plans(tree), is_leaf=lambda v: v is None)])
+    return Report(tuple(_row(p, x, d) for p, x, d in zip(_tree.paths(tree), leaves, plans)))
 
 
 @dataclasses.dataclass(frozen=True)

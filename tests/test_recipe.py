@@ -1,0 +1,109 @@
+"""Recipes: one per-layer plan read by post-training compression, training and the report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxopt_big as jb
+from jaxopt_big import Plan, Recipe, Rule
+from jaxopt_big.quant import PER_CHANNEL, QuantSpec
+
+KEY = jax.random.key(0)
+PARAMS = {f"layer_{i}": {"attn": {"kernel": jax.random.normal(jax.random.fold_in(KEY, 2 * i), (16, 16))},
+                         "mlp": {"kernel": jax.random.normal(jax.random.fold_in(KEY, 2 * i + 1), (16, 32)),
+                                 "bias": jnp.ones(32)}}
+          for i in range(2)}
+RECIPE = Recipe([Rule(r"layer_\d+/mlp", Plan(sparsity=jb.sparsity.NM(2, 4), quant=QuantSpec(bits=4))),
+                 Rule("layer_0/.*", Plan(sparsity=0.25, quant=QuantSpec(bits=8, granularity=PER_CHANNEL)))])
+
+
+def test_plans_first_match_wins_and_unclaimed_kernels_stay():
+    plans = RECIPE.plans(PARAMS)
+    assert plans["layer_0"]["mlp"]["kernel"].quant.bits == 4
+    assert plans["layer_1"]["mlp"]["kernel"].quant.bits == 4
+    assert plans["layer_0"]["attn"]["kernel"].quant.bits == 8
+    assert plans["layer_1"]["attn"]["kernel"] is None and plans["layer_0"]["mlp"]["bias"] is None
+
+
+def test_a_rule_that_claims_nothing_names_itself_and_the_candidates():
+    with pytest.raises(ValueError, match=r"recipe: pattern 'layer_9/.\*' matches no leaf.*layer_0/attn/kernel"):
+        Recipe([Rule("layer_9/.*", Plan(sparsity=0.5))]).plans(PARAMS)
+
+
+def test_typed_plans_reject_bad_values():
+    with pytest.raises(ValueError, match="sparsity"):
+        Plan(sparsity=1.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        Plan(sparsity=True)
+    with pytest.raises(TypeError, match="quant"):
+        Plan(quant="int8")
+    with pytest.raises(TypeError, match="GPTQ"):
+        jb.GPTQ(jb.quant.Binary())
+    with pytest.raises(TypeError, match="Rule"):
+        Recipe([("layer_0", Plan())])
+    assert Plan(sparsity=np.float32(0.5)).pruner == jb.Magnitude(np.float32(0.5))
+
+
+def test_apply_prunes_by_magnitude_then_quantizes_the_survivors():
+    out = RECIPE.apply(PARAMS)
+    for i in range(2):
+        w = np.asarray(PARAMS[f"layer_{i}"]["mlp"]["kernel"])
+        q = out[f"layer_{i}"]["mlp"]["kernel"]
+        assert q.bits == 4
+        dense = np.asarray(q.dense())
+        # 2:4 along the input axis, keeping the two largest |w| of each group of four (numpy reference)
+        groups = np.abs(w).T.reshape(32, 4, 4)
+        keep = np.argsort(-groups, axis=-1)[..., :2]
+        expected = np.zeros_like(groups, bool)
+        np.put_along_axis(expected, keep, True, axis=-1)
+        kept = expected.reshape(32, 16).T
+        assert (dense[~kept] == 0).all()
+        step = np.abs(w * kept).max() / 7                          # int4 symmetric absmax of the survivors
+        assert np.abs(dense - w * kept).max() <= step / 2 + 1e-6
+    attn = out["layer_0"]["attn"]["kernel"]
+    assert attn.bits == 8 and float((attn.dense() == 0).mean()) == 0.25
+    assert out["layer_1"]["attn"]["kernel"] is PARAMS["layer_1"]["attn"]["kernel"]
+    assert out["layer_0"]["mlp"]["bias"] is PARAMS["layer_0"]["mlp"]["bias"]
+
+
+def test_apply_refuses_methods_that_need_data():
+    recipe = Recipe([Rule(".*", Plan(quant=jb.GPTQ(QuantSpec(bits=4))))])
+    with pytest.raises(ValueError, match=r"layer_0/attn/kernel: GPTQ needs calibration data"):
+        recipe.apply(PARAMS)
+
+
+def test_report_shows_planned_beside_achieved():
+    report = jb.report.summary(RECIPE.apply(PARAMS), plan=RECIPE)
+    rows = {r.path: r for r in report.rows}
+    assert rows["layer_0/mlp/kernel"].planned == "magnitude 2:4 + rtn int4"
+    assert rows["layer_0/attn/kernel"].planned == "magnitude 25% + rtn int8"
+    assert rows["layer_1/attn/kernel"].planned is None
+    assert "planned" in str(report) and "magnitude 2:4 + rtn int4" in report.to_markdown()
+
+
+def test_for_training_keeps_planned_sparsity_and_trains_on_fake_quant_weights():
+    x = jax.random.normal(jax.random.key(1), (64, 16))
+    y = jnp.tanh(x @ jax.random.normal(jax.random.key(2), (16, 32)))
+
+    def apply_fn(p, x):
+        h = x @ p["layer_0"]["attn"]["kernel"] @ p["layer_1"]["attn"]["kernel"]
+        return h @ p["layer_0"]["mlp"]["kernel"] + p["layer_0"]["mlp"]["bias"]
+
+    tx, forward = RECIPE.for_training(optax.adam(1e-2), apply_fn, PARAMS)
+    loss = lambda p: jnp.mean((forward(p, x) - y) ** 2)
+    step = jax.jit(lambda p, s: (lambda g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))(
+        jax.grad(loss)(p)))
+    params, state = PARAMS, tx.init(PARAMS)
+    first = loss(params)
+    for _ in range(30):
+        params, state = step(params, state)
+    assert loss(params) < 0.5 * first
+    mlp = np.asarray(params["layer_0"]["mlp"]["kernel"])
+    assert ((mlp != 0).reshape(4, 4, 32).sum(axis=1) <= 2).all()          # 2:4 along the input axis
+    assert float((params["layer_0"]["attn"]["kernel"] == 0).mean()) == 0.25
+    assert float((params["layer_1"]["attn"]["kernel"] == 0).mean()) == 0.0  # no plan: untouched
+    # forward runs the fake-quantized kernels: equal to the quantize-dequantize of the weights
+    expected = apply_fn(jb.leaves.densify(RECIPE.apply(params)), x)
+    np.testing.assert_allclose(forward(params, x), expected, rtol=1e-5, atol=1e-5)
