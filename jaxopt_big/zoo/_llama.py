@@ -1,0 +1,458 @@
+"""Decoder language models of the Llama family (Llama, Qwen2, Mistral) in Flax nnx.
+
+:class:`Llama` follows Hugging Face's ``LlamaForCausalLM``: token embedding, pre-norm decoder blocks
+(RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP), a final RMSNorm and a language
+model head (or the transposed embedding when ``tie_embeddings``). Qwen2 adds q/k/v biases, Mistral a
+sliding attention window. Every projection is an ``nnx.Linear`` whose module path mirrors the Hugging
+Face tensor name, so rules, interception and quantization select them by name::
+
+    layers/0/self_attn/q_proj/kernel   <->  model.layers.0.self_attn.q_proj.weight (transposed)
+    layers/0/mlp/down_proj/kernel      <->  model.layers.0.mlp.down_proj.weight (transposed)
+    embed_tokens/embedding             <->  model.embed_tokens.weight
+    norm/scale, lm_head/kernel         <->  model.norm.weight, lm_head.weight (transposed)
+
+With ``scan_layers=True`` the blocks are one :class:`DecoderLayer` whose parameters carry a leading
+layer axis (``layers/self_attn/q_proj/kernel`` has shape ``(num_layers, hidden, heads * head_dim)``),
+run by ``jax.lax.scan``: one compiled block however deep the model, as MaxText and Levanter do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+
+__all__ = ["LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
+
+_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Sizes and variants of a Llama-family decoder.
+
+    Attributes:
+      num_kv_heads: key/value heads (grouped-query attention); ``num_heads`` for plain multi-head.
+      attention_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
+      sliding_window: each token attends to at most this many tokens (itself included), as Mistral;
+        None for full causal attention.
+      head_dim: per-head width; None resolves to ``hidden_size // num_heads``.
+
+    Examples:
+      >>> c = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+      ...                 intermediate_size=128)
+      >>> c.head_dim, c.model_type
+      (16, 'llama')
+      >>> LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=3,
+      ...             intermediate_size=128)
+      Traceback (most recent call last):
+      ...
+      ValueError: LlamaConfig: num_heads=4 is not divisible by num_kv_heads=3
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    max_positions: int = 2048
+    sliding_window: int | None = None
+    head_dim: int | None = None
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "max_positions"):
+            _check_positive_int(f, getattr(self, f))
+        for f in ("sliding_window", "head_dim"):
+            if getattr(self, f) is not None:
+                _check_positive_int(f, getattr(self, f))
+        for f in ("rope_theta", "rms_eps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"LlamaConfig.{f} must be a positive number, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"LlamaConfig: num_heads={self.num_heads} is not divisible by "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads} (set head_dim)")
+        if self.attention_bias and self.sliding_window is not None:
+            raise ValueError("LlamaConfig: attention_bias (Qwen2) with sliding_window (Mistral) has no "
+                             f"Hugging Face layout; got sliding_window={self.sliding_window}")
+        if self.head_dim is None:  # resolved here, so equal configs compare equal however they were written
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
+
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face ``model_type`` whose layout holds these weights."""
+        return "qwen2" if self.attention_bias else "mistral" if self.sliding_window is not None else "llama"
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "LlamaConfig":
+        """From a Hugging Face ``config.json`` dict of model_type llama, qwen2 or mistral.
+
+        Raises:
+          ValueError: naming the field and value of anything this model does not implement
+            (another model_type, an activation other than SiLU, RoPE scaling, Llama's o_proj/MLP
+            biases, Qwen2's per-layer sliding windows).
+
+        Examples:
+          >>> LlamaConfig.from_hf({"model_type": "gpt2"})
+          Traceback (most recent call last):
+          ...
+          ValueError: config.json: model_type='gpt2' is not supported (llama, qwen2, mistral)
+        """
+        kind = config.get("model_type")
+        if kind not in _MODEL_TYPES:
+            raise ValueError(f"config.json: model_type={kind!r} is not supported ({', '.join(_MODEL_TYPES)})")
+        unsupported = {"hidden_act": ("silu",), "rope_scaling": (None,), "mlp_bias": (False,),
+                       "attention_bias": (False,) if kind == "llama" else (False, True),
+                       "use_sliding_window": (False,)}
+        for field, allowed in unsupported.items():
+            value = config.get(field, allowed[0])
+            if value not in allowed:
+                raise ValueError(f"config.json: {field}={value!r} is not supported for model_type={kind!r} "
+                                 f"(supported: {list(allowed)})")
+        theta = config.get("rope_theta", 10000.0)
+        if "rope_parameters" in config:  # newer transformers keep RoPE settings in one dict
+            rope = config["rope_parameters"] or {}
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"config.json: rope_parameters.rope_type={rope['rope_type']!r} is not supported "
+                                 "(only 'default')")
+            theta = rope.get("rope_theta", theta)
+        heads = config["num_attention_heads"]
+        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                   num_layers=config["num_hidden_layers"], num_heads=heads,
+                   num_kv_heads=config.get("num_key_value_heads") or heads,
+                   intermediate_size=config["intermediate_size"], rope_theta=float(theta),
+                   rms_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
+                   attention_bias=kind == "qwen2", max_positions=config.get("max_position_embeddings", 2048),
+                   sliding_window=config.get("sliding_window") if kind == "mistral" else None,
+                   head_dim=config.get("head_dim"))
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict (model_type from :attr:`model_type`)."""
+        architectures = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+        out = {"model_type": self.model_type, "architectures": [architectures[self.model_type]],
+               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+               "num_key_value_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
+               "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_eps,
+               "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_positions,
+               "hidden_act": "silu", "head_dim": self.head_dim, "torch_dtype": "float32"}
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            out["use_sliding_window"] = False
+        return out
+
+
+def _check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"LlamaConfig.{field} must be a positive int, got {value!r}")
+
+
+def _rotary(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``(length, head_dim)`` of Hugging Face Llama's rotary embedding (halves, not pairs)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` of shape ``(batch, length, heads, head_dim)``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _mask_bias(config: LlamaConfig, length: int, attention_mask: jax.Array | None) -> jax.Array:
+    """Additive float32 bias ``(batch or 1, 1, 1, length, length)``: causal, windowed, padded keys masked."""
+    q = jnp.arange(length)[:, None]
+    k = jnp.arange(length)[None, :]
+    keep = k <= q
+    if config.sliding_window is not None:  # a no-op while the sequence fits in the window
+        keep &= k > q - config.sliding_window
+    keep = keep[None]
+    if attention_mask is not None:
+        keep = keep & (jnp.asarray(attention_mask)[:, None, :] > 0)
+    # A finite minimum, not -inf: a fully masked row (a padded query) stays finite instead of NaN.
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (``q_proj k_proj v_proj o_proj``)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+        c, d = config, config.head_dim
+        linear = functools.partial(nnx.Linear, param_dtype=dtype, rngs=rngs)
+        self.q_proj = linear(c.hidden_size, c.num_heads * d, use_bias=c.attention_bias)
+        self.k_proj = linear(c.hidden_size, c.num_kv_heads * d, use_bias=c.attention_bias)
+        self.v_proj = linear(c.hidden_size, c.num_kv_heads * d, use_bias=c.attention_bias)
+        self.o_proj = linear(c.num_heads * d, c.hidden_size, use_bias=False)
+        self.config = config
+
+    def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        c, d = self.config, self.config.head_dim
+        b, n, _ = x.shape
+        groups = c.num_heads // c.num_kv_heads
+        # query head h reads key/value head h // groups (Hugging Face's repeat_kv order)
+        q = _rotate(self.q_proj(x).reshape(b, n, c.num_heads, d), cos, sin).reshape(b, n, c.num_kv_heads, groups, d)
+        k = _rotate(self.k_proj(x).reshape(b, n, c.num_kv_heads, d), cos, sin)
+        v = self.v_proj(x).reshape(b, n, c.num_kv_heads, d)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / np.sqrt(d) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+        return self.o_proj(ctx.reshape(b, n, c.num_heads * d))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
+        linear = functools.partial(nnx.Linear, use_bias=False, param_dtype=dtype, rngs=rngs)
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm block; ``layer(x, attention_mask=None)`` maps hidden states to hidden states.
+
+    The block computes its own causal mask and rotary tables, so it runs alone on captured inputs
+    (as a block-wise one-shot compressor does).
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        norm = functools.partial(nnx.RMSNorm, config.hidden_size, epsilon=config.rms_eps, param_dtype=dtype,
+                                 rngs=rngs)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.config = config
+
+    def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        c = self.config
+        cos, sin = _rotary(x.shape[1], c.head_dim, c.rope_theta)
+        bias = _mask_bias(c, x.shape[1], attention_mask)
+        x = x + self.self_attn(self.input_layernorm(x), bias, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nnx.Module):
+    """A Llama / Qwen2 / Mistral causal language model.
+
+    ``model(input_ids, attention_mask=None)`` returns logits ``(batch, length, vocab_size)``;
+    ``attention_mask`` (1 = real token) masks padded keys. Positions are ``0..length-1``.
+
+    Args:
+      config: the sizes and variant.
+      rngs: initialization randomness.
+      scan_layers: store the blocks stacked (a leading layer axis on every block parameter) and run
+        them with ``jax.lax.scan``; same logits as the unrolled model.
+      dtype: parameter dtype.
+
+    Examples:
+      >>> c = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      ...                 intermediate_size=48)
+      >>> model = Llama(c, rngs=nnx.Rngs(0))
+      >>> ids = jnp.arange(10).reshape(2, 5)
+      >>> model(ids).shape
+      (2, 5, 64)
+      >>> model.layers[0].self_attn.k_proj.kernel.shape
+      (32, 16)
+      >>> stacked = Llama(c, rngs=nnx.Rngs(0), scan_layers=True)
+      >>> stacked.layers.self_attn.k_proj.kernel.shape
+      (2, 32, 16)
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, scan_layers: bool = False, dtype: Any = jnp.float32):
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"Llama expects a LlamaConfig, got {type(config).__name__}")
+        self.config, self.scan_layers = config, bool(scan_layers)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=dtype, rngs=rngs)
+        if scan_layers:
+            @nnx.split_rngs(splits=config.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+                return DecoderLayer(config, dtype=dtype, rngs=rngs)
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_eps, param_dtype=dtype, rngs=rngs)
+        self.lm_head = None if config.tie_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        length = input_ids.shape[-1]
+        if length > self.config.max_positions:
+            raise ValueError(f"Llama: sequence length {length} exceeds max_positions={self.config.max_positions}")
+        x = self.embed_tokens(input_ids)
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, attention_mask), None
+            x, _ = jax.lax.scan(body, x, state)
+        else:
+            for layer in self.layers:
+                x = layer(x, attention_mask)
+        x = self.norm(x)
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+# Tensors a checkpoint may hold that the model recomputes (older Llama checkpoints store RoPE tables).
+_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _hf_name(path: str) -> tuple[str, bool]:
+    """Unrolled leaf path -> (Hugging Face tensor name, transpose?): torch Linear weights are (out, in)."""
+    *module, leaf = path.split("/")
+    prefix = "" if module[0] == "lm_head" else "model."
+    return prefix + ".".join(module) + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
+
+
+def _abstract(config: LlamaConfig, scan_layers: bool, dtype: Any) -> Llama:
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), scan_layers=scan_layers, dtype=dtype))
+
+
+def _layer_paths(path: str, config: LlamaConfig, scanned: bool) -> list[str] | None:
+    """The unrolled paths a stacked block parameter stands for (one per layer), or None if not stacked."""
+    if scanned and path.startswith("layers/"):
+        return [f"layers/{i}/{path[len('layers/'):]}" for i in range(config.num_layers)]
+    return None
+
+
+class _Checkpoint:
+    """Tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists, read lazily."""
+
+    def __init__(self, directory: pathlib.Path):
+        single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / shard for name, shard in weight_map.items()}
+        elif single.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="numpy") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
+        self.used: set[str] = set()
+
+    def get(self, name: str, path: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        self.used.add(name)
+        with safe_open(str(self.files[name]), framework="numpy") as f:
+            return f.get_tensor(name)
+
+    def check_all_used(self, ignored: set[str]) -> None:
+        left = sorted(n for n in set(self.files) - self.used - ignored if not _DERIVED.fullmatch(n))
+        if left:
+            raise ValueError(f"checkpoint tensors {left[:8]}{'...' if len(left) > 8 else ''} have no place "
+                             "in the model (another architecture?)")
+
+
+def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtype: Any = jnp.float32) -> Llama:
+    """Reads a Hugging Face Llama / Qwen2 / Mistral checkpoint into an nnx :class:`Llama`.
+
+    ``directory`` holds ``config.json`` and either ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json`` with its shards; tensors are read one at a time and cast to
+    ``dtype``. A tied model may also store ``lm_head.weight`` (ignored).
+
+    Raises:
+      FileNotFoundError: a file is missing. ValueError: an unsupported config field, a missing or
+        misshaped tensor (naming its model path), or a tensor the model has no place for.
+
+    Examples:
+      >>> import tempfile
+      >>> c = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+      ...                 intermediate_size=48)
+      >>> model = Llama(c, rngs=nnx.Rngs(0))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_llama(d, model)
+      ...     loaded = load_llama(d, scan_layers=True)
+      >>> ids = jnp.arange(8).reshape(1, 8)
+      >>> bool(jnp.allclose(loaded(ids), model(ids), atol=1e-5))
+      True
+    """
+    directory = pathlib.Path(directory)
+    config = LlamaConfig.from_hf(json.loads((directory / "config.json").read_text()))
+    checkpoint = _Checkpoint(directory)
+    graphdef, state = nnx.split(_abstract(config, scan_layers, dtype))
+
+    def tensor(path: str, shape: tuple[int, ...]) -> np.ndarray:
+        name, transpose = _hf_name(path)
+        value = checkpoint.get(name, path)
+        value = value.T if transpose else value
+        if value.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {value.shape} (transposed: {transpose}), "
+                             f"expected {shape}")
+        return value
+
+    def read(path: str, like: jax.ShapeDtypeStruct) -> jax.Array:
+        layers = _layer_paths(path, config, scan_layers)
+        if layers is None:
+            return jnp.asarray(tensor(path, tuple(like.shape)), dtype)
+        return jnp.asarray(np.stack([tensor(p, tuple(like.shape[1:])) for p in layers]), dtype)
+
+    pure = _tree.map_with_path(read, nnx.to_pure_dict(state))
+    checkpoint.check_all_used({"lm_head.weight"} if config.tie_embeddings else set())
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def save_llama(directory: str | pathlib.Path, model: Llama) -> None:
+    """Writes ``model`` as Hugging Face ``config.json`` + ``model.safetensors`` (float32).
+
+    Compressed kernels (``QArray``...) are written as their dense values; stacked (scanned) blocks are
+    written one tensor per layer, so the directory is the same whether the model was scanned or not.
+    The inverse of :func:`load_llama` (see its example).
+    """
+    from safetensors.numpy import save_file
+
+    if not isinstance(model, Llama):
+        raise TypeError(f"save_llama expects a jaxopt_big.zoo.Llama, got {type(model).__name__}")
+    config = model.config
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pure = _leaves.densify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for path, value in zip(_tree.paths(pure), jax.tree.leaves(pure)):
+        value = np.asarray(value, np.float32)
+        layers = _layer_paths(path, config, model.scan_layers)
+        for layer_path, v in zip(layers, value) if layers is not None else [(path, value)]:
+            name, transpose = _hf_name(layer_path)
+            tensors[name] = np.ascontiguousarray(v.T if transpose else v)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
