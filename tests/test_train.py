@@ -119,8 +119,8 @@ def test_fit_eval_callbacks_and_plateau():
     state, history = jb.train.fit(
         step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0), progress=False,
         eval_fn=lambda s: {"score": next(calls)}, eval_every=1,
-        plateau=jb.train.ReduceOnPlateau(monitor="val_score", factor=0.5, patience=2),
-        callbacks=[lambda e, s, r: seen.append((e, int(s.step)))])
+        callbacks=[jb.train.ReduceOnPlateau(monitor="val_score", factor=0.5, patience=2),
+                   lambda e, s, r: seen.append((e, int(s.step)))])
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert seen == [(e, 4 * e) for e in range(1, 7)]
     # records show the rate each epoch trained with; no improvement after epoch 2 halves it after 4 and 6
@@ -131,7 +131,7 @@ def test_fit_eval_callbacks_and_plateau():
     with pytest.raises(ValueError, match="inject_hyperparams"):
         jb.train.fit(jb.train.make_step(jb.train.classifier_loss(apply), optax.sgd(0.1)),
                      _mlp_state(optax.sgd(0.1), ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0),
-                     plateau=jb.train.ReduceOnPlateau())
+                     eval_fn=lambda s: {"loss": 1.0}, callbacks=[jb.train.ReduceOnPlateau()])
     with pytest.raises(ValueError, match="factor must be in"):
         jb.train.ReduceOnPlateau(factor=2.0)
 
@@ -141,14 +141,55 @@ def test_fit_early_stopping_and_callback_stop():
     scores = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
     _, history = jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0),
                               eval_fn=lambda s: {"loss": next(scores)},
-                              early_stopping=jb.train.EarlyStopping(monitor="val_loss", patience=2))
+                              callbacks=[jb.train.EarlyStopping(monitor="val_loss", patience=2)])
     assert len(history) == 4  # best at epoch 2, two worse epochs
+    # evaluated every second epoch: epochs without a validation value do not count against patience
+    scores = iter([1.0, 1.1, 1.2, 0.9])
+    _, history = jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=8, batch_size=64, key=jax.random.key(0),
+                              eval_fn=lambda s: {"loss": next(scores)}, eval_every=2,
+                              callbacks=[jb.train.EarlyStopping(monitor="val_loss", patience=2)])
+    assert len(history) == 6 and "val_loss" not in history[4] and history[5]["val_loss"] == 1.2
     _, history = jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0),
                               callbacks=[lambda e, s, r: e == 3])
     assert len(history) == 3
-    with pytest.raises(ValueError, match=r"monitors 'val_acc', but the epoch record has only"):
+    with pytest.raises(ValueError, match=r"monitors 'val_acc', a validation metric, but fit has no eval_fn"):
         jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0),
-                     early_stopping=jb.train.EarlyStopping(monitor="val_acc"))
+                     callbacks=[jb.train.EarlyStopping(monitor="val_acc")])
+    with pytest.raises(ValueError, match=r"monitors 'acc', but the epoch record has only \['accuracy', 'epoch'"):
+        jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0),
+                     callbacks=[jb.train.EarlyStopping(monitor="acc")])
+    with pytest.raises(TypeError, match="a callback is a Callback or a function"):
+        jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=1, batch_size=64, key=jax.random.key(0), callbacks=[3])
+
+
+def test_fit_old_early_stopping_and_plateau_arguments_still_work_with_a_warning():
+    ds, _, tx, step = _fit_setup()
+    scores = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
+    with pytest.warns(DeprecationWarning, match="pass them in callbacks"):
+        state, history = jb.train.fit(
+            step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0),
+            eval_fn=lambda s: {"loss": next(scores)}, early_stopping=jb.train.EarlyStopping(patience=2),
+            plateau=jb.train.ReduceOnPlateau(patience=1))
+    assert len(history) == 4  # best at epoch 2; plateau halved the rate after epochs 3 and 4
+    np.testing.assert_allclose(state.opt_state.hyperparams["learning_rate"], 2.5e-3, rtol=1e-6)
+
+
+def test_fit_callback_memory_is_checkpointed_and_resumes(tmp_path):
+    ds, _, tx, step = _fit_setup(128)  # two steps per epoch
+    scores = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+    def run(epochs, mgr):
+        return jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=epochs, batch_size=64, key=jax.random.key(0),
+                            eval_fn=lambda s: {"loss": scores[int(s.step) // 2 - 1]}, checkpoint=mgr,
+                            callbacks=[jb.train.EarlyStopping(patience=3)])[1]
+
+    assert len(run(6, None)) == 5  # best 0.5 at epoch 2, three worse epochs
+    with jb.checkpoint.Manager(tmp_path / "run") as mgr:
+        run(3, mgr)  # "crash" after epoch 3: best 0.5, one worse epoch
+    with jb.checkpoint.Manager(tmp_path / "run") as mgr:
+        assert len(run(6, mgr)) == 5  # a fresh memory would only stop after epoch 6
+    with jb.checkpoint.Manager(tmp_path / "run") as mgr, pytest.raises(ValueError, match="memory of 1 callbacks"):
+        jb.train.fit(step, _mlp_state(tx, ds.x), ds, epochs=6, batch_size=64, key=jax.random.key(0), checkpoint=mgr)
 
 
 def test_fit_device_memory_statistics_when_reported(monkeypatch):
