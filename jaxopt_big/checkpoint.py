@@ -2,22 +2,33 @@
 
 Compressed leaves (``QArray``, ``LowRank``, ``PackedSparse``, ...) are ``flax.struct`` pytrees: their
 arrays are saved as they are stored (int8 values, factors, packed indices), so a compressed
-checkpoint is really smaller on disk, and their static fields come back from the restore target.
+checkpoint is really smaller on disk. Their class and static fields (``bits``, ``dense_shape``, ...)
+are saved beside the arrays as JSON: a restore target must agree with them as it must agree with
+array shapes, and a restore without a target rebuilds the compressed leaves from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
+import json
 import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
 __all__ = ["Manager", "abstract", "disk_bytes"]
+
+_STRUCTURE = "structure"  # the JSON item recording compressed leaves beside the "state" item
 
 
 def _is_key(x: Any) -> bool:
@@ -38,16 +49,22 @@ def abstract(tree: Any, shardings: Any = None) -> Any:
       >>> abstract({"w": jnp.zeros((2, 3))})["w"].shape
       (2, 3)
     """
+    def one(x, sharding):
+        if not hasattr(x, "dtype"):  # a Python scalar stays as it is
+            return x
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding or getattr(x, "sharding", None))
+
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                           sharding=shardings or getattr(x, "sharding", None)), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
 
 
 def _abstract_storable(like: Any) -> Any:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def one(x):
+        if not hasattr(x, "dtype"):  # a Python scalar: Orbax restores the saved value as it is
+            return x
         sharding = getattr(x, "sharding", None) or default
         if _is_key(x):
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(np.shape(x), x.dtype))
@@ -70,7 +87,150 @@ def _unstore(restored: Any, like: Any) -> Any:
 
 def _signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_tree.path_str(p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat}
+    dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # Python scalars too
+    return {_tree.path_str(p): (tuple(np.shape(x)), str(np.dtype(dtype(x)))) for p, x in flat}
+
+
+# Static fields of compressed leaves as JSON: plain values as they are, the rest tagged by kind.
+# Classes are looked up among modules already imported (jaxopt_big's own are imported on demand),
+# never imported by a name read from disk.
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _lookup(name: str, is_kind: Any) -> Any:
+    module_name, qualname = name.split(":")
+    module = sys.modules.get(module_name)
+    if module is None and module_name.split(".")[0] == __name__.split(".")[0]:
+        module = importlib.import_module(module_name)
+    found = module
+    for part in qualname.split(".") if module is not None else ():
+        found = getattr(found, part, None)
+    if module is None or found is None or not is_kind(found):
+        raise ValueError(f"the checkpoint holds a {name}, which is not loaded: import the module that defines it, "
+                         "or restore with like=")
+    return found
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return {type(value).__name__: [_encode(v) for v in value]}
+    if isinstance(value, np.dtype):
+        return {"dtype": value.name}
+    if isinstance(value, enum.Enum):
+        return {"enum": _class_name(type(value)), "name": value.name}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"dataclass": _class_name(type(value)),
+                "fields": {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}}
+    if isinstance(value, np.generic):
+        return _encode(value.item())
+    return {"repr": repr(value)}  # compared as text; cannot be rebuilt without a target
+
+
+def _decode(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    if "tuple" in data or "list" in data:
+        kind, values = next(iter(data.items()))
+        return {"tuple": tuple, "list": list}[kind](_decode(v) for v in values)
+    if "dtype" in data:
+        return jnp.dtype(data["dtype"])
+    if "enum" in data:
+        return _lookup(data["enum"], lambda c: isinstance(c, type) and issubclass(c, enum.Enum))[data["name"]]
+    if "dataclass" in data:
+        cls = _lookup(data["dataclass"], dataclasses.is_dataclass)
+        return cls(**{k: _decode(v) for k, v in data["fields"].items()})
+    raise ValueError(f"a static field saved as {data['repr']} cannot be rebuilt: restore with like=")
+
+
+def _show(data: Any) -> str:
+    try:
+        return repr(_decode(data))
+    except ValueError:
+        return data["repr"]
+
+
+def _fields(leaf: Any) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(leaf)) if dataclasses.is_dataclass(leaf) else []
+
+
+def _record(leaf: Any) -> dict[str, Any]:
+    """Class, static fields and nested compressed children of one compressed leaf, as JSON."""
+    fields = _fields(leaf)
+    return {"class": _class_name(type(leaf)),
+            "static": {f.name: _encode(getattr(leaf, f.name)) for f in fields if not f.metadata.get("pytree_node", True)},
+            "nested": {f.name: _record(getattr(leaf, f.name)) for f in fields
+                       if f.metadata.get("pytree_node", True) and _leaves.is_compressed(getattr(leaf, f.name))}}
+
+
+def _key(entry: Any) -> Any:
+    for attribute in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(entry, attribute):
+            value = getattr(entry, attribute)
+            return value if isinstance(value, (int, str)) else str(value)
+    return str(entry)
+
+
+def _structure(tree: Any) -> dict[str, Any]:
+    """``{path: record + keys}`` of the compressed leaves of ``tree`` (what is saved beside the state)."""
+    return {_tree.path_str(p): {"keys": [_key(k) for k in p], **_record(x)}
+            for p, x in _leaves.leaves_with_path(tree) if _leaves.is_compressed(x)}
+
+
+def _static_differences(saved: dict[str, Any], leaf: Any, prefix: str = "") -> list[str]:
+    """What differs between a saved record and a target's compressed leaf, field by field."""
+    if not _leaves.is_compressed(leaf) or saved["class"] != _class_name(type(leaf)):
+        target = _class_name(type(leaf)) if _leaves.is_compressed(leaf) else "plain arrays"
+        return [f"{prefix}class: checkpoint {saved['class']} vs target {target}"]
+    wanted = _record(leaf)
+    saved_value = lambda name: _show(saved["static"][name]) if name in saved["static"] else "no such field"
+    wanted_value = lambda name: repr(getattr(leaf, name)) if name in wanted["static"] else "no such field"
+    out = [f"{prefix}{name}: checkpoint {saved_value(name)} vs target {wanted_value(name)}"
+           for name in sorted(set(saved["static"]) | set(wanted["static"]))
+           if saved["static"].get(name, ...) != wanted["static"].get(name, ...)]
+    for name in sorted(set(saved["nested"]) | set(wanted["nested"])):
+        if name not in saved["nested"]:
+            out.append(f"{prefix}{name}: checkpoint plain arrays vs target {wanted['nested'][name]['class']}")
+        else:
+            out += _static_differences(saved["nested"][name], getattr(leaf, name), f"{prefix}{name}.")
+    return out
+
+
+def _compressed_differences(saved: dict[str, Any], target: Any) -> list[str]:
+    leaves = {_tree.path_str(p): x for p, x in _leaves.leaves_with_path(target)}
+    out = [f"{path}: {type(leaves[path]).__name__} " + "; ".join(diffs) for path in sorted(set(saved) & set(leaves))
+           if (diffs := _static_differences(saved[path], leaves[path]))]
+    return out + [f"{path}: class: checkpoint plain arrays vs target {type(leaves[path]).__name__}"
+                  for path in sorted(set(leaves) - set(saved)) if _leaves.is_compressed(leaves[path])]
+
+
+def _rebuild(record: dict[str, Any], raw: Any) -> Any:
+    """The compressed leaf a raw restore (a dict of its children by field name) stands for."""
+    cls = _lookup(record["class"], lambda c: isinstance(c, type) and issubclass(c, _leaves.Compressed))
+    children = {**raw, **{name: _rebuild(nested, raw[name]) for name, nested in record["nested"].items()}}
+    return cls(**children, **{name: _decode(v) for name, v in record["static"].items()})
+
+
+def _index(node: Any, key: Any) -> Any:
+    """Orbax restores sequences as lists and other nodes (dicts, dataclasses, named tuples) as dicts."""
+    return key if isinstance(node, list) or key in node else str(key)
+
+
+def _rebuild_all(raw: Any, structure: dict[str, Any]) -> Any:
+    """``raw`` (a restore without target: nested dicts and lists) with its compressed leaves rebuilt."""
+    for record in structure.values():
+        keys = record["keys"]
+        if not keys:
+            return _rebuild(record, raw)
+        node = raw
+        for key in keys[:-1]:
+            node = node[_index(node, key)]
+        last = _index(node, keys[-1])
+        node[last] = _rebuild(record, node[last])
+    return raw
 
 
 def disk_bytes(path: str | os.PathLike) -> int:
@@ -81,6 +241,30 @@ def disk_bytes(path: str | os.PathLike) -> int:
       0
     """
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def _check_step(step: Any) -> int:
+    """A non-negative integer step: a Python or numpy int, or an integer 0-d array (``state.step``)."""
+    integral = isinstance(step, (int, np.integer)) or (
+        hasattr(step, "dtype") and np.ndim(step) == 0 and jnp.issubdtype(step.dtype, jnp.integer))
+    if isinstance(step, (bool, np.bool_)) or not integral or int(step) < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return int(step)
+
+
+def _check_json(value: Any, path: str = "extra") -> None:
+    """Raises TypeError naming the first part of ``value`` that JSON would not give back as it is."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{path} has the key {k!r} ({type(k).__name__}); JSON keys must be str")
+            _check_json(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_json(v, f"{path}[{i}]")
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise TypeError(f"{path} is a {type(value).__name__} ({value!r}), which JSON cannot store: convert it "
+                        "(float(x), int(x), x.tolist()) before saving")
 
 
 class Manager:
@@ -107,22 +291,63 @@ class Manager:
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               save_interval_steps=save_interval_steps)
+        self.save_interval_steps = save_interval_steps
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler()})
+            "state": ocp.StandardCheckpointHandler(), "extra": ocp.JsonCheckpointHandler(),
+            _STRUCTURE: ocp.JsonCheckpointHandler()})
 
-    def save(self, step: int, state: Any, *, extra: dict[str, Any] | None = None, force: bool = False) -> bool:
-        """Saves ``state`` (and JSON-serializable ``extra``, e.g. history) as ``step``; True if saved.
+    def save(self, step: int, state: Any, *, extra: dict[str, Any] | None = None, force: bool = False,
+             overwrite: bool = False) -> bool:
+        """Saves ``state`` (and JSON ``extra``, e.g. history) as ``step``.
+
+        Args:
+          step: a non-negative int (a Python, numpy or 0-d JAX integer), newer than every saved step.
+          state: any pytree of arrays, Python scalars and compressed leaves.
+          extra: JSON data (dicts with str keys, lists, str, numbers, bools, None), checked before
+            anything is written.
+          force: save even if ``step`` is not a multiple of ``save_interval_steps``.
+          overwrite: replace ``step`` if it exists and delete every later step (to restart training
+            from an earlier checkpoint). Without it such a save raises.
+
+        Returns:
+          True if saved, False if skipped because ``step`` is not a multiple of ``save_interval_steps``.
+
+        Raises:
+          ValueError: ``step`` is negative, not an int, or not newer than the latest saved step
+            (unless ``overwrite``).
+          TypeError: ``extra`` holds something JSON cannot store (the message names where).
 
         Examples:
           >>> import tempfile, jax.numpy as jnp
-          >>> Manager(tempfile.mkdtemp(), async_save=False).save(0, {"w": jnp.ones(2)})
+          >>> mgr = Manager(tempfile.mkdtemp(), async_save=False)
+          >>> mgr.save(0, {"w": jnp.ones(2)})
           True
+          >>> mgr.save(0, {"w": jnp.zeros(2)})
+          Traceback (most recent call last):
+          ValueError: step 0 already exists in ...; pass overwrite=True to replace it
         """
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_storable(state)),
-                                  extra=ocp.args.JsonSave(dict(extra or {})))
-        return bool(self._manager.save(int(step), args=args, force=force))
+        step = _check_step(step)
+        if not force and step % self.save_interval_steps:
+            return False
+        extra = dict(extra or {})
+        _check_json(extra)
+        self._make_room(step, overwrite)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_storable(state)), extra=ocp.args.JsonSave(extra),
+                                  **{_STRUCTURE: ocp.args.JsonSave(_structure(state))})
+        return bool(self._manager.save(step, args=args, force=True))
+
+    def _make_room(self, step: int, overwrite: bool) -> None:
+        steps = self.all_steps()
+        later = [s for s in steps if s >= step]
+        if later and not overwrite:
+            if step in steps:
+                raise ValueError(f"step {step} already exists in {self.directory}; pass overwrite=True to replace it"
+                                 + (f" (and delete the later steps {later[1:]})" if later[1:] else ""))
+            raise ValueError(f"step {step} is older than the latest step {steps[-1]} in {self.directory}; pass "
+                             f"overwrite=True to delete the steps {later} and save it")
+        for s in later:
+            self._manager.delete(s)
 
     def wait(self) -> None:
         """Blocks until background saves are on disk."""
@@ -159,61 +384,85 @@ class Manager:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
         return int(step)
 
-    def _unreadable(self, step: int, e: Exception) -> ValueError:
+    def _unreadable(self, step: int, reason: Any) -> ValueError:
+        if isinstance(reason, Exception):
+            reason = f"{type(reason).__name__}: {reason}"
         return ValueError(f"checkpoint step {step} in {self.step_directory(step)} is unreadable (truncated or "
-                          f"corrupt?): {type(e).__name__}: {e}; other steps: "
-                          f"{[s for s in self.all_steps() if s != step]}")
+                          f"corrupt?): {reason}; other steps: {[s for s in self.all_steps() if s != step]}")
 
-    def _check_tree(self, step: int, target: Any) -> None:
+    def _item(self, step: int, name: str) -> Any:
         try:
-            stored = self._manager.item_metadata(step)["state"]
+            return self._manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; say which step is broken
             raise self._unreadable(step, e) from e
+
+    def _structure(self, step: int) -> dict[str, Any] | None:
+        """The saved record of compressed leaves; None for checkpoints written before it was saved."""
+        if not (self.step_directory(step) / _STRUCTURE).exists():
+            return None
+        return self._item(step, _STRUCTURE)
+
+    def _check_tree(self, step: int, target: Any, like: Any, structure: dict[str, Any] | None) -> None:
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001
+            raise self._unreadable(step, e) from e
+        if stored is None:
+            raise self._unreadable(step, "its state metadata (state/_METADATA) is missing")
         stored = _signature(getattr(stored, "tree", stored))
         wanted = _signature(target)
         missing = sorted(set(wanted) - set(stored))
         unexpected = sorted(set(stored) - set(wanted))
         changed = [f"{p}: checkpoint {stored[p]} vs target {wanted[p]}"
                    for p in sorted(set(stored) & set(wanted)) if stored[p] != wanted[p]]
-        if missing or unexpected or changed:
+        compressed = [] if structure is None else _compressed_differences(structure, like)
+        problems = [f"{what} {found[:20]}" for what, found in [
+            ("missing from checkpoint", missing), ("only in checkpoint", unexpected),
+            ("shape/dtype differs", changed), ("compressed leaves differ", compressed)] if found]
+        if problems:
             raise ValueError(f"restore target differs from checkpoint step {step} in {self.directory}: "
-                             f"missing from checkpoint {missing[:20]}, only in checkpoint {unexpected[:20]}, "
-                             f"shape/dtype differs {changed[:20]}")
+                             + ", ".join(problems))
 
     def restore(self, step: int | None = None, *, like: Any = None) -> Any:
         """Restores ``step`` (the latest by default).
 
         Args:
           step: which checkpoint.
-          like: the restore target: a state (or :func:`abstract` of one) with the saved tree structure.
-            Leaves' shardings say where the restored arrays go, so a checkpoint saved on one mesh
-            restores onto another. Without it the raw nested dicts come back.
+          like: the restore target: a state (or :func:`abstract` of one) with the saved tree structure,
+            and compressed leaves of the saved classes with the saved static fields. Leaves' shardings
+            say where the restored arrays go, so a checkpoint saved on one mesh restores onto another.
+            Without it the saved tree comes back as nested dicts and lists (named tuples and
+            dataclasses become dicts) holding its arrays, Python scalars and compressed leaves.
 
         Raises:
           FileNotFoundError: no such step (the message lists the available ones).
-          ValueError: ``like`` has other paths, shapes or dtypes than the checkpoint (all listed),
-            or the checkpoint's files are truncated or corrupt.
+          ValueError: ``like`` has other paths, shapes, dtypes, compressed-leaf classes or static
+            fields than the checkpoint (all listed), or the checkpoint's files are truncated or corrupt.
         """
         step = self._resolve(step)
+        structure = self._structure(step)
         if like is None:
             args = ocp.args.Composite(state=ocp.args.StandardRestore())
         else:
             target = _abstract_storable(like)
-            self._check_tree(step, target)
+            self._check_tree(step, target, like, structure)
             args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
         try:
             restored = self._manager.restore(step, args=args)["state"]
         except Exception as e:  # noqa: BLE001
             raise self._unreadable(step, e) from e
-        return restored if like is None else _unstore(restored, like)
+        if like is not None:
+            return _unstore(restored, like)
+        if structure is None:
+            return restored
+        try:
+            return _rebuild_all(restored, structure)
+        except (KeyError, IndexError, TypeError) as e:
+            raise self._unreadable(step, f"its compressed leaves do not fit its arrays: {type(e).__name__}: {e}") from e
 
     def extra(self, step: int | None = None) -> dict[str, Any]:
         """The JSON ``extra`` saved with ``step`` (the latest by default)."""
-        step = self._resolve(step)
-        try:
-            return dict(self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"])
-        except Exception as e:  # noqa: BLE001
-            raise self._unreadable(step, e) from e
+        return dict(self._item(self._resolve(step), "extra"))
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's resources."""

@@ -2,15 +2,16 @@
 
 ``jaxopt-big demo`` trains the reference CNN on the embedded digits data, compresses it every way
 the library supports and prints one table (see :mod:`jaxopt_big.demo`); ``jaxopt-big report DIR``
-prints the per-layer table of a saved checkpoint. Bad options or a missing checkpoint directory
-exit with status 2 and a one-line message.
+prints the per-layer table of a saved checkpoint, read back and rebuilt from its files. Bad options,
+an unwritable ``--out`` folder, a missing or unreadable checkpoint exit with status 2 and a one-line
+message.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -23,10 +24,21 @@ class _Parser(argparse.ArgumentParser):
 def _demo(args: argparse.Namespace) -> int:
     from jaxopt_big import demo
 
-    demo.run(quick=args.quick, seed=args.seed, out=args.out)
+    try:
+        demo.run(quick=args.quick, seed=args.seed, out=args.out)
+    except OSError as e:  # the demo checks --out before training; a late failure is one line too
+        if args.out is None:
+            raise
+        print(f"jaxopt-big: error: cannot write to --out {args.out!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.out:
         print(f"wrote {args.out}/report.md, {args.out}/accuracy_vs_compression.png and {args.out}/models/")
     return 0
+
+
+def _parameters(tree: Any) -> Any:
+    """The parameters of a saved ``TrainState`` (restored as a dict), else the whole saved tree."""
+    return tree["params"] if isinstance(tree, dict) and {"params", "opt_state"} <= tree.keys() else tree
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -36,17 +48,17 @@ def _report(args: argparse.Namespace) -> int:
 
     directory = pathlib.Path(args.checkpoint_dir)
     if not directory.is_dir():
-        print(f"jaxopt-big: error: checkpoint directory {str(directory)!r} does not exist", file=sys.stderr)
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        print(f"jaxopt-big: error: checkpoint directory {str(directory)!r} {problem}", file=sys.stderr)
         return 2
     manager = checkpoint.Manager(directory, async_save=False)
     step = manager.latest_step() if args.step is None else args.step
     if step is None:
         print(f"jaxopt-big: error: no checkpoint in {str(directory)!r}", file=sys.stderr)
         return 2
-    try:
+    try:  # what is reported is what restores: truncated or corrupt data is an error, not a table
         extra = manager.extra(step)
-        table = (report.Report.from_dicts(extra["report"]) if "report" in extra
-                 else report.summary(manager.restore(step)))
+        table = report.summary(_parameters(manager.restore(step)))
     except (FileNotFoundError, ValueError) as e:
         print(f"jaxopt-big: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -64,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a shorter run (CI size)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None, help="folder for report.md, plots and checkpoints")
-    rep = sub.add_parser("report", help="print the per-layer table of a saved checkpoint")
+    rep = sub.add_parser("report", help="print the per-layer table of a saved checkpoint (of a TrainState: "
+                                        "its parameters)")
     rep.add_argument("checkpoint_dir", help="a directory written by jaxopt_big.checkpoint.Manager")
     rep.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -373,7 +374,13 @@ def _plot(results: list[Result], ctx: Context, path: pathlib.Path) -> None:
 def run(*, quick: bool = False, seed: int = 0, out: str | pathlib.Path | None = None,
         stages: list[Callable[[Context], Result]] | None = None, print_fn: Callable[[str], None] = print
         ) -> list[Result]:
-    """Runs the demo stages on digits and returns their results (the first is the dense teacher)."""
+    """Runs the demo stages on digits and returns their results (the first is the dense teacher).
+
+    ``out`` (created if missing) is checked to be a writable folder before any training: an
+    ``OSError`` comes first, not after minutes of work.
+    """
+    if out is not None:
+        _check_writable(pathlib.Path(out))
     train, test = _data.holdout_split(_data.digits(), test_fraction=0.2, seed=seed)
     ctx = Context(train=train, test=test, quick=quick, seed=seed)
     results = []
@@ -389,6 +396,12 @@ def run(*, quick: bool = False, seed: int = 0, out: str | pathlib.Path | None = 
     return results
 
 
+def _check_writable(out: pathlib.Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
+
+
 def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) -> None:
     from jaxopt_big import checkpoint as _checkpoint
 
@@ -401,7 +414,7 @@ def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) ->
             continue
         name = "_".join("".join(c if c.isalnum() else " " for c in r.method.lower()).split())
         with _checkpoint.Manager(out / "models" / name, async_save=False) as manager:
-            manager.save(0, r.params, extra={"method": r.method, "report": _report.summary(r.params).as_dicts()})
+            manager.save(0, r.params, extra={"method": r.method})
         md += ["", f"## {r.method}", "", _report.summary(r.params).to_markdown()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     rows = [{"method": r.method, "accuracy": r.accuracy, "delta_pt": 100 * (r.accuracy - ctx.accuracy), "bytes": r.nbytes,

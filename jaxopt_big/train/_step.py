@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -75,6 +77,23 @@ def _microbatches(batch: Any, accum_steps: int) -> Any:
     return jax.tree_util.tree_map_with_path(split, batch)
 
 
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some C callables): the call will tell
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+               for p in parameters)
+
+
+def _check_keywords(loss_fn: LossFn, state: TrainState) -> None:
+    """The state's optional parts are passed as keywords: say so before the call fails inside jit."""
+    for name, how in (("batch_stats", "TrainState.create(..., batch_stats=)"), ("rng", "TrainState.create(..., rng=)")):
+        if getattr(state, name) is not None and not _accepts(loss_fn, name):
+            raise TypeError(f"the state carries {name} ({how}), so loss_fn must accept a {name}= keyword "
+                            f"argument; add `*, {name}` to its signature or create the state without it")
+
+
 def grads_and_metrics(loss_fn: LossFn, state: TrainState, batch: Any, *, accum_steps: int = 1,
                       compute_dtype: Any = None) -> tuple[Any, dict[str, jax.Array], Any]:
     """Mean gradients, metrics and updated BatchNorm statistics of one (accumulated) step.
@@ -97,6 +116,7 @@ def grads_and_metrics(loss_fn: LossFn, state: TrainState, batch: Any, *, accum_s
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    _check_keywords(loss_fn, state)
 
     def one(params, batch_stats, micro, index):
         def f(p):
@@ -168,6 +188,7 @@ def _gathering(loss_fn: LossFn, *, fsdp_axis: str) -> LossFn:
         new = jax.P(*(drop(e) for e in spec))
         return x if new == spec else jax.sharding.reshard(x, new)
 
+    @functools.wraps(loss_fn)  # keeps loss_fn's signature, which the keyword check reads
     def gathered(params, batch, **kwargs):
         return loss_fn(jax.tree.map(gather, params), batch, **kwargs)
     return gathered
