@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -92,8 +93,8 @@ def _signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 # Static fields of compressed leaves as JSON: plain values as they are, the rest tagged by kind.
-# Classes are looked up among modules already imported (jaxopt_big's own are imported on demand),
-# never imported by a name read from disk.
+# Classes are looked up among the modules already imported; only jaxopt_big's own are imported
+# by a name read from disk.
 
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -127,7 +128,8 @@ def _encode(value: Any) -> Any:
                 "fields": {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}}
     if isinstance(value, np.generic):
         return _encode(value.item())
-    return {"repr": repr(value)}  # compared as text; cannot be rebuilt without a target
+    # compared as text (without memory addresses, which differ between processes); not rebuildable
+    return {"repr": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))}
 
 
 def _decode(data: Any) -> Any:
@@ -149,8 +151,13 @@ def _decode(data: Any) -> Any:
 def _show(data: Any) -> str:
     try:
         return repr(_decode(data))
-    except ValueError:
-        return data["repr"]
+    except ValueError:  # not rebuildable here: show what was saved
+        return data.get("repr", json.dumps(data))
+
+
+def _same(saved: dict[str, Any], wanted: dict[str, Any], name: str) -> bool:
+    text = lambda data: json.dumps(data, sort_keys=True)  # NaN equals NaN here, as it does on disk
+    return name in saved and name in wanted and text(saved[name]) == text(wanted[name])
 
 
 def _fields(leaf: Any) -> list[dataclasses.Field]:
@@ -190,7 +197,7 @@ def _static_differences(saved: dict[str, Any], leaf: Any, prefix: str = "") -> l
     wanted_value = lambda name: repr(getattr(leaf, name)) if name in wanted["static"] else "no such field"
     out = [f"{prefix}{name}: checkpoint {saved_value(name)} vs target {wanted_value(name)}"
            for name in sorted(set(saved["static"]) | set(wanted["static"]))
-           if saved["static"].get(name, ...) != wanted["static"].get(name, ...)]
+           if not _same(saved["static"], wanted["static"], name)]
     for name in sorted(set(saved["nested"]) | set(wanted["nested"])):
         if name not in saved["nested"]:
             out.append(f"{prefix}{name}: checkpoint plain arrays vs target {wanted['nested'][name]['class']}")
