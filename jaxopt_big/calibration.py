@@ -19,6 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
@@ -198,8 +199,7 @@ def inverse_hessian(hessian: jax.typing.ArrayLike, *, damp: float = 0.01) -> tup
     h = jnp.asarray(hessian, jnp.float32)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square 2-d, got shape {h.shape}")
-    if not 0 <= damp:
-        raise ValueError(f"damp must be >= 0, got {damp!r}")
+    damp = _checks.number("damp", damp, low=0)
     diag = jnp.diagonal(h)
     dead = diag == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * jnp.mean(jnp.where(dead, 1.0, diag)))

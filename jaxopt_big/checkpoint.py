@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -293,10 +294,9 @@ class Manager:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = True,
                  save_interval_steps: int = 1):
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
-        if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
+        if max_to_keep is not None:
+            max_to_keep = _checks.integer("max_to_keep (an int >= 1 or None)", max_to_keep, low=1)
+        save_interval_steps = _checks.integer("save_interval_steps", save_interval_steps, low=1)
         self.directory = pathlib.Path(directory).absolute()
         self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_big import _checks
+
 __all__ = ["Dataset", "digits", "holdout_split", "batches", "VOCAB_SIZE", "encode", "decode", "docs_text",
            "TextSplits", "docs_corpus", "windows", "token_batches", "lm_dataset", "perplexity"]
 
@@ -62,8 +64,7 @@ def holdout_split(ds: Dataset, *, test_fraction: float = 0.2, seed: int = 0) -> 
       >>> len(train) + len(test), abs(len(test) - 0.25 * 1797) < 10
       (1797, True)
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    test_fraction = _checks.fraction("test_fraction", test_fraction, open_low=True)
     rng = np.random.default_rng(seed)
     test_idx = []
     for c in np.unique(ds.y):
@@ -85,8 +86,7 @@ def batches(ds: Dataset, batch_size: int, *, key: jax.Array | None = None,
       >>> [len(b) for b in batches(ds, 4, key=jax.random.key(0), drop_remainder=True)]
       [4, 4]
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = _checks.integer("batch_size", batch_size, low=1)
     n = len(ds)
     order = np.arange(n) if key is None else np.asarray(jax.random.permutation(key, n))
     stop = n - n % batch_size if drop_remainder else n

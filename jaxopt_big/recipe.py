@@ -25,12 +25,12 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Sequence
 
 import jax
 import optax
 
+from jaxopt_big import _checks
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
@@ -42,15 +42,12 @@ Sparsity = float | _sparsity.NM
 
 
 def _check_sparsity(owner: str, value: Any) -> None:
-    if isinstance(value, _sparsity.NM):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{owner}: sparsity must be a fraction in [0, 1) or NM(n, m), got {value!r}")
+    if not isinstance(value, _sparsity.NM):
+        _checks.fraction(f"{owner}.sparsity (a fraction or NM(n, m))", value)
 
 
 def _check_damp(owner: str, damp: Any) -> None:
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0.0 < float(damp) < 1.0:
-        raise ValueError(f"{owner}: damp must be a fraction in (0, 1), got {damp!r}")
+    _checks.fraction(f"{owner}.damp", damp, open_low=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +80,7 @@ class SparseGPT:
 
     def __post_init__(self):
         _check_sparsity("SparseGPT", self.sparsity)
-        _qspec._check_int("SparseGPT.block_size", self.block_size, 1)
+        _checks.integer("SparseGPT.block_size", self.block_size, low=1)
         _check_damp("SparseGPT", self.damp)
 
 
@@ -110,9 +107,8 @@ class GPTQ:
     def __post_init__(self):
         if not isinstance(self.spec, _quant.QuantSpec):
             raise TypeError(f"GPTQ needs an integer QuantSpec, got {self.spec!r}")
-        if not isinstance(self.act_order, bool):
-            raise TypeError(f"GPTQ.act_order must be a bool, got {self.act_order!r}")
-        _qspec._check_int("GPTQ.block_size", self.block_size, 1)
+        _checks.flag("GPTQ.act_order", self.act_order)
+        _checks.integer("GPTQ.block_size", self.block_size, low=1)
         _check_damp("GPTQ", self.damp)
 
 

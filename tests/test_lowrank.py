@@ -103,7 +103,7 @@ def _params():
 
 
 @pytest.mark.parametrize("how, match", [
-    ({"rank": 0}, r"rank must be positive, got 0"),
+    ({"rank": 0}, r"rank must be an int >= 1, got 0"),
     ({"rank": 5}, r"Dense_0/kernel: rank=5 exceeds min\(m, n\)=4"),
     ({"energy": 0.0}, r"energy must be in \(0, 1\], got 0.0"),
     ({"energy": 1.2}, r"energy must be in \(0, 1\], got 1.2"),

@@ -144,7 +144,7 @@ def test_qlora_adapters_train_over_a_quantized_base():
 
 
 @pytest.mark.parametrize("rank, where, match", [
-    (0, jb.tree.KERNELS, r"rank must be a positive int, got 0"),
+    (0, jb.tree.KERNELS, r"rank must be an int >= 1, got 0"),
     (4, jb.tree.KERNELS, r"Dense_0/kernel: rank=4 exceeds min\(m, n\)=3"),
     (1, ".*/bias", r"Dense_0/bias: LoRA needs a kernel with ndim >= 2, got shape \(3,\)"),
 ])

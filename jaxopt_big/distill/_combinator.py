@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_big import _checks
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import tree as _tree
-from jaxopt_big.distill._losses import FeatureLoss, _check_positive, feature_loss, kd_loss
+from jaxopt_big.distill._losses import FeatureLoss, feature_loss, kd_loss
 
 __all__ = ["Feature", "NnxApply", "TeacherTargets", "Batch", "precompute", "combine"]
 
@@ -63,8 +64,7 @@ class Feature:
                 raise ValueError(f"Feature.{side}: invalid regex {getattr(self, side)!r}: {e}") from None
         if not isinstance(self.kind, FeatureLoss):
             raise TypeError(f"Feature.kind must be a FeatureLoss, got {self.kind!r}")
-        if not self.weight >= 0:
-            raise ValueError(f"Feature.weight must be >= 0, got {self.weight!r}")
+        _checks.number("Feature.weight", self.weight, low=0)
         if self.projection is not None and not callable(self.projection):
             raise TypeError(f"Feature.projection must be a callable params -> projection, got {self.projection!r}")
 
@@ -167,16 +167,10 @@ def precompute(teacher: Callable[[Any], jax.Array], x: Any, *, features: Sequenc
       >>> targets.logits.shape, float(targets.logits[0, 0])
       ((5, 3), 2.0)
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    _checks.integer("batch_size", batch_size, low=1)
     run = jax.jit(lambda xb: _run_teacher(teacher, xb, features))
     chunks = [run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
     return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts]), *chunks)
-
-
-def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
 
 def combine(task_loss: Callable[[jax.Array, Any], jax.Array], teacher: Callable[[Any], jax.Array] | None, *,
@@ -226,8 +220,8 @@ def combine(task_loss: Callable[[jax.Array, Any], jax.Array], teacher: Callable[
       >>> sorted(aux), bool(loss > 0)
       (['accuracy', 'kd', 'task'], True)
     """
-    _check_alpha(alpha)
-    _check_positive("temperature", temperature)
+    _checks.number("alpha", alpha, low=0, high=1)
+    _checks.number("temperature", temperature, above=0, traced=True)
     features = tuple(features)
     for f in features:
         if not isinstance(f, Feature):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxopt_big import _checks
+
 __all__ = ["FeatureLoss", "kd_loss", "feature_loss", "attention_transfer", "init_projection"]
 
 
@@ -29,13 +31,6 @@ class FeatureLoss(enum.Enum):
     MSE = "mse"
     COSINE = "cosine"
     ATTENTION = "attention"
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, jax.core.Tracer):
-        return  # traced (a schedule): checked where it is concrete
-    if not float(value) > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def _masked_mean(rows: jax.Array, mask: ArrayLike | None) -> jax.Array:
@@ -81,7 +76,7 @@ def kd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: f
     if s.shape != t.shape or s.ndim < 1:
         raise ValueError(f"student logits {s.shape} and teacher logits {t.shape} must have the same "
                          "shape (..., classes)")
-    _check_positive("temperature", temperature)
+    _checks.number("temperature", temperature, above=0, traced=True)  # traced (a schedule): used as is
     log_p_s = jax.nn.log_softmax(s / temperature, axis=-1)
     log_p_t = jax.nn.log_softmax(jax.lax.stop_gradient(t) / temperature, axis=-1)
     p_t = jnp.exp(log_p_t)

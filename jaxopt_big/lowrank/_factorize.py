@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -103,18 +104,11 @@ class Factorization:
         given = [k for k in ("rank", "energy", "max_params") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of rank, energy, max_params; got {given or 'none'}")
-        for name in ("rank", "max_params", "oversample", "power_iters"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if self.rank is not None and self.rank <= 0:
-            raise ValueError(f"rank must be positive, got {self.rank}")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.max_params is not None and self.max_params <= 0:
-            raise ValueError(f"max_params must be positive, got {self.max_params}")
-        if self.oversample < 0 or self.power_iters < 0:
-            raise ValueError(f"oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
+        for name, low in (("rank", 1), ("max_params", 1), ("oversample", 0), ("power_iters", 0)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _checks.integer(name, getattr(self, name), low=low))
+        if self.energy is not None:
+            object.__setattr__(self, "energy", _checks.fraction("energy", self.energy, closed=True, open_low=True))
         if self.randomized and self.energy is not None:
             raise ValueError("energy= needs the full spectrum; use rank= or max_params= with randomized=True")
 
@@ -123,6 +117,7 @@ def _as_kernel(path: str, w: Any) -> jax.Array:
     w = jnp.asarray(w.dense() if _leaves.is_compressed(w) else w)
     if w.ndim < 2:
         raise ValueError(f"{path}: only kernels with ndim >= 2 can be factorized, got shape {w.shape}")
+    _checks.finite([(path, w)], "values to factorize")
     return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
 
 
@@ -171,6 +166,9 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
     work = w.reshape(-1, shape[-1]).astype(jnp.promote_types(dtype, jnp.float32))  # SVD in >= float32
     m, n = work.shape
     rank = _budget_rank(path, how, m, n)
+    # Traced NaN/Inf (concrete ones raised above): factorize zeros, then give NaN factors, not SVD noise.
+    bad = ~jnp.all(jnp.isfinite(work))
+    work = jnp.where(bad, 0.0, work)
     if how.randomized:
         if key is None:
             raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
@@ -180,8 +178,8 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
     if rank is None:
         rank = _energy_rank(path, s, how.energy)
     root = jnp.sqrt(s[:rank])
-    u = (u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
-    v = (root[:, None] * vt[:rank]).astype(dtype)
+    u = jnp.where(bad, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
+    v = jnp.where(bad, jnp.nan, root[:, None] * vt[:rank]).astype(dtype)
     return LowRank(u=u, v=v)
 
 
@@ -206,7 +204,8 @@ def factorize(w: jax.typing.ArrayLike, *, rank: int | None = None, energy: float
 
     Raises:
       ValueError: not exactly one of rank/energy/max_params, a rank outside [1, min(m, n)], energy
-        outside (0, 1], a budget too small for rank 1, a 1-D array, randomized without a key.
+        outside (0, 1], a budget too small for rank 1, a 1-D array, randomized without a key, NaN
+        or Inf in a concrete ``w`` (under ``jit`` such a ``w`` gives all-NaN factors instead).
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -117,8 +118,8 @@ def lora_init(params: Any, key: jax.Array, *, rank: int, alpha: float, where: _t
       >>> k.a.shape, k.b.shape, k.scale, bool((k.dense() == 1).all())
       ((8, 2), (2, 4), 2.0, True)
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    rank = _checks.integer("rank", rank, low=1)
+    alpha = _checks.number("alpha", alpha)
 
     def one(path: str, w: Any) -> LoRA:
         shape = tuple(w.shape)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import jax
 
+from jaxopt_big import _checks
+
 __all__ = ["make_mesh", "AXES"]
 
 AXES = ("data", "fsdp", "tensor")
@@ -33,7 +35,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, explicit: bool 
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, s in sizes.items():
-        if not isinstance(s, int) or (s < 1 and s != -1):
+        if _checks.integer(f"mesh axis {name!r} (an int >= 1, or -1)", s, low=-1) == 0:
             raise ValueError(f"mesh axis {name!r} must be a positive int or -1, got {s!r}")
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:

@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big.quant import _spec
 
 __all__ = ["calibrate", "expand"]
@@ -22,15 +23,25 @@ def _where(path: str) -> str:
 
 
 def check_input(x: jax.Array, path: str) -> jax.Array:
-    """Floating dtype; no NaN when the value is concrete (a traced value cannot be checked)."""
+    """Floating dtype, not empty; no NaN or Inf when the value is concrete (see :func:`nan_where_nonfinite`)."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{_where(path)}quantization needs a floating array, got dtype {x.dtype}")
-    nan = jnp.isnan(x)
-    # Under a trace even a closed-over concrete array gives a traced result: then nothing can be checked.
-    if not isinstance(nan, jax.core.Tracer) and bool(nan.any()):
-        raise ValueError(f"{_where(path)}calibration data contains NaN ({int(nan.sum())} of {x.size} values)")
+    if not x.size:
+        raise ValueError(f"{_where(path)}cannot quantize a zero-size array (shape {x.shape}); leave it out of where=")
+    _checks.finite([(path, x)], "values to quantize")
     return x
+
+
+def nan_where_nonfinite(scale: jax.Array, x: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """``scale`` set to NaN for every group of ``x`` (reduced over ``axes``; None: all) holding NaN or Inf.
+
+    Only a traced ``x`` gets here with such values (concrete ones raise in :func:`check_input`). The
+    poisoned group then quantizes to NaN, visibly, instead of to a silent 1.0 scale or to an infinite
+    one, and every other group keeps the scale of its own finite values.
+    """
+    bad = jnp.any(~jnp.isfinite(x), axis=axes, keepdims=axes is not None)
+    return jnp.where(bad, jnp.nan, scale)
 
 
 def _axis(name: str, axis: int, ndim: int, path: str) -> int:
@@ -70,9 +81,14 @@ def expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
       [1.0, 1.0, 2.0, 2.0]
     """
     for d, (s, n) in enumerate(zip(scale.shape, shape)):
-        if s not in (1, n):
-            scale = jnp.repeat(scale, n // s, axis=d)
+        if s not in (1, n):  # a repeated axis keeps its mesh axes (explicit sharding must be told so)
+            scale = jnp.repeat(scale, n // s, axis=d, out_sharding=_explicit_sharding(scale))
     return scale
+
+
+def _explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
+    sharding = jax.typeof(x).sharding
+    return sharding if any(a is not None for a in sharding.spec) else None
 
 
 def to_int(x: jax.Array, spec: _spec.QuantSpec, scale: jax.Array, zero_point: jax.Array | None, *,
@@ -143,6 +159,8 @@ def integer_calibrate(x, spec: _spec.QuantSpec, *, path: str = ""):
         scale, zp = _mse_search(xb, axes, spec, lo, hi)
     else:
         scale, zp = _from_range(lo, hi, spec)
+    scale = nan_where_nonfinite(scale, xb, axes)
+    zp = None if zp is None else jnp.where(jnp.isnan(scale), jnp.nan, zp)
     return unblock(scale), None if zp is None else unblock(zp)
 
 
@@ -154,8 +172,12 @@ def calibrate(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") ->
       spec: a :class:`QuantSpec` or any :class:`Format`.
       path: leaf path used in error messages.
 
+    Non-finite values: a concrete ``x`` with NaN or Inf raises; under a trace, every scale group
+    (tensor, channel or group) holding NaN or Inf gets a NaN scale (and zero point), so it
+    quantizes to NaN, while the other groups are calibrated from their own values as usual.
+
     Raises:
-      ValueError: NaN in concrete ``x``; a group size that does not divide its axis; a bad axis.
+      ValueError: NaN or Inf in concrete ``x``; an empty ``x``; a group size that does not divide its axis; a bad axis.
 
     Examples:
       >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL

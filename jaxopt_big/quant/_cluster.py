@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant._formats import pack_bits, unpack_bits
@@ -131,11 +132,12 @@ def _kmeans(x: jax.Array, key: jax.Array, n_clusters: int, iters: int) -> KMeans
     return KMeans(centroids, a, jnp.append(history, ((x - centroids[a]) ** 2).sum()))
 
 
-def _check_clusters(path: str, n_clusters: Any, size: int) -> None:
-    if not isinstance(n_clusters, int) or isinstance(n_clusters, bool) or n_clusters < 2:
-        raise ValueError(f"{path}: n_clusters must be an int >= 2, got {n_clusters!r}")
-    if n_clusters > size:
-        raise ValueError(f"{path}: n_clusters={n_clusters} is more than the {size} weights of the leaf")
+def _check_clusters(path: str, n_clusters: Any, x: jax.Array) -> int:
+    n_clusters = _checks.integer(f"{path}: n_clusters", n_clusters, low=2)
+    if n_clusters > x.size:
+        raise ValueError(f"{path}: n_clusters={n_clusters} is more than the {x.size} weights of the leaf")
+    _checks.finite([(path, x)], "values to cluster")
+    return n_clusters
 
 
 def kmeans(x: jax.ArrayLike, n_clusters: int, *, key: jax.Array, iters: int = 20) -> KMeans:
@@ -158,9 +160,8 @@ def kmeans(x: jax.ArrayLike, n_clusters: int, *, key: jax.Array, iters: int = 20
       [0.05, 5.1]
     """
     x = jnp.asarray(x)
-    _check_clusters("x", n_clusters, x.size)
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    n_clusters = _check_clusters("x", n_clusters, x)
+    iters = _checks.integer("iters", iters, low=1)
     return _kmeans(x, key, n_clusters, iters)
 
 
@@ -204,8 +205,8 @@ def cluster(params: Any, n_clusters: int | Sequence[tuple[str, int]], *, key: ja
     def leaf(path: str, w: Any) -> Any:
         if path not in k_of:
             return w
-        _check_clusters(path, k_of[path], w.size)
-        res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k_of[path], iters)
+        k = _check_clusters(path, k_of[path], w)
+        res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
         return Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
 
     return _tree.map_with_path(leaf, params)

@@ -27,16 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import _spec
-from jaxopt_big.quant._calibrate import check_input, expand
+from jaxopt_big.quant._calibrate import check_input, expand, nan_where_nonfinite
 
 __all__ = ["Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array", "pack_bits", "unpack_bits"]
-
-
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"packed code width must be an int in [1, 16], got {bits!r}")
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
@@ -55,7 +51,7 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
       >>> packed.shape, unpack_bits(packed, 2, 5).tolist()
       ((2,), [1, 2, 3, 0, 1])
     """
-    _check_bits(bits)
+    bits = _checks.integer("packed code width", bits, low=1, high=16)
     flat = codes.reshape(-1).astype(jnp.uint32)
     bitplanes = (flat[:, None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
     stream = bitplanes.reshape(-1)
@@ -71,7 +67,7 @@ def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
       >>> unpack_bits(pack_bits(jnp.arange(8), 3), 3, 8).tolist()
       [0, 1, 2, 3, 4, 5, 6, 7]
     """
-    _check_bits(bits)
+    bits = _checks.integer("packed code width", bits, low=1, high=16)
     stream = ((packed[:, None].astype(jnp.uint32) >> jnp.arange(8, dtype=jnp.uint32)) & 1).reshape(-1)
     planes = stream[: n * bits].reshape(n, bits)
     return (planes << jnp.arange(bits, dtype=jnp.uint32)).sum(axis=1).astype(jnp.int32)
@@ -96,8 +92,8 @@ def _reduce_axes(x: jax.Array, axis: int | None, path: str) -> tuple[int, ...]:
 
 
 def _check_axis(name: str, axis: Any) -> None:
-    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
-        raise TypeError(f"{name}.axis must be an int or None (per tensor), got {axis!r}")
+    if axis is not None:
+        _checks.integer(f"{name}.axis (an int, or None per tensor)", axis)
 
 
 def _no_zero_point(name: str, zero_point: Any, path: str) -> None:
@@ -175,7 +171,8 @@ class Binary(_spec.Format):
 
     def calibrate(self, x, *, path=""):
         x = check_input(x, path).astype(jnp.float32)
-        return jnp.mean(jnp.abs(x), axis=_reduce_axes(x, self.axis, path), keepdims=True), None
+        axes = _reduce_axes(x, self.axis, path)
+        return nan_where_nonfinite(jnp.mean(jnp.abs(x), axis=axes, keepdims=True), x, axes), None
 
     def _values(self, x, scale, zero_point, path):
         _no_zero_point("Binary", zero_point, path)
@@ -216,8 +213,7 @@ class Ternary(_spec.Format):
 
     def __post_init__(self):
         _check_axis("Ternary", self.axis)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold < 0:
-            raise ValueError(f"Ternary.threshold must be a number >= 0, got {self.threshold!r}")
+        _checks.number("Ternary.threshold", self.threshold, low=0)
 
     def _codes(self, x, path):
         axes = _reduce_axes(x, self.axis, path)
@@ -229,7 +225,8 @@ class Ternary(_spec.Format):
         x = check_input(x, path).astype(jnp.float32)
         _, keep, axes = self._codes(x, path)
         kept = jnp.sum(keep, axis=axes, keepdims=True)
-        return jnp.sum(jnp.abs(x) * keep, axis=axes, keepdims=True) / jnp.maximum(kept, 1), None
+        scale = jnp.sum(jnp.abs(x) * keep, axis=axes, keepdims=True) / jnp.maximum(kept, 1)
+        return nan_where_nonfinite(scale, x, axes), None
 
     def _values(self, x, scale, zero_point, path):
         _no_zero_point("Ternary", zero_point, path)
@@ -317,7 +314,7 @@ class Float8(_spec.Format):
     def calibrate(self, x, *, path=""):
         x = check_input(x, path)
         amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
-        return jnp.where(amax > 0, amax / self.max, 1.0), None
+        return nan_where_nonfinite(jnp.where(amax > 0, amax / self.max, 1.0), x), None
 
     def _cast(self, x, scale, zero_point, path):
         _no_zero_point("Float8", zero_point, path)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big import calibration as _calibration
 from jaxopt_big.quant import _spec
 
@@ -93,8 +94,8 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     d_in, d_out = kernel.shape
     if jnp.shape(hessian) != (d_in, d_in):
         raise ValueError(f"{path}: hessian has shape {jnp.shape(hessian)}, expected {(d_in, d_in)}")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{path}: block_size must be a positive int, got {block_size!r}")
+    block_size = _checks.integer(f"{path}: block_size", block_size, low=1)
+    _checks.finite([(path, kernel), (f"{path} hessian", hessian)], "GPTQ inputs")
     group = _granularity(spec, d_in, path)
     if group is not None:
         block_size = -(-block_size // group) * group

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jaxopt_big import _checks
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
 
@@ -20,9 +21,9 @@ DEFAULT_SPEC = _spec.QuantSpec(bits=8, granularity=_spec.PER_CHANNEL)
 
 
 def _check_bits(bits: Sequence[int]) -> tuple[int, ...]:
-    if not bits or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
+    if not bits:
         raise ValueError(f"bits must be a non-empty sequence of ints, got {bits!r}")
-    return tuple(sorted(set(bits)))
+    return tuple(sorted({_checks.integer("bits", b) for b in bits}))
 
 
 def _scalar_loss(loss_fn: Callable[..., Any]) -> Callable[..., jax.Array]:
@@ -101,10 +102,7 @@ def _costs(path: str, size: int | Mapping[int, int], bits: Sequence[int]) -> dic
         costs = {b: size[b] for b in bits}
     else:
         costs = {b: math.ceil(size * b / 8) if isinstance(size, int) and size >= 0 else size for b in bits}
-    for b, c in costs.items():
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
-            raise ValueError(f"{path}: size at {b} bits must be a non-negative int of bytes, got {c!r}")
-    return {b: int(c) for b, c in costs.items()}
+    return {b: _checks.integer(f"{path}: size at {b} bits (bytes)", c, low=0) for b, c in costs.items()}
 
 
 def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int | Mapping[int, int]],
@@ -136,8 +134,7 @@ def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], sizes: Mappi
     if set(sensitivities) != set(sizes):
         odd = sorted(set(sensitivities) ^ set(sizes))
         raise ValueError(f"sensitivities and sizes must have the same paths; only in one of them: {odd}")
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
-        raise ValueError(f"budget_bytes must be an int, got {budget_bytes!r}")
+    budget_bytes = _checks.integer("budget_bytes", budget_bytes)
     paths = list(sensitivities)
     choices, costs, sens = [], [], []
     for path in paths:

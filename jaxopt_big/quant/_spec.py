@@ -13,15 +13,11 @@ from typing import Any
 
 import jax
 
+from jaxopt_big import _checks
+
 __all__ = ["Format", "QuantSpec", "PerTensor", "PerChannel", "PerToken", "Group", "PER_TENSOR", "PER_CHANNEL",
            "PER_TOKEN",
            "AbsMax", "MinMax", "Percentile", "MSE", "Granularity", "Calibration"]
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        rng = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,9 +46,8 @@ class Group:
     along: int = -2
 
     def __post_init__(self):
-        _check_int("Group.size", self.size, 1)
-        if isinstance(self.along, bool) or not isinstance(self.along, int):
-            raise TypeError(f"Group.along must be an int axis, got {self.along!r}")
+        object.__setattr__(self, "size", _checks.integer("Group.size", self.size, low=1))
+        object.__setattr__(self, "along", _checks.integer("Group.along", self.along))
 
 
 PER_TENSOR = PerTensor()
@@ -78,8 +73,7 @@ class Percentile:
     q: float
 
     def __post_init__(self):
-        if isinstance(self.q, bool) or not isinstance(self.q, (int, float)) or not 0 < self.q <= 100:
-            raise ValueError(f"Percentile q must be in (0, 100], got {self.q!r}")
+        object.__setattr__(self, "q", _checks.number("Percentile.q", self.q, above=0, high=100))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,9 +85,8 @@ class MSE:
     min_ratio: float = 0.1
 
     def __post_init__(self):
-        _check_int("MSE.steps", self.steps, 1)
-        if not isinstance(self.min_ratio, (int, float)) or not 0 < self.min_ratio <= 1:
-            raise ValueError(f"MSE.min_ratio must be in (0, 1], got {self.min_ratio!r}")
+        object.__setattr__(self, "steps", _checks.integer("MSE.steps", self.steps, low=1))
+        object.__setattr__(self, "min_ratio", _checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
 
 
 Calibration = AbsMax | MinMax | Percentile | MSE
@@ -149,14 +142,12 @@ class QuantSpec(Format):
     calibration: Calibration = AbsMax()
 
     def __post_init__(self):
-        _check_int("QuantSpec.bits", self.bits, 2, 8)
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(f"QuantSpec.symmetric must be a bool, got {self.symmetric!r}")
+        object.__setattr__(self, "bits", _checks.integer("QuantSpec.bits", self.bits, low=2, high=8))
+        object.__setattr__(self, "symmetric", _checks.flag("QuantSpec.symmetric", self.symmetric))
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerToken, Group)):
             raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL, PER_TOKEN or Group(size), "
                             f"got {self.granularity!r}")
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+        object.__setattr__(self, "axis", _checks.integer("QuantSpec.axis", self.axis))
         if not isinstance(self.calibration, (AbsMax, MinMax, Percentile, MSE)):
             raise TypeError(f"QuantSpec.calibration must be AbsMax(), MinMax(), Percentile(q) or MSE(), "
                             f"got {self.calibration!r}")

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxopt_big import _checks
 from jaxopt_big import tree as _tree
 from jaxopt_big.sparsity import _select
 from jaxopt_big.sparsity import _masks
 from jaxopt_big.sparsity import _scores
-from jaxopt_big.sparsity._transform import PruneState, check_params, masked_updates
+from jaxopt_big.sparsity._transform import PruneState, check_params, check_trainable, masked_updates
 
 __all__ = ["set_", "rigl", "drop_fraction_at", "Start"]
 
@@ -59,21 +60,18 @@ def _drop_grow(mask: jax.Array, w: jax.Array, grow: jax.Array, fraction: jax.Arr
 def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int, end_step: int,
              drop_fraction: float, where: Any, distribution: _masks.Distribution, key: jax.Array,
              start: Start) -> optax.GradientTransformationExtraArgs:
-    _masks._check_fraction("sparsity", sparsity)
     if not isinstance(start, Start):
         raise TypeError(f"{name}: start must be Start.RANDOM or Start.MAGNITUDE, got {start!r}")
-    if not isinstance(sparsity, (int, float)):
-        raise TypeError(f"{name}: sparsity must be a float (dynamic sparsity keeps it constant), got {sparsity!r}")
-    if not (isinstance(drop_fraction, (int, float)) and 0.0 <= drop_fraction <= 1.0):
-        raise ValueError(f"{name}: drop_fraction must be in [0, 1], got {drop_fraction!r}")
-    for arg, v in (("update_every", update_every), ("end_step", end_step)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+    sparsity = _checks.fraction(f"{name}: sparsity (constant in dynamic sparse training)", sparsity)
+    drop_fraction = _checks.fraction(f"{name}: drop_fraction", drop_fraction, closed=True)
+    update_every = _checks.integer(f"{name}: update_every", update_every, low=1)
+    end_step = _checks.integer(f"{name}: end_step", end_step, low=1)
     if key is None:
         raise ValueError(f"{name}: needs an explicit key= for the random initial topology")
     inner_tx = optax.with_extra_args_support(tx)
 
     def init(params):
+        check_trainable(name, params, where)
         k_init, k_state = jax.random.split(key)
         scores = _scores.random(params, k_init) if start is Start.RANDOM else _scores.magnitude(params)
         masks = _masks.make_masks(scores, sparsity, where=where, distribution=distribution)

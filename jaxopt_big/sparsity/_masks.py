@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.sparsity import _select
@@ -48,8 +48,7 @@ class ERK:
     power: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.power, (int, float)) and self.power > 0):
-            raise ValueError(f"ERK power must be a positive number, got {self.power!r}")
+        object.__setattr__(self, "power", _checks.number("ERK.power", self.power, above=0))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,8 +64,11 @@ class NM:
     m: int
 
     def __post_init__(self):
-        if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n <= self.m):
+        n, m = _checks.integer("NM.n", self.n, low=1), _checks.integer("NM.m", self.m, low=1)
+        if n > m:
             raise ValueError(f"NM needs integers 0 < n <= m, got n={self.n!r}, m={self.m!r}")
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +78,9 @@ class Block:
     shape: tuple[int, ...]
 
     def __post_init__(self):
-        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
-        if not shape or not all(isinstance(b, int) and b > 0 for b in shape):
+        if not isinstance(self.shape, (tuple, list)) or not self.shape:
             raise ValueError(f"Block shape must be a non-empty tuple of positive ints, got {self.shape!r}")
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", tuple(_checks.integer("Block.shape", b, low=1) for b in self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,34 +90,36 @@ class Channel:
     axis: int = -1
 
     def __post_init__(self):
-        if not isinstance(self.axis, int):
-            raise ValueError(f"Channel axis must be an int, got {self.axis!r}")
+        object.__setattr__(self, "axis", _checks.integer("Channel.axis", self.axis))
 
 
 Structure = Unstructured | NM | Block | Channel
 Distribution = Uniform | ERK
 
 
-def _check_fraction(name: str, value: Any) -> None:
-    """Raises for a concrete value outside [0, 1); traced values are clipped by the callers."""
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return
-    if not 0.0 <= v < 1.0 or math.isnan(v):
-        raise ValueError(f"{name}: sparsity must be in [0, 1), got {value!r}")
+def check_sparsity(path: str, value: Any) -> Any:
+    """A concrete sparsity in [0, 1) as a Python float; a traced one unchanged (the callers clip it)."""
+    return _checks.fraction(f"{_checks.prefix(path)}sparsity", value, traced=True)
+
+
+def check_nm_sparsity(nm: NM, sparsity: Any) -> None:
+    """A concrete sparsity given with ``NM(n, m)`` must be 0 (not yet) or the pattern's ``1 - n / m``."""
+    if isinstance(sparsity, (int, float)) and sparsity not in (0, 1.0 - nm.n / nm.m):
+        raise ValueError(f"NM({nm.n}, {nm.m}) prunes {1.0 - nm.n / nm.m}; got sparsity={sparsity!r}")
 
 
 def _count(s: Any, n: int) -> Any:
-    """round(s * n), exact in Python for concrete s, float32 when traced."""
-    if isinstance(s, (int, float, np.floating)):
-        return round(float(s) * n)
+    """round(s * n), exact in Python for a concrete (checked) s, float32 when traced."""
+    if isinstance(s, (int, float)):
+        return round(s * n)
     return jnp.round(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0) * n).astype(jnp.int32)
 
 
 # --- structures: per-leaf group scores and their expansion back to weights --------------------
 
 def _check_structure(path: str, shape: tuple[int, ...], structure: Structure) -> None:
+    if not math.prod(shape):
+        raise ValueError(f"{path}: cannot prune a zero-size leaf (shape {shape}); leave it out of where=")
     if isinstance(structure, Unstructured):
         return
     if len(shape) < 2:
@@ -139,10 +142,7 @@ def _block_view(x: jax.Array, b: tuple[int, ...]) -> tuple[jax.Array, tuple[int,
 
 def _like_explicit(fn, x: jax.Array, arg: jax.Array) -> jax.Array:
     """``fn(arg)``; on explicit mesh axes run with auto axes and give the result ``x``'s spec."""
-    spec = jax.typeof(x).sharding.spec
-    if any(a is not None for a in spec):
-        return jax.sharding.auto_axes(fn, out_sharding=jax.P(*spec))(arg)
-    return fn(arg)
+    return _select.auto_explicit(fn, x, jax.typeof(x).sharding.spec)(arg)
 
 
 def _block_scores(score: jax.Array, b: tuple[int, ...]) -> jax.Array:
@@ -238,14 +238,12 @@ def _layer_sparsities(flat, sparsity, distribution, structure) -> list[Any]:
             raise ValueError(f"sparsity rules give no value for selected leaves {missing}")
         values = [per[p] for p in paths]
     elif isinstance(distribution, ERK):
-        _check_fraction("sparsity", sparsity)
+        sparsity = check_sparsity("", sparsity)
         d = erk_densities([tuple(x.shape) for _, x in flat], sparsity, power=distribution.power)
         values = [1.0 - d[i] for i in range(len(flat))]
     else:
         values = [sparsity] * len(flat)
-    for p, v in zip(paths, values):
-        _check_fraction(p, v)
-    return values
+    return [check_sparsity(p, v) for p, v in zip(paths, values)]
 
 
 def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS, scope: Scope = Scope.LAYER,
@@ -288,20 +286,19 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
     flat = _selected(scores, where)
     for p, x in flat:
         _check_structure(p, tuple(x.shape), structure)
+    _checks.finite(flat, "scores")
     if isinstance(structure, NM):
         if scope is not Scope.LAYER or not isinstance(distribution, Uniform):
             raise ValueError("NM is a per-group pattern: use scope=Scope.LAYER and distribution=Uniform()")
-        target = 1.0 - structure.n / structure.m
         if sparsity is not None:
-            _check_fraction("sparsity", sparsity)
-            if isinstance(sparsity, (int, float)) and sparsity not in (0, target):
-                raise ValueError(f"NM({structure.n}, {structure.m}) prunes {target}; got sparsity={sparsity!r}")
+            sparsity = check_sparsity("", sparsity)
+            check_nm_sparsity(structure, sparsity)
         on = jnp.asarray(True) if sparsity is None else jnp.asarray(sparsity) > 0
         masks = {p: _nm_mask(x, structure) | ~on for p, x in flat}
     elif scope is Scope.GLOBAL:
         if not isinstance(distribution, Uniform):
             raise ValueError(f"distribution {distribution} applies to Scope.LAYER; GLOBAL picks layer sparsities itself")
-        _check_fraction("sparsity", sparsity)
+        sparsity = check_sparsity("", sparsity)
         groups = [_group_scores(x, structure) for _, x in flat]
         pruned = _select.bottom_k(groups, _count(sparsity, sum(int(g.size) for g in groups)))
         masks = {p: _expand(~m, x, structure) for (p, x), m in zip(flat, pruned)}
@@ -327,8 +324,12 @@ def global_threshold(scores: Any, sparsity: Any, *, where: Any = _tree.KERNELS) 
       >>> float(global_threshold(s, 0.4))
       3.0
     """
-    _check_fraction("sparsity", sparsity)
-    arrays = [x for _, x in _selected(scores, where)]
+    sparsity = check_sparsity("", sparsity)
+    flat = _selected(scores, where)
+    for p, x in flat:
+        _check_structure(p, tuple(x.shape), Unstructured())
+    _checks.finite(flat, "scores")
+    arrays = [x for _, x in flat]
     k = _count(sparsity, sum(int(x.size) for x in arrays))
     t = _select.kth_smallest(arrays, jnp.asarray(k) - 1, lambda i, x: _select.ukey(x))[0]
     return jnp.where(jnp.asarray(k) > 0, _select.from_ukey(t), jnp.nan)

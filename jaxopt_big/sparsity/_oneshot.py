@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big import calibration as _calibration
 from jaxopt_big.sparsity._masks import NM, Unstructured
 
@@ -43,8 +44,8 @@ def _check(path: str, kernel: Any, sparsity: float, nm: tuple[int, int] | None) 
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2:
         raise ValueError(f"{path}: one-shot pruning needs a 2-d Dense kernel, got shape {kernel.shape}")
-    if nm is None and not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-        raise ValueError(f"{path}: sparsity must be in [0, 1), got {sparsity!r}")
+    if nm is None:
+        _checks.fraction(f"{path}: sparsity", sparsity)
     if nm is not None and kernel.shape[0] % nm[1]:
         raise ValueError(f"{path}: input axis {kernel.shape[0]} is not divisible by m={nm[1]}")
     return kernel
@@ -75,6 +76,7 @@ def wanda_kernel(kernel: jax.typing.ArrayLike, norms: jax.typing.ArrayLike, spar
     """
     nm = _nm(structure, path)
     kernel = _check(path, kernel, sparsity, nm)
+    _checks.finite([(path, kernel), (f"{path} activation norms", norms)], "Wanda inputs")
     norms = jnp.asarray(norms, jnp.float32)
     if norms.shape != kernel.shape[:1]:
         raise ValueError(f"{path}: activation norms have shape {norms.shape}, expected ({kernel.shape[0]},)")
@@ -142,11 +144,13 @@ def sparsegpt_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike
     """
     nm = _nm(structure, path)
     kernel = _check(path, kernel, sparsity, nm)
-    if not isinstance(block_size, int) or block_size < 1 or (nm is not None and block_size % nm[1]):
-        raise ValueError(f"{path}: block_size must be a positive int (a multiple of m for NM), got {block_size!r}")
+    block_size = _checks.integer(f"{path}: block_size", block_size, low=1)
+    if nm is not None and block_size % nm[1]:
+        raise ValueError(f"{path}: block_size must be a multiple of m={nm[1]} for NM, got {block_size!r}")
     d_in = kernel.shape[0]
     if jnp.shape(hessian) != (d_in, d_in):
         raise ValueError(f"{path}: hessian has shape {jnp.shape(hessian)}, expected {(d_in, d_in)}")
+    _checks.finite([(path, kernel), (f"{path} hessian", hessian)], "SparseGPT inputs")
     hinv, dead = _calibration.inverse_hessian(hessian, damp=damp)
     w = jnp.where(dead[None, :], 0.0, kernel.T.astype(jnp.float32))
     for i1 in range(0, d_in, block_size):

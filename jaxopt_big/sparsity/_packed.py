@@ -96,17 +96,24 @@ def pack(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
       ('PackedSparse', [[0.0, 1.0], [0.0, 0.0]])
     """
     if masks is None:
-        return _tree.map_selected(lambda p, x: pack_array(x), params, where)
+        return _tree.map_selected(lambda p, x: _pack_leaf(p, x, None), params, where)
 
     def one(path, m, x):
         if m is None:
             return x
         if jnp.shape(m) != jnp.shape(x):
             raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(x)}")
-        return pack_array(x, m)
+        return _pack_leaf(path, x, m)
 
     return jax.tree_util.tree_map_with_path(lambda p, m, x: one(_tree.path_str(p), m, x), masks, params,
                                             is_leaf=lambda x: x is None)
+
+
+def _pack_leaf(path: str, x: Any, mask: Any) -> PackedSparse:
+    if _leaves.is_compressed(x):
+        raise ValueError(f"{path}: cannot pack a compressed {type(x).__name__} ({x.kind}) as sparse; pack the "
+                         f"pruned float weights before quantizing them, or densify the leaf first")
+    return pack_array(x, mask)
 
 
 def unpack(tree: Any) -> Any:

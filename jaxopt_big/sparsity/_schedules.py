@@ -6,19 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_big import _checks
+
 __all__ = ["polynomial_schedule", "constant_schedule", "one_shot"]
-
-
-def _fraction(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a sparsity in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _step(name: str, value: int) -> int:
-    if not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
 
 
 def constant_schedule(sparsity: float) -> optax.Schedule:
@@ -28,7 +18,7 @@ def constant_schedule(sparsity: float) -> optax.Schedule:
       >>> float(constant_schedule(0.8)(123))
       0.8
     """
-    s = _fraction("sparsity", sparsity)
+    s = float(_checks.fraction("sparsity", sparsity))
     return lambda count: jnp.full([], s, jnp.float32)
 
 
@@ -40,7 +30,7 @@ def one_shot(sparsity: float, *, step: int = 0) -> optax.Schedule:
       >>> float(f(9)), float(f(10))
       (0.0, 0.9)
     """
-    s, at = _fraction("sparsity", sparsity), _step("step", step)
+    s, at = float(_checks.fraction("sparsity", sparsity)), _checks.integer("step", step, low=0)
     return lambda count: jnp.where(jnp.asarray(count) >= at, jnp.float32(s), jnp.float32(0))
 
 
@@ -57,13 +47,13 @@ def polynomial_schedule(*, final_sparsity: float, begin_step: int, end_step: int
       >>> [round(float(f(t)), 4) for t in (0, 50, 100, 200)]
       [0.0, 0.7875, 0.9, 0.9]
     """
-    s_f, s_i = _fraction("final_sparsity", final_sparsity), _fraction("init_sparsity", init_sparsity)
-    begin, end, every = _step("begin_step", begin_step), _step("end_step", end_step), _step("update_every", update_every)
-    if end <= begin or every < 1:
-        raise ValueError(f"polynomial_schedule needs begin_step < end_step and update_every >= 1, got "
-                         f"begin_step={begin}, end_step={end}, update_every={every}")
-    if not isinstance(power, (int, float)) or power <= 0:
-        raise ValueError(f"power must be positive, got {power!r}")
+    s_f = float(_checks.fraction("final_sparsity", final_sparsity))
+    s_i = float(_checks.fraction("init_sparsity", init_sparsity))
+    begin, end = _checks.integer("begin_step", begin_step, low=0), _checks.integer("end_step", end_step, low=0)
+    every = _checks.integer("update_every", update_every, low=1)
+    if end <= begin:
+        raise ValueError(f"polynomial_schedule needs begin_step < end_step, got begin_step={begin}, end_step={end}")
+    power = _checks.number("power", power, above=0)
 
     def schedule(count: jax.Array) -> jax.Array:
         count = jnp.asarray(count)

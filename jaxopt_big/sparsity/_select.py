@@ -39,6 +39,18 @@ def from_ukey(k: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(b, jnp.float32)
 
 
+def auto_explicit(fn: Callable, x: jax.Array, out_spec: jax.sharding.PartitionSpec) -> Callable:
+    """``fn`` with ``x``'s explicit mesh axes made automatic, its result placed as ``out_spec``.
+
+    The mesh is read from ``x``, so this works with or without ``jax.set_mesh``. Arrays without
+    explicit mesh axes get ``fn`` unchanged.
+    """
+    sharding = jax.typeof(x).sharding
+    if all(a is None for a in sharding.spec):
+        return fn
+    return jax.sharding.auto_axes(fn, out_sharding=jax.sharding.NamedSharding(sharding.mesh, out_spec))
+
+
 def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
@@ -70,10 +82,8 @@ def _sample(arrays: Sequence[jax.Array], key_fn: KeyFn, n: int) -> jax.Array:
     for i, x in enumerate(arrays):
         m = max(1, round(_SAMPLE * x.size / n))
         stride = max(1, x.size // m)
-        take = lambda x: x.reshape(-1)[stride // 2::stride][:m]
-        if any(a is not None for a in jax.typeof(x).sharding.spec):
-            # Explicit mesh axes: let XLA partition the strided read; only the sample is replicated.
-            take = jax.sharding.auto_axes(take, out_sharding=jax.P())
+        # Explicit mesh axes: let XLA partition the strided read; only the sample is replicated.
+        take = auto_explicit(lambda x: x.reshape(-1)[stride // 2::stride][:m], x, jax.P())
         parts.append(key_fn(i, take(x)))
     return jnp.sort(jnp.concatenate(parts))
 

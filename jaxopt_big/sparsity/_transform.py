@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxopt_big import _checks
+from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.sparsity import _masks
 from jaxopt_big.sparsity import _scores
@@ -49,11 +51,18 @@ def score_fn(score: Any) -> ScoreFn:
     return score
 
 
-def as_schedule(sparsity: Any) -> optax.Schedule:
-    """A float becomes a constant schedule; the value at step 0 is checked to be in [0, 1)."""
-    schedule = sparsity if callable(sparsity) else (lambda count: jnp.asarray(sparsity, jnp.float32))
-    _masks._check_fraction("sparsity", sparsity if not callable(sparsity) else schedule(jnp.int32(0)))
-    return schedule
+def as_schedule(sparsity: Any, structure: _masks.Structure = _masks.Unstructured()) -> optax.Schedule:
+    """A number becomes a constant schedule; the value at step 0 is checked to be in [0, 1).
+
+    With ``NM(n, m)`` a constant must be 0 or the pattern's own sparsity ``1 - n / m``.
+    """
+    if callable(sparsity):
+        _masks.check_sparsity("", sparsity(jnp.int32(0)))
+        return sparsity
+    s = _masks.check_sparsity("", sparsity)
+    if isinstance(structure, _masks.NM):
+        _masks.check_nm_sparsity(structure, s)
+    return lambda count: jnp.asarray(s, jnp.float32)
 
 
 def check_params(name: str, params: Any) -> None:
@@ -61,12 +70,26 @@ def check_params(name: str, params: Any) -> None:
         raise ValueError(f"{name}: update needs the current params (tx.update(grads, state, params))")
 
 
-def ones_masks(params: Any, where: Any) -> Any:
-    """All-True masks (with the parameter's sharding) at the selected leaves, None elsewhere."""
+def check_trainable(name: str, params: Any, where: Any) -> Any:
+    """The selection of ``where`` in ``params``, which may hold compressed leaves as long as none is selected.
+
+    A compressed leaf (``QArray``, ``LowRank``, ...) is not a float array the optimizer trains, so it
+    cannot be pruned while training; unselected ones pass through untouched.
+    """
     chosen = _tree.select(params, where)
+    for (path, x), c in zip(_leaves.leaves_with_path(params), jax.tree.leaves(chosen)):
+        if c and _leaves.is_compressed(x):
+            raise ValueError(f"{name}: {_tree.path_str(path)} is a compressed {type(x).__name__} ({x.kind}), not a "
+                             f"float array it can prune while training; leave it out of where= or densify it first")
     if not any(jax.tree.leaves(chosen)):
         raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
-    return jax.tree.map(lambda x, c: jnp.full_like(x, True, dtype=bool) if c else None, params, chosen)
+    return chosen
+
+
+def ones_masks(params: Any, where: Any) -> Any:
+    """All-True masks (with the parameter's sharding) at the selected leaves, None elsewhere."""
+    chosen = check_trainable("prune", params, where)
+    return _tree.map_with_path(lambda p, x, c: jnp.full_like(x, True, dtype=bool) if c else None, params, chosen)
 
 
 def masked_updates(masks: Any, updates: Any, params: Any) -> Any:
@@ -106,10 +129,9 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
       >>> optax.apply_updates(params, updates)["d"]["kernel"].tolist()
       [[0.0, -3.0], [0.0, 2.0]]
     """
-    schedule = as_schedule(sparsity)
+    schedule = as_schedule(sparsity, structure)
     scorer = score_fn(score)
-    if not isinstance(update_every, int) or update_every < 1:
-        raise ValueError(f"update_every must be a positive int, got {update_every!r}")
+    update_every = _checks.integer("update_every", update_every, low=1)
     if score is _scores.random and key is None:
         raise ValueError("score=random needs an explicit key=")
     inner_tx = optax.with_extra_args_support(tx)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxopt_big import _checks
 from jaxopt_big import data as _data
 from jaxopt_big.train._state import TrainState
 from jaxopt_big.train._step import apply_gradients, classifier_loss, grads_and_metrics
@@ -50,8 +51,7 @@ def kfold(n: int, k: int, key: jax.Array, *, labels: np.ndarray | None = None
       >>> [len(test) for _, test in folds], sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(10))
       ([2, 2, 2, 2, 2], True)
     """
-    if not isinstance(k, int) or not 2 <= k <= n:
-        raise ValueError(f"k must be an int in [2, n={n}], got {k!r}")
+    k = _checks.integer("k", k, low=2, high=n)
     labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")

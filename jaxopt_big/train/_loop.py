@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxopt_big import _checks
 from jaxopt_big import data as _data
 from jaxopt_big.train._state import TrainState
 
@@ -67,11 +68,6 @@ def _check_mode(name: str, mode: str) -> None:
         raise ValueError(f"{name}.mode must be 'min' or 'max', got {mode!r}")
 
 
-def _check_patience(name: str, patience: Any) -> None:
-    if not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"{name}.patience must be a positive int, got {patience!r}")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Monitor(Callback):
     """Tracks the best value of ``monitor`` and the evaluated epochs since it last improved.
@@ -88,9 +84,8 @@ class _Monitor(Callback):
     def __post_init__(self):
         name = type(self).__name__
         _check_mode(name, self.mode)
-        _check_patience(name, self.patience)
-        if self.min_delta < 0:
-            raise ValueError(f"{name}.min_delta must be >= 0, got {self.min_delta!r}")
+        _checks.integer(f"{name}.patience", self.patience, low=1)
+        _checks.number(f"{name}.min_delta", self.min_delta, low=0)
 
     def init(self, state: TrainState, *, evaluates: bool) -> Any:
         if self.monitor.startswith("val_") and not evaluates:
@@ -143,8 +138,7 @@ class ReduceOnPlateau(_Monitor):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < self.factor < 1.0:
-            raise ValueError(f"ReduceOnPlateau.factor must be in (0, 1), got {self.factor!r}")
+        _checks.fraction("ReduceOnPlateau.factor", self.factor, open_low=True)
 
     def init(self, state: TrainState, *, evaluates: bool) -> Any:
         if _learning_rate(state.opt_state) is None:
@@ -246,11 +240,9 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
       >>> len(history), history[-1]["loss"] < history[0]["loss"]
       (3, True)
     """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
-    if not isinstance(eval_every, int) or eval_every < 1 or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"eval_every and checkpoint_every must be positive ints, got {eval_every!r}, "
-                         f"{checkpoint_every!r}")
+    epochs = _checks.integer("epochs", epochs, low=0)
+    eval_every = _checks.integer("eval_every", eval_every, low=1)
+    checkpoint_every = _checks.integer("checkpoint_every", checkpoint_every, low=1)
     if len(train) < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(train)} examples)")
     callbacks = _as_callbacks(callbacks, early_stopping, plateau)

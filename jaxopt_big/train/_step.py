@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_big import _checks
 from jaxopt_big.train._state import TrainState
 
 __all__ = ["make_step", "classifier_loss", "grads_and_metrics", "apply_gradients"]
@@ -34,8 +35,7 @@ def classifier_loss(apply_fn: Callable[..., Any], *, batch_stats: bool = False,
       >>> float(aux["accuracy"])
       1.0
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    label_smoothing = _checks.fraction("label_smoothing", label_smoothing)
 
     def metrics(logits, y):
         if label_smoothing:
@@ -114,8 +114,7 @@ def grads_and_metrics(loss_fn: LossFn, state: TrainState, batch: Any, *, accum_s
       >>> g["w"].tolist(), float(m["loss"])
       ([-1.0, -1.0], 1.0)
     """
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    accum_steps = _checks.integer("accum_steps", accum_steps, low=1)
     _check_keywords(loss_fn, state)
 
     def one(params, batch_stats, micro, index):
@@ -226,8 +225,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
       >>> state.params["w"].tolist(), float(metrics["loss"])
       ([1.0, 1.0], 2.0)
     """
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+    accum_steps = _checks.integer("accum_steps", accum_steps, low=1)
 
     def step(state: TrainState, batch: Any):
         grads, metrics, stats = grads_and_metrics(loss_fn, state, batch, accum_steps=accum_steps,

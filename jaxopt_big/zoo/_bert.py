@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -58,9 +59,7 @@ class BertConfig:
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions", "type_vocab_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"BertConfig.{f} must be a positive int, got {v!r}")
+            _checks.integer(f"BertConfig.{f}", getattr(self, f), low=1)
         if self.hidden % self.heads:
             raise ValueError(f"BertConfig: hidden={self.hidden} is not divisible by heads={self.heads}")
 
