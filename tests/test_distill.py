@@ -210,9 +210,10 @@ def test_bad_temperature(temp):
         distill.combine(CE, teacher, student=student, alpha=0.5, temperature=temp)
 
 
-@pytest.mark.parametrize("alpha", [-0.1, 1.5, True, "0.5"])
-def test_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="alpha"):
+@pytest.mark.parametrize("alpha, error", [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                                          (True, TypeError), ("0.5", TypeError)])
+def test_bad_alpha(alpha, error):
+    with pytest.raises(error, match="alpha"):
         distill.combine(CE, teacher, student=student, alpha=alpha, temperature=1.0)
 
 

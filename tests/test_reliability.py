@@ -25,13 +25,13 @@ def _sharded(x, mesh, spec):
 
 # --- 7. explicit sharding, with and without jax.set_mesh --------------------------------------
 
-MASK_CASES = [(scope, structure, 0.5) for scope in sp.Scope
+MASK_CASES = [(False, scope, structure, 0.5) for scope in sp.Scope
               for structure in (sp.Unstructured(), sp.Block((2, 2)), sp.Channel(-1))] + [
-    (sp.Scope.LAYER, sp.NM(2, 4), None)]
+    (False, sp.Scope.LAYER, sp.NM(2, 4), None), (True, sp.Scope.GLOBAL, sp.Unstructured(), 0.5),
+    (True, sp.Scope.LAYER, sp.Block((2, 2)), 0.5)]
 
 
-@pytest.mark.parametrize("with_mesh", [False, True])
-@pytest.mark.parametrize("scope,structure,sparsity", MASK_CASES, ids=str)
+@pytest.mark.parametrize("with_mesh,scope,structure,sparsity", MASK_CASES, ids=str)
 def test_7_masks_on_explicit_sharding_equal_unsharded(with_mesh, scope, structure, sparsity):
     mesh = _explicit_mesh()
     w = jax.random.normal(jax.random.key(0), (8, 16))
@@ -64,8 +64,7 @@ def test_7_erk_and_prune_update_on_explicit_sharding(with_mesh):
     assert got["a"]["kernel"].sharding.spec == jax.P("data", "model")
 
 
-@pytest.mark.parametrize("with_mesh", [False, True])
-@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("with_mesh,size", [(False, 2), (False, 8), (True, 4)])
 def test_7_group_quantization_along_a_sharded_axis(with_mesh, size):
     mesh = _explicit_mesh()
     w = jax.random.normal(jax.random.key(2), (8, 16))
@@ -78,3 +77,249 @@ def test_7_group_quantization_along_a_sharded_axis(with_mesh, size):
     np.testing.assert_array_equal(got.values, want.values)
     np.testing.assert_array_equal(got.dense(), want.dense())
     np.testing.assert_array_equal(fake, want.dense())
+
+
+# --- 2. non-finite weights: eager ValueError naming the leaf; traced NaN confined to its group -------
+
+BAD = [("nan", np.nan), ("inf", np.inf)]
+
+
+@pytest.mark.parametrize("name,bad", BAD)
+def test_2_eager_non_finite_raises_naming_the_leaf(name, bad):
+    params = {"d": {"kernel": jnp.ones((8, 4)).at[2, 1].set(bad)}}
+    leaf = params["d"]["kernel"]
+    spec = q.QuantSpec(bits=4, granularity=q.PER_CHANNEL)
+    calls = [lambda: q.quantize_params(params, spec), lambda: q.fake_quant_params(params, spec),
+             lambda: q.quantize_params(params, q.Float8()), lambda: q.quantize_params(params, q.Binary()),
+             lambda: jb.lowrank.factorize_params(params, rank=2),
+             lambda: sp.make_masks(sp.magnitude(params), 0.5), lambda: sp.global_threshold(params, 0.5),
+             lambda: q.cluster(params, 2, key=jax.random.key(0)),
+             lambda: sp.wanda_kernel(leaf, jnp.ones(8), path="d/kernel"),
+             lambda: sp.sparsegpt_kernel(leaf, jnp.eye(8), path="d/kernel"),
+             lambda: q.gptq_kernel(leaf, jnp.eye(8), q.QuantSpec(), path="d/kernel")]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"d/kernel: .*contain NaN or Inf \(1 of 32 values\)"):
+            call()
+
+
+@pytest.mark.parametrize("name,bad", BAD)
+@pytest.mark.parametrize("fmt", [q.QuantSpec(bits=4, granularity=q.PER_CHANNEL),
+                                 q.QuantSpec(bits=4, symmetric=False, granularity=q.PER_CHANNEL, calibration=q.MSE(steps=4)),
+                                 q.QuantSpec(bits=4, granularity=q.PER_CHANNEL, calibration=q.Percentile(99.0)),
+                                 q.QuantSpec(bits=4, granularity=q.Group(4)), q.Binary(), q.Ternary()], ids=repr)
+def test_2_traced_non_finite_poisons_only_its_own_channel(name, bad, fmt):
+    w = jax.random.normal(jax.random.key(0), (8, 4))
+    poisoned = w.at[2, 1].set(bad)
+    fake = jax.jit(fmt.fake_quant)(poisoned)
+    dense = jax.jit(lambda x: fmt.quantize(x).dense())(poisoned)
+    group = np.zeros((8, 4), bool)
+    group[(slice(0, 4) if isinstance(getattr(fmt, "granularity", None), q.Group) else slice(None)), 1] = True
+    for out in (fake, dense):
+        assert np.isnan(np.asarray(out)[group]).all()            # the poisoned group is NaN, visibly
+        np.testing.assert_allclose(np.asarray(out)[~group], np.asarray(fmt.fake_quant(w))[~group], rtol=1e-6)
+
+
+def test_2_traced_non_finite_factorize_gives_nan_factors_only_for_that_leaf():
+    w = jax.random.normal(jax.random.key(0), (8, 4))
+    params = {"a": {"kernel": w.at[0, 0].set(jnp.inf)}, "b": {"kernel": w}}
+    out = jax.jit(lambda p: jb.lowrank.factorize_params(p, rank=2))(params)
+    assert np.isnan(np.asarray(out["a"]["kernel"].dense())).all()
+    np.testing.assert_allclose(out["b"]["kernel"].dense(), jb.lowrank.factorize(w, rank=2).dense(), rtol=1e-5, atol=1e-6)
+
+
+# --- 3. one set of argument checks: numpy scalars accepted, bools / NaN / Inf rejected ----------------
+
+def test_3_numpy_scalars_are_checked_like_python_numbers():
+    scores = {"d": {"kernel": jnp.arange(32.0).reshape(8, 4)}}
+    for bad in (np.float32(0.3), jnp.float32(0.3), 0.3):
+        with pytest.raises(ValueError, match=r"NM\(2, 4\) prunes 0.5"):
+            sp.make_masks(scores, bad, structure=sp.NM(2, 4))
+        with pytest.raises(ValueError, match=r"NM\(2, 4\) prunes 0.5"):
+            sp.prune(optax.sgd(1.0), sparsity=bad, structure=sp.NM(2, 4))
+    np.testing.assert_array_equal(sp.make_masks(scores, np.float32(0.5), structure=sp.NM(2, 4))["d"]["kernel"],
+                                  sp.make_masks(scores, 0.5, structure=sp.NM(2, 4))["d"]["kernel"])
+    np.testing.assert_array_equal(sp.make_masks(scores, np.float64(0.25))["d"]["kernel"],
+                                  sp.make_masks(scores, 0.25)["d"]["kernel"])
+    f = sp.polynomial_schedule(final_sparsity=np.float32(0.5), begin_step=np.int64(0), end_step=np.int32(10))
+    assert float(f(10)) == 0.5
+    jb.distill.combine(lambda logits, y: logits.sum(-1), None, student=lambda p, x: x, alpha=np.float32(0.5),
+                       temperature=np.float64(2.0))
+    assert q.QuantSpec(bits=np.int64(4)).bits == 4 and type(q.QuantSpec(bits=np.int64(4)).bits) is int
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: sp.polynomial_schedule(final_sparsity=0.5, begin_step=0, end_step=10, power=float("nan")),
+     ValueError, r"power must be a finite number > 0, got nan"),
+    (lambda: jb.lowrank.lora_init({"d": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0), rank=2, alpha=float("inf")),
+     ValueError, r"alpha must be a finite number, got inf"),
+    (lambda: jb.lowrank.lora_init({"d": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0), rank=2, alpha=float("nan")),
+     ValueError, r"alpha must be a finite number, got nan"),
+    (lambda: jb.distill.kd_loss(jnp.ones((2, 3)), jnp.ones((2, 3)), float("inf")),
+     ValueError, r"temperature must be a finite number > 0, got inf"),
+    (lambda: sp.NM(True, 4), TypeError, r"NM.n must be an int, got True"),
+    (lambda: jb.checkpoint.Manager("/nonexistent/never", max_to_keep=True), TypeError, r"max_to_keep .*got True"),
+    (lambda: q.QuantSpec(bits=True), TypeError, r"QuantSpec.bits must be an int, got True"),
+    (lambda: sp.make_masks({"d": {"kernel": jnp.ones((4, 4))}}, float("nan")), ValueError, r"sparsity must be in"),
+    (lambda: sp.prune(optax.sgd(1.0), sparsity=0.5, update_every=np.float32(2)), TypeError, r"update_every must be an int"),
+    (lambda: jb.distill.combine(lambda l, y: l, None, student=lambda p, x: x, alpha=float("nan"), temperature=1.0),
+     ValueError, r"alpha must be a finite number in \[0, 1\], got nan"),
+], ids=["power_nan", "alpha_inf", "alpha_nan", "temperature_inf", "nm_bool", "max_to_keep_bool", "bits_bool",
+        "sparsity_nan", "update_every_float", "combine_alpha_nan"])
+def test_3_bools_nan_and_inf_are_rejected(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --- 8. techniques compose on trees that hold compressed leaves -----------------------------------
+
+def _mixed():
+    w = jax.random.normal(jax.random.key(3), (8, 4))
+    return {"a": {"kernel": q.quantize(w, q.QuantSpec())}, "b": {"kernel": w, "bias": jnp.ones(4)}}
+
+
+def test_8_prune_and_dynamic_sparsity_on_a_tree_with_a_qarray():
+    params = _mixed()
+    for tx in (sp.prune(optax.sgd(0.1), sparsity=0.5, where="b/kernel"),
+               sp.rigl(optax.sgd(0.1), sparsity=0.5, where="b/kernel", key=jax.random.key(0), end_step=10)):
+        state = tx.init(params)
+        assert state.masks["a"]["kernel"] is None
+        grads = jax.tree.map(jnp.zeros_like, params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        assert float(jnp.mean(new["b"]["kernel"] == 0)) == 0.5
+        np.testing.assert_array_equal(new["a"]["kernel"].values, params["a"]["kernel"].values)
+    with pytest.raises(ValueError, match=r"prune: a/kernel is a compressed QArray \(int8\).*leave it out of where="):
+        sp.prune(optax.sgd(0.1), sparsity=0.5).init(params)
+
+
+def test_8_quantize_and_factorize_leave_other_compressed_leaves_alone():
+    params = _mixed()
+    out = q.quantize_params(params, q.QuantSpec(bits=4), where="b/kernel")
+    assert out["a"]["kernel"] is params["a"]["kernel"] and out["b"]["kernel"].bits == 4
+    low = jb.lowrank.factorize_params(params, rank=2, where="b/kernel")
+    assert low["a"]["kernel"] is params["a"]["kernel"] and low["b"]["kernel"].v.shape == (2, 4)
+
+
+# --- 9. errors that name the leaf -------------------------------------------------------------------
+
+def test_9_zero_size_kernels_and_pack_of_compressed_leaves_name_the_leaf():
+    empty = {"d": {"kernel": jnp.zeros((0, 4))}}
+    with pytest.raises(ValueError, match=r"d/kernel: cannot prune a zero-size leaf \(shape \(0, 4\)\)"):
+        sp.make_masks(empty, 0.5)
+    with pytest.raises(ValueError, match=r"d/kernel: cannot prune a zero-size leaf"):
+        sp.global_threshold(empty, 0.5)
+    for granularity in (q.PER_TENSOR, q.PER_CHANNEL):
+        with pytest.raises(ValueError, match=r"d/kernel: cannot quantize a zero-size array \(shape \(0, 4\)\)"):
+            q.quantize_params(empty, q.QuantSpec(granularity=granularity))
+    params = {"d": {"kernel": jnp.arange(16.0).reshape(4, 4)}}
+    qtree = q.quantize_params(params, q.QuantSpec())
+    with pytest.raises(ValueError, match=r"d/kernel: cannot pack a compressed QArray \(int8\) as sparse"):
+        sp.pack(qtree, sp.make_masks(sp.magnitude(params), 0.5))
+    with pytest.raises(ValueError, match=r"d/kernel: cannot pack a compressed QArray"):
+        sp.pack(qtree)
+
+
+# --- 11. tests that catch planted one-line bugs -----------------------------------------------------
+
+def _prune_setup():
+    w = jax.random.normal(jax.random.key(4), (8, 6))
+    g = jax.random.normal(jax.random.key(5), (8, 6))
+    return {"d": {"kernel": w}}, {"d": {"kernel": g}}
+
+
+def test_11_prune_masks_the_gradient_before_the_inner_optimizer():
+    params, grads = _prune_setup()
+    tx = sp.prune(optax.adam(1e-2), sparsity=0.5, update_every=1000)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    pruned = ~np.asarray(state.masks["d"]["kernel"])
+    adam = state.inner[0]
+    assert pruned.sum() == 24
+    assert not np.asarray(adam.mu["d"]["kernel"])[pruned].any() and not np.asarray(adam.nu["d"]["kernel"])[pruned].any()
+    assert np.asarray(adam.mu["d"]["kernel"])[~pruned].all()
+
+
+def test_11_prune_with_global_clipping_inside_matches_a_masked_reference():
+    params, grads = _prune_setup()
+    tx = sp.prune(optax.chain(optax.clip_by_global_norm(0.1), optax.sgd(1.0)), sparsity=0.5, update_every=1000)
+    updates, state = tx.update(grads, tx.init(params), params)
+    got = np.asarray(optax.apply_updates(params, updates)["d"]["kernel"])
+    w, g = np.asarray(params["d"]["kernel"]), np.asarray(grads["d"]["kernel"])
+    keep = np.abs(w) > np.median(np.abs(w))                                # 24 of 48, no ties
+    gm = np.where(keep, g, 0.0)
+    want = np.where(keep, w - gm * min(1.0, 0.1 / np.linalg.norm(gm)), 0.0)  # the norm of the masked gradient
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_11_float8_fake_quant_has_no_gradient_outside_a_fixed_range():
+    x = jnp.array([0.5, -1.0, 3.0, -7.5, 100.0])
+    scale = 4.0 / q.Float8().max                                               # range [-4, 4]
+    out = q.Float8().fake_quant(x, scale)
+    np.testing.assert_allclose(out[2:], [3.0, -4.0, 4.0], rtol=0.07)
+    grad = jax.grad(lambda x: q.Float8().fake_quant(x, scale).sum())(x)
+    np.testing.assert_array_equal(grad, [1.0, 1.0, 1.0, 0.0, 0.0])
+
+
+# --- the shared argument checks (_checks): properties ---------------------------------------------
+
+import hypothesis  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+from jaxopt_big import _checks  # noqa: E402
+
+FORMS = [lambda v: v, np.float32, np.float64, lambda v: np.asarray(v, np.float32), lambda v: jnp.asarray(v, jnp.float32)]
+INT_FORMS = [lambda v: v, np.int8, np.int64, lambda v: np.asarray(v), lambda v: jnp.asarray(v, jnp.int32)]
+
+
+@hypothesis.given(v=st.floats(allow_nan=True, allow_infinity=True, width=32), form=st.sampled_from(FORMS),
+                  closed=st.booleans())
+@hypothesis.settings(max_examples=60, deadline=None)
+def test_checks_fraction_accepts_every_scalar_form_exactly_in_range(v, form, closed):
+    inside = 0 <= v < 1 or (closed and v == 1)
+    if inside:
+        assert _checks.fraction("s", form(v), closed=closed) == v and isinstance(_checks.fraction("s", form(v)), float)
+    else:
+        with pytest.raises(ValueError, match=r"s must be in \[0, 1[)\]], got"):
+            _checks.fraction("s", form(v), closed=closed)
+
+
+@hypothesis.given(v=st.integers(-300, 300), form=st.sampled_from(INT_FORMS), low=st.integers(-5, 5))
+@hypothesis.settings(max_examples=60, deadline=None)
+def test_checks_integer_accepts_every_int_form_and_bounds(v, form, low):
+    v = int(np.int8(np.clip(v, -128, 127)))
+    if v >= low:
+        assert _checks.integer("n", form(v), low=low) == v and type(_checks.integer("n", form(v))) is int
+    else:
+        with pytest.raises(ValueError, match=rf"n must be an int >= {low}, got"):
+            _checks.integer("n", form(v), low=low)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(False), jnp.asarray(True), "1", None, [1], 1.5, np.float32(2.0)])
+def test_checks_integer_rejects_bools_strings_and_floats(bad):
+    with pytest.raises(TypeError, match="n must be an int"):
+        _checks.integer("n", bad)
+
+
+@hypothesis.given(v=st.floats(allow_nan=True, allow_infinity=True), allow_inf=st.booleans())
+@hypothesis.settings(max_examples=60, deadline=None)
+def test_checks_number_rejects_nan_always_and_inf_unless_allowed(v, allow_inf):
+    ok = not np.isnan(v) and (allow_inf or np.isfinite(v)) and v > 0
+    if ok:
+        assert _checks.number("t", v, above=0, allow_inf=allow_inf) == v
+    else:
+        with pytest.raises(ValueError, match=r"t must be a (finite )?number > 0, got"):
+            _checks.number("t", v, above=0, allow_inf=allow_inf)
+    with pytest.raises(TypeError, match="t must be a number"):
+        _checks.number("t", bool(v == v))
+
+
+def test_checks_traced_values_pass_only_where_allowed():
+    assert jax.jit(lambda s: _checks.fraction("s", s, traced=True) * 2)(0.25) == 0.5
+    with pytest.raises(TypeError, match="s must be a concrete number"):
+        jax.jit(lambda s: _checks.fraction("s", s))(0.25)
+    _checks.finite([("a", jnp.ones(2)), ("i", jnp.arange(3)), ("e", jnp.zeros(0))])
+    jax.jit(lambda x: _checks.finite([("a", x)]) or x)(jnp.array([jnp.nan]))  # traced: not inspected
+    with pytest.raises(ValueError, match=r"b: w contain NaN or Inf \(2 of 3 values\)"):
+        _checks.finite([("a", jnp.ones(2)), ("b", np.array([np.inf, 1.0, np.nan]))], "w")

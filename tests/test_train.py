@@ -26,7 +26,7 @@ def _digits(n=128):
 
 def test_accumulation_4x32_equals_batch_128():
     x, y = _digits(128)
-    tx = optax.adam(1e-2)
+    tx = optax.sgd(0.5)  # linear in the gradient: a wrong 1/accum_steps would show in full (Adam cancels it)
     loss = jb.train.classifier_loss(lambda p, x: MLP.apply({"params": p}, x))
     big, acc = _mlp_state(tx, x), _mlp_state(tx, x)
     step_big = jb.train.make_step(loss, tx, donate=False)

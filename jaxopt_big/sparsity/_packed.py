@@ -99,11 +99,7 @@ def pack(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
         return _tree.map_selected(lambda p, x: _pack_leaf(p, x, None), params, where)
 
     def one(path, m, x):
-        if m is None:
-            return x
-        if jnp.shape(m) != jnp.shape(x):
-            raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(x)}")
-        return _pack_leaf(path, x, m)
+        return x if m is None else _pack_leaf(path, x, m)
 
     return jax.tree_util.tree_map_with_path(lambda p, m, x: one(_tree.path_str(p), m, x), masks, params,
                                             is_leaf=lambda x: x is None)
@@ -113,6 +109,8 @@ def _pack_leaf(path: str, x: Any, mask: Any) -> PackedSparse:
     if _leaves.is_compressed(x):
         raise ValueError(f"{path}: cannot pack a compressed {type(x).__name__} ({x.kind}) as sparse; pack the "
                          f"pruned float weights before quantizing them, or densify the leaf first")
+    if mask is not None and jnp.shape(mask) != jnp.shape(x):
+        raise ValueError(f"{path}: mask shape {jnp.shape(mask)} differs from parameter shape {jnp.shape(x)}")
     return pack_array(x, mask)
 
 
