@@ -56,19 +56,25 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def _python(name: str, value: Any, kind: str, types: type) -> Any:
+    """``value`` as the Python scalar it holds, if it is a ``types`` (and not a bool), else ``TypeError``."""
+    if is_traced(value):
+        raise TypeError(f"{name} must be a concrete {kind} (not traced under jit), got {value!r}")
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, types):
+        raise TypeError(f"{name} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+    return value
+
+
 def scalar(name: str, value: Any) -> int | float:
     """The Python number a (Python, NumPy or concrete 0-d array) scalar holds; bools are rejected.
 
     Raises:
       TypeError: not a real number, a bool, an array with ndim > 0, or a traced value.
     """
-    if is_traced(value):
-        raise TypeError(f"{name} must be a concrete number (not traced under jit), got {value!r}")
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
+    v = _python(name, value, "number", numbers.Real)
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
 
 
 def _bounds(low=None, high=None, above=None, below=None) -> str:
@@ -116,13 +122,7 @@ def integer(name: str, value: Any, *, low: int | None = None, high: int | None =
       ...
       TypeError: steps must be an int, got 3.0
     """
-    if is_traced(value):
-        raise TypeError(f"{name} must be a concrete int (not traced under jit), got {value!r}")
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    v = int(value)
+    v = int(_python(name, value, "int", numbers.Integral))
     if (low is not None and v < low) or (high is not None and v > high):
         raise ValueError(f"{name} must be an int{_bounds(low, high)}, got {value!r}")
     return v

@@ -279,7 +279,8 @@ INT_FORMS = [lambda v: v, np.int8, np.int64, lambda v: np.asarray(v), lambda v: 
 def test_checks_fraction_accepts_every_scalar_form_exactly_in_range(v, form, closed):
     inside = 0 <= v < 1 or (closed and v == 1)
     if inside:
-        assert _checks.fraction("s", form(v), closed=closed) == v and isinstance(_checks.fraction("s", form(v)), float)
+        assert _checks.fraction("s", form(v), closed=closed) == v
+        assert isinstance(_checks.fraction("s", form(v), closed=closed), float)
     else:
         with pytest.raises(ValueError, match=r"s must be in \[0, 1[)\]], got"):
             _checks.fraction("s", form(v), closed=closed)
