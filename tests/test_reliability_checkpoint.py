@@ -202,6 +202,9 @@ def test_step_with_rng_needs_a_loss_that_takes_rng():
     step = jb.train.make_step(lambda p, b: ((p["w"] ** 2).sum(), {}), tx)
     with pytest.raises(TypeError, match=r"state carries rng .*loss_fn must accept a rng= keyword"):
         step(state, jnp.ones(2))
+    with_stats = jb.train.TrainState.create({"w": jnp.zeros(2)}, tx, batch_stats={"mean": jnp.zeros(2)})
+    with pytest.raises(TypeError, match=r"state carries batch_stats .*loss_fn must accept a batch_stats= keyword"):
+        step(with_stats, jnp.ones(2))
     takes_kwargs = jb.train.make_step(lambda p, b, **kw: ((p["w"] - jax.random.normal(kw["rng"], (2,))).sum(), {}), tx)
     assert int(takes_kwargs(state, jnp.ones(2))[0].step) == 1
 
