@@ -251,15 +251,6 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
 
 
-def _check_step(step: Any) -> int:
-    """A non-negative integer step: a Python or numpy int, or an integer 0-d array (``state.step``)."""
-    integral = isinstance(step, (int, np.integer)) or (
-        hasattr(step, "dtype") and np.ndim(step) == 0 and jnp.issubdtype(step.dtype, jnp.integer))
-    if isinstance(step, (bool, np.bool_)) or not integral or int(step) < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    return int(step)
-
-
 def _check_json(value: Any, path: str = "extra") -> None:
     """Raises TypeError naming the first part of ``value`` that JSON would not give back as it is."""
     if isinstance(value, dict):
@@ -321,9 +312,9 @@ class Manager:
           True if saved, False if skipped because ``step`` is not a multiple of ``save_interval_steps``.
 
         Raises:
-          ValueError: ``step`` is negative, not an int, or not newer than the latest saved step
-            (unless ``overwrite``).
-          TypeError: ``extra`` holds something JSON cannot store (the message names where).
+          ValueError: ``step`` is negative or not newer than the latest saved step (unless ``overwrite``).
+          TypeError: ``step`` is not an int, or ``extra`` holds something JSON cannot store (the
+            message names where).
 
         Examples:
           >>> import tempfile, jax.numpy as jnp
@@ -334,7 +325,7 @@ class Manager:
           Traceback (most recent call last):
           ValueError: step 0 already exists in ...; pass overwrite=True to replace it
         """
-        step = _check_step(step)
+        step = _checks.integer("step", step, low=0)
         if not force and step % self.save_interval_steps:
             return False
         extra = dict(extra or {})
