@@ -25,8 +25,9 @@ __all__ = ["gptq", "gptq_kernel"]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "dynamic"))
-def _gptq_block(w1, hinv1, scale, zero, groups, spec, group, dynamic):
-    """One block of inputs of ``W`` (rows = outputs). ``groups[i]``: scale row of block column i."""
+def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
+    """One block of inputs of ``W`` (rows = outputs). ``groups[i]``: scale row of block column i;
+    ``pruned1``: weights that stay zero (their rounding error is their whole value)."""
     rows, cols = w1.shape
 
     def body(i, carry):
@@ -39,6 +40,7 @@ def _gptq_block(w1, hinv1, scale, zero, groups, spec, group, dynamic):
             zero = zero if zero is None else jnp.where(start, zero.at[g].set(z[0]), zero)
         w = w1[:, i]
         q = spec.fake_quant(w[None, :], scale[g][None], None if zero is None else zero[g][None])[0]
+        q = jnp.where(pruned1[:, i], 0.0, q)
         err = (w - q) / hinv1[i, i]
         w1 = w1 - err[:, None] * hinv1[i][None, :]  # upper triangular: columns >= i; column i becomes q
         return w1.at[:, i].set(q), err1.at[:, i].set(err), scale, zero
@@ -63,7 +65,8 @@ def _granularity(spec: _spec.QuantSpec, d_in: int, path: str) -> int | None:
 
 
 def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spec: _spec.QuantSpec, *,
-                block_size: int = 128, damp: float = 0.01, act_order: bool = False, path: str = "kernel") -> Any:
+                block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                pruned: jax.typing.ArrayLike | None = None, path: str = "kernel") -> Any:
     """GPTQ-quantizes a Dense kernel ``(d_in, d_out)`` into a ``QArray`` on ``spec``'s grid.
 
     Args:
@@ -74,6 +77,8 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
       block_size: inputs per lazy-update block; rounded up to a multiple of the group size.
       damp: diagonal damping as a fraction of the mean Hessian diagonal.
       act_order: visit inputs by decreasing Hessian diagonal (static group scales).
+      pruned: optional ``(d_in, d_out)`` bool mask of weights that stay exactly zero (prune, then
+        quantize the survivors, as in SparseGPT's joint mode).
       path: name used in error messages.
 
     Examples:
@@ -99,11 +104,14 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     group = _granularity(spec, d_in, path)
     if group is not None:
         block_size = -(-block_size // group) * group
+    if pruned is not None and jnp.shape(pruned) != (d_in, d_out):
+        raise ValueError(f"{path}: pruned mask has shape {jnp.shape(pruned)}, expected {(d_in, d_out)}")
     hessian = jnp.asarray(hessian, jnp.float32)
     perm = jnp.argsort(-jnp.diagonal(hessian), stable=True) if act_order else jnp.arange(d_in)
     w = kernel.T.astype(jnp.float32)
     hinv, dead = _calibration.inverse_hessian(hessian[perm][:, perm], damp=damp)
     w = jnp.where(dead[None, :], 0.0, w[:, perm])
+    pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.asarray(pruned, bool).T[:, perm]
     dynamic = group is not None and not act_order
     if dynamic:  # filled group by group from the updated weights
         scale = jnp.ones((d_in // group, d_out), jnp.float32)
@@ -116,7 +124,7 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     for i1 in range(0, d_in, block_size):
         i2 = min(i1 + block_size, d_in)
         q1, err1, scale, zero = _gptq_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2],
-                                            spec, group or 1, dynamic)
+                                            pruned[:, i1:i2], spec, group or 1, dynamic)
         w = w.at[:, i1:i2].set(q1).at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
     q = jnp.zeros_like(w).at[:, perm].set(w).T  # back to the original input order, (d_in, d_out)
     return spec.quantize(q.astype(kernel.dtype), scale, zero, path=path)

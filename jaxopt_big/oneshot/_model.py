@@ -1,0 +1,319 @@
+"""Linen and nnx models seen as a chain of blocks: find them, capture their inputs, run one alone.
+
+A *block* is a repeated submodule (``layer_0`` ... ``layer_N`` in linen, ``layers/0`` ... in nnx) or
+one layer of a stacked (scanned) submodule. Assumptions, checked where they can be:
+
+- blocks are called through ``__call__`` in index order, block *i+1*'s first positional argument
+  is block *i*'s output (the first element when it returns a tuple), and every other argument is the
+  same for all blocks (attention masks, positions);
+- a block's parameters are the subtree under its module path (for a stacked block: index ``i`` of
+  the leading axis of every leaf under it).
+
+The inputs of the first block are captured by running the model eagerly (``jax.disable_jit``, so a
+scanned model's loop runs in Python) until the first block is called: only the embeddings run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+from jaxopt_big.oneshot import _linear
+
+__all__ = ["Block", "Model", "wrap", "Static"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block: its module path, and its layer in a stacked block (None when unrolled)."""
+
+    path: str
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path if self.index is None else f"{self.path}[{self.index}]"
+
+
+class _Stop(Exception):
+    """Raised by the first block call while capturing: nothing after the embeddings runs."""
+
+    def __init__(self, args, kwargs):
+        super().__init__()
+        self.args_, self.kwargs = args, kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """The non-array part of a block call (hashable, a jit static argument) and how to rebuild it."""
+
+    treedef: Any
+    constants: tuple[tuple[int, Any], ...]
+
+    @classmethod
+    def split(cls, args: tuple, kwargs: dict) -> tuple["Static", list[jax.Array]]:
+        leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
+        arrays, constants = [], []
+        for i, x in enumerate(leaves):
+            if isinstance(x, (jax.Array, np.ndarray)):
+                arrays.append(x)
+            else:
+                constants.append((i, x))
+        return cls(treedef, tuple(constants)), arrays
+
+    def join(self, arrays: list[jax.Array]) -> tuple[tuple, dict]:
+        constants, it = dict(self.constants), iter(arrays)
+        leaves = [constants[i] if i in constants else next(it) for i in range(self.treedef.num_leaves)]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenRunner:
+    module: nn.Module  # unbound clone; equal (and hashing equal) for blocks of the same shape
+
+    def bind(self, params: Any, rest: Any) -> Callable:
+        return lambda *args, **kwargs: self.module.apply({"params": params, **rest}, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NnxRunner:
+    graphdef: Any
+
+    def bind(self, params: Any, rest: Any) -> Callable:
+        return nnx.merge(self.graphdef, params, rest)
+
+
+def _numbered(name: str) -> tuple[str, int] | None:
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _module_paths(paths: list[str]) -> set[str]:
+    out = set()
+    for p in paths:
+        parts = p.split("/")
+        out.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def _under(path: str, module: str) -> bool:
+    return path.startswith(module + "/")
+
+
+def _signature(flat: dict[str, Any], module: str) -> tuple:
+    return tuple(sorted((p[len(module):], tuple(np.shape(x))) for p, x in flat.items() if _under(p, module)))
+
+
+def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[str]:
+    """The largest group of numbered sibling modules with identical parameter shapes that hold kernels."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for module in _module_paths(list(flat)):
+        parent, _, name = module.rpartition("/")
+        numbered = _numbered(name)
+        if numbered is not None:
+            groups.setdefault((parent, numbered[0]), []).append((numbered[1], module))
+    best: list[str] = []
+    for (parent, _), members in sorted(groups.items(), key=lambda kv: kv[0][0].count("/")):
+        members = [m for _, m in sorted(members)]
+        if len(members) < 2 or len({_signature(flat, m) for m in members}) != 1:
+            continue
+        if not any(is_kernel(p) and _under(p, members[0]) for p in flat):
+            continue
+        if len(members) > len(best):
+            best = members
+    return best
+
+
+class Model:
+    """A linen or nnx model as blocks; see the module docstring for what is assumed."""
+
+    params: Any
+
+    def flat(self) -> dict[str, Any]:
+        return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
+
+    def blocks(self, pattern: str | None) -> list[Block]:
+        """The blocks in call order: found automatically, or the module paths ``pattern`` fully matches."""
+        flat = self.flat()
+        stacked = self.stacked()
+        if pattern is None:
+            if stacked:
+                return [Block(stacked, i) for i in range(_depth(flat, stacked))]
+            found = _repeated(flat, lambda p: p.endswith("/kernel") or p.endswith("/weight"))
+            if not found:
+                raise ValueError("could not find repeated blocks (numbered submodules with equal shapes, or a "
+                                 "scanned stack); pass blocks=<regex of the block module paths>")
+            return [Block(m) for m in found]
+        if not isinstance(pattern, str):
+            raise TypeError(f"blocks must be a regex str of block module paths, got {pattern!r}")
+        compiled = re.compile(pattern)
+        modules = sorted((m for m in _module_paths(list(flat)) if compiled.fullmatch(m)),
+                         key=lambda m: [(int(t) if t.isdigit() else t) for t in re.split(r"(\d+)", m)])
+        if not modules:
+            raise _tree.no_match_error("blocks", pattern, sorted(_module_paths(list(flat))))
+        if modules == [stacked]:
+            return [Block(stacked, i) for i in range(_depth(flat, stacked))]
+        return [Block(m) for m in modules]
+
+    def stacked(self) -> str | None:
+        return None
+
+    def result(self, params: Any) -> Any:
+        """Compressed parameters in the form the caller gave them."""
+        return params
+
+    def block_params(self, params: Any, block: Block) -> Any:
+        """The parameters of one block (one layer of a stacked block)."""
+        node = params
+        for part in block.path.split("/"):
+            node = node[part] if _has_key(node, part) else node[int(part)]
+        return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
+
+    def capture(self, params: Any, first: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments of the first block's call, running only what comes before it (eagerly)."""
+        def stop(module, a, k, original):
+            raise _Stop(a, k)
+        try:
+            with jax.disable_jit():
+                self.call(params, args, kwargs, [first], stop)
+        except _Stop as s:
+            return s.args_, s.kwargs
+        raise ValueError(f"{first.name}: the model never called this block")
+
+
+def _depth(flat: dict[str, Any], module: str) -> int:
+    return int(next(np.shape(x)[0] for p, x in flat.items() if _under(p, module)))
+
+
+def _has_key(node: Any, key: str) -> bool:
+    try:
+        return key in node
+    except TypeError:
+        return False
+
+
+class _Linen(Model):
+    def __init__(self, apply: Callable, params: Any, extra: dict | None):
+        self.apply, self.params, self.extra = apply, params, extra
+
+    def result(self, params: Any) -> Any:
+        return params if self.extra is None else {**self.extra, "params": params}
+
+    def call(self, params: Any, args: tuple, kwargs: dict, blocks: list[Block] = (),
+             handler: Callable | None = None) -> Any:
+        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``."""
+        paths = {b.path for b in blocks}
+
+        def interceptor(next_fun, a, k, context):
+            module = context.module
+            if context.method_name != "__call__" or "/".join(module.scope.path) not in paths:
+                return next_fun(*a, **k)
+            return handler(module, a, k, lambda: next_fun(*a, **k))
+        with nn.intercept_methods(interceptor):
+            return self.apply({"params": params, **(self.extra or {})}, *args, **kwargs)
+
+    def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+        """``(runner, non-parameter state)`` per block; blocks of one shape share one runner."""
+        found = {}
+
+        def grab(module, a, k, original):
+            found["/".join(module.scope.path)] = module.clone(parent=None, name=None)
+            return original()
+        jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
+        return [(_LinenRunner(found[b.path]), {}) for b in blocks]
+
+
+class _Nnx(Model):
+    def __init__(self, module: nnx.Module, params: Any):
+        self.graphdef, state = nnx.split(module)
+        self.params = nnx.state(module, nnx.Param) if params is None else params
+        self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
+        self.modules = _modules(module)
+
+    def call(self, params: Any, args: tuple, kwargs: dict, blocks: list[Block] = (),
+             handler: Callable | None = None) -> Any:
+        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``.
+
+        Block calls are routed by a class-level patch of the block class (undone on exit), which also
+        reaches the module copies ``nnx.scan`` makes of a stacked block.
+        """
+        model = nnx.merge(self.graphdef, params, self.others)
+        if not blocks:
+            return model(*args, **kwargs)
+        modules = _modules(model)
+        cls = type(modules[blocks[0].path])
+        original = cls.__call__
+        ids = None if blocks[0].index is not None else {id(modules[b.path]) for b in blocks}
+
+        def patched(module, *a, **k):
+            if ids is not None and id(module) not in ids:
+                return original(module, *a, **k)
+            return handler(module, a, k, lambda: original(module, *a, **k))
+        cls.__call__ = patched
+        try:
+            return model(*args, **kwargs)
+        finally:
+            cls.__call__ = original
+
+    def stacked(self) -> str | None:
+        """The top module whose every parameter has one leading axis over a stacked linear's layers."""
+        flat = self.flat()
+        for path, module in self.modules.items():
+            if not isinstance(module, _linear.TARGETS) or f"{path}/kernel" not in flat:
+                continue
+            kernel = flat[f"{path}/kernel"]
+            if len(np.shape(kernel)) <= _unstacked_ndim(module):
+                continue
+            depth = np.shape(kernel)[0]
+            parts = path.split("/")
+            for i in range(1, len(parts) + 1):
+                top = "/".join(parts[:i])
+                under = [x for p, x in flat.items() if _under(p, top)]
+                if under and all(np.shape(x)[:1] == (depth,) for x in under):
+                    return top
+        return None
+
+    def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+        out = []
+        for b in blocks:
+            graphdef, _, rest = nnx.split(self.modules[b.path], nnx.Param, ...)
+            if b.index is not None:
+                rest = jax.tree.map(lambda x: x[b.index], rest)
+            out.append((_NnxRunner(graphdef), rest))
+        return out
+
+
+def _modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    return {"/".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+
+
+def _unstacked_ndim(module: Any) -> float:
+    if isinstance(module, nnx.Linear):
+        return 2
+    if isinstance(module, nnx.LinearGeneral):
+        return len(module.in_features) + len(module.out_features) + len(getattr(module, "batch_axis", {}) or {})
+    if isinstance(module, nnx.Einsum):
+        return len(module.kernel_shape)
+    return math.inf
+
+
+def wrap(model_or_apply: Any, params: Any) -> Model:
+    """A :class:`Model` for an nnx module, a linen module or a linen apply function."""
+    if isinstance(model_or_apply, nnx.Module):
+        return _Nnx(model_or_apply, params)
+    apply = model_or_apply.apply if isinstance(model_or_apply, nn.Module) else model_or_apply
+    if not callable(apply):
+        raise TypeError(f"compress needs an nnx module, a linen module or a linen apply function, "
+                        f"got {type(model_or_apply).__name__}")
+    if isinstance(params, dict) and "params" in params:
+        return _Linen(apply, params["params"], {k: v for k, v in params.items() if k != "params"})
+    return _Linen(apply, params, None)
