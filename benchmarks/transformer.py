@@ -30,15 +30,15 @@ sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 
 import jaxopt_big as jb  # noqa: E402
 from common import write  # noqa: E402
-from jaxopt_big import calibration, zoo  # noqa: E402
-from jaxopt_big.quant import gptq_kernel  # noqa: E402
-from jaxopt_big.sparsity import _oneshot as oneshot  # noqa: E402
+from jaxopt_big import zoo  # noqa: E402
+from jaxopt_big.tree import Rule  # noqa: E402
 from test_zoo import numpy_bert  # noqa: E402  (the independent reference forward pass)
 
 ENCODER = r"layer_\d+/.*/kernel"  # the 36 Dense kernels; embeddings and LayerNorms stay float32
 INT4 = jb.quant.QuantSpec(bits=4, symmetric=False, granularity=jb.quant.Group(128), calibration=jb.quant.MinMax())
 INT8 = jb.quant.QuantSpec(bits=8, granularity=jb.quant.PER_CHANNEL)
 NM24 = jb.sparsity.NM(2, 4)
+SEQUENTIAL = True  # recompute later layers' Hessians after compressing earlier ones within a block (q/k/v, out, up, down)
 
 
 def magnitude(params, sparsity):
@@ -91,20 +91,20 @@ def main(quick: bool) -> dict:
     nn_orig = _neighbours(ev_orig)
     row_mask = lambda batch: batch[1]  # noqa: E731 - padding tokens stay out of the Hessians
 
-    def sequential(compress):
-        new, _ = calibration.sequential(model.apply, {"params": params}, cal, compress, row_mask=row_mask)
-        return new["params"]
+    def engine(plan):
+        """The block-wise one-shot engine over the six encoder layers, with ``plan`` on every Dense kernel."""
+        new, _ = jb.oneshot.compress(model, params, cal, jb.Recipe([Rule(r"layer_\d+/.*", plan)]), row_mask=row_mask,
+                                     sequential=SEQUENTIAL, progress=False)
+        return new
 
     packed = lambda p: jb.sparsity.pack(p, where=ENCODER)  # noqa: E731 - pruned kernels stored as bit mask + values
     variants = {
         "50% magnitude": lambda: packed(magnitude(params, 0.5)),
-        "50% Wanda": lambda: packed(sequential(lambda p, k, s: oneshot.wanda_kernel(k, s.norms, 0.5, path=p))),
-        "50% SparseGPT": lambda: packed(sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, 0.5, path=p))),
-        "2:4 SparseGPT": lambda: packed(sequential(lambda p, k, s: oneshot.sparsegpt_kernel(k, s.hessian, structure=NM24,
-                                                                                            path=p))),
+        "50% Wanda": lambda: packed(engine(jb.Plan(sparsity=jb.Wanda(0.5)))),
+        "50% SparseGPT": lambda: packed(engine(jb.Plan(sparsity=jb.SparseGPT(0.5)))),
+        "2:4 SparseGPT": lambda: packed(engine(jb.Plan(sparsity=jb.SparseGPT(NM24)))),
         "int8 per-channel PTQ": lambda: jb.quant.quantize_params(params, INT8, where=ENCODER),
-        "int4 GPTQ g128": lambda: sequential(lambda p, k, s: gptq_kernel(k, s.hessian, INT4, act_order=True,
-                                                                              path=p)),
+        "int4 GPTQ g128": lambda: engine(jb.Plan(quant=jb.GPTQ(INT4, act_order=True))),
         "int4 RTN g128": lambda: jb.quant.quantize_params(params, INT4, where=ENCODER),
         "LoRA r8 on int4 RTN, merged": lambda: lora_recovered(
             model, params, jb.quant.quantize_params(params, INT4, where=ENCODER), cal,

@@ -313,8 +313,9 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     except Exception as e:  # a batch the model cannot run: report it as bad input
         raise ValueError(f"calibration batch 0 does not run through the model up to {block_list[0].name}: "
                          f"{type(e).__name__}: {e}") from e
-    static, _ = _model.Static.split(*first)
-    inputs = [_model.Static.split(*model.capture(working, block_list[0], *b))[1] for b in batches]
+    static, first_arrays = _model.Static.split(*first)
+    inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
+                               for b in batches[1:]]
     runners = model.runners(block_list, *batches[0])
     layouts = {}
     targets: set[str] = set()
@@ -387,7 +388,7 @@ def _row(name: str, solved: _solve.Solved, view: _linear.View, plan: _recipe.Pla
     q = plan.quantizer
     bits = getattr(q.spec, "bits", None) if q is not None else None
     return LayerRow(path=name, method=_solve.describe(plan), shape=(view.d_in, view.d_out),
-                    sparsity=float(jnp.mean(solved.matrix == 0)), bits=bits, error=solved.error)
+                    sparsity=float(np.mean(np.asarray(solved.matrix) == 0)), bits=bits, error=solved.error)
 
 
 def _assemble(path: str, leaf: Any, pieces: dict[int | None, _Piece]) -> Any:

@@ -179,15 +179,37 @@ class Model:
         return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
 
     def capture(self, params: Any, first: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The arguments of the first block's call, running only what comes before it (eagerly)."""
-        def stop(module, a, k, original):
-            raise _Stop(a, k)
-        try:
-            with jax.disable_jit():
-                self.call(params, args, kwargs, [first], stop)
-        except _Stop as s:
-            return s.args_, s.kwargs
-        raise ValueError(f"{first.name}: the model never called this block")
+        """The arguments of the first block's call; only what comes before it is computed.
+
+        Jitted (XLA drops everything after the first block, whose output nothing uses), once per
+        batch shape; a scanned stack instead runs eagerly with its loop in Python
+        (``jax.disable_jit``) and stops at its first layer.
+        """
+        if first.index is not None:
+            def stop(module, a, k, original):
+                raise _Stop(a, k)
+            try:
+                with jax.disable_jit():
+                    self.call(params, args, kwargs, [first], stop)
+            except _Stop as s:
+                return s.args_, s.kwargs
+            raise ValueError(f"{first.name}: the model never called this block")
+        if first.path not in self._captures:
+            found = {}
+
+            def grab(module, a, k, original):
+                found.setdefault("call", Static.split(a, k))
+                return original()
+
+            def run(params, args, kwargs):
+                self.call(params, args, kwargs, [first], grab)
+                if "call" not in found:
+                    raise ValueError(f"{first.name}: the model never called this block")
+                return found["call"][1]
+            self._captures[first.path] = (found, jax.jit(run))
+        found, run = self._captures[first.path]
+        arrays = run(params, args, kwargs)
+        return found["call"][0].join(arrays)
 
 
 def _depth(flat: dict[str, Any], module: str) -> int:
@@ -204,6 +226,7 @@ def _has_key(node: Any, key: str) -> bool:
 class _Linen(Model):
     def __init__(self, apply: Callable, params: Any, extra: dict | None):
         self.apply, self.params, self.extra = apply, params, extra
+        self._captures = {}
 
     def result(self, params: Any) -> Any:
         return params if self.extra is None else {**self.extra, "params": params}
@@ -238,6 +261,7 @@ class _Nnx(Model):
         self.params = nnx.state(module, nnx.Param) if params is None else params
         self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
         self.modules = _modules(module)
+        self._captures = {}
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: list[Block] = (),
              handler: Callable | None = None) -> Any:

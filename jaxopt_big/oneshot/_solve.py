@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import calibration as _calibration
 from jaxopt_big import recipe as _recipe
 from jaxopt_big.quant import _gptq
 from jaxopt_big.quant import _spec as _qspec
@@ -87,7 +88,11 @@ def _solve(w: jax.Array, hessian: jax.Array, plan: _recipe.Plan):
         else:
             quant = _quantize("kernel", new, hessian, quantizer, pruned)
             new = quant.dense().astype(jnp.float32)
-    return new, quant, relative_error(w, new, hessian), jnp.all(jnp.isfinite(new))
+    finite = jnp.all(jnp.isfinite(new))
+    for method in (pruner, quantizer):  # the solvers' own damped inverse (XLA computes it once)
+        if isinstance(method, (_recipe.SparseGPT, _recipe.GPTQ)):
+            finite &= jnp.all(jnp.isfinite(_calibration.inverse_hessian(hessian, damp=method.damp)[0]))
+    return new, quant, relative_error(w, new, hessian), finite
 
 
 def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> Solved:

@@ -1,0 +1,354 @@
+"""The block-wise one-shot engine: equality with the per-layer solvers on numpy statistics, every
+method, linen/nnx/scanned/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxopt_big as jb
+from jaxopt_big.oneshot import _solve
+from jaxopt_big.quant import gptq_kernel
+from jaxopt_big.sparsity import NM, sparsegpt_kernel, wanda_kernel
+from jaxopt_big.tree import Rule
+
+D = 8
+INT4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(4))
+INT3 = jb.quant.QuantSpec(bits=3, symmetric=False, granularity=jb.quant.PER_CHANNEL)
+
+
+class Res(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(D, name="dense")(x)
+
+
+class Chain(nn.Module):
+    depth: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            x = Res(name=f"layer_{i}")(x)
+        return x
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(D, name="down")(jax.nn.relu(nn.Dense(D, name="up")(x)))
+
+
+class MLPNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = MLP(name=f"layer_{i}")(x)
+        return x
+
+
+def _data(rows=32, key=0):
+    return np.asarray(jax.random.normal(jax.random.key(key), (rows, D)) * jnp.linspace(0.2, 2.0, D))
+
+
+def _hessian(x):
+    x = np.asarray(x, np.float64)
+    return np.asarray(x.T @ x, np.float32)
+
+
+def _codes(leaf):
+    return np.asarray(leaf.int_values())
+
+
+# one rule per block: every method, each fed by the compressed outputs of the blocks before it
+# (the joint one first: its masks and zero points are the most sensitive to float noise in the inputs)
+PLANS = [jb.Plan(sparsity=jb.SparseGPT(0.5), quant=jb.GPTQ(INT3)), jb.Plan(quant=jb.GPTQ(INT4, act_order=True)),
+         jb.Plan(sparsity=jb.SparseGPT(0.5, block_size=4)), jb.Plan(sparsity=jb.Wanda(NM(2, 4))),
+         jb.Plan(sparsity=jb.Magnitude(0.5))]
+
+
+def _reference(w, h, plan):
+    """The library's per-layer solvers called directly on a numpy Hessian."""
+    pruner, quantizer = plan.pruner, plan.quantizer
+    if isinstance(pruner, jb.Magnitude):
+        keep = np.abs(w) > np.median(np.abs(w))
+        w = np.where(keep, w, 0.0)
+    elif isinstance(pruner, jb.Wanda):
+        w = wanda_kernel(w, np.sqrt(np.diag(h)), structure=pruner.sparsity)
+    elif isinstance(pruner, jb.SparseGPT):
+        w = sparsegpt_kernel(w, h, pruner.sparsity, block_size=pruner.block_size)
+    if quantizer is not None:
+        pruned = None if pruner is None else np.asarray(w) == 0
+        return gptq_kernel(w, h, quantizer.spec, act_order=quantizer.act_order, pruned=pruned)
+    return np.asarray(w)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    x = _data()
+    params = Chain().init(jax.random.key(1), x)["params"]
+    recipe = jb.Recipe([Rule(f"layer_{i}/dense", plan) for i, plan in enumerate(PLANS)])
+    out, report = jb.oneshot.compress(Chain(), params, [x[:16], x[16:]], recipe, progress=False)
+    return x, params, out, report
+
+
+def test_each_block_equals_its_solver_on_numpy_statistics_of_compressed_inputs(chain):
+    x, params, out, _ = chain
+    h = x
+    for i, plan in enumerate(PLANS):
+        layer = params[f"layer_{i}"]["dense"]
+        ref = _reference(np.asarray(layer["kernel"]), _hessian(h), plan)
+        got = out[f"layer_{i}"]["dense"]["kernel"]
+        if plan.quantizer is None:
+            np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+            np.testing.assert_array_equal(np.asarray(got) == 0, ref == 0)
+            dense = np.asarray(got)
+        else:
+            assert np.mean(_codes(got) == _codes(ref)) >= 0.99
+            dense = np.asarray(got.dense())
+        h = h + h @ dense + np.asarray(layer["bias"])   # the next block sees the compressed output
+    assert out["layer_4"]["dense"]["bias"] is params["layer_4"]["dense"]["bias"]
+
+
+def test_sparsegpt_then_gptq_keeps_the_pruned_weights_at_zero(chain):
+    _, params, out, _ = chain
+    q = out["layer_0"]["dense"]["kernel"]
+    assert isinstance(q, jb.quant.QArray) and q.bits == 3
+    zeros = np.asarray(q.dense()) == 0
+    assert zeros.mean() >= 0.5   # the 50% pruned stay exactly zero after quantizing the survivors
+
+
+def test_report_lists_every_layer_with_its_output_error(chain):
+    x, params, out, report = chain
+    assert [r.path for r in report.rows] == [f"layer_{i}/dense" for i in range(5)]
+    assert report.blocks == 5 and report.block_passes == 2.0
+    # the error of the first layer, recomputed from its definition on the calibration rows
+    w, new = np.asarray(params["layer_0"]["dense"]["kernel"]), np.asarray(out["layer_0"]["dense"]["kernel"].dense())
+    expected = np.sum((x @ (new - w)) ** 2) / np.sum((x @ w) ** 2)
+    assert report.rows[0].error == pytest.approx(expected, rel=1e-3)
+    assert report.rows[2].sparsity == pytest.approx(0.5)
+    assert "layer_3/dense" in str(report) and "GPTQ int4 g4" in report.to_markdown()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_later_layers_of_a_block_see_the_compressed_earlier_ones_only_when_sequential(sequential):
+    x = _data()
+    params = MLPNet().init(jax.random.key(2), x)["params"]
+    plan = jb.Plan(quant=jb.GPTQ(INT3))
+    out, report = jb.oneshot.compress(MLPNet(), params, [x], jb.Recipe([Rule(".*", plan)]), progress=False,
+                                      sequential=sequential)
+    p = params["layer_0"]
+    up = _reference(np.asarray(p["up"]["kernel"]), _hessian(x), plan)
+    np.testing.assert_array_equal(_codes(out["layer_0"]["up"]["kernel"]), _codes(up))
+    up_used = np.asarray(up.dense()) if sequential else np.asarray(p["up"]["kernel"])
+    hidden = np.maximum(x @ up_used + np.asarray(p["up"]["bias"]), 0)
+    down = _reference(np.asarray(p["down"]["kernel"]), _hessian(hidden), plan)
+    assert np.mean(_codes(out["layer_0"]["down"]["kernel"]) == _codes(down)) >= 0.99
+    assert report.block_passes == (3.0 if sequential else 2.0)   # one run per group of layers, then outputs
+
+
+# ------------------------------------------------------------------ generality
+
+def test_bert_q_k_v_share_one_hessian_and_padding_stays_out():
+    config = jb.zoo.BertConfig(vocab_size=30, hidden=16, layers=2, heads=2, intermediate=32, max_positions=8)
+    ids = jax.random.randint(jax.random.key(0), (8, 6), 1, 30)
+    mask = jnp.ones((8, 6), jnp.int32).at[:, 4:].set(0)
+    model = jb.zoo.Bert(config)
+    params = model.init(jax.random.key(1), ids, mask)["params"]
+    recipe = jb.Recipe([Rule(r"layer_\d+/.*", jb.Plan(sparsity=jb.Wanda(0.5)))])
+    out, report = jb.oneshot.compress(model, params, [(ids[:4], mask[:4]), (ids[4:], mask[4:])], recipe,
+                                      progress=False, row_mask=lambda batch: batch[1])
+    assert len(report.rows) == 12 and report.rows[0].path == "layer_0/attention/query"
+    # Wanda masks of q, k, v come from the same input norms: the embeddings of the real tokens only
+    rows = _bert_embeddings(params, config, np.asarray(ids))[np.asarray(mask) == 1]
+    norms = np.sqrt((rows.astype(np.float64) ** 2).sum(0))
+    for name in ("query", "key", "value"):
+        ref = wanda_kernel(params["layer_0"]["attention"][name]["kernel"], norms, 0.5)
+        np.testing.assert_array_equal(np.asarray(out["layer_0"]["attention"][name]["kernel"]) == 0,
+                                      np.asarray(ref) == 0)
+    embedding = model.apply({"params": jb.leaves.densify(out)}, ids, mask)
+    assert embedding.shape == (8, 16)
+
+
+def _bert_embeddings(params, config, ids):
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+    x = (p["word_embeddings"]["embedding"][ids] + p["position_embeddings"]["embedding"][np.arange(ids.shape[1])]
+         + p["token_type_embeddings"]["embedding"][0])
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + config.eps)
+    return x * p["embeddings_norm"]["scale"] + p["embeddings_norm"]["bias"]
+
+
+class GeneralBlock(nn.Module):
+    """Heads split by DenseGeneral, merged by a two-axis DenseGeneral, MLP as Einsums."""
+
+    @nn.compact
+    def __call__(self, x, scale):
+        h = nn.DenseGeneral((2, D // 2), name="split")(x)
+        h = nn.DenseGeneral(D, axis=(-2, -1), name="merge")(jax.nn.silu(h))
+        y = nn.Einsum((D, 2 * D), "btd,df->btf", name="up")(h)
+        return x + scale * nn.Einsum((2 * D, D), "btf,fd->btd", name="down")(jax.nn.relu(y))
+
+
+class GeneralNet(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(11, D, name="embed")(ids)
+        for i in range(2):
+            x = GeneralBlock(name=f"block_{i}")(x, 0.5)
+        return nn.Dense(11, name="head")(x)
+
+
+def test_dense_general_and_einsum_layers_compress_in_their_own_layout():
+    ids = jax.random.randint(jax.random.key(0), (8, 6), 0, 11)
+    params = GeneralNet().init(jax.random.key(1), ids)["params"]
+    recipe = jb.Recipe([Rule(r"block_\d+/.*", jb.Plan(quant=jb.GPTQ(INT4)))])
+    out, report = jb.oneshot.compress(GeneralNet(), params, [ids], recipe, progress=False)
+    merge = out["block_0"]["merge"]["kernel"]
+    assert merge.dense_shape == (2, D // 2, D) and [r.shape for r in report.rows[:2]] == [(D, D), (D, D)]
+    # the merge projection contracts (heads, head_dim): the same as GPTQ on the flattened kernel
+    split_q = out["block_0"]["split"]["kernel"].dense()
+    x = jax.nn.silu(jnp.einsum("btd,dhk->bthk", params["embed"]["embedding"][ids], split_q)
+                    + params["block_0"]["split"]["bias"])
+    rows = np.asarray(x).reshape(-1, D)
+    ref = gptq_kernel(np.asarray(params["block_0"]["merge"]["kernel"]).reshape(D, D), _hessian(rows), INT4)
+    assert np.mean(_codes(merge).reshape(D, D) == _codes(ref)) >= 0.99
+    assert all(r.error < 0.05 for r in report.rows)
+    logits = GeneralNet().apply({"params": jb.leaves.densify(out)}, ids)
+    assert logits.shape == (8, 6, 11)
+
+
+class NBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.q, self.k, self.o = (nnx.Linear(D, D, rngs=rngs) for _ in range(3))
+        self.up, self.down = nnx.Linear(D, 2 * D, rngs=rngs), nnx.Linear(2 * D, D, rngs=rngs)
+
+    def __call__(self, x, mask):
+        a = jax.nn.softmax(jnp.einsum("btd,bsd->bts", self.q(x), self.k(x)) + mask, -1)
+        x = x + self.o(jnp.einsum("bts,bsd->btd", a, x))
+        return x + self.down(jax.nn.relu(self.up(x)))
+
+
+class NNet(nnx.Module):
+    def __init__(self, rngs, scan=False, depth=3):
+        self.embed, self.scan = nnx.Embed(13, D, rngs=rngs), scan
+        if scan:
+            @nnx.split_rngs(splits=depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return NBlock(rngs)
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([NBlock(rngs) for _ in range(depth)])
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        t = ids.shape[1]
+        mask = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -1e9)
+        if self.scan:
+            @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+            def run(x, block, mask):
+                return block(x, mask)
+            return run(x, self.layers, mask)
+        for block in self.layers:
+            x = block(x, mask)
+        return x
+
+
+def _flat(tree):
+    return dict(zip(jb.tree.paths(tree), jax.tree.leaves(tree, is_leaf=jb.leaves.is_compressed)))
+
+
+def test_nnx_scanned_model_gives_the_unrolled_result_and_is_left_untouched():
+    unrolled, scanned = NNet(nnx.Rngs(0)), NNet(nnx.Rngs(0), scan=True)
+    flat = _flat(nnx.state(unrolled, nnx.Param))
+    stacked = jb.tree.map_with_path(lambda p, x: jnp.stack([flat[p.replace("layers/", f"layers/{i}/")]
+                                                             for i in range(3)]) if p.startswith("layers/")
+                                    else flat[p], nnx.state(scanned, nnx.Param))
+    nnx.update(scanned, stacked)
+    ids = jax.random.randint(jax.random.key(0), (8, 5), 0, 13)
+    before = jax.tree.map(np.asarray, nnx.state(unrolled))
+    recipe = jb.Recipe([Rule(r"layers/(\d+/)?(q|k|o)", jb.Plan(quant=jb.GPTQ(INT4))),
+                        Rule(r"layers/.*", jb.Plan(sparsity=jb.SparseGPT(NM(2, 4))))])   # one rule for both forms
+    a, ra = jb.oneshot.compress(unrolled, None, [ids[:4], ids[4:]], recipe, progress=False)
+    b, rb = jb.oneshot.compress(scanned, None, [ids[:4], ids[4:]], recipe, progress=False)
+    fa, fb = _flat(a), _flat(b)
+    for i in range(3):
+        for name in ("q", "k", "o"):
+            np.testing.assert_array_equal(_codes(fa[f"layers/{i}/{name}/kernel"]),
+                                          _codes(fb[f"layers/{name}/kernel"])[i])
+        for name in ("up", "down"):
+            np.testing.assert_allclose(fa[f"layers/{i}/{name}/kernel"], fb[f"layers/{name}/kernel"][i], atol=1e-6)
+    assert [r.error for r in ra.rows] == pytest.approx([r.error for r in rb.rows], rel=1e-4)
+    assert ra.rows[5].path == "layers/1/q" and rb.rows[5].path == "layers[1]/q"
+    chex_equal = jax.tree.map(lambda x, y: bool(np.array_equal(x, np.asarray(y))), before, nnx.state(unrolled))
+    assert all(jax.tree.leaves(chex_equal)) and NBlock.__call__.__qualname__ == "NBlock.__call__"
+    nnx.update(unrolled, jb.leaves.densify(a))   # the compressed state loads back into the model
+    assert unrolled(ids).shape == (8, 5, D)
+
+
+# ------------------------------------------------------------------ meshes
+
+@pytest.mark.parametrize("shape", [{"data": 8}, {"data": 2, "fsdp": 4}])
+def test_sharded_calibration_gives_the_single_device_result(shape, chain):
+    x, params, single, _ = chain
+    mesh = jb.parallel.make_mesh(**shape)
+    if "fsdp" in shape:   # FSDP: kernels split over their input axis
+        params = jax.tree.map(lambda v: jax.device_put(v, jax.sharding.NamedSharding(
+            mesh, jax.P("fsdp", None) if v.ndim == 2 else jax.P())), params)
+    recipe = jb.Recipe([Rule(f"layer_{i}/dense", plan) for i, plan in enumerate(PLANS)])
+    out, _ = jb.oneshot.compress(Chain(), params, [x[:16], x[16:]], recipe, progress=False, mesh=mesh)
+    for i, plan in enumerate(PLANS):
+        a, b = single[f"layer_{i}"]["dense"]["kernel"], out[f"layer_{i}"]["dense"]["kernel"]
+        if plan.quantizer is None:
+            np.testing.assert_array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
+        else:   # equal values (a zero point exactly at a rounding tie may shift a column's codes by one)
+            np.testing.assert_allclose(np.asarray(a.dense()), np.asarray(b.dense()), atol=1e-5)
+            assert np.mean(_codes(a) == _codes(b)) >= 0.85
+            np.testing.assert_array_equal(np.asarray(a.dense()) == 0, np.asarray(b.dense()) == 0)
+        if "fsdp" in shape:   # compressed leaves keep the parameter's sharding
+            assert jax.tree.leaves(b)[0].sharding.spec[0] == "fsdp"
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.fixture(scope="module")
+def small():
+    x = _data(16)
+    return x, MLPNet().init(jax.random.key(3), x)["params"]
+
+
+def test_a_rule_that_claims_no_targeted_layer_is_an_error(small):
+    x, params = small
+    with pytest.raises(ValueError, match=r"recipe: pattern .*attention' matches no leaf; available paths: "
+                                         r"\[layer_0/down/kernel, layer_0/up/kernel"):
+        jb.oneshot.compress(MLPNet(), params, [x], jb.Recipe([Rule(r"layer_\d+/attention", jb.Plan(
+            sparsity=0.5))]), progress=False)
+
+
+def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))])
+    with pytest.raises(ValueError, match=r"calibration batch 1: argument 0/0 has shape \(8, 8\)"):
+        jb.oneshot.compress(MLPNet(), params, [x, x[:8]], recipe, progress=False)
+    with pytest.raises(ValueError, match="calibration batch 1: .*dtype int32"):
+        jb.oneshot.compress(MLPNet(), params, [x, x.astype(np.int32)], recipe, progress=False)
+    with pytest.raises(ValueError, match="calibration batch 0 does not run through the model"):
+        jb.oneshot.compress(MLPNet(), params, [x[:, :3]], recipe, progress=False)
+
+
+def test_nan_activations_name_the_layers_that_saw_them(small):
+    x, params = small
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"layer_0/up: NaN or inf in the calibration inputs"):
+        jb.oneshot.compress(MLPNet(), params, [bad], jb.Recipe([Rule(".*", jb.Plan(sparsity=jb.Wanda(0.5)))]),
+                            progress=False)
+
+
+def test_a_hessian_that_is_not_positive_definite_names_the_layer():
+    h = np.array([[1.0, 2.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+                 np.float32)
+    with pytest.raises(ValueError, match="layer_7/mlp: the input Hessian is not positive definite"):
+        _solve.solve("layer_7/mlp", jnp.ones((4, 4)), jnp.asarray(h), jb.Plan(quant=jb.GPTQ(INT4)))
