@@ -6,6 +6,11 @@ calibration batch through the model *as compressed so far* (captured with
 a ``compress`` callback, whose result replaces the kernel before the next layer is calibrated. So
 later layers see, and can correct for, the error of the already-compressed earlier ones (the
 sequential mode of SparseGPT and GPTQ). Wanda's activation norms are ``sqrt(diag(X^T X))``.
+
+:func:`sequential` re-runs the whole model once per layer, so its cost grows with the square of the
+depth: it is the small-model reference. Deep models go through :func:`jaxopt_big.oneshot.compress`,
+which runs each block alone on its captured inputs (linear in depth, one compile per block shape)
+and calls the same per-layer solvers and :func:`inverse_hessian`.
 """
 
 from __future__ import annotations

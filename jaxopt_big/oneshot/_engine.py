@@ -328,8 +328,11 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     pieces: dict[str, dict[int | None, _Piece]] = {}
     rows: list[LayerRow] = []
     runs = 0
-    for block, (runner, rest) in tqdm(list(zip(block_list, runners)), desc="oneshot", unit="block",
-                                      disable=not progress, leave=False):
+    work = list(zip(block_list, runners))
+    planned_blocks = [i for i, (b, (runner, _)) in enumerate(work)
+                      if any(f"{b.path}/{p}/kernel" in plans for g in layouts[runner] for p in g.paths)]
+    work = work[:max(planned_blocks, default=-1) + 1]  # blocks after the last planned one need no inputs
+    for block, (runner, rest) in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
         groups = layouts[runner]
         base = model.block_params(working, block)
         planned = [g for g, group in enumerate(groups)
@@ -364,7 +367,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         runs += 1
     compressed = _tree.map_with_path(lambda p, x: _assemble(p, x, pieces[p]) if p in pieces else x, model.params)
     compressed = model.result(compressed)
-    report = Report(rows=tuple(rows), blocks=len(block_list), block_passes=runs / len(block_list),
+    report = Report(rows=tuple(rows), blocks=len(block_list), block_passes=runs / max(len(work), 1),
                     seconds=time.perf_counter() - start)
     return compressed, report
 
@@ -387,7 +390,7 @@ def _next_inputs(block: _model.Block, arrays: list, out: Any) -> list:
 def _row(name: str, solved: _solve.Solved, view: _linear.View, plan: _recipe.Plan) -> LayerRow:
     q = plan.quantizer
     bits = getattr(q.spec, "bits", None) if q is not None else None
-    return LayerRow(path=name, method=_solve.describe(plan), shape=(view.d_in, view.d_out),
+    return LayerRow(path=name, method=plan.describe(), shape=(view.d_in, view.d_out),
                     sparsity=float(np.mean(np.asarray(solved.matrix) == 0)), bits=bits, error=solved.error)
 
 

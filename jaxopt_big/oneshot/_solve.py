@@ -21,7 +21,7 @@ from jaxopt_big.quant import _gptq
 from jaxopt_big.quant import _spec as _qspec
 from jaxopt_big.sparsity import _masks, _oneshot
 
-__all__ = ["Solved", "solve", "describe"]
+__all__ = ["Solved", "solve"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +42,14 @@ class Solved:
 
 
 def _structure(sparsity: Any) -> tuple[float, Any]:
-    if isinstance(sparsity, _masks.NM):
-        return 0.0, sparsity
-    return float(sparsity), _masks.Unstructured()
+    """``(fraction, structure)`` as the per-layer solvers take them."""
+    return (0.0, sparsity) if isinstance(sparsity, _masks.NM) else (float(sparsity), None)
 
 
 def _prune(path: str, w: jax.Array, hessian: jax.Array, pruner: Any) -> jax.Array:
-    fraction, structure = _structure(pruner.sparsity)
     if isinstance(pruner, _recipe.Magnitude):
-        keep = _masks.make_masks({"kernel": jnp.abs(w)}, fraction if structure == _masks.Unstructured() else None,
-                                 structure=structure)["kernel"]
-        return jnp.where(keep, w, 0.0)
-    structure = None if isinstance(structure, _masks.Unstructured) else structure
+        return jnp.where(_recipe._prune_masks({"w": w}, pruner.sparsity)["w"], w, 0.0)
+    fraction, structure = _structure(pruner.sparsity)
     if isinstance(pruner, _recipe.Wanda):
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
         return _oneshot.wanda_kernel(w, norms, fraction, structure=structure, path=path)
@@ -113,22 +109,3 @@ def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> So
     fmt = quantizer.spec if isinstance(quantizer, _recipe.RTN) and not isinstance(
         quantizer.spec, _qspec.QuantSpec) else None
     return Solved(matrix=new, quant=quant, fmt=fmt, error=float(error))
-
-
-def describe(plan: _recipe.Plan) -> str:
-    """A short name of a plan's methods, e.g. ``SparseGPT 50% + GPTQ int4 g128``."""
-    parts = []
-    if plan.pruner is not None:
-        s = plan.pruner.sparsity
-        amount = f"{s.n}:{s.m}" if isinstance(s, _masks.NM) else f"{100 * float(s):g}%"
-        parts.append(f"{type(plan.pruner).__name__} {amount}")
-    if plan.quantizer is not None:
-        spec = plan.quantizer.spec
-        if isinstance(spec, _qspec.QuantSpec):
-            g = spec.granularity
-            grain = f" g{g.size}" if isinstance(g, _qspec.Group) else " per-channel" if isinstance(
-                g, _qspec.PerChannel) else ""
-            parts.append(f"{type(plan.quantizer).__name__} int{spec.bits}{grain}")
-        else:
-            parts.append(f"{type(plan.quantizer).__name__} {type(spec).__name__}")
-    return " + ".join(parts) or "none"
