@@ -35,7 +35,7 @@ def test_a_rule_that_claims_nothing_names_itself_and_the_candidates():
 def test_typed_plans_reject_bad_values():
     with pytest.raises(ValueError, match="sparsity"):
         Plan(sparsity=1.5)
-    with pytest.raises(ValueError, match="sparsity"):
+    with pytest.raises(TypeError, match="sparsity"):
         Plan(sparsity=True)
     with pytest.raises(TypeError, match="quant"):
         Plan(quant="int8")
