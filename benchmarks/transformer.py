@@ -97,7 +97,7 @@ def main(quick: bool) -> dict:
                                      sequential=SEQUENTIAL, progress=False)
         return new
 
-    packed = lambda p: jb.sparsity.pack(p, where=ENCODER)  # noqa: E731 - pruned kernels stored as bit mask + values
+    packed = lambda p: jb.sparsity.pack_params(p, where=ENCODER)  # noqa: E731 - pruned kernels stored as bit mask + values
     variants = {
         "50% magnitude": lambda: packed(magnitude(params, 0.5)),
         "50% Wanda": lambda: packed(engine(jb.Plan(sparsity=jb.Wanda(0.5)))),

@@ -51,13 +51,10 @@ class LayerStats:
 
 
 def _dense_selector(where: str | Sequence[str] | None) -> Callable[[str, Any], bool]:
-    patterns = None if where is None else [re.compile(w) for w in ([where] if isinstance(where, str) else where)]
-
-    def select(path: str, module: Any) -> bool:
-        if not isinstance(module, nn.Dense):
-            return False
-        return patterns is None or any(p.fullmatch(path) for p in patterns)
-    return select
+    """Linen ``nn.Dense`` layers whose module path a pattern of ``where`` matches (as in :mod:`jaxopt_big.tree`)."""
+    patterns = None if where is None else [where] if isinstance(where, str) else list(where)
+    return lambda path, module: isinstance(module, nn.Dense) and (
+        patterns is None or any(_tree.matches(p, path) for p in patterns))
 
 
 def _args(batch: Any) -> tuple:
@@ -74,22 +71,22 @@ def layer_order(apply_fn: Callable, variables: Any, batch: Any, *, where: str | 
       >>> layer_order(model.apply, variables, jnp.ones((1, 4)))
       ['layers_0', 'layers_2']
     """
-    select, called = _dense_selector(where), []
+    dense_layers, called = _dense_selector(None), []
 
     def record(path: str, module: Any) -> bool:  # the selector sees calls in order; result dicts are sorted
-        chosen = select(path, module)
-        if chosen:
+        if dense_layers(path, module):
             called.append(path)
-        return chosen
+        return False
 
     jax.eval_shape(_intercept.capture(apply_fn, record), variables, *_args(batch))
-    paths = list(dict.fromkeys(called))
+    dense = list(dict.fromkeys(called))
+    patterns = [] if where is None else [where] if isinstance(where, str) else list(where)
+    for w in patterns:
+        if not any(_tree.matches(w, p) for p in dense):
+            raise _tree.no_match_error("where", w, dense)
+    paths = [p for p in dense if not patterns or any(_tree.matches(w, p) for w in patterns)]
     if not paths:
         raise ValueError(f"where={where!r} selects no Dense layer of the model")
-    if where is not None:
-        for w in [where] if isinstance(where, str) else where:
-            if not any(re.fullmatch(w, p) for p in paths):
-                raise ValueError(f"pattern {w!r} matches no Dense layer; Dense layers: {paths}")
     return paths
 
 
@@ -134,8 +131,9 @@ def sequential(apply_fn: Callable, variables: dict[str, Any], batches: Iterable[
       compress: ``compress(path, kernel, stats) -> new kernel`` (a dense array or a compressed leaf,
         e.g. a ``QArray``), applied in call order; later layers are calibrated on the model with the
         earlier layers replaced. None only gathers statistics of the unchanged model.
-      where: regex(es) (full match) on module paths restricting which Dense layers are visited;
-        None visits every ``nn.Dense``.
+      where: pattern(s) on module paths (:mod:`jaxopt_big.tree` semantics: full match on the layer's
+        path or a module path above it) restricting which Dense layers are visited; None visits
+        every ``nn.Dense``.
       row_mask: ``row_mask(batch) -> array`` broadcastable to a layer input's leading dims, 1 for
         rows that count (e.g. the attention mask, so padding does not enter the Hessians).
 
@@ -213,14 +211,19 @@ def inverse_hessian(hessian: jax.typing.ArrayLike, *, damp: float = 0.01) -> tup
     return jnp.triu(jnp.linalg.cholesky(inv).T), dead
 
 
-def map_kernels(fn: Callable[[str, Any, Any], Any], params: Any, per_layer: Mapping[str, Any]) -> Any:
+def map_kernels(fn: Callable[..., Any], params: Any, per_layer: Mapping[str, Any], option: Any = None, *,
+                what: str = "option") -> Any:
     """Replaces the kernel of every module path in ``per_layer`` by ``fn(kernel_path, kernel, value)``.
 
     Kernels are looked up at ``<module path>/kernel`` in ``params`` (a linen ``params`` collection)
-    or at ``params/<module path>/kernel`` (full variables).
+    or at ``params/<module path>/kernel`` (full variables). With ``option`` (a value or
+    ``[jb.tree.Rule(regex, value), ...]`` assigned among those kernels as in :mod:`jaxopt_big.tree`),
+    ``fn`` also gets the kernel's value, ``fn(kernel_path, kernel, stat, value)``; kernels no rule
+    claims (or claimed with ``None``) stay as they are.
 
     Raises:
-      ValueError: ``per_layer`` is empty, or a module path has no kernel (the message lists them).
+      ValueError: ``per_layer`` is empty, a module path has no kernel (the message lists them), or a
+        rule claims no kernel.
 
     Examples:
       >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
@@ -236,4 +239,7 @@ def map_kernels(fn: Callable[[str, Any, Any], Any], params: Any, per_layer: Mapp
         if not found:
             raise ValueError(f"{module}: no kernel at '{module}/kernel' in the parameters; kernels: {sorted(kernels)}")
         targets[found[0]] = module
-    return _tree.map_with_path(lambda p, x: fn(p, x, per_layer[targets[p]]) if p in targets else x, params)
+    if option is None:
+        return _tree.map_with_path(lambda p, x: fn(p, x, per_layer[targets[p]]) if p in targets else x, params)
+    return _tree.map_assigned(lambda p, x, v: fn(p, x, per_layer[targets[p]], v), params, option,
+                              where=lambda p, x: p in targets, what=what)

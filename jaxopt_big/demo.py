@@ -24,6 +24,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import models as _models
 from jaxopt_big import report as _report
 from jaxopt_big import train as _train
+from jaxopt_big.tree import Rule
 
 __all__ = ["Result", "Context", "run", "STAGES"]
 
@@ -124,7 +125,7 @@ def two_bit_ptq(ctx: Context) -> Result:
     start = time.perf_counter()
     qparams = quant.quantize_params(ctx.params, _two_bit(quant.MSE()))
     seconds = time.perf_counter() - start
-    absmax = accuracy(ctx, quant.dequantize_params(quant.quantize_params(ctx.params, _two_bit(quant.AbsMax()))))
+    absmax = accuracy(ctx, _leaves.densify(quant.quantize_params(ctx.params, _two_bit(quant.AbsMax()))))
     return Result("2-bit PTQ (MSE calibration)", _quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds,
                   qparams, note=f"absmax calibration: {absmax:.4f}", extra={"absmax_accuracy": absmax})
 
@@ -173,7 +174,7 @@ def mixed_precision(ctx: Context) -> Result:
 def low_rank(ctx: Context) -> Result:
     from jaxopt_big import lowrank
     kernel = ctx.params["Dense_0"]["kernel"]
-    factored = lowrank.factorize_params(ctx.params, [("Dense_0/kernel", {"max_params": kernel.size // 2})])
+    factored = lowrank.factorize_params(ctx.params, [Rule("Dense_0/kernel", {"max_params": kernel.size // 2})])
     run = lowrank.apply(ctx.model.apply)
     apply = lambda p, x: run({"params": p}, x)
     params, seconds = train_classifier(ctx, factored, epochs=ctx.epochs(4), lr=1e-3, apply=apply, desc="low-rank fine-tune")
@@ -249,7 +250,7 @@ def _steps(ctx: Context, epochs: int) -> int:
 
 def _pruned_result(ctx: Context, method: str, params: Any, seconds: float, apply: Callable | None = None) -> Result:
     from jaxopt_big import sparsity
-    packed = sparsity.pack(params)
+    packed = sparsity.pack_params(params)
     fraction = sparsity.sparsity(params)
     kernels = [v for p, v in fraction.items() if p.endswith("kernel")]
     return Result(method, accuracy(ctx, _leaves.densify(packed), apply), _leaves.nbytes(packed), seconds, packed,

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
 
 __all__ = ["Call", "Record", "capture", "replace", "LINEN_LAYERS", "NNX_LAYERS"]
 
@@ -101,15 +102,14 @@ class _Selector:
             return self.where is None or bool(self.where(path, module))
         found = False
         for i, p in enumerate(self.patterns):
-            if p.fullmatch(path):
+            if _tree.matches(p.pattern, path):
                 self.hit[i] = found = True
         return found
 
     def check(self) -> None:
-        missing = [p.pattern for p, h in zip(self.patterns or [], self.hit) if not h]
-        if missing:
-            raise ValueError(f"module pattern(s) {missing} match no Dense/Conv/Einsum layer; "
-                             f"layers called: {sorted(set(self.seen))}")
+        for p, h in zip(self.patterns or [], self.hit):
+            if not h:
+                raise _tree.no_match_error("where", p.pattern, sorted(set(self.seen)))
 
 
 def _linen_run(module: nn.Module):
@@ -223,8 +223,10 @@ def capture(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | N
 
     Args:
       fn: a linen apply function (``model.apply``, or any function that calls it) or an nnx module.
-      where: regex(es) on the module path (full match; each must match a called layer) or a
-        callable ``(path, module) -> bool``; ``None`` selects every Dense/Conv/Einsum layer.
+      where: pattern(s) on the module path (:mod:`jaxopt_big.tree` semantics: a full match on the
+        layer's path or a module path above it, so ``"layer_0"`` selects every layer inside it; each
+        must match a called layer) or a callable ``(path, module) -> bool``; ``None`` selects every
+        Dense/Conv/Einsum layer.
 
     Returns:
       A function with ``fn``'s arguments returning ``(outputs, {path: Record(inputs, outputs, kernel)})``.

@@ -41,7 +41,7 @@ import jax
 
 from jaxopt_big import leaves as _leaves
 
-__all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error",
+__all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error", "PathRules", "assigned", "as_rules", "matches",
            "map_with_path", "map_selected", "KERNELS", "Where"]
 
 Where = str | Sequence[str] | Callable[[str, Any], bool] | Any
@@ -131,6 +131,16 @@ def _matches(compiled: re.Pattern, path: str) -> bool:
     return any(compiled.fullmatch(p) for p in _module_paths(path))
 
 
+def matches(pattern: str, path: str) -> bool:
+    """Whether ``pattern`` fully matches ``path`` or a module path above it (the one meaning of a pattern).
+
+    Examples:
+      >>> matches("layer_0/mlp", "layer_0/mlp/up/kernel"), matches("layer_0/mlp", "layer_0/mlp_norm/scale")
+      (True, False)
+    """
+    return _matches(_compile(pattern), path)
+
+
 def no_match_error(what: str, pattern: str, available: Sequence[str]) -> ValueError:
     """The one error for a pattern or rule that claims no leaf, listing what it could have claimed."""
     shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
@@ -165,7 +175,7 @@ class Rule(Generic[T]):
 
     def matches(self, path: str) -> bool:
         """Whether this rule's pattern fully matches ``path`` or a module path above it."""
-        return _matches(_compile(self.pattern), path)
+        return matches(self.pattern, path)
 
 
 def is_rules(value: Any) -> bool:
@@ -179,7 +189,10 @@ def _is_pairs(value: Any) -> bool:
         isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in value)
 
 
-def _as_rules(value: Any, what: str) -> list[Rule]:
+def as_rules(value: Any, what: str = "value") -> list[Rule]:
+    """A ``Sequence[Rule]`` option as a list of rules; old ``(regex, value)`` pairs warn and convert."""
+    if not (is_rules(value) or _is_pairs(value)):
+        raise TypeError(f"{what}: expected a sequence of jb.tree.Rule, got {value!r}")
     if _is_pairs(value):
         warnings.warn(f"{what}: (regex, value) pairs are deprecated; use jb.tree.Rule(regex, value)",
                       DeprecationWarning, stacklevel=4)
@@ -238,6 +251,50 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
     return jax.tree_util.tree_unflatten(treedef, chosen)
 
 
+class PathRules:
+    """An option given as ``value | Sequence[Rule]``, read for paths met one at a time.
+
+    The streaming form of :func:`assign`, for what has no parameter tree up front (the layers a model
+    calls, in :mod:`jaxopt_big.intercept` and ``quant.qat``): calling it with a path gives the value of
+    the first rule that matches it (``None`` if none does); :meth:`check` then raises
+    :func:`no_match_error` for a required rule that claimed none of the paths seen.
+
+    Examples:
+      >>> pick = PathRules([Rule("attn", 8), Rule("mlp", 4)], what="bits")
+      >>> pick("attn/query"), pick("norm")
+      (8, None)
+      >>> pick.check()
+      Traceback (most recent call last):
+      ...
+      ValueError: bits: pattern 'mlp' matches no leaf; available paths: [attn/query, norm]
+    """
+
+    def __init__(self, value: Any, *, what: str = "value"):
+        self.what = what
+        self.single = not (is_rules(value) or _is_pairs(value))
+        self.value = value
+        self.rules = [] if self.single else as_rules(value, what)
+        self.compiled = [_compile(r.pattern) for r in self.rules]
+        self.used = [False] * len(self.rules)
+        self.seen: list[str] = []
+
+    def __call__(self, path: str) -> Any:
+        self.seen.append(path)
+        if self.single:
+            return self.value
+        for i, (rule, pattern) in enumerate(zip(self.rules, self.compiled)):
+            if _matches(pattern, path):
+                self.used[i] = True
+                return rule.value
+        return None
+
+    def check(self) -> None:
+        """Raises for the first required rule that claimed no path seen so far."""
+        for rule, u in zip(self.rules, self.used):
+            if rule.required and not u:
+                raise no_match_error(self.what, rule.pattern, list(dict.fromkeys(self.seen)))
+
+
 def assign(tree: Any, value: Any, *, where: Where = KERNELS, what: str = "value") -> Any:
     """Per-leaf values of an option given as ``value | Sequence[Rule]``; ``None`` where none applies.
 
@@ -260,27 +317,34 @@ def assign(tree: Any, value: Any, *, where: Where = KERNELS, what: str = "value"
       >>> assign(p, 8, where="mlp")
       {'attn': {'kernel': None}, 'mlp': {'bias': 8, 'kernel': 8}}
     """
+    flat, treedef, values = _assign_flat(tree, value, where, what)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _assign_flat(tree: Any, value: Any, where: Where, what: str) -> tuple[list[tuple[str, Any]], Any, list[Any]]:
     flat, treedef = _with_paths(tree)
     chosen = jax.tree.leaves(select(tree, where))
-    candidates = [p for (p, _), c in zip(flat, chosen) if c]
-    if not (is_rules(value) or _is_pairs(value)):
-        return jax.tree_util.tree_unflatten(treedef, [value if c else None for c in chosen])
-    rule_list = _as_rules(value, what)
-    compiled = [_compile(r.pattern) for r in rule_list]
-    used = [False] * len(rule_list)
-    values = []
-    for (p, _), c in zip(flat, chosen):
-        v = None
-        if c:
-            for i, (rule, pattern) in enumerate(zip(rule_list, compiled)):
-                if _matches(pattern, p):
-                    used[i], v = True, rule.value
-                    break
-        values.append(v)
-    for rule, u in zip(rule_list, used):
-        if rule.required and not u:
-            raise no_match_error(what, rule.pattern, candidates)
-    return jax.tree_util.tree_unflatten(treedef, values)
+    pick = PathRules(value, what=what)
+    values = [pick(p) if c else None for (p, _), c in zip(flat, chosen)]
+    pick.check()
+    return flat, treedef, values
+
+
+def assigned(tree: Any, value: Any, *, where: Where = KERNELS, what: str = "value") -> list[tuple[str, Any, Any]]:
+    """``[(path, leaf, value)]`` for the leaves :func:`assign` gives a value other than ``None``.
+
+    Raises:
+      ValueError: no leaf gets a value (:func:`no_match_error`, listing the paths).
+
+    Examples:
+      >>> assigned({"a": {"kernel": 1}, "b": {"kernel": 2}}, [Rule("b", 8)], where=".*")
+      [('b/kernel', 2, 8)]
+    """
+    flat, _, values = _assign_flat(tree, value, where, what)
+    out = [(p, x, v) for (p, x), v in zip(flat, values) if v is not None]
+    if not out:
+        raise no_match_error(what, repr(where), [p for p, _ in flat])
+    return out
 
 
 def rules(tree: Any, rules: Sequence[Rule]) -> Any:
@@ -313,11 +377,8 @@ def map_assigned(fn: Callable[[str, Any, Any], Any], tree: Any, value: Any, *, w
       >>> float(out["a"]["kernel"][0, 0]), float(out["b"]["kernel"][0, 0])
       (3.0, 1.0)
     """
-    values = assign(tree, value, where=where, what=what)
-    flat_values = jax.tree.leaves(values, is_leaf=lambda v: v is None)
-    if all(v is None for v in flat_values):
-        raise no_match_error(what, repr(where), paths(tree))
-    return map_with_path(lambda p, x, v: x if v is None else fn(p, x, v), tree, values)
+    given = {p: v for p, _, v in assigned(tree, value, where=where, what=what)}
+    return map_with_path(lambda p, x: fn(p, x, given[p]) if p in given else x, tree)
 
 
 def map_selected(fn: Callable[[str, Any], Any], tree: Any, where: Where = KERNELS) -> Any:

@@ -63,7 +63,7 @@ def test_restore_onto_another_mesh(tmp_path):
     with jb.checkpoint.Manager(tmp_path) as mgr:
         mgr.save(3, state)
         other = jb.parallel.make_mesh(data=2, tensor=4)
-        shardings = jb.parallel.param_shardings(state, other, [("Dense_0/kernel", jax.P(None, "tensor"))])
+        shardings = jb.parallel.param_shardings(state, other, [jb.tree.Rule("Dense_0/kernel", jax.P(None, "tensor"))])
         restored = mgr.restore(like=jb.checkpoint.abstract(state, shardings))
     kernel = restored.params["Dense_0"]["kernel"]
     assert kernel.sharding.mesh.shape == other.shape and kernel.sharding.spec == jax.P(None, "tensor")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxopt_big import calibration
-from jaxopt_big.quant import gptq, gptq_kernel
+from jaxopt_big.quant import gptq_kernel, gptq_params
 from jaxopt_big.quant._qarray import QArray
 from jaxopt_big.quant._spec import PER_CHANNEL, Group, MinMax, QuantSpec
 
@@ -132,7 +132,7 @@ def test_sequential_gptq_on_mlp_keeps_outputs_closer_than_rtn():
 
 
 def test_gptq_tree_and_bad_inputs():
-    out = gptq({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": H}, QuantSpec(bits=4))
+    out = gptq_params({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": H}, QuantSpec(bits=4))
     assert isinstance(out["params"]["Dense_0"]["kernel"], QArray)
     with pytest.raises(ValueError, match="L/kernel: group size 24 does not divide the input axis 64"):
         gptq_kernel(W, H, QuantSpec(bits=4, granularity=Group(24)), path="L/kernel")

@@ -33,7 +33,7 @@ def test_capture_selects_by_module_path_regex():
     model, variables = _cnn()
     _, seen = jb.intercept.capture(model.apply, "Dense_.*")(variables, X)
     assert sorted(seen) == ["Dense_0", "Dense_1"]
-    with pytest.raises(ValueError, match=r"match no Dense/Conv/Einsum layer.*Conv_0"):
+    with pytest.raises(ValueError, match=r"^where: pattern .Dense_9. matches no leaf; available paths: \[.*Conv_0"):
         jb.intercept.capture(model.apply, "Dense_9")(variables, X)
     with pytest.raises(ValueError, match="invalid module-path regex"):
         jb.intercept.capture(model.apply, "(")

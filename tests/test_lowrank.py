@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 from jaxopt_big import lowrank
 
 SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
@@ -125,14 +126,14 @@ def test_a_selected_1d_leaf_is_an_error_naming_it():
 def test_rules_give_per_leaf_options_and_none_keeps_dense():
     params = {"a": {"kernel": jnp.asarray(_matrix(0, 8, 8))}, "b": {"kernel": jnp.asarray(_matrix(1, 8, 6))},
               "c": {"kernel": jnp.ones((5, 5))}}
-    out = lowrank.factorize_params(params, [("a/kernel", {"rank": 2}), ("b/kernel", {"energy": 1.0}),
-                                            ("c/.*", None)], rank=3)
+    out = lowrank.factorize_params(params, [Rule("a/kernel", {"rank": 2}), Rule("b/kernel", {"energy": 1.0}),
+                                            Rule("c/.*", None)], rank=3)
     assert out["a"]["kernel"].rank == 2 and out["b"]["kernel"].rank == 6
     assert out["c"]["kernel"] is params["c"]["kernel"]
     with pytest.raises(ValueError, match="matches no leaf"):
-        lowrank.factorize_params(params, [("nope/kernel", {"rank": 1})])
+        lowrank.factorize_params(params, [Rule("nope/kernel", {"rank": 1})])
     with pytest.raises(ValueError, match=r"b/kernel: rank=7 exceeds"):
-        lowrank.factorize_params(params, [("b/kernel", {"rank": 7})])
+        lowrank.factorize_params(params, [Rule("b/kernel", {"rank": 7})])
 
 
 def test_report_counts_true_bytes_and_flops():

@@ -184,7 +184,7 @@ def test_wanda_tree_with_calibration_norms_and_row_mask():
     assert list(stats) == ["Dense_0"] and float(stats["Dense_0"].count) == 14
     rows = np.asarray(x)[np.asarray(row_mask)]
     np.testing.assert_allclose(np.asarray(stats["Dense_0"].norms), np.linalg.norm(rows, axis=0), rtol=1e-5)
-    pruned = oneshot.wanda(variables, {p: s.norms for p, s in stats.items()}, 0.5)
+    pruned = oneshot.wanda_params(variables, {p: s.norms for p, s in stats.items()}, 0.5)
     kernel = np.asarray(variables["params"]["Dense_0"]["kernel"])
     np.testing.assert_array_equal(np.asarray(pruned["params"]["Dense_0"]["kernel"]),
                                   np_wanda(kernel, np.linalg.norm(rows, axis=0), 0.5))
@@ -203,7 +203,7 @@ def test_bad_inputs_raise_naming_the_layer():
     with pytest.raises(ValueError, match="hessian has shape"):
         oneshot.sparsegpt_kernel(W, H[:4, :4])
     with pytest.raises(ValueError, match="Dense_7: no kernel"):
-        oneshot.sparsegpt({"Dense_0": {"kernel": W}}, {"Dense_7": H})
+        oneshot.sparsegpt_params({"Dense_0": {"kernel": W}}, {"Dense_7": H})
     variables = MLP().init(jax.random.key(0), X[:2, :16])
-    with pytest.raises(ValueError, match="matches no Dense layer"):
+    with pytest.raises(ValueError, match=r"where: pattern .Dense_9. matches no leaf; available paths: \[Dense_0, Dense_1"):
         calibration.sequential(MLP().apply, variables, [X[:4, :16]], where=["Dense_0", "Dense_9"])

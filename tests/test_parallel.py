@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 
 MODEL = jb.models.MLP(features=(32, 32), num_classes=8)
 X = np.asarray(jax.random.normal(jax.random.key(1), (5, 16, 12)), np.float32)
@@ -16,8 +17,8 @@ Y = np.asarray(jax.random.randint(jax.random.key(2), (5, 16), 0, 8), np.int32)
 # full; Adam would almost cancel it.
 TX = optax.sgd(0.1, momentum=0.9)
 LOSS = jb.train.classifier_loss(lambda p, x: MODEL.apply({"params": p}, x))
-TENSOR_RULES = [("Dense_0/kernel", jax.P(None, "tensor")), ("Dense_0/bias", jax.P("tensor")),
-                ("Dense_1/kernel", jax.P("tensor", None))]
+TENSOR_RULES = [Rule("Dense_0/kernel", jax.P(None, "tensor")), Rule("Dense_0/bias", jax.P("tensor")),
+                Rule("Dense_1/kernel", jax.P("tensor", None))]
 
 
 def _params():
@@ -100,7 +101,7 @@ def test_pipeline_four_stages_value_and_gradient():
 def test_shard_params_rules_first_match_and_fsdp_default():
     mesh = jb.parallel.make_mesh(data=2, fsdp=2, tensor=2)
     params = {"a": {"kernel": jnp.zeros((6, 4))}, "b": {"kernel": jnp.zeros((3, 5))}, "c": {"kernel": jnp.zeros((4, 8))}}
-    sh = jb.parallel.param_shardings(params, mesh, [("a/.*", jax.P(None, "tensor")), (".*kernel", jax.P())])
+    sh = jb.parallel.param_shardings(params, mesh, [Rule("a/.*", jax.P(None, "tensor")), Rule(".*kernel", jax.P())])
     assert sh["a"]["kernel"].spec == jax.P(None, "tensor")  # first rule wins over the second
     assert sh["c"]["kernel"].spec == jax.P()
     default = jb.parallel.param_shardings(params, mesh)
@@ -127,11 +128,11 @@ def test_bad_inputs_raise_clear_errors():
         jb.parallel.make_mesh(data=-1, fsdp=3)
     mesh = jb.parallel.make_mesh(data=8)
     with pytest.raises(ValueError, match=r"names mesh axes \['model'\]"):
-        jb.parallel.shard_params(_params(), mesh, [("Dense_0/kernel", jax.P(None, "model"))])
-    with pytest.raises(ValueError, match="matches no array"):
-        jb.parallel.shard_params(_params(), mesh, [("Dense_9/kernel", jax.P())])
+        jb.parallel.shard_params(_params(), mesh, [Rule("Dense_0/kernel", jax.P(None, "model"))])
+    with pytest.raises(ValueError, match="matches no leaf"):
+        jb.parallel.shard_params(_params(), mesh, [Rule("Dense_9/kernel", jax.P())])
     with pytest.raises(ValueError, match=r"Dense_0/kernel: dimension 0 of shape \(12, 32\)"):
-        jb.parallel.shard_params(_params(), mesh, [("Dense_0/kernel", jax.P("data"))])
+        jb.parallel.shard_params(_params(), mesh, [Rule("Dense_0/kernel", jax.P("data"))])
     step = jb.train.make_step(LOSS, TX, mesh=mesh)
     with pytest.raises(ValueError, match="leading size 12 is not divisible .* size 8"):
         step(jb.train.TrainState.create(_params(), TX), (X[0][:12], Y[0][:12]))

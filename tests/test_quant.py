@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 from jaxopt_big.quant import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Group, MinMax, Percentile, QArray,
                               QuantSpec)
 
@@ -122,14 +123,14 @@ def test_scales_keep_parameter_sharding_on_8_devices():
 
 def test_params_rules_first_match_wins_and_errors():
     p = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "Dense_1": {"kernel": jnp.ones((4, 2))}}
-    q = jb.quant.quantize_params(p, [("Dense_0/.*", QuantSpec(bits=4)), (".*", QuantSpec(bits=8))])
+    q = jb.quant.quantize_params(p, [Rule("Dense_0/.*", QuantSpec(bits=4)), Rule(".*", QuantSpec(bits=8))])
     assert q["Dense_0"]["kernel"].bits == 4 and q["Dense_1"]["kernel"].bits == 8
     assert not isinstance(q["Dense_0"]["bias"], QArray)
-    q = jb.quant.quantize_params(p, [("Dense_0/.*", None), (".*", QuantSpec(bits=8))])
+    q = jb.quant.quantize_params(p, [Rule("Dense_0/.*", None), Rule(".*", QuantSpec(bits=8))])
     assert not isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
-    np.testing.assert_allclose(jb.quant.dequantize_params(q)["Dense_1"]["kernel"], 1.0)
+    np.testing.assert_allclose(jb.leaves.densify(q)["Dense_1"]["kernel"], 1.0)
     with pytest.raises(ValueError, match="Dense_9"):
-        jb.quant.quantize_params(p, [("Dense_9/.*", QuantSpec())])
+        jb.quant.quantize_params(p, [Rule("Dense_9/.*", QuantSpec())])
 
 
 def test_bad_input_errors():
@@ -215,7 +216,7 @@ def test_quantized_apply_with_qarray_kernels(bits):
     v = _Net().init(jax.random.key(1), x)
     spec = QuantSpec(bits=bits, granularity=PER_CHANNEL)
     qv = {"params": jb.quant.quantize_params(v["params"], spec)}
-    ref = _Net().apply(jb.quant.dequantize_params(qv), x)
+    ref = _Net().apply(jb.leaves.densify(qv), x)
     weight_only = jax.jit(jb.quant.qat(_Net().apply))(qv, x)
     np.testing.assert_allclose(weight_only, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     full = jax.jit(jb.quant.qat(_Net().apply, activations=A8))(qv, x)
@@ -256,7 +257,7 @@ def test_nnx_linear_and_conv():
 def test_weight_rules_must_match_a_layer():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     v = _Net().init(jax.random.key(1), x)
-    f = jb.quant.qat(_Net().apply, weights=[("Conv_0", QuantSpec(bits=4)), ("Nope_.*", W8)])
+    f = jb.quant.qat(_Net().apply, weights=[Rule("Conv_0", QuantSpec(bits=4)), Rule("Nope_.*", W8)])
     with pytest.raises(ValueError, match="Nope"):
         f(v, x)
 

@@ -3,6 +3,7 @@
 import jax
 
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 from jaxopt_big.quant import MSE, PER_CHANNEL, AbsMax, QuantSpec
 import digits_util as du
 
@@ -27,7 +28,7 @@ def test_2bit_weight_only_ptq_mse_holds_where_absmax_collapses():
     acc = {}
     for cal in (MSE(), AbsMax()):
         # The 10-way classifier head (1280 of 38k weights) stays 8-bit, as is usual; every other kernel is 2-bit.
-        rules = [("Dense_1/kernel", W8), (".*", QuantSpec(bits=2, granularity=PER_CHANNEL, calibration=cal))]
+        rules = [Rule("Dense_1/kernel", W8), Rule(".*", QuantSpec(bits=2, granularity=PER_CHANNEL, calibration=cal))]
         qparams = jb.quant.quantize_params(params, rules)
         acc[type(cal).__name__] = du.accuracy(jb.quant.qat(apply), qparams, test)
     print(f"digits CNN float {float_acc:.4f} 2-bit weight-only PTQ {acc}")

@@ -12,17 +12,8 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 from jaxopt_big.quant._cluster import Clustered, cluster, codebooks, kmeans, with_codebooks
-from jaxopt_big.quant._formats import pack_bits, unpack_bits
-
-
-@hypothesis.settings(max_examples=20, deadline=None)
-@hypothesis.given(bits=st.integers(1, 16), n=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
-def test_pack_bits_round_trips_and_takes_the_bit_limit(bits, n, seed):
-    codes = np.random.default_rng(seed).integers(0, 2**bits, n)
-    packed = pack_bits(jnp.asarray(codes), bits)
-    assert packed.dtype == jnp.uint8 and packed.size == math.ceil(n * bits / 8)
-    np.testing.assert_array_equal(np.asarray(unpack_bits(packed, bits, n)), codes)
 
 
 @hypothesis.settings(max_examples=20, deadline=None)
@@ -71,7 +62,7 @@ def test_clustered_leaf_stores_codebook_plus_packed_indices():
 
 def test_cluster_rules_choose_k_per_layer_and_leave_others_dense():
     p = {"a": {"kernel": jnp.ones((4, 4)) * jnp.arange(4)}, "b": {"kernel": jnp.arange(12.0).reshape(3, 4)}}
-    out = cluster(p, [("a/.*", 2)], key=jax.random.key(0))
+    out = cluster(p, [Rule("a/.*", 2)], key=jax.random.key(0))
     assert out["a"]["kernel"].codebook.shape == (2,) and out["a"]["kernel"].bits == 1
     assert out["b"]["kernel"] is p["b"]["kernel"]
 

@@ -7,6 +7,7 @@ import pytest
 
 import digits_util as du
 import jaxopt_big as jb
+from jaxopt_big.tree import Rule
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._qarray import QArray
 from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
@@ -79,10 +80,10 @@ def test_lsq_wraps_trains_and_exports_to_an_equal_qarray(symmetric):
 
 def test_lsq_rules_and_bad_spec():
     p = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
-    out = lsq(p, [("a/.*", LSQ(spec=QuantSpec(bits=3)))])
+    out = lsq(p, [Rule("a/.*", LSQ(spec=QuantSpec(bits=3)))])
     assert isinstance(out["a"]["kernel"], Learned) and not isinstance(out["b"]["kernel"], Learned)
     with pytest.raises(TypeError, match="a/kernel"):
-        lsq(p, [("a/.*", "int4")])
+        lsq(p, [Rule("a/.*", "int4")])
 
 
 def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax():

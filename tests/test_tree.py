@@ -66,7 +66,7 @@ def test_select_bool_tree_of_other_structure():
 
 
 def test_rules_first_match_wins_and_none_elsewhere():
-    vals = jb.tree.rules(PARAMS, [(".*Dense_0/kernel", 4), (".*kernel", 8)])
+    vals = jb.tree.rules(PARAMS, [jb.tree.Rule(".*Dense_0/kernel", 4), jb.tree.Rule(".*kernel", 8)])
     assert vals["params"]["Dense_0"]["kernel"] == 4
     assert vals["params"]["Conv_0"]["kernel"] == 8
     assert vals["params"]["Dense_0"]["bias"] is None
@@ -74,11 +74,27 @@ def test_rules_first_match_wins_and_none_elsewhere():
 
 def test_rules_unused_rule_and_bad_input():
     with pytest.raises(ValueError, match="'.*Dense_0/kernel'"):  # shadowed by the earlier rule
-        jb.tree.rules(PARAMS, [(".*kernel", 8), (".*Dense_0/kernel", 4)])
+        jb.tree.rules(PARAMS, [jb.tree.Rule(".*kernel", 8), jb.tree.Rule(".*Dense_0/kernel", 4)])
     with pytest.raises(ValueError, match="invalid regex"):
-        jb.tree.rules(PARAMS, [("[", 1)])
-    with pytest.raises(TypeError, match="pairs"):
+        jb.tree.Rule("[", 1)
+    with pytest.raises(TypeError, match="sequence of jb.tree.Rule"):
         jb.tree.rules(PARAMS, ".*")
+
+
+def test_rule_pairs_still_work_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="jb.tree.Rule"):
+        vals = jb.tree.rules(PARAMS, [(".*Dense_0/kernel", 4)])
+    assert vals["params"]["Dense_0"]["kernel"] == 4 and vals["params"]["Conv_0"]["kernel"] is None
+
+
+def test_path_rules_stream_the_same_semantics_as_assign():
+    pick = jb.tree.PathRules([jb.tree.Rule("Dense_0", 4), jb.tree.Rule("Conv_0/kernel", 8)], what="bits")
+    assert [pick(p) for p in ("Dense_0/kernel", "Conv_0/kernel", "Conv_0/bias")] == [4, 8, None]
+    pick.check()
+    unused = jb.tree.PathRules([jb.tree.Rule("Dense_9", 4)], what="bits")
+    unused("Dense_0/kernel")
+    with pytest.raises(ValueError, match=r"^bits: pattern 'Dense_9' matches no leaf; available paths: \[Dense_0/kernel\]$"):
+        unused.check()
 
 
 def test_map_selected_only_touches_selection():

@@ -231,17 +231,18 @@ def _options(path: str, options: dict[str, Any]) -> Factorization:
         raise type(e)(f"{path}: {e}") from None
 
 
-def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | None]] | None = None, *,
+def factorize_params(params: Any, rules: Sequence[_tree.Rule[dict[str, Any] | None]] | None = None, *,
                      where: _tree.Where = _tree.KERNELS, key: jax.Array | None = None, **how: Any) -> Any:
     """Replaces the selected kernels of a tree by ``LowRank`` factorizations.
 
     Args:
       params: a parameter pytree (linen params, ``nnx.State``...).
-      rules: optional ``(regex, options)`` pairs, first full match on the leaf path wins; ``options``
-        is a dict of :func:`factorize` keywords (over ``how``; a rule naming rank, energy or
-        max_params replaces ``how``'s choice) or ``None`` to keep the leaf
-        dense. Leaves no rule matches stay dense. When given, ``where`` is not used.
-      where: which leaves to factorize with ``how`` (see :func:`jaxopt_big.tree.select`).
+      rules: optional ``[jb.tree.Rule(regex, options), ...]`` assigned among the leaves ``where``
+        selects (first match wins; see :mod:`jaxopt_big.tree`); ``options`` is a dict of
+        :func:`factorize` keywords over ``how`` (a rule naming rank, energy or max_params replaces
+        ``how``'s choice), or ``None`` to keep the leaf dense. Selected leaves no rule claims stay
+        dense. Without rules every selected leaf is factorized with ``how``.
+      where: the candidate leaves (see :func:`jaxopt_big.tree.select`); default: kernels.
       key: PRNG key for ``randomized``; each leaf uses ``fold_in(key, crc32(path))``.
       **how: :func:`factorize` keywords (``rank``, ``energy``, ``max_params``, ``randomized``...).
 
@@ -253,9 +254,10 @@ def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | No
 
     Examples:
       >>> import jax, jax.numpy as jnp
+      >>> from jaxopt_big.tree import Rule
       >>> params = {"Dense_0": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)},
       ...           "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
-      >>> out = factorize_params(params, [("Dense_0/kernel", {"rank": 1}), ("Dense_1/kernel", None)])
+      >>> out = factorize_params(params, [Rule("Dense_0", {"rank": 1}), Rule("Dense_1", None)])
       >>> out["Dense_0"]["kernel"].kind, out["Dense_1"]["kernel"].shape
       ('lowrank r=1', (8, 2))
       >>> factorize_params(params, where=".*/bias", rank=1)
@@ -264,6 +266,8 @@ def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | No
       ValueError: Dense_0/bias: only kernels with ndim >= 2 can be factorized, got shape (8,)
     """
     def one(path, w, options):
+        if not isinstance(options, dict):
+            raise TypeError(f"{path}: factorize options must be a dict of factorize keywords or None, got {options!r}")
         leaf_key = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()))
         if _CHOICES & options.keys():  # a rule's rank choice replaces the default one
             options = {**{k: v for k, v in how.items() if k not in _CHOICES}, **options}
@@ -271,8 +275,4 @@ def factorize_params(params: Any, rules: Sequence[tuple[str, dict[str, Any] | No
             options = {**how, **options}
         return _factorize(path, w, _options(path, options), leaf_key)
 
-    if rules is None:
-        return _tree.map_selected(lambda p, w: one(p, w, {}), params, where)
-    per_leaf = _tree.rules(params, list(rules))
-    return _tree.map_with_path(lambda p, w, o: w if o is None else one(p, w, o), params, per_leaf)
-
+    return _tree.map_assigned(one, params, {} if rules is None else rules, where=where, what="rules")

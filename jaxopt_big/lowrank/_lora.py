@@ -10,7 +10,7 @@ kernel's input axes then rank) and ``b`` (``(r, n)``), and the static ``scale = 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -94,15 +94,19 @@ def _is_lora(x: Any) -> bool:
     return isinstance(x, LoRA)
 
 
-def lora_init(params: Any, key: jax.Array, *, rank: int, alpha: float, where: _tree.Where = _tree.KERNELS) -> Any:
+def lora_init(params: Any, key: jax.Array, *, rank: int | Sequence[_tree.Rule[int]],
+              alpha: float | Sequence[_tree.Rule[float]], where: _tree.Where = _tree.KERNELS) -> Any:
     """Wraps the selected kernels in ``LoRA`` leaves: ``a`` uniform(±1/sqrt(fan_in)), ``b`` zero.
 
     Args:
       params: a parameter pytree; selected kernels may be dense or compressed (``QArray``: QLoRA).
       key: PRNG key; each leaf uses ``fold_in(key, crc32(path))``.
-      rank: adapter rank, ``1 <= rank <= min(m, n)`` of each kernel seen as ``(prod(shape[:-1]), n)``.
-      alpha: scaling numerator; the update is ``(alpha / rank) * a @ b``.
-      where: which leaves get adapters (default: kernels with ndim >= 2).
+      rank: adapter rank, ``1 <= rank <= min(m, n)`` of each kernel seen as ``(prod(shape[:-1]), n)``;
+        or rules ``[jb.tree.Rule(regex, rank or None), ...]`` among the selected leaves (first match
+        wins; unclaimed leaves get no adapter; see :mod:`jaxopt_big.tree`).
+      alpha: scaling numerator; the update is ``(alpha / rank) * a @ b``. A value or rules (a leaf
+        with a rank needs an alpha).
+      where: the candidate leaves (default: kernels with ndim >= 2).
 
     Returns:
       The tree with ``LoRA`` leaves; the adapted model equals the original at init.
@@ -118,10 +122,13 @@ def lora_init(params: Any, key: jax.Array, *, rank: int, alpha: float, where: _t
       >>> k.a.shape, k.b.shape, k.scale, bool((k.dense() == 1).all())
       ((8, 2), (2, 4), 2.0, True)
     """
-    rank = _checks.integer("rank", rank, low=1)
-    alpha = _checks.number("alpha", alpha)
+    alphas = {p: a for p, _, a in _tree.assigned(params, alpha, where=where, what="alpha")}
 
-    def one(path: str, w: Any) -> LoRA:
+    def one(path: str, w: Any, rank: Any) -> LoRA:
+        rank = _checks.integer(f"{path}: rank", rank, low=1)
+        if path not in alphas:
+            raise ValueError(f"{path}: has a LoRA rank but no alpha; alpha rules claim {sorted(alphas)}")
+        alpha = _checks.number(f"{path}: alpha", alphas[path])
         shape = tuple(w.shape)
         if len(shape) < 2:
             raise ValueError(f"{path}: LoRA needs a kernel with ndim >= 2, got shape {shape}")
@@ -134,7 +141,7 @@ def lora_init(params: Any, key: jax.Array, *, rank: int, alpha: float, where: _t
                                -bound, bound)
         return LoRA(base=w, a=a, b=jnp.zeros((rank, n), dtype), scale=float(alpha) / rank)
 
-    return _tree.map_selected(one, params, where)
+    return _tree.map_assigned(one, params, rank, where=where, what="rank")
 
 
 def lora_labels(params: Any) -> Any:

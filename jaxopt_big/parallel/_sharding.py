@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from jaxopt_big import tree as _tree
+from jaxopt_big._batch_sharding import axis_size
 
-__all__ = ["param_shardings", "shard_params", "shard_batch", "batch_sharding"]
+__all__ = ["param_shardings", "shard_params"]
 
-Rules = Sequence[tuple[str, jax.sharding.PartitionSpec]]
+Rules = Sequence[_tree.Rule[jax.sharding.PartitionSpec]]
 
 
 def _spec_axes(spec: jax.sharding.PartitionSpec) -> list[str]:
@@ -24,34 +24,16 @@ def _spec_axes(spec: jax.sharding.PartitionSpec) -> list[str]:
     return out
 
 
-def _axis_size(mesh: jax.sharding.Mesh, entry: Any) -> int:
-    if entry is None:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in (entry if isinstance(entry, tuple) else (entry,))]))
-
-
-def _check_rules(rules: Rules, mesh: jax.sharding.Mesh) -> list[tuple[re.Pattern, str, jax.sharding.PartitionSpec]]:
-    if isinstance(rules, (str, bytes)) or not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in rules):
-        raise TypeError(f"rules must be a sequence of (regex, PartitionSpec) pairs, got {rules!r}")
-    out = []
-    for pattern, spec in rules:
-        if not isinstance(spec, jax.sharding.PartitionSpec):
-            raise TypeError(f"rule {pattern!r}: value must be a jax.P(...) PartitionSpec, got {spec!r}")
-        unknown = [a for a in _spec_axes(spec) if a not in mesh.axis_names]
+def _check_rules(rules: Rules, mesh: jax.sharding.Mesh) -> list[_tree.Rule]:
+    rules = _tree.as_rules(rules, "sharding rules") if rules else []
+    for rule in rules:
+        if not isinstance(rule.value, jax.sharding.PartitionSpec):
+            raise TypeError(f"rule {rule.pattern!r}: value must be a jax.P(...) PartitionSpec, got {rule.value!r}")
+        unknown = [a for a in _spec_axes(rule.value) if a not in mesh.axis_names]
         if unknown:
-            raise ValueError(f"rule {pattern!r}: {spec} names mesh axes {unknown} that the mesh "
+            raise ValueError(f"rule {rule.pattern!r}: {rule.value} names mesh axes {unknown} that the mesh "
                              f"{dict(mesh.shape)} does not have")
-        try:
-            out.append((re.compile(pattern), pattern, spec))
-        except (re.error, TypeError) as e:
-            raise ValueError(f"invalid rule regex {pattern!r}: {e}") from None
-    return out
-
-
-def _matches(compiled: re.Pattern, path: str) -> bool:
-    """Full match on the path or on any "/"-suffix (so one rule covers params and their Adam moments)."""
-    parts = path.split("/")
-    return any(compiled.fullmatch("/".join(parts[i:])) for i in range(len(parts)))
+    return rules
 
 
 def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh, axis: str) -> jax.sharding.PartitionSpec:
@@ -65,16 +47,72 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: jax.sharding.Mesh, axis: str) -> ja
     return jax.P(*([None] * best + [axis]))
 
 
+def _placed(path: str, shape: tuple[int, ...], spec: jax.sharding.PartitionSpec,
+            mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    if len(spec) > len(shape):
+        raise ValueError(f"{path}: spec {spec} has more entries than the array's shape {shape}")
+    for dim, entry in enumerate(spec):
+        if shape[dim] % axis_size(mesh, entry):
+            raise ValueError(f"{path}: dimension {dim} of shape {shape} is not divisible by mesh axes "
+                             f"{entry} of size {axis_size(mesh, entry)} (spec {spec})")
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def _default(x: Any, mesh: jax.sharding.Mesh, fsdp_axis: str) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, _fsdp_spec(tuple(np.shape(x)), mesh, fsdp_axis))
+
+
+def _by_rules(params: Any, mesh: jax.sharding.Mesh, rules: list[_tree.Rule], fsdp_axis: str) -> Any:
+    """Shardings of every array of ``params``: the first rule matching its path, else the FSDP default."""
+    pick = _tree.PathRules(rules, what="sharding rules") if rules else lambda path: None
+
+    def one(keypath, x):
+        path, spec = _tree.path_str(keypath), pick(_tree.path_str(keypath))
+        return _default(x, mesh, fsdp_axis) if spec is None else _placed(path, tuple(np.shape(x)), spec, mesh)
+
+    out = jax.tree_util.tree_map_with_path(one, params)
+    if rules:
+        pick.check()
+    return out
+
+
+def _mirroring(state: Any, params: Any, shardings: Any, mesh: jax.sharding.Mesh, fsdp_axis: str) -> Any:
+    """Shardings of a training state: ``params`` and every subtree with their structure (optimizer
+    moments, masks) take the params' shardings where shapes agree; other arrays get the FSDP default."""
+    treedef = jax.tree.structure(params)
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    placed = jax.tree.leaves(shardings)
+
+    def mirrors(x: Any) -> bool:
+        try:
+            treedef.flatten_up_to(x)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def one(x: Any) -> Any:
+        if not mirrors(x):
+            return _default(x, mesh, fsdp_axis)
+        parts = [jax.tree.map(lambda leaf: s if np.shape(leaf) == shape else _default(leaf, mesh, fsdp_axis), a)
+                 for a, shape, s in zip(treedef.flatten_up_to(x), shapes, placed)]
+        return treedef.unflatten(parts)
+
+    return jax.tree.map(one, state, is_leaf=mirrors)
+
+
 def param_shardings(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *,
                     fsdp_axis: str = "fsdp") -> Any:
-    """``NamedSharding`` per array of ``params`` (any pytree, e.g. a whole ``TrainState``).
+    """``NamedSharding`` per array of ``params`` (any pytree, or a whole ``TrainState``).
 
-    A rule ``(regex, jax.P(...))`` applies to an array whose "/"-joined path, or any "/"-suffix of
-    it, fully matches the regex; the first matching rule wins, so ``"Dense_0/kernel"`` places the
-    kernel and its optimizer moments alike. Arrays inside compressed leaves have paths such as
-    ``Dense_0/kernel/values``. An array no rule matches gets the FSDP default: its largest dimension
-    divisible by the ``fsdp`` axis size is split over that axis (replicated when none is, or when
-    the mesh has no ``fsdp`` axis larger than 1).
+    Rules ``[jb.tree.Rule(regex, jax.P(...)), ...]`` follow :mod:`jaxopt_big.tree`: a pattern fully
+    matches an array's path or a module path above it (``"Dense_0"`` places every array of that
+    layer; arrays inside compressed leaves have paths such as ``Dense_0/kernel/values``); the first
+    match wins; a rule that places nothing raises. For a training state (an object with a ``params``
+    field, such as :class:`jaxopt_big.train.TrainState`) the rules read paths *relative to its
+    params*, and every subtree of the state with the params' structure (Adam moments, prune masks)
+    takes the same sharding as the parameter it mirrors. An array no rule matches gets the FSDP
+    default: its largest dimension divisible by the ``fsdp`` axis size is split over that axis
+    (replicated when none is, or when the mesh has no ``fsdp`` axis larger than 1).
 
     Raises:
       ValueError: a rule names an axis the mesh lacks, matches no array, or splits a dimension that
@@ -87,32 +125,11 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *,
       >>> sh["d"]["kernel"].spec, sh["d"]["bias"].spec
       (P('fsdp',), P())
     """
-    compiled = _check_rules(rules, mesh)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    used = [False] * len(compiled)
-    out = []
-    for keypath, x in flat:
-        path = _tree.path_str(keypath)
-        shape = tuple(np.shape(x))
-        spec = None
-        for i, (c, _, s) in enumerate(compiled):
-            if _matches(c, path):
-                used[i], spec = True, s
-                break
-        if spec is None:
-            spec = _fsdp_spec(shape, mesh, fsdp_axis)
-        if len(spec) > len(shape):
-            raise ValueError(f"{path}: spec {spec} has more entries than the array's shape {shape}")
-        for dim, entry in enumerate(spec):
-            if shape[dim] % _axis_size(mesh, entry):
-                raise ValueError(f"{path}: dimension {dim} of shape {shape} is not divisible by mesh axes "
-                                 f"{entry} of size {_axis_size(mesh, entry)} (spec {spec})")
-        out.append(jax.sharding.NamedSharding(mesh, spec))
-    for (_, pattern, _), u in zip(compiled, used):
-        if not u:
-            raise ValueError(f"sharding rule {pattern!r} matches no array; paths: "
-                             f"{[_tree.path_str(p) for p, _ in flat][:40]}")
-    return jax.tree_util.tree_unflatten(treedef, out)
+    rules = _check_rules(rules, mesh)
+    inner = None if isinstance(params, Mapping) else getattr(params, "params", None)
+    if inner is None:
+        return _by_rules(params, mesh, rules, fsdp_axis)
+    return _mirroring(params, inner, _by_rules(inner, mesh, rules, fsdp_axis), mesh, fsdp_axis)
 
 
 def shard_params(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *, fsdp_axis: str = "fsdp") -> Any:
@@ -121,57 +138,8 @@ def shard_params(params: Any, mesh: jax.sharding.Mesh, rules: Rules = (), *, fsd
     Examples:
       >>> from jaxopt_big.parallel._mesh import make_mesh
       >>> mesh = make_mesh(data=2, tensor=4)
-      >>> p = shard_params({"w": jax.numpy.zeros((4, 8))}, mesh, [("w", jax.P(None, "tensor"))])
+      >>> p = shard_params({"w": jax.numpy.zeros((4, 8))}, mesh, [_tree.Rule("w", jax.P(None, "tensor"))])
       >>> p["w"].sharding.spec
       P(None, 'tensor')
     """
     return jax.device_put(params, param_shardings(params, mesh, rules, fsdp_axis=fsdp_axis))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str] = ("data", "fsdp")) -> jax.sharding.NamedSharding:
-    """Sharding of a batch's leading dimension over the mesh ``axes`` (those larger than 1).
-
-    Examples:
-      >>> from jaxopt_big.parallel._mesh import make_mesh
-      >>> batch_sharding(make_mesh(data=4, fsdp=2)).spec
-      P(('data', 'fsdp'),)
-    """
-    unknown = [a for a in axes if a not in mesh.axis_names]
-    if unknown:
-        raise ValueError(f"batch axes {unknown} are not axes of the mesh {dict(mesh.shape)}")
-    used = tuple(a for a in axes if mesh.shape[a] > 1)
-    return jax.sharding.NamedSharding(mesh, jax.P(used) if used else jax.P())
-
-
-def shard_batch(batch: Any, mesh: jax.sharding.Mesh, axes: Sequence[str] = ("data", "fsdp")) -> Any:
-    """Splits every leaf's leading (batch) dimension over the mesh ``axes``.
-
-    With several processes (``jax.distributed``) each process passes its own part of the global
-    batch (``global / process_count`` rows) and gets back the global array.
-
-    Raises:
-      ValueError: a leaf's leading size is not divisible by the devices it is split over.
-
-    Examples:
-      >>> from jaxopt_big.parallel._mesh import make_mesh
-      >>> x = shard_batch(np.zeros((16, 3)), make_mesh(data=8))
-      >>> x.sharding.spec, x.addressable_shards[0].data.shape
-      (P('data',), (2, 3))
-    """
-    sharding = batch_sharding(mesh, axes)
-    size = _axis_size(mesh, sharding.spec[0] if len(sharding.spec) else None)
-    procs = jax.process_count()
-    local = max(size // procs, 1)
-
-    def put(keypath, x):
-        n = np.shape(x)[0] if np.ndim(x) else None
-        if n is None or n % local:
-            raise ValueError(f"batch leaf {_tree.path_str(keypath) or '<root>'}: leading size {n} is not divisible "
-                             f"by the mesh's batch axes {tuple(axes)} of size {size}"
-                             + (f" / {procs} processes" if procs > 1 else ""))
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        if procs > 1:
-            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-        return jax.device_put(x, sharding)
-    return jax.tree_util.tree_map_with_path(put, batch)

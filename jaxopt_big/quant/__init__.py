@@ -12,7 +12,7 @@ from jaxopt_big.quant._calibrate import calibrate, expand
 from jaxopt_big.quant._cluster import Clustered, KMeans, cluster, codebooks, kmeans, with_codebooks
 from jaxopt_big.quant._fake import fake_quant, ste
 from jaxopt_big.quant._formats import F8, Binary, Float8, Float8Array, SubByteArray, Ternary, pack_bits, unpack_bits
-from jaxopt_big.quant._gptq import gptq, gptq_kernel
+from jaxopt_big.quant._gptq import gptq, gptq_kernel, gptq_params
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
 from jaxopt_big.quant._ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
@@ -25,8 +25,6 @@ __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSO
            "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand", "fake_quant", "ste",
            "QArray", "quantize", "dequantize", "container_bits",
            "quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat", "Gradient",
-           # `cluster`, `lsq` and `gptq` are the functions (as in DESIGN.md), not their modules: import
-           # module-level helpers with `from jaxopt_big.quant.<module> import <name>`.
            "LSQ", "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
            "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",
-           "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq", "gptq_kernel"]
+           "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq_params", "gptq_kernel", "gptq"]

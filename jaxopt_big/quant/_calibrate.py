@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import _checks
-from jaxopt_big.quant import _spec
+from jaxopt_big.quant import _options
 
 __all__ = ["calibrate", "expand"]
 
@@ -50,16 +50,16 @@ def _axis(name: str, axis: int, ndim: int, path: str) -> int:
     return axis % ndim
 
 
-def blocked(x: jax.Array, spec: _spec.QuantSpec, path: str = ""
+def blocked(x: jax.Array, spec: _options.IntegerGrid, path: str = ""
             ) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
     """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back."""
     g = spec.granularity
-    if isinstance(g, _spec.PerTensor):
+    if isinstance(g, _options.PerTensor):
         return x, tuple(range(x.ndim)), lambda s: s
-    if isinstance(g, _spec.PerToken):
+    if isinstance(g, _options.PerToken):
         return x, tuple(range(x.ndim))[-1:], lambda s: s
     axis = _axis("axis", spec.axis, x.ndim, path)
-    if isinstance(g, _spec.PerChannel):
+    if isinstance(g, _options.PerChannel):
         return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s
     along = _axis("Group.along", g.along, x.ndim, path)
     if along == axis:
@@ -91,7 +91,7 @@ def _explicit_sharding(x: jax.Array) -> jax.sharding.NamedSharding | None:
     return sharding if any(a is not None for a in sharding.spec) else None
 
 
-def to_int(x: jax.Array, spec: _spec.QuantSpec, scale: jax.Array, zero_point: jax.Array | None, *,
+def to_int(x: jax.Array, spec: _options.IntegerGrid, scale: jax.Array, zero_point: jax.Array | None, *,
            clip: bool = True) -> jax.Array:
     """Integer grid values (as floats) of ``x``; scale/zero point already broadcastable.
 
@@ -107,7 +107,7 @@ def from_int(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> ja
     return (q if zero_point is None else q - zero_point) * scale
 
 
-def _from_range(lo: jax.Array, hi: jax.Array, spec: _spec.QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+def _from_range(lo: jax.Array, hi: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array, jax.Array | None]:
     tiny = jnp.finfo(jnp.float32).tiny
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
@@ -117,16 +117,16 @@ def _from_range(lo: jax.Array, hi: jax.Array, spec: _spec.QuantSpec) -> tuple[ja
     return scale, jnp.clip(jnp.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
 
 
-def _range(xb: jax.Array, axes: tuple[int, ...], spec: _spec.QuantSpec) -> tuple[jax.Array, jax.Array]:
+def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> tuple[jax.Array, jax.Array]:
     cal = spec.calibration
-    if isinstance(cal, _spec.Percentile):
+    if isinstance(cal, _options.Percentile):
         if spec.symmetric:
             amax = jnp.percentile(jnp.abs(xb), cal.q, axis=axes, keepdims=True)
             return -amax, amax
         lo = jnp.percentile(xb, 100 - cal.q, axis=axes, keepdims=True)
         hi = jnp.percentile(xb, cal.q, axis=axes, keepdims=True)
         return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-    if spec.symmetric or isinstance(cal, _spec.AbsMax):
+    if spec.symmetric or isinstance(cal, _options.AbsMax):
         amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
         return -amax, amax
     return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),
@@ -151,11 +151,11 @@ def _mse_search(xb, axes, spec, lo, hi):
     return jax.lax.fori_loop(0, cal.steps - 1, body, candidate(ratios[-1]))[1:]
 
 
-def integer_calibrate(x, spec: _spec.QuantSpec, *, path: str = ""):
+def integer_calibrate(x, spec: _options.IntegerGrid, *, path: str = ""):
     x = check_input(x, path)
     xb, axes, unblock = blocked(x.astype(jnp.float32), spec, path)
     lo, hi = _range(xb, axes, spec)
-    if isinstance(spec.calibration, _spec.MSE):
+    if isinstance(spec.calibration, _options.MSE):
         scale, zp = _mse_search(xb, axes, spec, lo, hi)
     else:
         scale, zp = _from_range(lo, hi, spec)
@@ -164,7 +164,7 @@ def integer_calibrate(x, spec: _spec.QuantSpec, *, path: str = ""):
     return unblock(scale), None if zp is None else unblock(zp)
 
 
-def calibrate(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
+def calibrate(x: jax.typing.ArrayLike, spec: _options.Format, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
     """Scale and zero point (None when symmetric) of ``spec``'s grid for the data ``x``.
 
     Args:
@@ -185,6 +185,6 @@ def calibrate(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") ->
       >>> (scale * 127).tolist(), zp
       ([[1.0, 4.0]], None)
     """
-    if not isinstance(spec, _spec.Format):
+    if not isinstance(spec, _options.Format):
         raise TypeError(f"{_where(path)}expected a QuantSpec or Format, got {spec!r}")
     return spec.calibrate(x, path=path)

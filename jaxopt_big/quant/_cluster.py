@@ -17,10 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _bits
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant._formats import pack_bits, unpack_bits
 
 __all__ = ["Clustered", "KMeans", "kmeans", "cluster", "codebooks", "with_codebooks"]
 
@@ -35,7 +35,7 @@ class Clustered(_leaves.Compressed):
 
     Attributes:
       codebook: ``(k,)`` centroids (trainable).
-      packed: ``uint8`` buffer of the packed indices (see :func:`~jaxopt_big.quant._formats.pack_bits`).
+      packed: ``uint8`` buffer of the packed indices (see :mod:`jaxopt_big._bits`).
       dense_shape: shape of the weight it stands for.
       bits: bits per index.
 
@@ -55,11 +55,11 @@ class Clustered(_leaves.Compressed):
     def from_indices(cls, codebook: jax.Array, indices: jax.Array) -> "Clustered":
         """Packs ``indices`` (integers in ``[0, len(codebook))``) next to ``codebook``."""
         bits = _index_bits(codebook.shape[0])
-        return cls(codebook=codebook, packed=pack_bits(indices, bits), dense_shape=tuple(indices.shape), bits=bits)
+        return cls(codebook=codebook, packed=_bits.pack(indices.reshape(-1), bits), dense_shape=tuple(indices.shape), bits=bits)
 
     def indices(self) -> jax.Array:
         """The ``int32`` cluster index of every weight, in the weight's shape."""
-        return unpack_bits(self.packed, self.bits, math.prod(self.dense_shape)).reshape(self.dense_shape)
+        return _bits.unpack(self.packed, self.bits, math.prod(self.dense_shape)).astype(jnp.int32).reshape(self.dense_shape)
 
     def dense(self) -> jax.Array:
         return self.codebook[self.indices()]
@@ -165,14 +165,14 @@ def kmeans(x: jax.ArrayLike, n_clusters: int, *, key: jax.Array, iters: int = 20
     return _kmeans(x, key, n_clusters, iters)
 
 
-def cluster(params: Any, n_clusters: int | Sequence[tuple[str, int]], *, key: jax.Array,
+def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Array,
             where: _tree.Where = _tree.KERNELS, iters: int = 20) -> Any:
     """Replaces each selected weight by a :class:`Clustered` leaf with its own k-means codebook.
 
     Args:
       params: parameter pytree.
-      n_clusters: clusters per layer, or ``(regex, n_clusters)`` rules (first match wins; selected
-        leaves no rule matches are left dense).
+      n_clusters: clusters per layer, or rules ``[jb.tree.Rule(regex, n_clusters or None), ...]``
+        among the selected leaves (first match wins; unclaimed leaves stay dense).
       key: PRNG key; each layer uses ``fold_in(key, crc32(path))``, so results do not depend on
         which other layers are selected.
       where: which leaves to cluster (default: kernels).
@@ -192,24 +192,12 @@ def cluster(params: Any, n_clusters: int | Sequence[tuple[str, int]], *, key: ja
       >>> c["Dense_0"]["kernel"].kind, c["Dense_0"]["kernel"].nbytes, len(set(c["Dense_0"]["kernel"].dense().ravel().tolist()))
       ('clustered k=4', 48, 4)
     """
-    names = _tree.paths(params)
-    if isinstance(n_clusters, (list, tuple)):
-        counts = jax.tree.leaves(_tree.rules(params, n_clusters), is_leaf=lambda x: x is None)
-    else:
-        counts = [n_clusters] * len(names)
-    chosen = jax.tree.leaves(_tree.select(params, where))
-    if not any(chosen):
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {names}")
-    k_of = {p: k for p, k, s in zip(names, counts, chosen) if s and k is not None}
-
-    def leaf(path: str, w: Any) -> Any:
-        if path not in k_of:
-            return w
-        k = _check_clusters(path, k_of[path], w)
+    def leaf(path: str, w: Any, k: Any) -> Any:
+        k = _check_clusters(path, k, w)
         res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
         return Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
 
-    return _tree.map_with_path(leaf, params)
+    return _tree.map_assigned(leaf, params, n_clusters, where=where, what="n_clusters")
 
 
 def _is_clustered(x: Any) -> bool:

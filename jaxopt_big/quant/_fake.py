@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
-from jaxopt_big.quant import _spec
+from jaxopt_big.quant import _options
 
 __all__ = ["fake_quant", "ste"]
 
@@ -26,7 +26,7 @@ def ste(x: jax.Array, value: jax.Array, inside: jax.Array | None = None) -> jax.
     return value + (delta if inside is None else jnp.where(inside, delta, jnp.zeros_like(delta)))
 
 
-def integer_fake_quant(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, path: str = ""):
+def integer_fake_quant(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = ""):
     x = check_input(x, path)
     if scale is None:
         scale, zero_point = jax.lax.stop_gradient(integer_calibrate(x, spec, path=path))
@@ -40,7 +40,7 @@ def integer_fake_quant(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *,
     return ste(xf, value, (xf >= lo) & (xf <= hi)).astype(x.dtype)
 
 
-def fake_quant(x: jax.typing.ArrayLike, spec: _spec.Format, scale: jax.typing.ArrayLike | None = None,
+def fake_quant(x: jax.typing.ArrayLike, spec: _options.Format, scale: jax.typing.ArrayLike | None = None,
                zero_point: jax.typing.ArrayLike | None = None, *, path: str = "") -> jax.Array:
     """Quantizes and dequantizes ``x`` on ``spec``'s grid; gradients pass straight through.
 
@@ -62,6 +62,6 @@ def fake_quant(x: jax.typing.ArrayLike, spec: _spec.Format, scale: jax.typing.Ar
       >>> jax.grad(lambda x: fake_quant(x, QuantSpec(bits=2), scale=1.0).sum())(x).tolist()
       [1.0, 1.0, 0.0]
     """
-    if not isinstance(spec, _spec.Format):
+    if not isinstance(spec, _options.Format):
         raise TypeError(f"{path + ': ' if path else ''}expected a QuantSpec or Format, got {spec!r}")
     return spec.fake_quant(x, scale, zero_point, path=path)

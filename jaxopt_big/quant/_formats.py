@@ -11,8 +11,8 @@ Each format is a :class:`~jaxopt_big.quant._spec.Format`, so it goes wherever a 
 Training goes through a straight-through estimator: the forward pass uses the format's value, the
 gradient with respect to the weight is the identity (scales are data-derived and not differentiated).
 
-``pack_bits``/``unpack_bits`` store small unsigned codes (1 to 16 bits each) back to back in a
-``uint8`` buffer, so an array of ``n`` codes of ``b`` bits really takes ``ceil(n * b / 8)`` bytes.
+Codes are stored by the one bit packer (:mod:`jaxopt_big._bits`): ``n`` codes of ``b`` bits really
+take ``ceil(n * b / 8)`` bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import warnings
 from typing import Any
 
 import flax.struct
@@ -27,56 +28,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _bits
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import _spec
+from jaxopt_big.quant._calibrate import check_input, expand
 from jaxopt_big.quant._calibrate import check_input, expand, nan_where_nonfinite
+from jaxopt_big.quant._fake import ste
 
 __all__ = ["Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array", "pack_bits", "unpack_bits"]
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
-    """Packs unsigned integer codes of ``bits`` bits each into a flat ``uint8`` buffer.
-
-    Args:
-      codes: integer array with values in ``[0, 2**bits)`` (any shape; read flattened).
-      bits: width of one code.
-
-    Returns:
-      ``uint8`` array of ``ceil(codes.size * bits / 8)`` bytes.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> packed = pack_bits(jnp.array([1, 2, 3, 0, 1]), 2)
-      >>> packed.shape, unpack_bits(packed, 2, 5).tolist()
-      ((2,), [1, 2, 3, 0, 1])
-    """
-    bits = _checks.integer("packed code width", bits, low=1, high=16)
-    flat = codes.reshape(-1).astype(jnp.uint32)
-    bitplanes = (flat[:, None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
-    stream = bitplanes.reshape(-1)
-    stream = jnp.pad(stream, (0, -stream.size % 8)).reshape(-1, 8)
-    return (stream << jnp.arange(8, dtype=jnp.uint32)).sum(axis=1).astype(jnp.uint8)
+    """Deprecated: ``jaxopt_big._bits.pack(codes.reshape(-1), bits)``, the one bit packer."""
+    warnings.warn("jb.quant.pack_bits is deprecated; the one bit packer is jaxopt_big._bits.pack",
+                  DeprecationWarning, stacklevel=2)
+    return _bits.pack(jnp.asarray(codes).reshape(-1), bits)
 
 
 def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of :func:`pack_bits`: the first ``n`` codes as ``int32``.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> unpack_bits(pack_bits(jnp.arange(8), 3), 3, 8).tolist()
-      [0, 1, 2, 3, 4, 5, 6, 7]
-    """
-    bits = _checks.integer("packed code width", bits, low=1, high=16)
-    stream = ((packed[:, None].astype(jnp.uint32) >> jnp.arange(8, dtype=jnp.uint32)) & 1).reshape(-1)
-    planes = stream[: n * bits].reshape(n, bits)
-    return (planes << jnp.arange(bits, dtype=jnp.uint32)).sum(axis=1).astype(jnp.int32)
-
-
-def _ste(x: jax.Array, value: jax.Array, inside: jax.Array | None = None) -> jax.Array:
-    """``value`` forward, bit for bit (``x - stop_gradient(x)`` is exactly 0); gradient 1 where ``inside``."""
-    delta = x - jax.lax.stop_gradient(x)
-    return jax.lax.stop_gradient(value) + (delta if inside is None else jnp.where(inside, delta, jnp.zeros_like(delta)))
+    """Deprecated: ``jaxopt_big._bits.unpack(packed, bits, n)`` as ``int32``."""
+    warnings.warn("jb.quant.unpack_bits is deprecated; the one bit packer is jaxopt_big._bits.unpack",
+                  DeprecationWarning, stacklevel=2)
+    return _bits.unpack(packed, bits, n).astype(jnp.int32)
 
 
 def _where(path: str) -> str:
@@ -129,11 +103,11 @@ class SubByteArray(_leaves.Compressed):
     def from_values(cls, values: jax.Array, scale: jax.Array, bits: int, dtype: Any) -> "SubByteArray":
         """Packs ``values`` in ``{-1, 1}`` (bits=1) or ``{-1, 0, 1}`` (bits=2)."""
         codes = (values + 1) // 2 if bits == 1 else values + 1
-        return cls(codes=pack_bits(codes.astype(jnp.int32), bits), scale=scale.reshape(scale.shape or (1,) * values.ndim),
+        return cls(codes=_bits.pack(codes.reshape(-1), bits), scale=scale.reshape(scale.shape or (1,) * values.ndim),
                    bits=bits, dense_shape=tuple(values.shape), dense_dtype=np.dtype(dtype))
 
     def dense(self) -> jax.Array:
-        codes = unpack_bits(self.codes, self.bits, math.prod(self.dense_shape)).reshape(self.dense_shape)
+        codes = _bits.unpack(self.codes, self.bits, math.prod(self.dense_shape)).reshape(self.dense_shape)
         return (jnp.asarray(_LEVELS[self.bits])[codes] * expand(self.scale, self.dense_shape)).astype(self.dense_dtype)
 
     @property
@@ -184,7 +158,7 @@ class Binary(_spec.Format):
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, plus = self._values(x, scale, zero_point, path)
         value = jnp.where(plus, 1.0, -1.0) * expand(scale, x.shape)
-        return _ste(x, value.astype(x.dtype))
+        return ste(x, jax.lax.stop_gradient(value.astype(x.dtype)))
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, plus = self._values(x, scale, zero_point, path)
@@ -237,7 +211,7 @@ class Ternary(_spec.Format):
 
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, codes = self._values(x, scale, zero_point, path)
-        return _ste(x, (codes * expand(scale, x.shape)).astype(x.dtype))
+        return ste(x, jax.lax.stop_gradient((codes * expand(scale, x.shape)).astype(x.dtype)))
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, codes = self._values(x, scale, zero_point, path)
@@ -330,7 +304,7 @@ class Float8(_spec.Format):
     def fake_quant(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, values = self._cast(x, scale, zero_point, path)
         value = values.astype(jnp.float32) * scale
-        return _ste(x, value.astype(x.dtype), jnp.abs(x) <= self.max * scale)
+        return ste(x, jax.lax.stop_gradient(value.astype(x.dtype)), jnp.abs(x) <= self.max * scale)
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, values = self._cast(x, scale, zero_point, path)

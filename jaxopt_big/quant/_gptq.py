@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import _checks
+from jaxopt_big import _deprecation
 from jaxopt_big import calibration as _calibration
 from jaxopt_big.quant import _spec
 
-__all__ = ["gptq", "gptq_kernel"]
+__all__ = ["gptq_params", "gptq_kernel", "gptq"]
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "group", "dynamic"))
@@ -130,7 +131,7 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     return spec.quantize(q.astype(kernel.dtype), scale, zero, path=path)
 
 
-def gptq(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.QuantSpec, *,
+def gptq_params(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.QuantSpec, *,
          block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> Any:
     """GPTQ-quantizes the kernel of every layer named in ``hessians`` into ``QArray`` leaves.
 
@@ -140,15 +141,21 @@ def gptq(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.
     Args:
       params: parameters (linen ``params`` collection or full variables).
       hessians: ``{module path: (d_in, d_in) X^T X}``, e.g. ``{p: s.hessian for p, s in stats.items()}``.
-      spec, block_size, damp, act_order: as in :func:`gptq_kernel`.
+      spec: as in :func:`gptq_kernel`, or ``[jb.tree.Rule(regex, spec), ...]`` among the named
+        layers' kernels (first match wins; unclaimed kernels stay dense; see :mod:`jaxopt_big.tree`).
+      block_size, damp, act_order: as in :func:`gptq_kernel`.
 
     Examples:
       >>> from jaxopt_big.quant._spec import QuantSpec, Group
       >>> x = jax.random.normal(jax.random.key(0), (32, 8))
       >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(1), (8, 4))}}
-      >>> out = gptq(params, {"Dense_0": x.T @ x}, QuantSpec(bits=4, granularity=Group(4)))
+      >>> out = gptq_params(params, {"Dense_0": x.T @ x}, QuantSpec(bits=4, granularity=Group(4)))
       >>> out["Dense_0"]["kernel"].kind, out["Dense_0"]["kernel"].scale.shape
       ('int4', (2, 4))
     """
-    return _calibration.map_kernels(lambda p, k, h: gptq_kernel(k, h, spec, block_size=block_size, damp=damp,
-                                                                act_order=act_order, path=p), params, hessians)
+    return _calibration.map_kernels(lambda p, k, h, s: gptq_kernel(k, h, s, block_size=block_size, damp=damp,
+                                                                   act_order=act_order, path=p),
+                                    params, hessians, spec, what="spec")
+
+
+gptq = _deprecation.alias(gptq_params, "jb.quant.gptq", "jb.quant.gptq_params")

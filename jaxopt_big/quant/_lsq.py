@@ -137,7 +137,7 @@ class Learned(_leaves.Compressed):
         return self.format.quantize(self.weight, self.scale, self.offset, path=self.path)
 
 
-def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[tuple[str, Any]], *,
+def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[_tree.Rule], *,
         where: _tree.Where = _tree.KERNELS) -> Any:
     """Wraps the selected weights into :class:`Learned` leaves with steps initialised by the calibrator.
 
@@ -147,8 +147,9 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[tuple[str, Any]], *,
 
     Args:
       params: parameter pytree.
-      spec: an :class:`LSQ` (a ``QuantSpec`` is wrapped as ``LSQ(spec=...)``), or ``(regex, spec)``
-        rules (first match wins; ``None`` leaves the leaf as it is).
+      spec: an :class:`LSQ` (a ``QuantSpec`` is wrapped as ``LSQ(spec=...)``), or rules
+        ``[jb.tree.Rule(regex, spec or None), ...]`` among the selected leaves (first match wins;
+        unclaimed leaves stay as they are).
       where: which leaves to wrap (default: kernels).
 
     Examples:
@@ -165,15 +166,7 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[tuple[str, Any]], *,
         scale, offset = fmt.calibrate(w, path=path)
         return Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path)
 
-    if isinstance(spec, (_spec.QuantSpec, LSQ)):
-        return _tree.map_selected(lambda p, w: wrap(p, w, spec), params, where)
-    chosen = jax.tree.leaves(_tree.select(params, where))
-    per_leaf = jax.tree.leaves(_tree.rules(params, spec), is_leaf=lambda v: v is None)
-    fmt_of = {p: f for p, f, c in zip(_tree.paths(params), per_leaf, chosen) if c and f is not None}
-    if not fmt_of:
-        raise ValueError(f"no leaf is both selected by {where!r} and given a spec by {spec!r}; "
-                         f"paths: {_tree.paths(params)}")
-    return _tree.map_with_path(lambda p, w: wrap(p, w, fmt_of[p]) if p in fmt_of else w, params)
+    return _tree.map_assigned(wrap, params, spec, where=where, what="spec")
 
 
 def lsq_export(tree: Any) -> Any:

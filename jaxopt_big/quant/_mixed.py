@@ -59,10 +59,7 @@ def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *, 
     bits = _check_bits(bits)
     loss = _scalar_loss(loss_fn)
     base = float(loss(params, batch))
-    chosen = _tree.select(params, where)
-    paths = [p for p, c in zip(_tree.paths(params), jax.tree.leaves(chosen)) if c]
-    if not paths:
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
+    paths = [p for p, _, _ in _tree.assigned(params, True, where=where, what="where")]
     out: dict[str, dict[int, float]] = {}
     for path in paths:
         out[path] = {}
@@ -83,15 +80,9 @@ def layer_bytes(params: Any, *, bits: Sequence[int] = (2, 4, 8), spec: _spec.Qua
       {'d/kernel': {2: 24, 8: 48}}
     """
     bits = _check_bits(bits)
-    chosen = jax.tree.leaves(_tree.select(params, where))
-    out = {}
-    for path, x, c in zip(_tree.paths(params), jax.tree.leaves(params), chosen):
-        if c:
-            out[path] = {b: int(jax.eval_shape(lambda x: dataclasses.replace(spec, bits=b).quantize(x), x).nbytes)
-                         for b in bits}
-    if not out:
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
-    return out
+    return {path: {b: int(jax.eval_shape(lambda x: dataclasses.replace(spec, bits=b).quantize(x), x).nbytes)
+                   for b in bits}
+            for path, x, _ in _tree.assigned(params, True, where=where, what="where")}
 
 
 def _costs(path: str, size: int | Mapping[int, int], bits: Sequence[int]) -> dict[int, int]:
@@ -174,11 +165,11 @@ def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], sizes: Mappi
 
 
 def allocation_rules(allocation: Mapping[str, int], spec: _spec.QuantSpec = DEFAULT_SPEC
-                     ) -> list[tuple[str, _spec.QuantSpec]]:
-    """``(regex, spec)`` rules for ``quantize_params``/``fake_quant_params`` from ``{path: bits}``.
+                     ) -> list[_tree.Rule[_spec.QuantSpec]]:
+    """Rules for ``quantize_params``/``fake_quant_params``/``qat`` from ``{path: bits}``.
 
     Examples:
-      >>> [(r, s.bits) for r, s in allocation_rules({"Dense_0/kernel": 4})]
+      >>> [(r.pattern, r.value.bits) for r in allocation_rules({"Dense_0/kernel": 4})]
       [('Dense_0/kernel', 4)]
     """
-    return [(re.escape(path), dataclasses.replace(spec, bits=b)) for path, b in allocation.items()]
+    return [_tree.Rule(re.escape(path), dataclasses.replace(spec, bits=b)) for path, b in allocation.items()]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxopt_big import _deprecation
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
@@ -16,23 +17,15 @@ from jaxopt_big.quant._calibrate import calibrate
 
 __all__ = ["quantize_params", "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale"]
 
-Specs = _spec.Format | Sequence[tuple[str, _spec.Format | None]]
+Specs = _spec.Format | Sequence[_tree.Rule]
 
 
 def _per_leaf(params: Any, specs: Specs, where: _tree.Where, fn: Callable[[str, Any, _spec.Format], Any]) -> Any:
-    if isinstance(specs, _spec.Format):
-        return _tree.map_selected(lambda p, x: fn(p, x, specs), params, where)
-    chosen = _tree.select(params, where)
-    per_leaf = _tree.rules(params, specs)
-    if not any(s and r is not None for s, r in zip(jax.tree.leaves(chosen), jax.tree.leaves(per_leaf,
-                                                                                            is_leaf=lambda v: v is None))):
-        raise ValueError(f"no leaf is both selected by {where!r} and given a spec by {specs!r}; "
-                         f"paths: {_tree.paths(params)}")
-    for path, s in zip(_tree.paths(params), jax.tree.leaves(per_leaf, is_leaf=lambda v: v is None)):
-        if s is not None and not isinstance(s, _spec.Format):
-            raise TypeError(f"{path}: rule value must be a QuantSpec/Format or None, got {s!r}")
-    return _tree.map_with_path(lambda p, x, c, s: fn(p, x, s) if c and s is not None else x,
-                               params, chosen, per_leaf)
+    def one(path, x, spec):
+        if not isinstance(spec, _spec.Format):
+            raise TypeError(f"{path}: spec must be a QuantSpec/Format (or None in a rule), got {spec!r}")
+        return fn(path, x, spec)
+    return _tree.map_assigned(one, params, specs, where=where, what="spec")
 
 
 def quantize_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERNELS) -> Any:
@@ -41,32 +34,20 @@ def quantize_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERN
     Args:
       params: parameter pytree (linen params, ``nnx.State``...).
       spec: one :class:`QuantSpec`/:class:`Format` for every selected leaf, or rules
-        ``[(regex, spec or None), ...]`` on leaf paths (first full match wins; ``None`` keeps the leaf
-        dense; every rule must match a leaf).
-      where: which leaves may be quantized (default: kernels with ndim >= 2).
+        ``[jb.tree.Rule(regex, spec or None), ...]`` assigned among the selected leaves (first match
+        wins; leaves no rule claims, or claimed with ``None``, stay dense; see :mod:`jaxopt_big.tree`).
+      where: the candidate leaves (default: kernels with ndim >= 2).
 
     Examples:
       >>> import jax.numpy as jnp
+      >>> from jaxopt_big.tree import Rule
       >>> from jaxopt_big.quant._spec import QuantSpec
       >>> p = {"Dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
-      >>> q = quantize_params(p, [(".*Dense_0.*", QuantSpec(bits=4))])
+      >>> q = quantize_params(p, [Rule("Dense_0", QuantSpec(bits=4))])
       >>> type(q["Dense_0"]["kernel"]).__name__, q["Dense_0"]["bias"].dtype
       ('QArray', dtype('float32'))
     """
     return _per_leaf(params, spec, where, lambda p, x, s: s.quantize(x, path=p))
-
-
-def dequantize_params(tree: Any) -> Any:
-    """Replaces every compressed leaf by its dense value.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxopt_big.quant._spec import QuantSpec
-      >>> p = quantize_params({"k": {"kernel": jnp.ones((2, 2))}}, QuantSpec())
-      >>> dequantize_params(p)["k"]["kernel"].tolist()
-      [[1.0, 1.0], [1.0, 1.0]]
-    """
-    return _leaves.densify(tree)
 
 
 def fake_quant_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERNELS) -> Any:
@@ -85,6 +66,9 @@ def fake_quant_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KE
       [[1.0, 1.0], [1.0, 1.0]]
     """
     return _per_leaf(params, spec, where, lambda p, x, s: s.fake_quant(x, path=p))
+
+
+dequantize_params = _deprecation.alias(_leaves.densify, "jb.quant.dequantize_params", "jb.leaves.densify")
 
 
 class Scale(NamedTuple):

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
-from jaxopt_big.quant import _spec
+from jaxopt_big.quant import _options
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits"]
 
@@ -34,28 +35,14 @@ def container_bits(bits: int) -> int:
 
 def _pack(q: jax.Array, bits: int) -> jax.Array:
     c = container_bits(bits)
-    if c == 8:
-        return q.astype(jnp.int8)
-    per = 8 // c
-    q = q.reshape(1) if q.ndim == 0 else q
-    pad = (-q.shape[0]) % per
-    u = (q.astype(jnp.int32) & (2 ** c - 1)).astype(jnp.uint8)
-    u = jnp.pad(u, [(0, pad)] + [(0, 0)] * (q.ndim - 1))
-    u = u.reshape(u.shape[0] // per, per, *u.shape[1:])
-    shifts = jnp.arange(per, dtype=jnp.uint8).reshape(per, *[1] * (q.ndim - 1)) * c
-    return jnp.sum(u << shifts, axis=1, dtype=jnp.uint8)  # disjoint bit fields: sum == bitwise or
+    return q.astype(jnp.int8) if c == 8 else _bits.pack(q, c)
 
 
 def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
     c = container_bits(bits)
     if c == 8:
         return packed
-    per = 8 // c
-    shifts = jnp.arange(per, dtype=jnp.uint8).reshape(per, *[1] * (packed.ndim - 1)) * c
-    u = (packed[:, None] >> shifts) & (2 ** c - 1)
-    u = u.reshape(-1, *packed.shape[1:])[: max(math.prod(shape[:1]), 1)]
-    signed = u.astype(jnp.int8) - jnp.where(u >= 2 ** (c - 1), 2 ** c, 0).astype(jnp.int8)
-    return signed.reshape(shape)
+    return _bits.unpack(packed, c, shape[0] if shape else 1, signed=True).reshape(shape)
 
 
 @struct.dataclass
@@ -111,7 +98,7 @@ def _like(arr: jax.Array, sharding: Any) -> jax.Array:
     return jax.device_put(arr, jax.sharding.NamedSharding(sharding.mesh, jax.P(*dims)))
 
 
-def integer_quantize(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, path: str = "") -> QArray:
+def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = "") -> QArray:
     x = check_input(x, path)
     if scale is None:
         scale, zero_point = integer_calibrate(x, spec, path=path)
@@ -120,7 +107,7 @@ def integer_quantize(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, p
     zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
     q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape),
                     None if zp is None else expand(zp, x.shape))
-    axis = None if isinstance(spec.granularity, _spec.PerTensor) else spec.axis % max(x.ndim, 1)
+    axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
     out = QArray(values=_pack(q, spec.bits), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
                  dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype))
     if isinstance(x, jax.core.Tracer):
@@ -128,7 +115,7 @@ def integer_quantize(x, spec: _spec.QuantSpec, scale=None, zero_point=None, *, p
     return jax.tree.map(lambda a: _like(a, getattr(x, "sharding", None)), out)
 
 
-def quantize(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> Any:
+def quantize(x: jax.typing.ArrayLike, spec: _options.Format, *, path: str = "") -> Any:
     """Quantizes ``x`` into a compressed leaf (a :class:`QArray` for integer specs).
 
     Outside ``jit``, a parameter with a ``NamedSharding`` gives values/scales with the same
@@ -143,7 +130,7 @@ def quantize(x: jax.typing.ArrayLike, spec: _spec.Format, *, path: str = "") -> 
       >>> bool(jnp.abs(dequantize(q) - w).max() <= q.scale.max() / 2)
       True
     """
-    if not isinstance(spec, _spec.Format):
+    if not isinstance(spec, _options.Format):
         raise TypeError(f"{path + ': ' if path else ''}expected a QuantSpec or Format, got {spec!r}")
     return spec.quantize(x, path=path)
 

@@ -29,6 +29,7 @@ from flax import nnx
 from jax import lax
 
 from jaxopt_big import intercept as _intercept
+from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
 from jaxopt_big.quant._calibrate import expand, from_int, to_int
 from jaxopt_big.quant._fake import ste
@@ -171,41 +172,7 @@ def _run(call: _intercept.Call, params: dict, inputs: jax.Array, **attrs: Any) -
     return call.run(params, inputs, **attrs)
 
 
-class _Rules:
-    """Per-module-path weight formats: one Format, or ``[(regex, Format | None)]`` first match wins."""
-
-    def __init__(self, weights: _spec.Format | Sequence[tuple[str, _spec.Format | None]] | None):
-        import re
-        if weights is None or isinstance(weights, _spec.Format):
-            self.rules = None if weights is None else [(re.compile(".*"), weights)]
-            self.single = True
-        else:
-            if isinstance(weights, (str, bytes)) or not all(isinstance(r, (tuple, list)) and len(r) == 2
-                                                            for r in weights):
-                raise TypeError(f"weights must be a Format or [(regex, Format | None), ...], got {weights!r}")
-            for pat, s in weights:
-                if s is not None and not isinstance(s, _spec.Format):
-                    raise TypeError(f"weights rule {pat!r}: value must be a QuantSpec/Format or None, got {s!r}")
-            self.rules = [(re.compile(p), s) for p, s in weights]
-            self.single = False
-        self.hit = [False] * len(self.rules or [])
-        self.seen: list[str] = []
-
-    def __call__(self, path: str) -> _spec.Format | None:
-        self.seen.append(path)
-        for i, (pat, s) in enumerate(self.rules or []):
-            if pat.fullmatch(path):
-                self.hit[i] = True
-                return s
-        return None
-
-    def check(self) -> None:
-        missing = [p.pattern for (p, _), h in zip(self.rules or [], self.hit) if not h]
-        if missing and not self.single:
-            raise ValueError(f"weights rule(s) {missing} match no layer; layers called: {sorted(set(self.seen))}")
-
-
-def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | None]] | None = None,
+def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | None]] | None = None,
         activations: _spec.Format | None = None, scales: Mapping[str, Scale] | None = None,
         where: str | Sequence[str] | Callable | None = None, gradient: Gradient = Gradient.QUANTIZED) -> Callable:
     """Runs the selected layers of ``fn`` on quantized weights and inputs.
@@ -213,7 +180,10 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
     Args:
       fn: a linen apply function (``model.apply`` or a function calling it) or an nnx module.
       weights: kernel format (e.g. ``QuantSpec(bits=8, granularity=PER_CHANNEL)``), or rules
-        ``[(module-path regex, format or None)]`` (first full match wins; each must match a layer).
+        ``[jb.tree.Rule(regex, format or None), ...]`` matched against each called layer's kernel
+        path ``<module path>/kernel`` as in :mod:`jaxopt_big.tree` (so the rules given to
+        ``quantize_params`` on the params collection apply unchanged; first match wins; a rule that
+        claims no called layer raises).
         Kernels that already are :class:`QArray` leaves (from ``quantize_params``) run as stored.
       activations: input format; ``PER_TOKEN`` gives dynamic per-token scales. None: float inputs
         (weight-only quantization).
@@ -246,11 +216,13 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[tuple[str, _spec.Format | N
         raise TypeError(f"gradient must be Gradient.QUANTIZED or Gradient.FLOAT, got {gradient!r}")
 
     def wrapped(*args, **kwargs):
-        rules = _Rules(weights)
+        rules = _tree.PathRules(weights, what="weights")
 
         def impl(call: _intercept.Call) -> Any:
             kernel = call.kernel
-            wspec = rules(call.path)
+            wspec = rules(f"{call.path}/kernel")
+            if wspec is not None and not isinstance(wspec, _spec.Format):
+                raise TypeError(f"{call.path}/kernel: weights must be a QuantSpec/Format or None, got {wspec!r}")
             if kernel is None or (wspec is None and activations is None and not isinstance(kernel, QArray)):
                 return NotImplemented
             static = None

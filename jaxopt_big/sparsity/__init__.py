@@ -3,8 +3,9 @@
 from jaxopt_big.sparsity._dynamic import Start, drop_fraction_at, rigl, set_
 from jaxopt_big.sparsity._masks import (ERK, NM, Block, Channel, Scope, Uniform, Unstructured, apply_masks,
                                        erk_densities, global_threshold, make_masks, sparsity)
-from jaxopt_big.sparsity._oneshot import sparsegpt, sparsegpt_kernel, wanda, wanda_kernel
-from jaxopt_big.sparsity._packed import PackedSparse, pack, pack_array, unpack
+from jaxopt_big.sparsity._oneshot import (sparsegpt, sparsegpt_kernel, sparsegpt_params, wanda, wanda_kernel,
+                                         wanda_params)
+from jaxopt_big.sparsity._packed import PackedSparse, pack, pack_array, pack_params, unpack
 from jaxopt_big.sparsity._schedules import constant_schedule, one_shot, polynomial_schedule
 from jaxopt_big.sparsity._scores import magnitude, random, saliency
 from jaxopt_big.sparsity._transform import PruneState, prune
@@ -12,4 +13,5 @@ from jaxopt_big.sparsity._transform import PruneState, prune
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
            "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",
            "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at", "Start",
-           "PackedSparse", "pack", "pack_array", "unpack", "wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]
+           "PackedSparse", "pack_params", "pack_array", "pack", "unpack", "wanda_params", "wanda_kernel", "sparsegpt_params", "sparsegpt_kernel",
+           "wanda", "sparsegpt"]

@@ -11,7 +11,7 @@ changes, and regrown weights start at exactly zero (they get no update on the st
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +57,15 @@ def _drop_grow(mask: jax.Array, w: jax.Array, grow: jax.Array, fraction: jax.Arr
     return kept | grown
 
 
-def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int, end_step: int,
+def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float | Sequence[_tree.Rule], update_every: int, end_step: int,
              drop_fraction: float, where: Any, distribution: _masks.Distribution, key: jax.Array,
              start: Start) -> optax.GradientTransformationExtraArgs:
     if not isinstance(start, Start):
         raise TypeError(f"{name}: start must be Start.RANDOM or Start.MAGNITUDE, got {start!r}")
-    sparsity = _checks.fraction(f"{name}: sparsity (constant in dynamic sparse training)", sparsity)
+    per_layer = [r.value for r in _tree.as_rules(sparsity, "sparsity")] if isinstance(sparsity, (list, tuple)) else [sparsity]
+    for value in per_layer:
+        if value is not None:
+            _checks.fraction(f"{name}: sparsity (constant in dynamic sparse training)", value)
     drop_fraction = _checks.fraction(f"{name}: drop_fraction", drop_fraction, closed=True)
     update_every = _checks.integer(f"{name}: update_every", update_every, low=1)
     end_step = _checks.integer(f"{name}: end_step", end_step, low=1)
@@ -99,7 +102,7 @@ def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float, update_every: int,
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def set_(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, update_every: int = 100,
+def set_(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array, update_every: int = 100,
          end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
          distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
          ) -> optax.GradientTransformationExtraArgs:
@@ -118,7 +121,7 @@ def set_(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, u
                     drop_fraction=drop_fraction, where=where, distribution=distribution, key=key, start=start)
 
 
-def rigl(tx: optax.GradientTransformation, *, sparsity: float, key: jax.Array, update_every: int = 100,
+def rigl(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array, update_every: int = 100,
          end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
          distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
          ) -> optax.GradientTransformationExtraArgs:

@@ -102,10 +102,11 @@ def check_sparsity(path: str, value: Any) -> Any:
     return _checks.fraction(f"{_checks.prefix(path)}sparsity", value, traced=True)
 
 
-def check_nm_sparsity(nm: NM, sparsity: Any) -> None:
+def check_nm_sparsity(nm: NM, sparsity: Any, path: str = "") -> None:
     """A concrete sparsity given with ``NM(n, m)`` must be 0 (not yet) or the pattern's ``1 - n / m``."""
     if isinstance(sparsity, (int, float)) and sparsity not in (0, 1.0 - nm.n / nm.m):
-        raise ValueError(f"NM({nm.n}, {nm.m}) prunes {1.0 - nm.n / nm.m}; got sparsity={sparsity!r}")
+        raise ValueError(f"{_checks.prefix(path)}NM({nm.n}, {nm.m}) prunes {1.0 - nm.n / nm.m}; "
+                         f"got sparsity={sparsity!r}")
 
 
 def _count(s: Any, n: int) -> Any:
@@ -217,33 +218,25 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], sparsity: Any, *, power: fl
 
 # --- masks -----------------------------------------------------------------------------------
 
-def _selected(scores: Any, where: Any) -> list[tuple[str, jax.Array]]:
-    chosen = _tree.select(scores, where)
-    flat = [(p, x) for (p, x), c in zip(_with_paths(scores), jax.tree.leaves(chosen)) if c]
-    if not flat:
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(scores)}")
-    return flat
-
-
 def _with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(_tree.path_str(p), x) for p, x in _leaves.leaves_with_path(tree)]
 
 
-def _layer_sparsities(flat, sparsity, distribution, structure) -> list[Any]:
-    paths = [p for p, _ in flat]
-    if isinstance(sparsity, (list, tuple)):
-        per = _tree.rules({p: 0 for p in paths}, sparsity)
-        missing = [p for p in paths if per[p] is None]
-        if missing:
-            raise ValueError(f"sparsity rules give no value for selected leaves {missing}")
-        values = [per[p] for p in paths]
-    elif isinstance(distribution, ERK):
-        sparsity = check_sparsity("", sparsity)
-        d = erk_densities([tuple(x.shape) for _, x in flat], sparsity, power=distribution.power)
-        values = [1.0 - d[i] for i in range(len(flat))]
-    else:
-        values = [sparsity] * len(flat)
-    return [check_sparsity(p, v) for p, v in zip(paths, values)]
+def _layer_sparsities(scores: Any, sparsity: Any, where: Any, scope: Scope, distribution: Distribution,
+                      structure: Structure) -> list[tuple[str, Any, Any]]:
+    """``[(path, score, sparsity)]`` of the leaves to prune: ``where`` picks them, rules assign among them."""
+    if _tree.is_rules(sparsity) or isinstance(sparsity, (list, tuple)):
+        if scope is not Scope.LAYER or not isinstance(distribution, Uniform):
+            raise ValueError("per-layer sparsity rules need scope=Scope.LAYER and distribution=Uniform()")
+        return _tree.assigned(scores, sparsity, where=where, what="sparsity")
+    flat = _tree.assigned(scores, True, where=where, what="where")
+    if isinstance(structure, NM) and sparsity is None:
+        return [(p, x, 1.0 - structure.n / structure.m) for p, x, _ in flat]
+    sparsity = check_sparsity("", sparsity)
+    if isinstance(distribution, ERK) and scope is Scope.LAYER:
+        d = erk_densities([tuple(x.shape) for _, x, _ in flat], sparsity, power=distribution.power)
+        return [(p, x, 1.0 - d[i]) for i, (p, x, _) in enumerate(flat)]
+    return [(p, x, sparsity) for p, x, _ in flat]
 
 
 def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS, scope: Scope = Scope.LAYER,
@@ -252,8 +245,10 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
 
     Args:
       scores: score pytree (see :mod:`scores`); higher is more important, NaN is lowest.
-      sparsity: fraction in [0, 1) to prune (a float or a traced scalar); with ``Scope.LAYER`` also a
-        list of ``(regex, fraction)`` rules. With ``NM`` it may be None (the pattern fixes it) and a
+      sparsity: fraction in [0, 1) to prune (a float or a traced scalar), or with ``Scope.LAYER`` and
+        ``Uniform()`` per-layer rules ``[jb.tree.Rule(regex, fraction), ...]`` assigned among the leaves
+        ``where`` selects (first match wins; leaves no rule claims, or claimed with ``None``, are not
+        pruned; see :mod:`jaxopt_big.tree`). With ``NM`` it may be None (the pattern fixes it) and a
         traced value of 0 means "no pruning yet".
       where: which leaves to prune (:func:`jaxopt_big.tree.select`); default: kernels.
       scope: ``Scope.LAYER`` (exact count per leaf) or ``Scope.GLOBAL`` (exact count over all
@@ -283,28 +278,27 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
         raise TypeError(f"structure must be Unstructured(), NM, Block or Channel, got {structure!r}")
     if sparsity is None and not isinstance(structure, NM):
         raise ValueError(f"sparsity is required for structure {structure}")
-    flat = _selected(scores, where)
-    for p, x in flat:
+    flat = _layer_sparsities(scores, sparsity, where, scope, distribution, structure)
+    for p, x, s in flat:
         _check_structure(p, tuple(x.shape), structure)
-    _checks.finite(flat, "scores")
+    flat = [(p, x, check_sparsity(p, s)) for p, x, s in flat]
+    _checks.finite([(p, x) for p, x, _ in flat], "scores")
     if isinstance(structure, NM):
         if scope is not Scope.LAYER or not isinstance(distribution, Uniform):
             raise ValueError("NM is a per-group pattern: use scope=Scope.LAYER and distribution=Uniform()")
-        if sparsity is not None:
-            sparsity = check_sparsity("", sparsity)
-            check_nm_sparsity(structure, sparsity)
-        on = jnp.asarray(True) if sparsity is None else jnp.asarray(sparsity) > 0
-        masks = {p: _nm_mask(x, structure) | ~on for p, x in flat}
+        for p, _, s in flat:
+            check_nm_sparsity(structure, s, p)
+        masks = {p: _nm_mask(x, structure) | ~(jnp.asarray(s) > 0) for p, x, s in flat}
     elif scope is Scope.GLOBAL:
         if not isinstance(distribution, Uniform):
             raise ValueError(f"distribution {distribution} applies to Scope.LAYER; GLOBAL picks layer sparsities itself")
         sparsity = check_sparsity("", sparsity)
-        groups = [_group_scores(x, structure) for _, x in flat]
+        groups = [_group_scores(x, structure) for _, x, _ in flat]
         pruned = _select.bottom_k(groups, _count(sparsity, sum(int(g.size) for g in groups)))
-        masks = {p: _expand(~m, x, structure) for (p, x), m in zip(flat, pruned)}
+        masks = {p: _expand(~m, x, structure) for (p, x, _), m in zip(flat, pruned)}
     else:
         masks = {}
-        for (p, x), s in zip(flat, _layer_sparsities(flat, sparsity, distribution, structure)):
+        for p, x, s in flat:
             g = _group_scores(x, structure)
             masks[p] = _expand(~_select.bottom_k([g], _count(s, int(g.size)))[0], x, structure)
     return _tree.map_with_path(lambda p, x: masks.get(p), scores)
@@ -325,7 +319,7 @@ def global_threshold(scores: Any, sparsity: Any, *, where: Any = _tree.KERNELS) 
       3.0
     """
     sparsity = check_sparsity("", sparsity)
-    flat = _selected(scores, where)
+    flat = [(p, x) for p, x, _ in _tree.assigned(scores, True, where=where, what="where")]
     for p, x in flat:
         _check_structure(p, tuple(x.shape), Unstructured())
     _checks.finite(flat, "scores")

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_big import _checks
+from jaxopt_big import _deprecation
 from jaxopt_big import calibration as _calibration
 from jaxopt_big.sparsity._masks import NM, Unstructured
 
-__all__ = ["wanda", "wanda_kernel", "sparsegpt", "sparsegpt_kernel"]
+__all__ = ["wanda_params", "wanda_kernel", "sparsegpt_params", "sparsegpt_kernel", "wanda", "sparsegpt"]
 
 
 def _nm(structure: Any, path: str) -> tuple[int, int] | None:
@@ -161,7 +162,7 @@ def sparsegpt_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike
     return w.T.astype(kernel.dtype)
 
 
-def wanda(params: Any, activation_norms: Mapping[str, jax.typing.ArrayLike], sparsity: float = 0.5, *,
+def wanda_params(params: Any, activation_norms: Mapping[str, jax.typing.ArrayLike], sparsity: float = 0.5, *,
           structure: Any = None) -> Any:
     """Wanda-prunes the kernel of every layer named in ``activation_norms``.
 
@@ -169,30 +170,38 @@ def wanda(params: Any, activation_norms: Mapping[str, jax.typing.ArrayLike], spa
       params: parameters (linen ``params`` collection or full variables).
       activation_norms: ``{module path: (d_in,) input norms}``, e.g.
         ``{p: s.norms for p, s in stats.items()}`` from :func:`jaxopt_big.calibration.sequential`.
-      sparsity, structure: as in :func:`wanda_kernel`.
+      sparsity: as in :func:`wanda_kernel`, or ``[jb.tree.Rule(regex, fraction), ...]`` among the
+        named layers' kernels (first match wins; unclaimed kernels stay dense; see :mod:`jaxopt_big.tree`).
+      structure: as in :func:`wanda_kernel`.
 
     Examples:
       >>> params = {"Dense_0": {"kernel": jnp.array([[1.0, -4.0], [2.0, 1.0]]), "bias": jnp.zeros(2)}}
-      >>> wanda(params, {"Dense_0": jnp.array([1.0, 1.0])}, 0.5)["Dense_0"]["kernel"].tolist()
+      >>> wanda_params(params, {"Dense_0": jnp.array([1.0, 1.0])}, 0.5)["Dense_0"]["kernel"].tolist()
       [[0.0, -4.0], [2.0, 0.0]]
     """
-    return _calibration.map_kernels(lambda p, k, n: wanda_kernel(k, n, sparsity, structure=structure, path=p),
-                                    params, activation_norms)
+    return _calibration.map_kernels(lambda p, k, n, s: wanda_kernel(k, n, s, structure=structure, path=p),
+                                    params, activation_norms, sparsity, what="sparsity")
 
 
-def sparsegpt(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], sparsity: float = 0.5, *,
+def sparsegpt_params(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], sparsity: float = 0.5, *,
               structure: Any = None, block_size: int = 128, damp: float = 0.01) -> Any:
     """SparseGPT-prunes the kernel of every layer named in ``hessians`` (each from its own Hessian).
 
     For the sequential variant (later layers calibrated on the pruned earlier ones) pass
-    :func:`sparsegpt_kernel` to :func:`jaxopt_big.calibration.sequential` instead.
+    :func:`sparsegpt_kernel` to :func:`jaxopt_big.calibration.sequential` instead. ``sparsity`` may
+    be ``[jb.tree.Rule(regex, fraction), ...]``, as in :func:`wanda`.
 
     Examples:
       >>> x = jax.random.normal(jax.random.key(0), (32, 4))
       >>> params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(1), (4, 4))}}
-      >>> out = sparsegpt(params, {"Dense_0": x.T @ x}, 0.5)
+      >>> out = sparsegpt_params(params, {"Dense_0": x.T @ x}, 0.5)
       >>> int((out["Dense_0"]["kernel"] == 0).sum())
       8
     """
-    return _calibration.map_kernels(lambda p, k, h: sparsegpt_kernel(
-        k, h, sparsity, structure=structure, block_size=block_size, damp=damp, path=p), params, hessians)
+    return _calibration.map_kernels(lambda p, k, h, s: sparsegpt_kernel(
+        k, h, s, structure=structure, block_size=block_size, damp=damp, path=p), params, hessians, sparsity,
+        what="sparsity")
+
+
+wanda = _deprecation.alias(wanda_params, "jb.sparsity.wanda", "jb.sparsity.wanda_params")
+sparsegpt = _deprecation.alias(sparsegpt_params, "jb.sparsity.sparsegpt", "jb.sparsity.sparsegpt_params")

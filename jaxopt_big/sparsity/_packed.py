@@ -9,15 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _bits
+from jaxopt_big import _deprecation
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
-__all__ = ["PackedSparse", "pack", "unpack", "pack_array"]
+__all__ = ["PackedSparse", "pack_params", "pack_array", "pack", "unpack"]
 
 
 @flax.struct.dataclass
 class PackedSparse(_leaves.Compressed):
-    """One sparse array: ``bits`` (the keep-mask, 8 per byte, row-major) and the kept ``values``.
+    """One sparse array: ``bits`` (the keep-mask, 8 per byte, row-major, packed by :mod:`jaxopt_big._bits`)
+    and the kept ``values``.
 
     Its ``nbytes`` is ``ceil(size / 8) + nnz * itemsize``: a 90%-sparse float32 array takes about
     0.525 bytes per weight instead of 4.
@@ -34,8 +37,7 @@ class PackedSparse(_leaves.Compressed):
     dense_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
     def dense(self) -> jax.Array:
-        size = int(np.prod(self.dense_shape))
-        keep = jnp.unpackbits(self.bits, count=size).astype(bool)
+        keep = self.mask().reshape(-1)
         pos = jnp.cumsum(keep) - 1
         vals = jnp.concatenate([self.values, jnp.zeros(1, self.values.dtype)])  # safe index for an all-pruned array
         return jnp.where(keep, vals[jnp.clip(pos, 0, self.values.shape[0])], 0).reshape(self.dense_shape)
@@ -43,7 +45,7 @@ class PackedSparse(_leaves.Compressed):
     def mask(self) -> jax.Array:
         """The keep-mask (True = stored value)."""
         size = int(np.prod(self.dense_shape))
-        return jnp.unpackbits(self.bits, count=size).astype(bool).reshape(self.dense_shape)
+        return _bits.unpack(self.bits, 1, size).astype(bool).reshape(self.dense_shape)
 
     @property
     def nbytes(self) -> int:
@@ -76,11 +78,11 @@ def pack_array(x: jax.Array, mask: jax.Array | None = None) -> PackedSparse:
     if keep.shape != x.shape:
         raise ValueError(f"mask shape {keep.shape} differs from array shape {x.shape}")
     flat, kflat = np.asarray(x).reshape(-1), np.asarray(keep).reshape(-1)
-    return PackedSparse(bits=jnp.asarray(np.packbits(kflat)), values=jnp.asarray(flat[kflat]),
+    return PackedSparse(bits=_bits.pack(kflat, 1), values=jnp.asarray(flat[kflat]),
                         dense_shape=tuple(x.shape))
 
 
-def pack(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
+def pack_params(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
     """Replaces pruned leaves by :class:`PackedSparse`.
 
     Args:
@@ -91,8 +93,9 @@ def pack(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> packed = pack({"d": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.ones(2)}})
-      >>> type(packed["d"]["kernel"]).__name__, unpack(packed)["d"]["kernel"].tolist()
+      >>> from jaxopt_big.leaves import densify
+      >>> packed = pack_params({"d": {"kernel": jnp.array([[0.0, 1.0], [0.0, 0.0]]), "bias": jnp.ones(2)}})
+      >>> type(packed["d"]["kernel"]).__name__, densify(packed)["d"]["kernel"].tolist()
       ('PackedSparse', [[0.0, 1.0], [0.0, 0.0]])
     """
     if masks is None:
@@ -114,12 +117,5 @@ def _pack_leaf(path: str, x: Any, mask: Any) -> PackedSparse:
     return pack_array(x, mask)
 
 
-def unpack(tree: Any) -> Any:
-    """Dense arrays again (every compressed leaf densified).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> unpack({"w": pack_array(jnp.array([0.0, 5.0]))})["w"].tolist()
-      [0.0, 5.0]
-    """
-    return _leaves.densify(tree)
+pack = _deprecation.alias(pack_params, "jb.sparsity.pack", "jb.sparsity.pack_params")
+unpack = _deprecation.alias(_leaves.densify, "jb.sparsity.unpack", "jb.leaves.densify")

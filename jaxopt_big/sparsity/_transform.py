@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,31 +67,37 @@ def as_schedule(sparsity: Any, structure: _masks.Structure = _masks.Unstructured
     return lambda count: jnp.asarray(s, jnp.float32)
 
 
+def as_schedules(sparsity: Any, structure: _masks.Structure = _masks.Unstructured()) -> Callable[[jax.Array], Any]:
+    """``count -> sparsity`` for a float, a schedule or per-layer rules of either (see :mod:`jaxopt_big.tree`)."""
+    if not (_tree.is_rules(sparsity) or isinstance(sparsity, (list, tuple))):
+        return as_schedule(sparsity, structure)
+    rules = _tree.as_rules(sparsity, "sparsity")
+    rules = [dataclasses.replace(r, value=None if r.value is None else as_schedule(r.value, structure)) for r in rules]
+    return lambda count: [dataclasses.replace(r, value=None if r.value is None else r.value(count)) for r in rules]
+
+
 def check_params(name: str, params: Any) -> None:
     if params is None:
         raise ValueError(f"{name}: update needs the current params (tx.update(grads, state, params))")
 
 
-def check_trainable(name: str, params: Any, where: Any) -> Any:
-    """The selection of ``where`` in ``params``, which may hold compressed leaves as long as none is selected.
+def check_trainable(name: str, params: Any, where: Any) -> None:
+    """``where`` selects some leaf of ``params``, and no compressed one.
 
     A compressed leaf (``QArray``, ``LowRank``, ...) is not a float array the optimizer trains, so it
     cannot be pruned while training; unselected ones pass through untouched.
     """
-    chosen = _tree.select(params, where)
-    for (path, x), c in zip(_leaves.leaves_with_path(params), jax.tree.leaves(chosen)):
-        if c and _leaves.is_compressed(x):
-            raise ValueError(f"{name}: {_tree.path_str(path)} is a compressed {type(x).__name__} ({x.kind}), not a "
-                             f"float array it can prune while training; leave it out of where= or densify it first")
-    if not any(jax.tree.leaves(chosen)):
-        raise ValueError(f"selection {where!r} matches no leaf; available paths: {_tree.paths(params)}")
-    return chosen
+    for path, x, _ in _tree.assigned(params, True, where=where, what="where"):
+        if _leaves.is_compressed(x):
+            raise ValueError(f"{name}: {path} is a compressed {type(x).__name__} ({x.kind}), not a float array it "
+                             f"can prune while training; leave it out of where= or densify it first")
 
 
-def ones_masks(params: Any, where: Any) -> Any:
-    """All-True masks (with the parameter's sharding) at the selected leaves, None elsewhere."""
-    chosen = check_trainable("prune", params, where)
-    return _tree.map_with_path(lambda p, x, c: jnp.full_like(x, True, dtype=bool) if c else None, params, chosen)
+def ones_masks(params: Any, sparsity: Any, where: Any) -> Any:
+    """All-True masks (with the parameter's sharding) at the leaves ``sparsity`` applies to, None elsewhere."""
+    check_trainable("prune", params, where)
+    given = {p for p, _, _ in _tree.assigned(params, sparsity, where=where, what="sparsity")}
+    return _tree.map_with_path(lambda p, x: jnp.full_like(x, True, dtype=bool) if p in given else None, params)
 
 
 def masked_updates(masks: Any, updates: Any, params: Any) -> Any:
@@ -114,7 +122,9 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
 
     Args:
       tx: any optax transform.
-      sparsity: a fraction in [0, 1) or a schedule (see :mod:`schedules`).
+      sparsity: a fraction in [0, 1) or a schedule (see :mod:`schedules`), or per-layer rules
+        ``[jb.tree.Rule(regex, fraction or schedule), ...]`` among the leaves ``where`` selects (leaves
+        no rule claims are not pruned), as in :func:`make_masks`.
       score: ``magnitude``, ``saliency``, ``random`` or a callable ``(params, grads, key) -> scores``.
       update_every: mask update period in updates.
       where, scope, distribution, structure: as in :func:`make_masks`.
@@ -129,7 +139,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
       >>> optax.apply_updates(params, updates)["d"]["kernel"].tolist()
       [[0.0, -3.0], [0.0, 2.0]]
     """
-    schedule = as_schedule(sparsity, structure)
+    schedule = as_schedules(sparsity, structure)
     scorer = score_fn(score)
     update_every = _checks.integer("update_every", update_every, low=1)
     if score is _scores.random and key is None:
@@ -141,7 +151,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
                                  distribution=distribution, structure=structure)
 
     def init(params):
-        return PruneState(inner_tx.init(params), ones_masks(params, where), jnp.zeros([], jnp.int32),
+        return PruneState(inner_tx.init(params), ones_masks(params, schedule(jnp.int32(0)), where), jnp.zeros([], jnp.int32),
                           jax.random.key(0) if key is None else key,
                           jax.tree.map(jnp.copy, params) if straight_through else None)  # own buffers: donation-safe
 

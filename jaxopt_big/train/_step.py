@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_big import _batch_sharding
 from jaxopt_big import _checks
 from jaxopt_big.train._state import TrainState
 
@@ -238,9 +239,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums)
 
-    from jaxopt_big.parallel import _sharding as _sharding  # parallel imports train: import at use
-
-    _sharding.batch_sharding(mesh, batch_axes)  # unknown axes fail here, not at the first step
+    _batch_sharding.batch_sharding(mesh, batch_axes)  # unknown axes fail here, not at the first step
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
     compiled: dict[Any, Any] = {}
 
@@ -249,7 +248,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
         return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else replicated
 
     def mesh_step(state: TrainState, batch: Any):
-        batch = _sharding.shard_batch(batch, mesh, batch_axes)
+        batch = _batch_sharding.shard_batch(batch, mesh, batch_axes)
         state_sh = jax.tree.map(sharding_of, state)
         key = jax.tree.structure(state_sh), tuple(jax.tree.leaves(state_sh))
         if key not in compiled:

@@ -1,0 +1,128 @@
+"""The small typed options of number formats: granularity, calibration, and the `Format` protocol.
+
+They sit below everything else in :mod:`jaxopt_big.quant`: the modules that implement the integer
+grid (``_calibrate``, ``_fake``, ``_qarray``) read them, and :class:`~jaxopt_big.quant.QuantSpec`
+(in ``_spec``) composes those implementations, so no module imports one that imports it back.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+
+from jaxopt_big import _checks
+
+__all__ = ["Format", "IntegerGrid", "PerTensor", "PerChannel", "PerToken", "Group", "PER_TENSOR", "PER_CHANNEL",
+           "PER_TOKEN", "AbsMax", "MinMax", "Percentile", "MSE", "Granularity", "Calibration"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerChannel:
+    """One scale per index of ``QuantSpec.axis``."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerToken:
+    """One scale per vector along the last axis (per token of an activation; reduces only that axis)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One scale per channel (``QuantSpec.axis``) and per block of ``size`` consecutive entries along ``along``.
+
+    ``along`` defaults to -2, the input axis of a Dense ``(in, out)`` or Conv ``(..., in, out)`` kernel.
+    """
+
+    size: int
+    along: int = -2
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _checks.integer("Group.size", self.size, low=1))
+        object.__setattr__(self, "along", _checks.integer("Group.along", self.along))
+
+
+PER_TENSOR = PerTensor()
+PER_CHANNEL = PerChannel()
+PER_TOKEN = PerToken()
+Granularity = PerTensor | PerChannel | PerToken | Group
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AbsMax:
+    """Range from the largest magnitude (symmetric) or ``[-absmax, absmax]`` (affine)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MinMax:
+    """Range ``[min(x, 0), max(x, 0)]`` (affine); the same as AbsMax for symmetric grids."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+    """Range clipped at the ``q``-th percentile of ``|x|`` (symmetric) or of ``x`` and ``-x`` (affine)."""
+
+    q: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "q", _checks.number("Percentile.q", self.q, above=0, high=100))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MSE:
+    """Searches clipping ratios in ``[min_ratio, 1]`` of the absmax/min-max range; keeps, per scale,
+    the ratio with the least squared reconstruction error."""
+
+    steps: int = 64
+    min_ratio: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", _checks.integer("MSE.steps", self.steps, low=1))
+        object.__setattr__(self, "min_ratio", _checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
+
+
+Calibration = AbsMax | MinMax | Percentile | MSE
+
+
+class Format(abc.ABC):
+    """What a number format offers; usable wherever a ``QuantSpec`` is accepted.
+
+    Implementations are frozen dataclasses. ``path`` names the leaf in error messages.
+    """
+
+    @abc.abstractmethod
+    def calibrate(self, x: jax.Array, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
+        """``(scale, zero_point)`` for ``x``; ``zero_point`` is None for symmetric formats."""
+
+    @abc.abstractmethod
+    def fake_quant(self, x: jax.Array, scale: jax.Array | None = None, zero_point: jax.Array | None = None,
+                   *, path: str = "") -> jax.Array:
+        """Quantize-dequantize in ``x.dtype``, with straight-through gradients."""
+
+    @abc.abstractmethod
+    def quantize(self, x: jax.Array, scale: jax.Array | None = None, zero_point: jax.Array | None = None,
+                 *, path: str = "") -> Any:
+        """A compressed leaf (:class:`jaxopt_big.leaves.Compressed`) standing for ``x``."""
+
+
+class IntegerGrid(Protocol):
+    """What the integer-grid arithmetic reads of a spec (:class:`~jaxopt_big.quant.QuantSpec` has it)."""
+
+    bits: int
+    symmetric: bool
+    granularity: Granularity
+    axis: int
+    calibration: Calibration
+
+    @property
+    def qmin(self) -> int: ...
+
+    @property
+    def qmax(self) -> int: ...
