@@ -20,10 +20,6 @@ MESH = jb.parallel.make_mesh(data=2, fsdp=2, tensor=2)
 TENSOR = jax.P(None, "tensor")
 
 
-def _changed(out, test):
-    return {p for p, x in zip(jb.tree.paths(out), jax.tree.leaves(out, is_leaf=jb.leaves.is_compressed)) if test(x)}
-
-
 def _compressed(kind):
     return lambda x: isinstance(x, kind)
 
