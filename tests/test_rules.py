@@ -97,3 +97,19 @@ def test_deprecated_pairs_warn_and_still_work():
     with pytest.warns(DeprecationWarning):
         out = jb.quant.quantize_params(PARAMS, [(r"layer_0/attn/kernel", jb.quant.QuantSpec())])
     assert isinstance(out["layer_0"]["attn"]["kernel"], jb.quant.QArray)
+
+
+def test_prune_and_rigl_take_per_layer_sparsity_rules():
+    import optax
+    rules = [Rule("layer_0/mlp", 0.75), Rule("layer_1/attn", 0.5)]
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    tx = jb.sparsity.prune(optax.sgd(0.0), sparsity=rules, update_every=1)
+    updates, state = tx.update(zeros, tx.init(PARAMS), PARAMS)
+    pruned = optax.apply_updates(PARAMS, updates)
+    frac = {p: float((x == 0).mean()) for p, x in zip(jb.tree.paths(pruned), jax.tree.leaves(pruned))}
+    assert frac["layer_0/mlp/up/kernel"] == frac["layer_0/mlp/down/kernel"] == 0.75
+    assert frac["layer_1/attn/kernel"] == 0.5
+    assert frac["layer_0/attn/kernel"] == frac["layer_1/mlp/up/kernel"] == 0.0  # unclaimed: not pruned
+    assert state.masks["layer_0"]["attn"]["kernel"] is None
+    state = jb.sparsity.rigl(optax.sgd(0.1), sparsity=rules, key=jax.random.key(0), end_step=10).init(PARAMS)
+    assert int(state.masks["layer_1"]["attn"]["kernel"].sum()) == 32 and state.masks["layer_1"]["mlp"]["up"]["kernel"] is None
