@@ -91,6 +91,10 @@ def test_qat_weight_rules_match_kernel_paths_like_quantize_params():
     with pytest.raises(ValueError, match=r"^weights: pattern 'nope' matches no leaf; available paths: "
                                          r"\[hidden/kernel, out/kernel\]$"):
         jb.quant.qat(Net().apply, weights=[Rule("nope", jb.quant.QuantSpec())])(v, x)
+    a4 = jb.quant.QuantSpec(bits=4)
+    by_rule = jb.quant.qat(Net().apply, activations=[Rule("hidden", a4)])(v, x)
+    by_where = jb.quant.qat(Net().apply, activations=a4, where="hidden")(v, x)
+    assert jnp.allclose(by_rule, by_where) and not jnp.allclose(by_rule, Net().apply(v, x), atol=1e-4)
 
 
 def test_deprecated_pairs_warn_and_still_work():

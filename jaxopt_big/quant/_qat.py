@@ -173,7 +173,8 @@ def _run(call: _intercept.Call, params: dict, inputs: jax.Array, **attrs: Any) -
 
 
 def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | None]] | None = None,
-        activations: _spec.Format | None = None, scales: Mapping[str, Scale] | None = None,
+        activations: _spec.Format | Sequence[_tree.Rule[_spec.Format | None]] | None = None,
+        scales: Mapping[str, Scale] | None = None,
         where: str | Sequence[str] | Callable | None = None, gradient: Gradient = Gradient.QUANTIZED) -> Callable:
     """Runs the selected layers of ``fn`` on quantized weights and inputs.
 
@@ -186,7 +187,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
         claims no called layer raises).
         Kernels that already are :class:`QArray` leaves (from ``quantize_params``) run as stored.
       activations: input format; ``PER_TOKEN`` gives dynamic per-token scales. None: float inputs
-        (weight-only quantization).
+        (weight-only quantization). Or rules matched against ``<module path>/inputs``, as ``weights``.
       scales: static input scales from :func:`calibrate_activations` (PTQ); None: dynamic scales
         calibrated on each call.
       where: module-path selection of the layers (None: every Dense/Conv/Einsum layer).
@@ -208,8 +209,8 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
       >>> bool(jnp.abs(f(v, x) - model.apply(v, x)).max() < 0.05)
       True
     """
-    if activations is not None and not isinstance(activations, _spec.Format):
-        raise TypeError(f"activations must be a QuantSpec/Format or None, got {activations!r}")
+    if activations is not None and not isinstance(activations, _spec.Format) and not _tree.is_rules(activations):
+        raise TypeError(f"activations must be a QuantSpec/Format, rules or None, got {activations!r}")
     if scales is not None and activations is None:
         raise ValueError("static activation scales were given but activations=None")
     if not isinstance(gradient, Gradient):
@@ -217,16 +218,20 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
 
     def wrapped(*args, **kwargs):
         rules = _tree.PathRules(weights, what="weights")
+        act_rules = _tree.PathRules(activations, what="activations")
 
         def impl(call: _intercept.Call) -> Any:
             kernel = call.kernel
             wspec = rules(f"{call.path}/kernel")
             if wspec is not None and not isinstance(wspec, _spec.Format):
                 raise TypeError(f"{call.path}/kernel: weights must be a QuantSpec/Format or None, got {wspec!r}")
-            if kernel is None or (wspec is None and activations is None and not isinstance(kernel, QArray)):
+            aspec = act_rules(f"{call.path}/inputs")
+            if aspec is not None and not isinstance(aspec, _spec.Format):
+                raise TypeError(f"{call.path}/inputs: activations must be a QuantSpec/Format or None, got {aspec!r}")
+            if kernel is None or (wspec is None and aspec is None and not isinstance(kernel, QArray)):
                 return NotImplemented
             static = None
-            if scales is not None and activations is not None:
+            if scales is not None and aspec is not None:
                 if call.path not in scales:
                     raise ValueError(f"{call.path}: no static activation scale; scales has {sorted(scales)}")
                 static = scales[call.path]
@@ -234,7 +239,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
                 w = _from_qarray(kernel)
             else:
                 w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
-            x = _quantize_operand(call.inputs, activations, static, f"{call.path}/inputs", gradient)
+            x = _quantize_operand(call.inputs, aspec, static, f"{call.path}/inputs", gradient)
             params = {**call.params, "kernel": w.value}
             if isinstance(call.module, _DOT_LAYERS):
                 attr, out_scale_fn, lax_op = "dot_general", _dot_out_scale, lax.dot_general
@@ -266,6 +271,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
 
         out = _intercept.replace(fn, where, impl)(*args, **kwargs)
         rules.check()
+        act_rules.check()
         return out
 
     return wrapped
