@@ -214,9 +214,9 @@ def test_9_zero_size_kernels_and_pack_of_compressed_leaves_name_the_leaf():
     params = {"d": {"kernel": jnp.arange(16.0).reshape(4, 4)}}
     qtree = q.quantize_params(params, q.QuantSpec())
     with pytest.raises(ValueError, match=r"d/kernel: cannot pack a compressed QArray \(int8\) as sparse"):
-        sp.pack(qtree, sp.make_masks(sp.magnitude(params), 0.5))
+        sp.pack_params(qtree, sp.make_masks(sp.magnitude(params), 0.5))
     with pytest.raises(ValueError, match=r"d/kernel: cannot pack a compressed QArray"):
-        sp.pack(qtree)
+        sp.pack_params(qtree)
 
 
 # --- 11. tests that catch planted one-line bugs -----------------------------------------------------
