@@ -174,6 +174,23 @@ def test_pruned_weights_exactly_zero_after_100_steps_without_retracing(ste):
         assert (np.asarray(state.dense["Dense_0"]["kernel"])[~np.asarray(state.masks["Dense_0"]["kernel"])] != 0).any()
 
 
+def test_prune_inner_sees_full_gradients_unless_sparse_gradients():
+    params, loss = _mlp_problem()
+    sched = sp.polynomial_schedule(final_sparsity=0.8, begin_step=0, end_step=60, update_every=10)
+    seen = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda g, s, p=None: (g, g))
+    runs = {}
+    for sparse in (False, True):
+        chex.clear_trace_counter()
+        tx = sp.prune(optax.chain(seen, optax.adam(1e-2)), sparsity=sched, update_every=10, sparse_gradients=sparse)
+        runs[sparse] = _train(tx, 80, params, loss)
+    # adam is elementwise and magnitude masks never bring a pruned weight back: the same weights
+    chex.assert_trees_all_close(runs[False][0], runs[True][0], rtol=1e-6, atol=1e-7)
+    for sparse, (_, state) in runs.items():
+        pruned = ~np.asarray(state.masks["Dense_0"]["kernel"])
+        last = np.asarray(state.inner[0]["Dense_0"]["kernel"])[pruned]  # the gradient the inner chain was given
+        assert (last == 0).all() if sparse else (last != 0).any()
+
+
 def test_prune_composes_with_chain_multisteps_and_apply_if_finite():
     params, loss = _mlp_problem()
     k = lambda p: np.asarray(p["Dense_0"]["kernel"])

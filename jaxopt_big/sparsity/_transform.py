@@ -110,13 +110,19 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
           update_every: int = 100, where: Any = _tree.KERNELS, scope: _masks.Scope = _masks.Scope.LAYER,
           distribution: _masks.Distribution = _masks.Uniform(),
           structure: _masks.Structure = _masks.Unstructured(), straight_through: bool = False,
-          key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
+          sparse_gradients: bool = False, key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
     """Wraps ``tx`` so the selected weights are pruned to a (scheduled) sparsity while it trains them.
 
     At every ``update_every``-th update (the first included) the masks are recomputed from
-    ``score`` at ``sparsity(count)`` under ``lax.cond`` (the schedule is traced: no recompilation).
-    Gradients of pruned weights are masked before ``tx``, and the returned updates set pruned
-    weights to exactly zero. With ``straight_through=True`` the state keeps the dense weights:
+    ``score`` at ``sparsity(count)`` under ``lax.cond`` (the schedule is traced: no recompilation;
+    the other steps run only the branch that keeps the masks). The returned updates set pruned
+    weights to exactly zero, so a step between mask updates costs ``tx`` plus one masking of its
+    updates. ``tx`` sees the full gradient, as in TF-MOT and jaxpruner; with an elementwise ``tx``
+    (sgd, momentum, adam, adamw) the kept weights train exactly as with masked gradients, and only
+    a weight that a later mask update brings back starts from other optimizer moments. With
+    ``sparse_gradients=True`` the gradients of pruned weights are zeroed before ``tx`` (for a
+    ``tx`` that couples weights, such as one with ``clip_by_global_norm`` inside), which costs a
+    second masking per step. With ``straight_through=True`` the state keeps the dense weights:
     the gradient (taken at the masked weights) trains all of them, pruned ones can come back at the
     next mask update, and the params seen by the model are the masked dense weights.
 
@@ -129,6 +135,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
       update_every: mask update period in updates.
       where, scope, distribution, structure: as in :func:`make_masks`.
       straight_through: keep dense weights and train them with the gradient of the masked model.
+      sparse_gradients: zero the gradients of pruned weights before ``tx``.
       key: PRNG key for random scores (required when ``score`` is ``random``).
 
     Examples:
@@ -158,11 +165,15 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
     def update(grads, state, params=None, **extra):
         check_params("prune", params)
         weights = state.dense if straight_through else params
-        key, sub = jax.random.split(state.key)
-        masks = lax.cond(state.count % update_every == 0,
-                         lambda: new_masks(weights, grads, sub, schedule(state.count)), lambda: state.masks)
+
+        def refresh():  # only runs on mask-update steps (lax.cond executes one branch)
+            key, sub = jax.random.split(state.key)
+            return new_masks(weights, grads, sub, schedule(state.count)), key
+
+        masks, key = lax.cond(state.count % update_every == 0, refresh, lambda: (state.masks, state.key))
         if not straight_through:
-            grads = _masks.apply_masks(grads, masks)
+            if sparse_gradients:
+                grads = _masks.apply_masks(grads, masks)
             updates, inner = inner_tx.update(grads, state.inner, params, **extra)
             return masked_updates(masks, updates, params), PruneState(inner, masks, state.count + 1, key)
         updates, inner = inner_tx.update(grads, state.inner, weights, **extra)
