@@ -183,6 +183,8 @@ def test_prune_inner_sees_full_gradients_unless_sparse_gradients():
         chex.clear_trace_counter()
         tx = sp.prune(optax.chain(seen, optax.adam(1e-2)), sparsity=sched, update_every=10, sparse_gradients=sparse)
         runs[sparse] = _train(tx, 80, params, loss)
+    with pytest.raises(TypeError, match="sparse_gradients must be a bool, got 'yes'"):
+        sp.prune(optax.adam(1e-2), sparsity=0.5, sparse_gradients="yes")
     # adam is elementwise and magnitude masks never bring a pruned weight back: the same weights
     chex.assert_trees_all_close(runs[False][0], runs[True][0], rtol=1e-6, atol=1e-7)
     for sparse, (_, state) in runs.items():

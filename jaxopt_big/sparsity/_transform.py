@@ -149,6 +149,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
     schedule = as_schedules(sparsity, structure)
     scorer = score_fn(score)
     update_every = _checks.integer("update_every", update_every, low=1)
+    sparse_gradients = _checks.flag("sparse_gradients", sparse_gradients)
     if score is _scores.random and key is None:
         raise ValueError("score=random needs an explicit key=")
     inner_tx = optax.with_extra_args_support(tx)
