@@ -1,6 +1,6 @@
 """Trains the small Llama that the decoder benchmarks compress, on Python's own documentation.
 
-A byte-level Llama (hidden 256, 4 blocks, 4 query / 2 key-value heads, SwiGLU 688, context 256) is
+A byte-level Llama (hidden 256, 4 blocks, 4 query / 2 key-value heads, SwiGLU 768, context 256) is
 trained from scratch on the train split of :func:`jaxopt_big.data.docs_corpus` with the library's own
 machinery (``jb.train.make_step`` + ``jb.train.fit``, AdamW with warmup and cosine decay), on CPU in a
 few minutes. It reports held-out perplexity beside the unigram (byte-frequency) baseline and saves the
@@ -31,8 +31,9 @@ import jaxopt_big as jb  # noqa: E402
 from common import write  # noqa: E402
 
 ARTIFACT = HERE / "artifacts" / "decoder"
+# intermediate 768 = 6 x 128: group-128 quantization fits every linear
 CONFIG = jb.zoo.LlamaConfig(vocab_size=jb.data.VOCAB_SIZE, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                            intermediate_size=688, max_positions=256)
+                            intermediate_size=768, max_positions=256)
 LENGTH = 256      # training and evaluation context
 BATCH = 8
 EPOCHS = 1        # one pass over the ~420 KB of training text: 204 steps of 2048 tokens

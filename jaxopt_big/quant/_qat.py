@@ -91,6 +91,19 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
     return _Operand(value, q if zp is None else None, scale if zp is None else None, grad)
 
 
+def _after(q: QArray, x: jax.Array) -> QArray:
+    """``q`` with a data dependency on ``x`` (its values and scale plus an exact zero computed from ``x``).
+
+    Unpacking a kernel depends only on the parameters, so XLA may schedule every layer's unpacking at
+    the start of the program (XLA:CPU's concurrency-optimized scheduler does, and it drops
+    ``optimization_barrier``), holding a float copy of all weights at once. Made to wait for the
+    layer's input, each float copy lives only around its own matmul. ``isnan(.) * 0`` is zero for
+    every input, NaN included, and XLA does not fold a float multiplication by zero.
+    """
+    zero = jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
+    return q.replace(values=q.values + zero.astype(q.values.dtype), scale=q.scale + zero.astype(q.scale.dtype))
+
+
 def _from_qarray(q: QArray) -> _Operand:
     ints = q.int_values().astype(jnp.float32) if q.zero_point is None else None
     value = q.dense()
@@ -236,7 +249,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
                     raise ValueError(f"{call.path}: no static activation scale; scales has {sorted(scales)}")
                 static = scales[call.path]
             if isinstance(kernel, QArray):
-                w = _from_qarray(kernel)
+                w = _from_qarray(_after(kernel, call.inputs))
             else:
                 w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
             x = _quantize_operand(call.inputs, aspec, static, f"{call.path}/inputs", gradient)

@@ -215,14 +215,19 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         c, d = self.config, self.config.head_dim
         b, n, _ = x.shape
-        groups = c.num_heads // c.num_kv_heads
-        # query head h reads key/value head h // groups (Hugging Face's repeat_kv order)
-        q = _rotate(self.q_proj(x).reshape(b, n, c.num_heads, d), cos, sin).reshape(b, n, c.num_kv_heads, groups, d)
-        k = _rotate(self.k_proj(x).reshape(b, n, c.num_kv_heads, d), cos, sin)
-        v = self.v_proj(x).reshape(b, n, c.num_kv_heads, d)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / np.sqrt(d) + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+        kv, groups = c.num_kv_heads, c.num_heads // c.num_kv_heads
+        # Query head h reads key/value head h // groups (Hugging Face's repeat_kv order). The groups
+        # sharing a key/value head are folded into the query length: one (groups * n, n) matmul per
+        # key/value head instead of `groups` small ones.
+        q = _rotate(self.q_proj(x).reshape(b, n, c.num_heads, d), cos, sin) * (1.0 / np.sqrt(d)).astype(x.dtype)
+        q = q.reshape(b, n, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * n, d)
+        k = _rotate(self.k_proj(x).reshape(b, n, kv, d), cos, sin).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, n, kv, d).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32).reshape(b, kv, groups, n, n) + bias
+        # softmax with the normalization applied to the (smaller) output instead of the probabilities
+        e = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(b, kv, groups * n, n)
+        ctx = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v) / e.sum(-1, keepdims=True)
+        ctx = ctx.astype(x.dtype).reshape(b, kv, groups, n, d).transpose(0, 3, 1, 2, 4)
         return self.o_proj(ctx.reshape(b, n, c.num_heads * d))
 
 
