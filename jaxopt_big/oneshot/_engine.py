@@ -73,6 +73,7 @@ class Report:
     seconds: float
 
     def as_dicts(self) -> list[dict[str, Any]]:
+        """The rows as plain dicts (for JSON)."""
         return [dataclasses.asdict(r) for r in self.rows]
 
     def _cells(self) -> list[tuple[str, ...]]:
@@ -91,6 +92,7 @@ class Report:
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
+        """The table as markdown."""
         cells = self._cells()
         lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
         lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
