@@ -259,7 +259,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         kernel is one leaf: its rule applies to every layer of the stack, compressed layer by layer.
       blocks: regex (full match) of the block module paths, e.g. ``r"layer_\\d+"``; None finds the
         repeated numbered submodules, or the stacked submodule of a scanned model.
-      mesh: a mesh whose ``data_axis`` splits every calibration batch's leading axis; Hessians are
+      mesh: a mesh (``Auto`` axes, as ``jb.parallel.make_mesh`` makes by default) whose ``data_axis``
+        splits every calibration batch's leading axis; Hessians are
         reduced across it by XLA, the per-layer solvers run replicated, and compressed leaves keep
         their parameter's sharding. Parameters may be sharded (e.g. FSDP) as given.
       progress: a tqdm bar over the blocks.
