@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +80,10 @@ def scalar(name: str, value: Any) -> int | float:
 
 def _bounds(low=None, high=None, above=None, below=None) -> str:
     """" in [0, 1)", " >= 1", " > 0", ... for an error message."""
-    lo = (f"[{low}", f" >= {low}") if low is not None else (f"({above}", f" > {above}") if above is not None else None
-    hi = (f"{high}]", f" <= {high}") if high is not None else (f"{below})", f" < {below}") if below is not None else None
+    lo = ((f"[{low}", f" >= {low}") if low is not None
+          else (f"({above}", f" > {above}") if above is not None else None)
+    hi = ((f"{high}]", f" <= {high}") if high is not None
+          else (f"{below})", f" < {below}") if below is not None else None)
     if lo and hi:
         return f" in {lo[0]}, {hi[0]}"
     return (lo or hi or ("", ""))[1]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -61,7 +62,8 @@ def _args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-def layer_order(apply_fn: Callable, variables: Any, batch: Any, *, where: str | Sequence[str] | None = None) -> list[str]:
+def layer_order(apply_fn: Callable, variables: Any, batch: Any, *,
+                where: str | Sequence[str] | None = None) -> list[str]:
     """Module paths of the selected Dense layers in the order the model calls them (no compute).
 
     Examples:
@@ -94,7 +96,7 @@ def layer_order(apply_fn: Callable, variables: Any, batch: Any, *, where: str | 
 def _batch_stats(apply_fn, path, variables, args, row_mask):
     _, records = _intercept.capture(apply_fn, _dense_selector(re.escape(path)))(variables, *args)
     hessian, count = 0.0, 0.0
-    for key, record in records.items():  # several entries when the layer is called more than once
+    for record in records.values():  # several entries when the layer is called more than once
         x = record.inputs.reshape(-1, record.inputs.shape[-1]).astype(jnp.float32)
         w = jnp.ones(x.shape[0]) if row_mask is None else jnp.broadcast_to(
             row_mask, record.inputs.shape[:-1]).reshape(-1).astype(jnp.float32)
@@ -166,7 +168,7 @@ def sequential(apply_fn: Callable, variables: dict[str, Any], batches: Iterable[
     result, working = variables, _leaves.densify(variables)  # dense copy: shapes and compiles stay fixed
     stats: dict[str, LayerStats] = {}
     for path in order:
-        hessian, count = 0.0, 0.0
+        hessian, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
         for args, mask in zip(batches, masks):
             h, c = _batch_stats(apply_fn, path, working, args, mask)
             hessian, count = hessian + h, count + c

@@ -169,7 +169,8 @@ def _record(leaf: Any) -> dict[str, Any]:
     """Class, static fields and nested compressed children of one compressed leaf, as JSON."""
     fields = _fields(leaf)
     return {"class": _class_name(type(leaf)),
-            "static": {f.name: _encode(getattr(leaf, f.name)) for f in fields if not f.metadata.get("pytree_node", True)},
+            "static": {f.name: _encode(getattr(leaf, f.name))
+                       for f in fields if not f.metadata.get("pytree_node", True)},
             "nested": {f.name: _record(getattr(leaf, f.name)) for f in fields
                        if f.metadata.get("pytree_node", True) and _leaves.is_compressed(getattr(leaf, f.name))}}
 
@@ -467,7 +468,7 @@ class Manager:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "Manager":
+    def __enter__(self) -> Manager:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -62,8 +63,8 @@ def _report(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"jaxopt-big: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"{extra.get('method', directory.name)} (step {step}, {checkpoint.disk_bytes(manager.step_directory(step)):,} "
-          "bytes on disk)")
+    disk = checkpoint.disk_bytes(manager.step_directory(step))
+    print(f"{extra.get('method', directory.name)} (step {step}, {disk:,} bytes on disk)")
     print(table)
     return 0
 

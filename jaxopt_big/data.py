@@ -14,7 +14,8 @@ Two datasets ship with what is installed, so nothing is downloaded:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ class Dataset(NamedTuple):
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, idx) -> "Dataset":
+    def take(self, idx) -> Dataset:
         return Dataset(self.x[idx], self.y[idx])
 
 
@@ -187,7 +188,7 @@ def token_batches(tokens: Any, batch_size: int, length: int, *, key: jax.Array |
 
 
 def lm_dataset(tokens: Any, length: int) -> Dataset:
-    """Next-token pairs for :func:`jaxopt_big.train.fit`: ``x`` windows of ``length`` tokens, ``y`` the same shifted by one.
+    """Next-token pairs for :func:`jaxopt_big.train.fit`: ``x`` windows of ``length`` tokens, ``y`` shifted by one.
 
     Windows of ``length + 1`` tokens do not overlap.
 
@@ -228,8 +229,9 @@ def perplexity(fn: Any, params: Any, tokens: Any, *, attention_mask: Any = None,
     """
     ids = np.asarray(tokens)
     if ids.ndim != 2 or ids.shape[1] < 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"perplexity: tokens must be integer ids (sequences, length >= 2), got {ids.dtype} {ids.shape}")
-    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+        raise ValueError(
+            f"perplexity: tokens must be integer ids (sequences, length >= 2), got {ids.dtype} {ids.shape}")
+    mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != ids.shape:
         raise ValueError(f"perplexity: attention_mask shape {mask.shape} differs from tokens {ids.shape}")
     if isinstance(fn, nnx.Module):  # parameters as arguments, not constants baked into the program

@@ -13,7 +13,8 @@ import json
 import pathlib
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class Result:
     seconds: float
     params: Any = None  # what gets saved (compressed leaves stay compressed)
     note: str = ""
-    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # numbers behind the note
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # numbers behind the note (JSON values)
 
 
 @dataclasses.dataclass
@@ -160,7 +161,8 @@ def mixed_precision(ctx: Context) -> Result:
     start = time.perf_counter()
     spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL, calibration=quant.MSE())
     calib = next(_data.batches(ctx.train, 512, key=ctx.key(9)))
-    sens = mixed.sensitivity(_train.classifier_loss(ctx.apply), ctx.params, (calib.x, calib.y), bits=(2, 4, 8), spec=spec)
+    sens = mixed.sensitivity(_train.classifier_loss(ctx.apply), ctx.params, (calib.x, calib.y),
+                             bits=(2, 4, 8), spec=spec)
     sizes = mixed.layer_bytes(ctx.params, bits=(2, 4, 8), spec=spec)
     budget = int(1.25 * sum(s[2] for s in sizes.values()))
     bits = mixed.allocate_bits(sens, sizes, budget)
@@ -177,7 +179,8 @@ def low_rank(ctx: Context) -> Result:
     factored = lowrank.factorize_params(ctx.params, [Rule("Dense_0/kernel", {"max_params": kernel.size // 2})])
     run = lowrank.apply(ctx.model.apply)
     apply = lambda p, x: run({"params": p}, x)
-    params, seconds = train_classifier(ctx, factored, epochs=ctx.epochs(4), lr=1e-3, apply=apply, desc="low-rank fine-tune")
+    params, seconds = train_classifier(ctx, factored, epochs=ctx.epochs(4), lr=1e-3, apply=apply,
+                                       desc="low-rank fine-tune")
     return Result("low-rank 50% of Dense_0 + fine-tune", accuracy(ctx, params, apply), _leaves.nbytes(params),
                   seconds, params)
 
@@ -337,7 +340,7 @@ STAGES: list[Callable[[Context], Result]] = [dense, global_magnitude, two_four, 
 
 
 def _table(results: list[Result], ctx: Context) -> list[tuple[str, ...]]:
-    rows = [("method", "accuracy", "delta", "bytes", "ratio", "train s")]
+    rows: list[tuple[str, ...]] = [("method", "accuracy", "delta", "bytes", "ratio", "train s")]
     for r in results:
         rows.append((r.method, f"{r.accuracy:.4f}", f"{100 * (r.accuracy - ctx.accuracy):+.2f} pt", f"{r.nbytes:,}",
                      f"{ctx.dense_bytes / r.nbytes:.2f}x", f"{r.seconds:.1f}"))
@@ -410,7 +413,7 @@ def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) ->
     md = ["# jaxopt-big demo on digits", "", f"Dense teacher hold-out accuracy: {ctx.accuracy:.4f}", "",
           "| " + " | ".join(_table(results, ctx)[0]) + " |", "|---" * 6 + "|"]
     md += ["| " + " | ".join(r) + " |" for r in _table(results, ctx)[1:]]
-    for i, r in enumerate(results):
+    for r in results:
         if r.params is None:
             continue
         name = "_".join("".join(c if c.isalnum() else " " for c in r.method.lower()).split())
@@ -418,7 +421,8 @@ def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) ->
             manager.save(0, r.params, extra={"method": r.method})
         md += ["", f"## {r.method}", "", _report.summary(r.params).to_markdown()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    rows = [{"method": r.method, "accuracy": r.accuracy, "delta_pt": 100 * (r.accuracy - ctx.accuracy), "bytes": r.nbytes,
-             "ratio": ctx.dense_bytes / r.nbytes, "seconds": r.seconds, "note": r.note, **r.extra} for r in results]
+    rows = [{"method": r.method, "accuracy": r.accuracy, "delta_pt": 100 * (r.accuracy - ctx.accuracy),
+             "bytes": r.nbytes, "ratio": ctx.dense_bytes / r.nbytes, "seconds": r.seconds, "note": r.note, **r.extra}
+            for r in results]
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     _plot(results, ctx, out / "accuracy_vs_compression.png")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,7 +34,8 @@ NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Ei
 # Set while a layer is re-run on substituted parameters, so that run does not intercept itself.
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxopt_big_intercept_bypass", default=False)
 # id(nnx layer) -> handler, for the nnx layers currently intercepted.
-_NNX_HANDLERS: contextvars.ContextVar[dict[int, Callable]] = contextvars.ContextVar("jaxopt_big_nnx", default={})
+_NNX_HANDLERS: contextvars.ContextVar[Mapping[int, Callable]] = contextvars.ContextVar(
+    "jaxopt_big_nnx", default=types.MappingProxyType({}))
 
 
 class Call:
@@ -82,6 +85,7 @@ class _Selector:
 
     def __init__(self, where: str | Sequence[str] | Callable[[str, Any], bool] | None):
         self.where = where
+        self.patterns: list[re.Pattern[str]] | None
         if isinstance(where, str):
             where = [where]
         if isinstance(where, (list, tuple)):
@@ -99,7 +103,7 @@ class _Selector:
     def __call__(self, path: str, module: Any) -> bool:
         self.seen.append(path)
         if self.patterns is None:
-            return self.where is None or bool(self.where(path, module))
+            return bool(self.where(path, module)) if callable(self.where) else True  # None: every layer
         found = False
         for i, p in enumerate(self.patterns):
             if _tree.matches(p.pattern, path):
@@ -166,10 +170,10 @@ def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Cal
     """Routes every selected layer call to ``on_call(call, original)`` while active."""
     if isinstance(target, nnx.Module):
         swapped, handlers = [], dict(_NNX_HANDLERS.get())
-        for path, mod in nnx.iter_graph(target):
+        for key_path, mod in nnx.iter_graph(target):
             if not isinstance(mod, NNX_LAYERS) or id(mod) in handlers:
                 continue
-            path = "/".join(str(p) for p in path)
+            path = "/".join(str(p) for p in key_path)
             if not selector(path, mod):
                 continue
             base = type(mod)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -48,6 +49,10 @@ class Compressed(abc.ABC):
     ``dense``, ``nbytes`` and ``kind``. ``shape``/``dtype`` are those of the dense value; by default
     they read static ``dense_shape``/``dense_dtype`` fields.
     """
+
+    # Declared for the default ``shape``/``dtype``; each subclass defines them as static fields.
+    dense_shape: tuple[int, ...]
+    dense_dtype: Any
 
     @abc.abstractmethod
     def dense(self) -> jax.Array:

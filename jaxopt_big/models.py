@@ -10,11 +10,10 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["MLP", "CNN", "Transformer", "NnxMLP", "NnxCNN"]
@@ -142,6 +141,7 @@ def count_params(tree) -> int:
     """Number of scalars in a pytree of arrays.
 
     Examples:
+      >>> import jax.numpy as jnp
       >>> count_params({"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)})
       10
     """

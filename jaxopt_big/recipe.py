@@ -13,9 +13,9 @@ nearest (``RTN``); ``GPTQ(spec)`` quantizes with second-order error feedback.
 Examples:
   >>> import jaxopt_big as jb
   >>> from jaxopt_big.tree import Rule
+  >>> int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128))
   >>> recipe = jb.Recipe([
-  ...     Rule(r"layer_\\d+/mlp/.*", jb.Plan(sparsity=jb.SparseGPT(jb.sparsity.NM(2, 4)),
-  ...                                       quant=jb.GPTQ(jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128))))),
+  ...     Rule(r"layer_\\d+/mlp/.*", jb.Plan(sparsity=jb.SparseGPT(jb.sparsity.NM(2, 4)), quant=jb.GPTQ(int4))),
   ...     Rule(r".*", jb.Plan(quant=jb.quant.QuantSpec(bits=8, granularity=jb.quant.PER_CHANNEL))),
   ... ])
   >>> recipe.rules[1].value.quantizer
@@ -25,7 +25,8 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -34,7 +35,6 @@ from jaxopt_big import _checks
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
-from jaxopt_big.quant import _spec as _qspec
 
 __all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ"]
 
@@ -165,8 +165,9 @@ class Plan:
         if self.quantizer is not None:
             spec = self.quantizer.spec
             grid = f"int{spec.bits}" if isinstance(spec, _quant.QuantSpec) else type(spec).__name__.lower()
-            if isinstance(getattr(spec, "granularity", None), _quant.Group):
-                grid += f" g{spec.granularity.size}"
+            granularity = getattr(spec, "granularity", None)
+            if isinstance(granularity, _quant.Group):
+                grid += f" g{granularity.size}"
             parts.append(f"{type(self.quantizer).__name__.lower()} {grid}")
         return " + ".join(parts) or "dense"
 

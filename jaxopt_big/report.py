@@ -67,14 +67,14 @@ class Report:
     rows: tuple[Row, ...]
 
     @property
-    def totals(self) -> dict[str, float]:
+    def totals(self) -> dict[str, Any]:
         params = sum(r.params for r in self.rows)
-        known = [r for r in self.rows if r.nonzero is not None]
+        known = [(r.nonzero, r.params) for r in self.rows if r.nonzero is not None]
         nbytes = sum(r.nbytes for r in self.rows)
         dense = sum(r.dense_bytes for r in self.rows)
         return {
             "params": params,
-            "nonzero": (sum(r.nonzero * r.params for r in known) / max(sum(r.params for r in known), 1)
+            "nonzero": (sum(nz * n for nz, n in known) / max(sum(n for _, n in known), 1)
                         if known else None),
             "nbytes": nbytes,
             "dense_bytes": dense,
@@ -116,7 +116,7 @@ class Report:
         return [dataclasses.asdict(r) for r in self.rows]
 
     @classmethod
-    def from_dicts(cls, rows: list[dict[str, Any]]) -> "Report":
+    def from_dicts(cls, rows: list[dict[str, Any]]) -> Report:
         """Inverse of :meth:`as_dicts`.
 
         Examples:
@@ -191,8 +191,8 @@ def _per_device_bytes(tree: Any, shardings: Any) -> int:
 
 def _opt_shardings(opt_abstract: Any, params: Any, shardings: Any) -> Any:
     """Moments mirroring a parameter (path suffix and shape) get its sharding, the rest is replicated."""
-    by_path = {p: (tuple(np.shape(x)), s) for p, x, s in
-               zip(_tree.paths(params), jax.tree.leaves(params), jax.tree.leaves(shardings, is_leaf=lambda v: v is None))}
+    placements = jax.tree.leaves(shardings, is_leaf=lambda v: v is None)
+    by_path = {p: (tuple(np.shape(x)), s) for p, x, s in zip(_tree.paths(params), jax.tree.leaves(params), placements)}
     placed = [s for _, s in by_path.values() if s is not None]
     replicated = placed[0] if placed else None
     if isinstance(replicated, jax.sharding.NamedSharding):

@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 import jax
 
@@ -347,8 +348,10 @@ def assigned(tree: Any, value: Any, *, where: Where = KERNELS, what: str = "valu
     return out
 
 
-def rules(tree: Any, rules: Sequence[Rule]) -> Any:
+def rules(tree: Any, rules: Sequence[Rule] | Sequence[tuple[str, Any]]) -> Any:
     """Per-leaf values from rules over *all* leaves; first match wins, ``None`` where none.
+
+    ``(regex, value)`` pairs are the deprecated spelling of rules (read with a ``DeprecationWarning``).
 
     Every rule must claim at least one leaf that no earlier rule took, so a typo cannot silently
     leave layers out. Same as ``assign(tree, rules, where=".*")``.

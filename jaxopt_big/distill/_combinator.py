@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -276,9 +277,10 @@ def combine(task_loss: Callable[[jax.Array, Any], jax.Array], teacher: Callable[
 
         loss = alpha * task + (1.0 - alpha) * kd
         aux = {"task": task, "kd": kd}
+        teacher_feats = targets.features or {}  # teacher_targets checked it holds every feature
         for f in features:
             proj = None if f.projection is None else f.projection(params)
-            value = feature_loss(student_feats[f.student], targets.features[f.teacher], kind=f.kind,
+            value = feature_loss(student_feats[f.student], teacher_feats[f.teacher], kind=f.kind,
                                  projection=proj, mask=b.mask)
             loss = loss + f.weight * value
             aux[f"feature/{f.name}"] = value

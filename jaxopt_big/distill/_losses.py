@@ -8,7 +8,6 @@ optionally restricted by a ``mask`` of valid rows (padding), and puts the teache
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +81,7 @@ def kd_loss(student_logits: ArrayLike, teacher_logits: ArrayLike, temperature: f
     p_t = jnp.exp(log_p_t)
     # where: a class the teacher rules out (logit -inf) contributes 0, not 0 * inf.
     kl = jnp.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
-    return temperature ** 2 * _masked_mean(kl, mask)
+    return _masked_mean(kl, mask) * temperature ** 2
 
 
 def init_projection(key: jax.Array, in_dim: int, out_dim: int) -> dict[str, jax.Array]:

@@ -9,7 +9,8 @@ Other layers holding compressed kernels run on their dense value.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

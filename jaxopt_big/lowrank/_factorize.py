@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -172,10 +173,12 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
     if how.randomized:
         if key is None:
             raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
+        assert rank is not None  # Factorization rejects energy= (the only rank-less choice) with randomized=True
         u, s, vt = _randomized_svd(work, rank, key, how.oversample, how.power_iters)
     else:
         u, s, vt = jnp.linalg.svd(work, full_matrices=False)
     if rank is None:
+        assert how.energy is not None  # Factorization holds exactly one of rank, energy, max_params
         rank = _energy_rank(path, s, how.energy)
     root = jnp.sqrt(s[:rank])
     u = jnp.where(bad, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)

@@ -193,7 +193,7 @@ def lora_partition(params: Any) -> tuple[Any, Any]:
       ([(4, 1), (1, 4)], [(4,), (4, 4)])
     """
     labels = lora_labels(params)
-    pick = lambda want: jax.tree.map(lambda x, l: x if l == want else None, params, labels)
+    pick = lambda want: jax.tree.map(lambda x, label: x if label == want else None, params, labels)
     return pick(TRAIN), pick(FROZEN)
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from jaxopt_big.train import _state
-from jaxopt_big.train import _step
+from jaxopt_big.train import _state, _step
 
 __all__ = ["pmap_step", "replicate", "unreplicate", "split_batch"]
 

@@ -16,7 +16,7 @@ Rules = Sequence[_tree.Rule[jax.sharding.PartitionSpec]]
 
 
 def _spec_axes(spec: jax.sharding.PartitionSpec) -> list[str]:
-    out = []
+    out: list[str] = []
     for entry in spec:
         if entry is None:
             continue

@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -52,7 +53,7 @@ class Clustered(_leaves.Compressed):
     bits: int = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def from_indices(cls, codebook: jax.Array, indices: jax.Array) -> "Clustered":
+    def from_indices(cls, codebook: jax.Array, indices: jax.Array) -> Clustered:
         """Packs ``indices`` (integers in ``[0, len(codebook))``) next to ``codebook``."""
         bits = _index_bits(codebook.shape[0])
         return cls(codebook=codebook, packed=_bits.pack(indices.reshape(-1), bits), dense_shape=tuple(indices.shape), bits=bits)
@@ -140,7 +141,7 @@ def _check_clusters(path: str, n_clusters: Any, x: jax.Array) -> int:
     return n_clusters
 
 
-def kmeans(x: jax.ArrayLike, n_clusters: int, *, key: jax.Array, iters: int = 20) -> KMeans:
+def kmeans(x: jax.typing.ArrayLike, n_clusters: int, *, key: jax.Array, iters: int = 20) -> KMeans:
     """1-D k-means of the values of ``x``: k-means++ start from ``key``, then jitted Lloyd steps.
 
     Args:
@@ -189,7 +190,8 @@ def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Arr
       >>> import jax, jax.numpy as jnp
       >>> p = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (16, 8)), "bias": jnp.zeros(8)}}
       >>> c = cluster(p, 4, key=jax.random.key(1))
-      >>> c["Dense_0"]["kernel"].kind, c["Dense_0"]["kernel"].nbytes, len(set(c["Dense_0"]["kernel"].dense().ravel().tolist()))
+      >>> k = c["Dense_0"]["kernel"]
+      >>> k.kind, k.nbytes, len(set(k.dense().ravel().tolist()))
       ('clustered k=4', 48, 4)
     """
     def leaf(path: str, w: Any, k: Any) -> Any:

@@ -100,7 +100,7 @@ class SubByteArray(_leaves.Compressed):
     dense_dtype: Any = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def from_values(cls, values: jax.Array, scale: jax.Array, bits: int, dtype: Any) -> "SubByteArray":
+    def from_values(cls, values: jax.Array, scale: jax.Array, bits: int, dtype: Any) -> SubByteArray:
         """Packs ``values`` in ``{-1, 1}`` (bits=1) or ``{-1, 0, 1}`` (bits=2)."""
         codes = (values + 1) // 2 if bits == 1 else values + 1
         return cls(codes=_bits.pack(codes.reshape(-1), bits), scale=scale.reshape(scale.shape or (1,) * values.ndim),
@@ -283,7 +283,7 @@ class Float8(_spec.Format):
 
     @property
     def max(self) -> float:
-        return float(jnp.finfo(self.format.dtype).max)
+        return float(jnp.finfo(F8(self.format).dtype).max)  # __post_init__ made it an F8 already
 
     def calibrate(self, x, *, path=""):
         x = check_input(x, path)

@@ -12,7 +12,8 @@ groups stay contiguous and the result is an ordinary :class:`~jaxopt_big.quant.Q
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,8 @@ def _granularity(spec: _spec.QuantSpec, d_in: int, path: str) -> int | None:
         raise ValueError(f"{path}: GPTQ needs scales per output feature (axis=-1), got axis={spec.axis}")
     if isinstance(g, _spec.PerChannel):
         return None
+    if not isinstance(g, _spec.Group):  # PerToken scales activations, not a weight's grid
+        raise ValueError(f"{path}: GPTQ needs per-tensor, per-channel or group scales, got {g!r}")
     if g.along not in (-2, 0):
         raise ValueError(f"{path}: GPTQ groups run along the input axis (along=-2), got along={g.along}")
     if d_in % g.size:
@@ -114,7 +117,7 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     w = jnp.where(dead[None, :], 0.0, w[:, perm])
     pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.asarray(pruned, bool).T[:, perm]
     dynamic = group is not None and not act_order
-    if dynamic:  # filled group by group from the updated weights
+    if group is not None and dynamic:  # filled group by group from the updated weights
         scale = jnp.ones((d_in // group, d_out), jnp.float32)
         zero = None if spec.symmetric else jnp.zeros_like(scale)
     else:

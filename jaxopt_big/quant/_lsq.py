@@ -16,7 +16,8 @@ weights for the forward pass; :func:`lsq_export` turns the trained leaves into p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -64,10 +65,14 @@ def sensitivity(loss_fn: Callable[[Any, Any], Any], params: Any, batch: Any, *, 
     for path in paths:
         out[path] = {}
         for b in bits:
-            fmt = dataclasses.replace(spec, bits=b)
-            trial = _tree.map_with_path(lambda p, x: fmt.fake_quant(x, path=p) if p == path else x, params)
+            trial = _fake_quant_one(params, path, dataclasses.replace(spec, bits=b))
             out[path][b] = float(loss(trial, batch)) - base
     return out
+
+
+def _fake_quant_one(params: Any, path: str, fmt: _spec.QuantSpec) -> Any:
+    """``params`` with only the leaf at ``path`` fake-quantized by ``fmt``."""
+    return _tree.map_with_path(lambda p, x: fmt.fake_quant(x, path=p) if p == path else x, params)
 
 
 def layer_bytes(params: Any, *, bits: Sequence[int] = (2, 4, 8), spec: _spec.QuantSpec = DEFAULT_SPEC,

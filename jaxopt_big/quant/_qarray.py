@@ -71,7 +71,8 @@ class QArray(_leaves.Compressed):
     @property
     def kind(self) -> str:
         c = container_bits(self.bits)
-        return f"int{self.bits}" + (f" in int{c}" if c != self.bits else "") + ("" if self.zero_point is None else " affine")
+        container = f" in int{c}" if c != self.bits else ""
+        return f"int{self.bits}{container}" + ("" if self.zero_point is None else " affine")
 
     @property
     def nbytes(self) -> int:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -130,7 +132,7 @@ def _with_grad_of(op: Callable, a: jax.Array, b: jax.Array, y: jax.Array) -> jax
 def _dot_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
     """Output scale of ``dot_general`` if both scales are constant along the contraction, else None."""
     (lc, rc), (lb, rb) = dn
-    if lb or rb:
+    if lb or rb or w.scale is None:
         return None
     sx = jnp.ones((1,) * x_ndim) if x.scale is None else x.scale
     sw = w.scale
@@ -145,7 +147,7 @@ def _dot_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> ja
 
 def _conv_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
     """Output scale of a convolution if the input scale is per-tensor and the kernel's per output channel."""
-    if dn.rhs_spec[0] != w_ndim - 1 or dn.out_spec[1] != x_ndim - 1:
+    if w.scale is None or dn.rhs_spec[0] != w_ndim - 1 or dn.out_spec[1] != x_ndim - 1:
         return None
     sx = jnp.ones(()) if x.scale is None else x.scale
     if sx.size != 1 or any(n != 1 for n in w.scale.shape[:-1]):
@@ -180,7 +182,8 @@ def _run(call: _intercept.Call, params: dict, inputs: jax.Array, **attrs: Any) -
     """The layer's own computation on ``params``/``inputs`` with some attributes replaced."""
     if isinstance(call.module, nnx.Module):
         over = {**attrs, **{k: nnx.Param(v) for k, v in params.items()}}
-        base = next(c for c in type(call.module).__mro__ if c in _intercept.NNX_LAYERS)
+        # Any: the layer's own __call__ runs unbound on a _Proxy that stands in for the layer.
+        base: Any = next(c for c in type(call.module).__mro__ if c in _intercept.NNX_LAYERS)
         return base.__call__(_Proxy(call.module, over), inputs, *call._args[1:], **call._kwargs)
     return call.run(params, inputs, **attrs)
 
@@ -254,6 +257,7 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
                 w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
             x = _quantize_operand(call.inputs, aspec, static, f"{call.path}/inputs", gradient)
             params = {**call.params, "kernel": w.value}
+            lax_op: Callable[..., jax.Array]
             if isinstance(call.module, _DOT_LAYERS):
                 attr, out_scale_fn, lax_op = "dot_general", _dot_out_scale, lax.dot_general
             elif isinstance(call.module, _CONV_LAYERS):

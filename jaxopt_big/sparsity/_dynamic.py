@@ -1,9 +1,9 @@
 """Dynamic sparse training: SET (random regrowth) and RigL (gradient regrowth).
 
 The topology starts random at the target sparsity (``Start.RANDOM``, training from scratch as in
-the papers) or from the largest weights (``Start.MAGNITUDE``, to sparsify a trained model). Every ``update_every`` updates until
-``end_step``, each layer drops its ``f_t * active`` smallest-magnitude active weights and regrows
-as many inactive ones (random for SET, largest ``|grad|`` for RigL), with
+the papers) or from the largest weights (``Start.MAGNITUDE``, to sparsify a trained model). Every
+``update_every`` updates until ``end_step``, each layer drops its ``f_t * active`` smallest-magnitude
+active weights and regrows as many inactive ones (random for SET, largest ``|grad|`` for RigL), with
 ``f_t = drop_fraction * (1 + cos(pi * t / end_step)) / 2``. The count of active weights never
 changes, and regrown weights start at exactly zero (they get no update on the step they appear).
 """
@@ -20,9 +20,7 @@ from jax import lax
 
 from jaxopt_big import _checks
 from jaxopt_big import tree as _tree
-from jaxopt_big.sparsity import _select
-from jaxopt_big.sparsity import _masks
-from jaxopt_big.sparsity import _scores
+from jaxopt_big.sparsity import _masks, _scores, _select
 from jaxopt_big.sparsity._transform import PruneState, check_params, check_trainable, masked_updates
 
 __all__ = ["set_", "rigl", "drop_fraction_at", "Start"]

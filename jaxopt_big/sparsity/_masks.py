@@ -11,7 +11,8 @@ import dataclasses
 import enum
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -291,7 +292,8 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
         masks = {p: _nm_mask(x, structure) | ~(jnp.asarray(s) > 0) for p, x, s in flat}
     elif scope is Scope.GLOBAL:
         if not isinstance(distribution, Uniform):
-            raise ValueError(f"distribution {distribution} applies to Scope.LAYER; GLOBAL picks layer sparsities itself")
+            raise ValueError(
+                f"distribution {distribution} applies to Scope.LAYER; GLOBAL picks layer sparsities itself")
         sparsity = check_sparsity("", sparsity)
         groups = [_group_scores(x, structure) for _, x, _ in flat]
         pruned = _select.bottom_k(groups, _count(sparsity, sum(int(g.size) for g in groups)))

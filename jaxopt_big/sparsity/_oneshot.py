@@ -19,7 +19,8 @@ parameter tree given per-layer statistics keyed by module path.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

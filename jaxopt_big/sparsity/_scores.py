@@ -41,7 +41,7 @@ def saliency(params: Any, grads: Any) -> Any:
     """
     params = _leaves.densify(params)
     p_def, g_def = jax.tree.structure(params), jax.tree.structure(grads)
-    if p_def != g_def:
+    if p_def != g_def:  # type: ignore[operator]  # jax's PyTreeDef alias does not resolve for mypy
         raise ValueError(f"saliency: grads have structure {g_def}, params have {p_def}")
 
     def one(path, w, g):

@@ -10,8 +10,8 @@ gathered except the sample.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,13 +77,17 @@ def _narrow(state, ts, counts, r):
     return lo, hi, c_lt, c_le
 
 
+def _strided(x: jax.Array, *, stride: int, m: int) -> jax.Array:
+    return x.reshape(-1)[stride // 2::stride][:m]
+
+
 def _sample(arrays: Sequence[jax.Array], key_fn: KeyFn, n: int) -> jax.Array:
     parts = []
     for i, x in enumerate(arrays):
         m = max(1, round(_SAMPLE * x.size / n))
         stride = max(1, x.size // m)
         # Explicit mesh axes: let XLA partition the strided read; only the sample is replicated.
-        take = auto_explicit(lambda x: x.reshape(-1)[stride // 2::stride][:m], x, jax.P())
+        take = auto_explicit(functools.partial(_strided, stride=stride, m=m), x, jax.P())
         parts.append(key_fn(i, take(x)))
     return jnp.sort(jnp.concatenate(parts))
 

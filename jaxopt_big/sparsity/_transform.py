@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import dataclasses
 
@@ -14,8 +15,7 @@ from jax import lax
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.sparsity import _masks
-from jaxopt_big.sparsity import _scores
+from jaxopt_big.sparsity import _masks, _scores
 
 __all__ = ["PruneState", "prune"]
 
@@ -35,7 +35,7 @@ class PruneState(NamedTuple):
 
     inner: optax.OptState
     masks: Any
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's own states do
     key: jax.Array
     dense: Any = None
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,8 +33,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ds: _
                                        (apply_fn(p, x).argmax(-1) == y).sum()))
     loss = correct = 0.0
     for batch in _data.batches(ds, batch_size):
-        l, c = forward(params, batch.x, batch.y)
-        loss, correct = loss + float(l), correct + float(c)
+        batch_loss, batch_correct = forward(params, batch.x, batch.y)
+        loss, correct = loss + float(batch_loss), correct + float(batch_correct)
     return {"loss": loss / len(ds), "accuracy": correct / len(ds)}
 
 
@@ -79,7 +81,8 @@ class CrossValidation:
         return {m: float(np.std([f[m] for f in self.folds])) for m in self.folds[0]}
 
     def __str__(self) -> str:
-        return ", ".join(f"{m} {self.mean[m]:.4f} ± {self.std[m]:.4f}" for m in self.folds[0]) + f" ({len(self.folds)} folds)"
+        metrics = ", ".join(f"{m} {self.mean[m]:.4f} ± {self.std[m]:.4f}" for m in self.folds[0])
+        return f"{metrics} ({len(self.folds)} folds)"
 
 
 def cross_validate(init_fn: Callable[[jax.Array], Any], apply_fn: Callable[[Any, jax.Array], jax.Array],
@@ -124,7 +127,7 @@ def cross_validate(init_fn: Callable[[jax.Array], Any], apply_fn: Callable[[Any,
         return folds[f][0][order[: steps * batch_size]].reshape(steps, batch_size)
 
     init_keys = jax.random.split(init_key, k)
-    epoch_keys = jax.random.split(shuffle_key, epochs) if epochs else []
+    epoch_keys: jax.Array | list[jax.Array] = jax.random.split(shuffle_key, epochs) if epochs else []
     if vmap:
         state = jax.vmap(lambda kk: TrainState.create(init_fn(kk), tx))(init_keys)
         step = jax.jit(jax.vmap(one_step))
@@ -132,7 +135,7 @@ def cross_validate(init_fn: Callable[[jax.Array], Any], apply_fn: Callable[[Any,
             idx = np.stack([batch_indices(f, epoch_key) for f in range(k)], 1)  # [steps, k, batch]
             for s in range(steps):
                 state, _ = step(state, (ds.x[idx[s]], ds.y[idx[s]]))
-        params = [jax.tree.map(lambda x: x[f], state.params) for f in range(k)]
+        params = [jax.tree.map(operator.itemgetter(f), state.params) for f in range(k)]
     else:
         step = jax.jit(one_step)
         params = []

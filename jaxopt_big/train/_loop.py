@@ -6,11 +6,11 @@ import dataclasses
 import math
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -170,7 +170,7 @@ def _scale_learning_rate(state: TrainState, factor: float, min_lr: float) -> Tra
         lr = x.hyperparams["learning_rate"]
         new = jnp.maximum(lr * factor, min_lr).astype(lr.dtype)
         return x._replace(hyperparams={**x.hyperparams, "learning_rate": new})
-    return state.replace(opt_state=jax.tree.map(scale, state.opt_state, is_leaf=_is_injected))
+    return dataclasses.replace(state, opt_state=jax.tree.map(scale, state.opt_state, is_leaf=_is_injected))
 
 
 def _memory() -> dict[str, float]:
@@ -230,7 +230,7 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
       early_stopping, plateau: deprecated; pass them in ``callbacks``.
 
     Examples:
-      >>> import optax, jax.numpy as jnp
+      >>> import numpy as np, optax, jax.numpy as jnp
       >>> from jaxopt_big.train._step import make_step, classifier_loss
       >>> ds = _data.Dataset(np.eye(4, dtype=np.float32), np.arange(4) % 2)
       >>> tx = optax.sgd(0.5)
@@ -262,7 +262,7 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
     progress = sys.stderr.isatty() if progress is None else progress
     steps_per_epoch = len(train) // batch_size
     bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-    epoch_keys = jax.random.split(key, epochs) if epochs else []
+    epoch_keys: jax.Array | list[jax.Array] = jax.random.split(key, epochs) if epochs else []
     for epoch in range(start + 1, epochs + 1):
         metrics = []  # device arrays: read once, at the end of the epoch
         for batch in _data.batches(train, batch_size, key=epoch_keys[epoch - 1], drop_remainder=True):
@@ -270,9 +270,10 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
             metrics.append(m)
             bar.update(1)
         record = {"epoch": epoch, **_epoch_means(metrics)}
-        evaluated = eval_fn is not None and epoch % eval_every == 0
-        if evaluated:
+        evaluated = False
+        if eval_fn is not None and epoch % eval_every == 0:
             record.update({f"val_{k}": float(v) for k, v in eval_fn(state).items()})
+            evaluated = True
         lr = _learning_rate(state.opt_state)
         if lr is not None:
             record["lr"] = lr

@@ -35,7 +35,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, *, batch_stats: Any = None,
-               rng: jax.Array | None = None) -> "TrainState":
+               rng: jax.Array | None = None) -> TrainState:
         params, batch_stats = _own(params), _own(batch_stats)
         return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                    batch_stats=batch_stats, rng=rng)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,8 +169,8 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
     """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         batch_stats=state.batch_stats if batch_stats is None else batch_stats)
+    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state,
+                               batch_stats=state.batch_stats if batch_stats is None else batch_stats)
 
 
 def _gathering(loss_fn: LossFn, *, fsdp_axis: str) -> LossFn:

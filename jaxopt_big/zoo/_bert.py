@@ -18,7 +18,8 @@ import importlib.resources
 import json
 import math
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -68,7 +69,7 @@ class BertConfig:
         return self.hidden // self.heads
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "BertConfig":
+    def from_hf(cls, config: dict[str, Any]) -> BertConfig:
         """From a Hugging Face ``config.json`` dict (absolute positions and exact GELU only)."""
         if config.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"config.json: hidden_act={config['hidden_act']!r} is not supported (only 'gelu')")
@@ -199,7 +200,8 @@ def load_bert(directory: str | pathlib.Path) -> tuple[Bert, dict[str, Any]]:
       >>> with tempfile.TemporaryDirectory() as d:
       ...     save_bert(d, config, params)
       ...     model, loaded = load_bert(d)
-      >>> bool(jnp.array_equal(loaded["layer_0"]["intermediate"]["kernel"], params["layer_0"]["intermediate"]["kernel"]))
+      >>> kernel = lambda p: p["layer_0"]["intermediate"]["kernel"]
+      >>> bool(jnp.array_equal(kernel(loaded), kernel(params)))
       True
     """
     from safetensors.numpy import load_file

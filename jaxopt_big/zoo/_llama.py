@@ -106,7 +106,7 @@ class LlamaConfig:
         return "qwen2" if self.attention_bias else "mistral" if self.sliding_window is not None else "llama"
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
         """From a Hugging Face ``config.json`` dict of model_type llama, qwen2 or mistral.
 
         Raises:
@@ -170,6 +170,12 @@ def _check_positive_int(field: str, value: Any) -> None:
         raise ValueError(f"LlamaConfig.{field} must be a positive int, got {value!r}")
 
 
+def _head_dim(config: LlamaConfig) -> int:
+    """``config.head_dim``, which ``LlamaConfig.__post_init__`` always resolves to an int."""
+    assert config.head_dim is not None
+    return config.head_dim
+
+
 def _rotary(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos and sin ``(length, head_dim)`` of Hugging Face Llama's rotary embedding (halves, not pairs)."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -204,7 +210,7 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings (``q_proj k_proj v_proj o_proj``)."""
 
     def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
-        c, d = config, config.head_dim
+        c, d = config, _head_dim(config)
         linear = functools.partial(nnx.Linear, param_dtype=dtype, rngs=rngs)
         self.q_proj = linear(c.hidden_size, c.num_heads * d, use_bias=c.attention_bias)
         self.k_proj = linear(c.hidden_size, c.num_kv_heads * d, use_bias=c.attention_bias)
@@ -213,7 +219,7 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        c, d = self.config, self.config.head_dim
+        c, d = self.config, _head_dim(self.config)
         b, n, _ = x.shape
         kv, groups = c.num_kv_heads, c.num_heads // c.num_kv_heads
         # Query head h reads key/value head h // groups (Hugging Face's repeat_kv order). The groups
@@ -262,7 +268,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         c = self.config
-        cos, sin = _rotary(x.shape[1], c.head_dim, c.rope_theta)
+        cos, sin = _rotary(x.shape[1], _head_dim(c), c.rope_theta)
         bias = _mask_bias(c, x.shape[1], attention_mask)
         x = x + self.self_attn(self.input_layernorm(x), bias, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -300,6 +306,7 @@ class Llama(nnx.Module):
             raise TypeError(f"Llama expects a LlamaConfig, got {type(config).__name__}")
         self.config, self.scan_layers = config, bool(scan_layers)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=dtype, rngs=rngs)
+        self.layers: DecoderLayer | nnx.List[DecoderLayer]  # one stacked layer (scan_layers) or a list
         if scan_layers:
             @nnx.split_rngs(splits=config.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -317,15 +324,15 @@ class Llama(nnx.Module):
         if length > self.config.max_positions:
             raise ValueError(f"Llama: sequence length {length} exceeds max_positions={self.config.max_positions}")
         x = self.embed_tokens(input_ids)
-        if self.scan_layers:
+        if isinstance(self.layers, nnx.List):
+            for layer in self.layers:
+                x = layer(x, attention_mask)
+        else:  # scan_layers: one layer whose parameters are stacked along a leading axis
             graphdef, state = nnx.split(self.layers)
 
             def body(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, attention_mask), None
             x, _ = jax.lax.scan(body, x, state)
-        else:
-            for layer in self.layers:
-                x = layer(x, attention_mask)
         x = self.norm(x)
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
