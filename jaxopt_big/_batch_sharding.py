@@ -6,7 +6,8 @@ step shards every batch), so that neither package imports the other to place bat
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import numpy as np

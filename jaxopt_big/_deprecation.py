@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 __all__ = ["alias"]
 

@@ -42,8 +42,8 @@ import jax
 
 from jaxopt_big import leaves as _leaves
 
-__all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error", "PathRules", "assigned", "as_rules", "matches",
-           "map_with_path", "map_selected", "KERNELS", "Where"]
+__all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error",
+           "PathRules", "assigned", "as_rules", "matches", "map_with_path", "map_selected", "KERNELS", "Where"]
 
 Where = str | Sequence[str] | Callable[[str, Any], bool] | Any
 

@@ -10,7 +10,8 @@ kernel's input axes then rank) and ``b`` (``(r, n)``), and the static ``scale = 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import flax.struct
 import jax

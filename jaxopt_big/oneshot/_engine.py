@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -191,13 +192,18 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
+def _overridden(base: Any, new: dict[str, jax.Array]) -> Any:
+    """``base`` with the leaves named in ``new`` replaced."""
+    return _tree.map_with_path(lambda p, x: new.get(p, x), base)
+
+
 def _check_batches(batches: list[tuple[tuple, dict]]) -> None:
     if not batches:
         raise ValueError("compress needs at least one calibration batch")
     ref = batches[0]
     ref_leaves = jax.tree_util.tree_leaves_with_path(ref)
     for i, b in enumerate(batches[1:], 1):
-        if jax.tree.structure(b) != jax.tree.structure(ref):
+        if jax.tree.structure(b) != jax.tree.structure(ref):  # type: ignore[operator]  # PyTreeDef alias unresolved
             raise ValueError(f"calibration batch {i} has structure {jax.tree.structure(b)}, batch 0 has "
                              f"{jax.tree.structure(ref)}")
         for (p, x), (_, r) in zip(jax.tree_util.tree_leaves_with_path(b), ref_leaves):
@@ -343,13 +349,14 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
         new: dict[str, jax.Array] = {}
         for stage in stages:
-            current = _tree.map_with_path(lambda p, x: new.get(p, x), base)
+            current = _overridden(base, new)
             stats = None
             for arrays, mask in zip(inputs, masks):
                 got = _stage_hessians(runner, static, tuple(stage), current, rest, arrays, mask)
                 stats = got if stats is None else jax.tree.map(jnp.add, stats, got)
             runs += 1
-            for g, (hessian, count) in zip(stage, stats):
+            assert stats is not None  # _check_batches: at least one batch
+            for g, (hessian, _) in zip(stage, stats):
                 group = groups[g]
                 names = [f"{block.name}/{p}" for p in group.paths]
                 if not bool(jnp.all(jnp.isfinite(hessian))):
@@ -364,7 +371,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
                     new[f"{rel}/kernel"] = view.unview(solved.matrix).astype(kernel.dtype)
                     pieces.setdefault(f"{block.path}/{rel}/kernel", {})[block.index] = _Piece(solved, view, plan)
                     rows.append(_row(name, solved, view, plan))
-        current = _tree.map_with_path(lambda p, x: new.get(p, x), base)
+        current = _overridden(base, new)
         inputs = [_next_inputs(block, arrays, _block_forward(runner, static, current, rest, arrays))
                   for arrays in inputs]
         runs += 1
@@ -411,7 +418,9 @@ def _assemble(path: str, leaf: Any, pieces: dict[int | None, _Piece]) -> Any:
         scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])
         zero = None if first.quant.zero_point is None else stack(
             [p.view.scale_layout(p.solved.quant.zero_point, path) for p in ps])
-        q = ps[0].plan.quantizer.spec.quantize(dense, scale, zero, path=path)
+        quantizer = ps[0].plan.quantizer
+        assert quantizer is not None  # a quantized piece was planned with a quantizer
+        q = quantizer.spec.quantize(dense, scale, zero, path=path)
         return q.replace(dense_dtype=np.dtype(leaf.dtype))
     if first.fmt is not None:
         return first.fmt.quantize(dense.astype(leaf.dtype), path=path)

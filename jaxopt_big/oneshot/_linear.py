@@ -153,6 +153,8 @@ def view_of(module: Any, kernel_shape: tuple[int, ...], path: str) -> View:
             raise ValueError(f"{path}: LinearGeneral with batch_axis={module.batch_axis} is not supported")
         return View(kernel_shape, tuple(range(len(_axes(module.axis)))), _axes(module.axis))
     if isinstance(module, (nn.Einsum, nnx.Einsum)):
+        if module.einsum_str is None:  # given at call time only: the kernel layout is unknown here
+            raise ValueError(f"{path}: an Einsum whose equation is passed at call time is not supported")
         return _einsum_view(module.einsum_str, kernel_shape, path)
     raise TypeError(f"{path}: {type(module).__name__} is not a layer one-shot compression targets")
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -60,9 +62,10 @@ class Static:
     constants: tuple[tuple[int, Any], ...]
 
     @classmethod
-    def split(cls, args: tuple, kwargs: dict) -> tuple["Static", list[jax.Array]]:
+    def split(cls, args: tuple, kwargs: dict) -> tuple[Static, list[jax.Array | np.ndarray]]:
         leaves, treedef = jax.tree.flatten((tuple(args), dict(kwargs)))
-        arrays, constants = [], []
+        arrays: list[jax.Array | np.ndarray] = []
+        constants: list[tuple[int, Any]] = []
         for i, x in enumerate(leaves):
             if isinstance(x, (jax.Array, np.ndarray)):
                 arrays.append(x)
@@ -98,7 +101,7 @@ def _numbered(name: str) -> tuple[str, int] | None:
 
 
 def _module_paths(paths: list[str]) -> set[str]:
-    out = set()
+    out: set[str] = set()
     for p in paths:
         parts = p.split("/")
         out.update("/".join(parts[:i]) for i in range(1, len(parts)))
@@ -122,8 +125,8 @@ def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[st
         if numbered is not None:
             groups.setdefault((parent, numbered[0]), []).append((numbered[1], module))
     best: list[str] = []
-    for (parent, _), members in sorted(groups.items(), key=lambda kv: kv[0][0].count("/")):
-        members = [m for _, m in sorted(members)]
+    for _, numbered_members in sorted(groups.items(), key=lambda kv: kv[0][0].count("/")):
+        members = [m for _, m in sorted(numbered_members)]
         if len(members) < 2 or len({_signature(flat, m) for m in members}) != 1:
             continue
         if not any(is_kernel(p) and _under(p, members[0]) for p in flat):
@@ -137,6 +140,7 @@ class Model:
     """A linen or nnx model as blocks; see the module docstring for what is assumed."""
 
     params: Any
+    _captures: dict[str, tuple[dict[str, Any], Callable]]  # first block path -> (its static call, jitted run)
 
     def flat(self) -> dict[str, Any]:
         return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
@@ -160,12 +164,21 @@ class Model:
                          key=lambda m: [(int(t) if t.isdigit() else t) for t in re.split(r"(\d+)", m)])
         if not modules:
             raise _tree.no_match_error("blocks", pattern, sorted(_module_paths(list(flat))))
-        if modules == [stacked]:
+        if stacked is not None and modules == [stacked]:
             return [Block(stacked, i) for i in range(_depth(flat, stacked))]
         return [Block(m) for m in modules]
 
     def stacked(self) -> str | None:
         return None
+
+    def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
+        """``(runner, non-parameter state)`` per block; each model kind defines it."""
+        raise NotImplementedError
+
+    def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
+             handler: Callable | None = None) -> Any:
+        """The model on ``params``; each model kind defines it."""
+        raise NotImplementedError
 
     def result(self, params: Any) -> Any:
         """Compressed parameters in the form the caller gave them."""
@@ -195,7 +208,7 @@ class Model:
                 return s.args_, s.kwargs
             raise ValueError(f"{first.name}: the model never called this block")
         if first.path not in self._captures:
-            found = {}
+            found: dict[str, Any] = {}
 
             def grab(module, a, k, original):
                 found.setdefault("call", Static.split(a, k))
@@ -231,7 +244,7 @@ class _Linen(Model):
     def result(self, params: Any) -> Any:
         return params if self.extra is None else {**self.extra, "params": params}
 
-    def call(self, params: Any, args: tuple, kwargs: dict, blocks: list[Block] = (),
+    def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
         """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``."""
         paths = {b.path for b in blocks}
@@ -263,7 +276,7 @@ class _Nnx(Model):
         self.modules = _modules(module)
         self._captures = {}
 
-    def call(self, params: Any, args: tuple, kwargs: dict, blocks: list[Block] = (),
+    def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
         """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``.
 
@@ -274,7 +287,7 @@ class _Nnx(Model):
         if not blocks:
             return model(*args, **kwargs)
         modules = _modules(model)
-        cls = type(modules[blocks[0].path])
+        cls: Any = type(modules[blocks[0].path])  # Any: its __call__ is swapped for the call below
         original = cls.__call__
         ids = None if blocks[0].index is not None else {id(modules[b.path]) for b in blocks}
 
@@ -309,9 +322,9 @@ class _Nnx(Model):
     def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
         out = []
         for b in blocks:
-            graphdef, _, rest = nnx.split(self.modules[b.path], nnx.Param, ...)
+            graphdef, _, rest = nnx.split(self.modules[b.path], nnx.Param, ...)  # type: ignore[misc]  # flax types the split as variadic
             if b.index is not None:
-                rest = jax.tree.map(lambda x: x[b.index], rest)
+                rest = jax.tree.map(operator.itemgetter(b.index), rest)
             out.append((_NnxRunner(graphdef), rest))
         return out
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -64,14 +65,15 @@ def _default(x: Any, mesh: jax.sharding.Mesh, fsdp_axis: str) -> jax.sharding.Na
 
 def _by_rules(params: Any, mesh: jax.sharding.Mesh, rules: list[_tree.Rule], fsdp_axis: str) -> Any:
     """Shardings of every array of ``params``: the first rule matching its path, else the FSDP default."""
-    pick = _tree.PathRules(rules, what="sharding rules") if rules else lambda path: None
+    pick = _tree.PathRules(rules, what="sharding rules") if rules else None
 
     def one(keypath, x):
-        path, spec = _tree.path_str(keypath), pick(_tree.path_str(keypath))
+        path = _tree.path_str(keypath)
+        spec = None if pick is None else pick(path)
         return _default(x, mesh, fsdp_axis) if spec is None else _placed(path, tuple(np.shape(x)), spec, mesh)
 
     out = jax.tree_util.tree_map_with_path(one, params)
-    if rules:
+    if pick is not None:
         pick.check()
     return out
 
@@ -79,7 +81,7 @@ def _by_rules(params: Any, mesh: jax.sharding.Mesh, rules: list[_tree.Rule], fsd
 def _mirroring(state: Any, params: Any, shardings: Any, mesh: jax.sharding.Mesh, fsdp_axis: str) -> Any:
     """Shardings of a training state: ``params`` and every subtree with their structure (optimizer
     moments, masks) take the params' shardings where shapes agree; other arrays get the FSDP default."""
-    treedef = jax.tree.structure(params)
+    treedef: Any = jax.tree.structure(params)  # Any: jax's PyTreeDef alias does not resolve for mypy
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
     placed = jax.tree.leaves(shardings)
 
@@ -93,9 +95,12 @@ def _mirroring(state: Any, params: Any, shardings: Any, mesh: jax.sharding.Mesh,
     def one(x: Any) -> Any:
         if not mirrors(x):
             return _default(x, mesh, fsdp_axis)
-        parts = [jax.tree.map(lambda leaf: s if np.shape(leaf) == shape else _default(leaf, mesh, fsdp_axis), a)
-                 for a, shape, s in zip(treedef.flatten_up_to(x), shapes, placed)]
-        return treedef.unflatten(parts)
+        return treedef.unflatten([like(a, shape, s) for a, shape, s in zip(treedef.flatten_up_to(x), shapes, placed)])
+
+    def like(subtree: Any, shape: tuple[int, ...], sharding: Any) -> Any:
+        """``sharding`` for the arrays of ``subtree`` shaped like the parameter, the default for others."""
+        return jax.tree.map(lambda leaf: sharding if np.shape(leaf) == shape else _default(leaf, mesh, fsdp_axis),
+                            subtree)
 
     return jax.tree.map(one, state, is_leaf=mirrors)
 

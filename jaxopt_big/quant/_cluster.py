@@ -56,11 +56,13 @@ class Clustered(_leaves.Compressed):
     def from_indices(cls, codebook: jax.Array, indices: jax.Array) -> Clustered:
         """Packs ``indices`` (integers in ``[0, len(codebook))``) next to ``codebook``."""
         bits = _index_bits(codebook.shape[0])
-        return cls(codebook=codebook, packed=_bits.pack(indices.reshape(-1), bits), dense_shape=tuple(indices.shape), bits=bits)
+        return cls(codebook=codebook, packed=_bits.pack(indices.reshape(-1), bits), dense_shape=tuple(indices.shape),
+                   bits=bits)
 
     def indices(self) -> jax.Array:
         """The ``int32`` cluster index of every weight, in the weight's shape."""
-        return _bits.unpack(self.packed, self.bits, math.prod(self.dense_shape)).astype(jnp.int32).reshape(self.dense_shape)
+        packed = _bits.unpack(self.packed, self.bits, math.prod(self.dense_shape))
+        return packed.astype(jnp.int32).reshape(self.dense_shape)
 
     def dense(self) -> jax.Array:
         return self.codebook[self.indices()]

@@ -33,7 +33,7 @@ from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import _spec
 from jaxopt_big.quant._calibrate import check_input, expand
-from jaxopt_big.quant._calibrate import check_input, expand, nan_where_nonfinite
+from jaxopt_big.quant._calibrate import nan_where_nonfinite
 from jaxopt_big.quant._fake import ste
 
 __all__ = ["Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array", "pack_bits", "unpack_bits"]

@@ -85,7 +85,7 @@ def layer_bytes(params: Any, *, bits: Sequence[int] = (2, 4, 8), spec: _spec.Qua
       {'d/kernel': {2: 24, 8: 48}}
     """
     bits = _check_bits(bits)
-    return {path: {b: int(jax.eval_shape(lambda x: dataclasses.replace(spec, bits=b).quantize(x), x).nbytes)
+    return {path: {b: int(jax.eval_shape(dataclasses.replace(spec, bits=b).quantize, x).nbytes)
                    for b in bits}
             for path, x, _ in _tree.assigned(params, True, where=where, what="where")}
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Protocol
 
 import jax
+from jax.typing import ArrayLike
 
 from jaxopt_big import _checks
 
@@ -85,7 +86,8 @@ class MSE:
 
     def __post_init__(self):
         object.__setattr__(self, "steps", _checks.integer("MSE.steps", self.steps, low=1))
-        object.__setattr__(self, "min_ratio", _checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
+        object.__setattr__(self, "min_ratio",
+                           _checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
 
 
 Calibration = AbsMax | MinMax | Percentile | MSE
@@ -94,32 +96,45 @@ Calibration = AbsMax | MinMax | Percentile | MSE
 class Format(abc.ABC):
     """What a number format offers; usable wherever a ``QuantSpec`` is accepted.
 
-    Implementations are frozen dataclasses. ``path`` names the leaf in error messages.
+    Implementations are frozen dataclasses. ``path`` names the leaf in error messages. Arguments are
+    array-likes (the public ``calibrate``/``fake_quant``/``quantize`` pass the caller's values through).
     """
 
     @abc.abstractmethod
-    def calibrate(self, x: jax.Array, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
+    def calibrate(self, x: ArrayLike, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:
         """``(scale, zero_point)`` for ``x``; ``zero_point`` is None for symmetric formats."""
 
     @abc.abstractmethod
-    def fake_quant(self, x: jax.Array, scale: jax.Array | None = None, zero_point: jax.Array | None = None,
+    def fake_quant(self, x: ArrayLike, scale: ArrayLike | None = None, zero_point: ArrayLike | None = None,
                    *, path: str = "") -> jax.Array:
         """Quantize-dequantize in ``x.dtype``, with straight-through gradients."""
 
     @abc.abstractmethod
-    def quantize(self, x: jax.Array, scale: jax.Array | None = None, zero_point: jax.Array | None = None,
+    def quantize(self, x: ArrayLike, scale: ArrayLike | None = None, zero_point: ArrayLike | None = None,
                  *, path: str = "") -> Any:
         """A compressed leaf (:class:`jaxopt_big.leaves.Compressed`) standing for ``x``."""
 
 
 class IntegerGrid(Protocol):
-    """What the integer-grid arithmetic reads of a spec (:class:`~jaxopt_big.quant.QuantSpec` has it)."""
+    """What the integer-grid arithmetic reads of a spec (:class:`~jaxopt_big.quant.QuantSpec` has it).
 
-    bits: int
-    symmetric: bool
-    granularity: Granularity
-    axis: int
-    calibration: Calibration
+    Read-only properties, so a frozen dataclass satisfies it.
+    """
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def symmetric(self) -> bool: ...
+
+    @property
+    def granularity(self) -> Granularity: ...
+
+    @property
+    def axis(self) -> int: ...
+
+    @property
+    def calibration(self) -> Calibration: ...
 
     @property
     def qmin(self) -> int: ...

@@ -13,5 +13,5 @@ from jaxopt_big.sparsity._transform import PruneState, prune
 __all__ = ["magnitude", "saliency", "random", "Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel",
            "make_masks", "global_threshold", "apply_masks", "sparsity", "erk_densities", "polynomial_schedule",
            "constant_schedule", "one_shot", "PruneState", "prune", "set_", "rigl", "drop_fraction_at", "Start",
-           "PackedSparse", "pack_params", "pack_array", "pack", "unpack", "wanda_params", "wanda_kernel", "sparsegpt_params", "sparsegpt_kernel",
-           "wanda", "sparsegpt"]
+           "PackedSparse", "pack_params", "pack_array", "pack", "unpack", "wanda_params", "wanda_kernel",
+           "sparsegpt_params", "sparsegpt_kernel", "wanda", "sparsegpt"]

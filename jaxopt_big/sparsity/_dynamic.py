@@ -11,7 +11,8 @@ changes, and regrown weights start at exactly zero (they get no update on the st
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,8 @@ def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float | Sequence[_tree.Ru
              start: Start) -> optax.GradientTransformationExtraArgs:
     if not isinstance(start, Start):
         raise TypeError(f"{name}: start must be Start.RANDOM or Start.MAGNITUDE, got {start!r}")
-    per_layer = [r.value for r in _tree.as_rules(sparsity, "sparsity")] if isinstance(sparsity, (list, tuple)) else [sparsity]
+    per_layer = ([r.value for r in _tree.as_rules(sparsity, "sparsity")] if isinstance(sparsity, (list, tuple))
+                 else [sparsity])
     for value in per_layer:
         if value is not None:
             _checks.fraction(f"{name}: sparsity (constant in dynamic sparse training)", value)
@@ -100,8 +102,8 @@ def _dynamic(name: str, tx, grow: GrowFn, *, sparsity: float | Sequence[_tree.Ru
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def set_(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array, update_every: int = 100,
-         end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
+def set_(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array,
+         update_every: int = 100, end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
          distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
          ) -> optax.GradientTransformationExtraArgs:
     """Sparse Evolutionary Training (Mocanu et al. 2018): drop smallest weights, regrow at random.
@@ -119,8 +121,8 @@ def set_(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.R
                     drop_fraction=drop_fraction, where=where, distribution=distribution, key=key, start=start)
 
 
-def rigl(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array, update_every: int = 100,
-         end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
+def rigl(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.Rule], key: jax.Array,
+         update_every: int = 100, end_step: int, drop_fraction: float = 0.3, where: Any = _tree.KERNELS,
          distribution: _masks.Distribution = _masks.Uniform(), start: Start = Start.RANDOM
          ) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop smallest weights, regrow where the dense gradient is largest.

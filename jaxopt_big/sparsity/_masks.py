@@ -280,7 +280,7 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
     if sparsity is None and not isinstance(structure, NM):
         raise ValueError(f"sparsity is required for structure {structure}")
     flat = _layer_sparsities(scores, sparsity, where, scope, distribution, structure)
-    for p, x, s in flat:
+    for p, x, _ in flat:
         _check_structure(p, tuple(x.shape), structure)
     flat = [(p, x, check_sparsity(p, s)) for p, x, s in flat]
     _checks.finite([(p, x) for p, x, _ in flat], "scores")

@@ -159,8 +159,8 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
                                  distribution=distribution, structure=structure)
 
     def init(params):
-        return PruneState(inner_tx.init(params), ones_masks(params, schedule(jnp.int32(0)), where), jnp.zeros([], jnp.int32),
-                          jax.random.key(0) if key is None else key,
+        return PruneState(inner_tx.init(params), ones_masks(params, schedule(jnp.int32(0)), where),
+                          jnp.zeros([], jnp.int32), jax.random.key(0) if key is None else key,
                           jax.tree.map(jnp.copy, params) if straight_through else None)  # own buffers: donation-safe
 
     def update(grads, state, params=None, **extra):

@@ -9,7 +9,8 @@
 imported. Nothing is ever downloaded.
 """
 
-from jaxopt_big.zoo._bert import MINILM_PACKAGE, Bert, BertConfig, load_bert, load_tokenizer, minilm, save_bert, tokenize
+from jaxopt_big.zoo._bert import (MINILM_PACKAGE, Bert, BertConfig, load_bert, load_tokenizer, minilm, save_bert,
+                                  tokenize)
 from jaxopt_big.zoo._llama import DecoderLayer, Llama, LlamaConfig, load_llama, save_llama
 
 __all__ = ["BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm", "MINILM_PACKAGE",
