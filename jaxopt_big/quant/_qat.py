@@ -18,6 +18,7 @@ operands, as qwix does, which keeps no float copy of the quantized operands for 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from collections.abc import Callable, Mapping, Sequence
@@ -102,7 +103,8 @@ def _after(q: QArray, x: jax.Array) -> QArray:
     every input, NaN included, and XLA does not fold a float multiplication by zero.
     """
     zero = jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
-    return q.replace(values=q.values + zero.astype(q.values.dtype), scale=q.scale + zero.astype(q.scale.dtype))
+    return dataclasses.replace(q, values=q.values + zero.astype(q.values.dtype),
+                               scale=q.scale + zero.astype(q.scale.dtype))
 
 
 def _from_qarray(q: QArray) -> _Operand:
