@@ -8,7 +8,7 @@ import pytest
 from jaxopt_big import calibration
 from jaxopt_big.quant import gptq_kernel, gptq_params
 from jaxopt_big.quant._qarray import QArray
-from jaxopt_big.quant._spec import PER_CHANNEL, Group, MinMax, QuantSpec
+from jaxopt_big.quant._spec import MSE, PER_CHANNEL, Group, MinMax, QuantSpec
 
 
 # ---- numpy reference ---------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def np_round(w, scale, zero, limits):
 
 def np_gptq(kernel, hessian, bits, *, symmetric=False, group=None, act_order=False, damp=0.01):
     """Input by input, eager updates of all remaining inputs; groups from the updated weights
-    (or, with act_order, fixed from the original weights)."""
+    (or, with act_order, fixed from the original weights); per output feature, never worse than RTN."""
     d_in = kernel.shape[0]
     perm = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(d_in)
     h = hessian.astype(np.float64)[perm][:, perm]
@@ -56,7 +56,11 @@ def np_gptq(kernel, hessian, bits, *, symmetric=False, group=None, act_order=Fal
         w[i] = q
     out = np.empty_like(w)
     out[perm] = w
-    return out
+    # per output feature, round-to-nearest on the same grid where it has the smaller output error
+    k = kernel.astype(np.float64)
+    rtn = np.concatenate([np_round(k[g:g + size], *static[g // size]) for g in range(0, d_in, size)])
+    output_error = lambda q: np.einsum("ij,ik,kj->j", q - k, hessian.astype(np.float64), q - k)  # noqa: E731
+    return np.where(output_error(out) <= output_error(rtn), out, rtn)
 
 
 def correlated(n, d, seed):
@@ -106,6 +110,23 @@ def test_gptq_beats_round_to_nearest(bits, granularity):
     rtn = spec.fake_quant(W)
     assert error(gptq_kernel(W, H, spec).dense()) < 0.7 * error(rtn)
     assert error(gptq_kernel(W, H, spec, act_order=True).dense()) < 0.7 * error(rtn)
+
+
+@pytest.mark.parametrize("bits,symmetric,granularity", [(3, True, PER_CHANNEL), (3, False, Group(16)),
+                                                        (4, True, Group(16)), (4, False, PER_CHANNEL)])
+def test_gptq_with_mse_never_worse_than_rtn_with_the_same_spec(bits, symmetric, granularity):
+    x = correlated(24, 32, 0).astype(np.float64)  # fewer samples than inputs: greedy GPTQ loses on a few features
+    w = np.random.default_rng(10).standard_t(3, size=(32, 64)).astype(np.float32)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, calibration=MSE())
+    q = gptq_kernel(w, (x.T @ x).astype(np.float32), spec)
+    err = lambda k: np.sum((x @ (np.asarray(k, np.float64) - w)) ** 2, axis=0)  # noqa: E731 - per output feature
+    ours, rtn = err(q.dense()), err(spec.fake_quant(w))
+    assert np.all(ours <= rtn * (1 + 1e-4))
+    assert ours.sum() < 0.7 * rtn.sum()
+    scale = np.asarray(q.scale)  # features that fell back carry the round-to-nearest scale of the same calibration
+    rtn_scale = np.asarray(spec.calibrate(w)[0])
+    same = np.isclose(ours, rtn, rtol=1e-6)
+    np.testing.assert_allclose(scale[:, same], np.broadcast_to(rtn_scale, scale.shape)[:, same], rtol=1e-6)
 
 
 class MLP(nn.Module):

@@ -22,10 +22,11 @@ GRANULARITIES = [PER_TENSOR, PER_CHANNEL, Group(2), Group(4)]
 @hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(bits=st.integers(2, 8), symmetric=st.booleans(), g=st.sampled_from(GRANULARITIES),
                   calibration=st.sampled_from([AbsMax(), MinMax()]), seed=st.integers(0, 1000),
-                  scale=st.floats(1e-3, 1e3))
-def test_round_trip_error_at_most_half_a_step(bits, symmetric, g, calibration, seed, scale):
+                  scale=st.floats(1e-3, 1e3), narrow=st.sampled_from([None, False]))
+def test_round_trip_error_at_most_half_a_step(bits, symmetric, g, calibration, seed, scale, narrow):
     x = scale * jax.random.normal(jax.random.key(seed), (8, 6))
-    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=g, calibration=calibration)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=g, calibration=calibration,
+                     narrow=narrow if symmetric else None)
     q = jb.quant.quantize(x, spec)
     step = jb.quant.expand(q.scale, x.shape)
     err = jnp.abs(jb.quant.dequantize(q) - x)
@@ -105,6 +106,66 @@ def test_mse_beats_absmax_for_heavy_tails():
     assert err[MSE()] < err[Percentile(99.0)] and err[MSE()] < err[AbsMax()]
 
 
+def hand_mse(w, bits, full, steps=64, min_ratio=0.1):
+    """Independent reference: per column, the clipping ratio of absmax with the least squared error on
+    the narrow grid ``±(2^(b-1)-1)`` or the full grid ``[-2^(b-1), 2^(b-1)-1]`` (absmax at ``-2^(b-1)``)."""
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax - 1 if full else -qmax
+    amax = np.abs(w).max(0)
+    best = np.full(w.shape[1], np.inf)
+    for r in np.linspace(min_ratio, 1.0, steps):
+        s = r * amax / -qmin
+        best = np.minimum(best, ((np.clip(np.round(w / s), qmin, qmax) * s - w) ** 2).sum(0))
+    return best
+
+
+def _channel_error(w, spec):
+    return np.asarray(((jb.quant.fake_quant(w, spec) - w) ** 2).sum(0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_full_range_grid_uses_all_codes_and_packs_them(bits):
+    normal = np.random.default_rng(bits).normal(size=(257, 6)).astype(np.float32)  # odd length: packing pads
+    even = np.linspace(-2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1, 257)[:, None] * np.arange(1, 7, dtype=np.float32)
+    for spec, w in ((QuantSpec(bits=bits, narrow=False, granularity=PER_CHANNEL), even.astype(np.float32)),
+                    (QuantSpec(bits=bits, granularity=PER_CHANNEL, calibration=MSE()), normal)):  # the natural call
+        assert spec.full_range and spec.qmin == -2 ** (bits - 1)
+        q = jb.quant.quantize(w, spec)
+        codes = np.asarray(q.int_values())
+        assert set(codes.ravel().tolist()) == set(range(-2 ** (bits - 1), 2 ** (bits - 1)))
+        assert q.values.shape[0] == -(-257 * jb.quant.container_bits(bits) // 8)
+        step = np.asarray(jb.quant.expand(q.scale, w.shape))
+        np.testing.assert_array_equal(codes, np.clip(np.round(w / step), spec.qmin, spec.qmax))
+        np.testing.assert_allclose(q.dense(), jb.quant.fake_quant(w, spec), rtol=1e-6)
+    # absmax on the full grid: the largest magnitude sits on whichever end holds it, nothing clips
+    scale, _ = jb.quant.calibrate(np.array([[-2.0, 3.0], [1.0, -1.0]]), QuantSpec(bits=2, narrow=False,
+                                                                                  granularity=PER_CHANNEL))
+    np.testing.assert_allclose(scale, [[1.0, 3.0]])
+    assert QuantSpec(bits=bits).qmin == -(2 ** (bits - 1) - 1)  # absmax stays narrow by default
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_natural_mse_call_no_worse_than_either_hand_search(bits):
+    w = np.random.default_rng(10 + bits).standard_t(4, size=(128, 48)).astype(np.float32)
+    w[:, :16] = -np.abs(w[:, :16])  # one-sided channels, where the extra code matters most
+    ours = _channel_error(w, QuantSpec(bits=bits, granularity=PER_CHANNEL, calibration=MSE()))
+    narrow, full = hand_mse(w, bits, False), hand_mse(w, bits, True)
+    assert np.all(ours <= np.minimum(narrow, full) * (1 + 1e-5))
+    assert ours[:16].sum() < 0.9 * narrow[:16].sum()  # the extra code pays on one-sided channels
+    # narrow=True keeps the narrow search exactly
+    np.testing.assert_allclose(_channel_error(w, QuantSpec(bits=bits, granularity=PER_CHANNEL, calibration=MSE(),
+                                                           narrow=True)), narrow, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_affine_mse_no_worse_than_symmetric(bits):
+    w = np.random.default_rng(bits).normal(size=(96, 32)).astype(np.float32)
+    w[:, 0] = np.linspace(-1.0, 1.0, 96)  # a symmetric channel, where zero point 0 is best
+    sym = _channel_error(w, QuantSpec(bits=bits, granularity=PER_CHANNEL, calibration=MSE()))
+    aff = _channel_error(w, QuantSpec(bits=bits, symmetric=False, granularity=PER_CHANNEL, calibration=MSE()))
+    assert np.all(aff <= sym * (1 + 1e-5))
+
+
 def test_scales_keep_parameter_sharding_on_8_devices():
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     sharding = jax.NamedSharding(mesh, jax.P("data", "model"))
@@ -134,6 +195,10 @@ def test_params_rules_first_match_wins_and_errors():
 
 
 def test_bad_input_errors():
+    with pytest.raises(ValueError, match="narrow=True needs a symmetric grid"):
+        QuantSpec(bits=4, symmetric=False, narrow=True)
+    with pytest.raises(TypeError, match="narrow \\(or None\\) must be a bool, got .yes."):
+        QuantSpec(narrow="yes")
     with pytest.raises(ValueError, match="bits.*9"):
         QuantSpec(bits=9)
     with pytest.raises(ValueError, match="bits.*1"):

@@ -107,13 +107,18 @@ def from_int(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> ja
     return (q if zero_point is None else q - zero_point) * scale
 
 
+def _positive(amax: jax.Array, scale: jax.Array) -> jax.Array:
+    """``scale``, or 1 where the range is empty (an all-zero slice) so that nothing divides by zero."""
+    return jnp.where(amax > jnp.finfo(jnp.float32).tiny, scale, 1.0)
+
+
 def _from_range(lo: jax.Array, hi: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array, jax.Array | None]:
-    tiny = jnp.finfo(jnp.float32).tiny
+    """The smallest grid holding ``[lo, hi]`` (``lo <= 0 <= hi``) without clipping."""
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
-        return jnp.where(amax > tiny, amax / spec.qmax, 1.0), None
+        return _positive(amax, jnp.maximum(-lo / -spec.qmin, hi / spec.qmax)), None
     width = hi - lo
-    scale = jnp.where(width > tiny, width / (spec.qmax - spec.qmin), 1.0)
+    scale = _positive(width, width / (spec.qmax - spec.qmin))
     return scale, jnp.clip(jnp.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
 
 
@@ -126,29 +131,46 @@ def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> 
         lo = jnp.percentile(xb, 100 - cal.q, axis=axes, keepdims=True)
         hi = jnp.percentile(xb, cal.q, axis=axes, keepdims=True)
         return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-    if spec.symmetric or isinstance(cal, _options.AbsMax):
+    if isinstance(cal, _options.AbsMax) and not spec.symmetric:
         amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
         return -amax, amax
+    # A narrow symmetric grid only reads max(-lo, hi); a full-range one puts each end at its own code.
     return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),
             jnp.maximum(jnp.max(xb, axis=axes, keepdims=True), 0))
+
+
+def _mse_grids(spec: _options.IntegerGrid, lo: jax.Array, hi: jax.Array) -> list[Callable]:
+    """The grids the MSE search tries, as functions of the clipping ratio ``r`` -> (scale, zero point).
+
+    Symmetric: ``r * absmax`` at the code ``qmax`` and, with all ``2^b`` codes, also at ``-qmin``
+    (int2: ``absmax`` at 1 or at -2). Affine: the ``r``-shrunk ``[lo, hi]`` range and, with zero point
+    0, every symmetric candidate, so an affine search is never worse than a symmetric one.
+    """
+    amax = jnp.maximum(-lo, hi)
+    zero = None if spec.symmetric else jnp.zeros_like(amax)
+    ends = (spec.qmax, -spec.qmin) if spec.full_range else (spec.qmax,)
+    symmetric = [lambda r, n=n: (_positive(amax, r * amax / n), zero) for n in ends]
+    return symmetric if spec.symmetric else [lambda r: _from_range(lo * r, hi * r, spec), *symmetric]
 
 
 def _mse_search(xb, axes, spec, lo, hi):
     cal = spec.calibration
     ratios = jnp.linspace(cal.min_ratio, 1.0, cal.steps)
+    grids = _mse_grids(spec, lo, hi)
 
-    def candidate(r):
-        scale, zp = _from_range(lo * r, hi * r, spec)
+    def keep_better(best, grid):
+        scale, zp = grid
         err = jnp.sum(jnp.square(from_int(to_int(xb, spec, scale, zp), scale, zp) - xb), axis=axes, keepdims=True)
-        return err, scale, zp
-
-    def body(i, best):
-        err, scale, zp = candidate(ratios[i])
         better = err < best[0]
-        return tuple(jnp.where(better, new, old) if old is not None else None
-                     for new, old in zip((err, scale, zp), best))
+        return tuple(None if old is None else jnp.where(better, new, old) for new, old in zip((err, scale, zp), best))
 
-    return jax.lax.fori_loop(0, cal.steps - 1, body, candidate(ratios[-1]))[1:]
+    def body(i, best):  # from the widest range down: ties keep the wider range
+        for grid in grids:
+            best = keep_better(best, grid(ratios[cal.steps - 1 - i]))
+        return best
+
+    start = (jnp.full(lo.shape, jnp.inf), jnp.ones(lo.shape), None if spec.symmetric else jnp.zeros(lo.shape))
+    return jax.lax.fori_loop(0, cal.steps, body, start)[1:]
 
 
 def integer_calibrate(x, spec: _options.IntegerGrid, *, path: str = ""):

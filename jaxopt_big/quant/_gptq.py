@@ -7,6 +7,11 @@ per block. With ``Group(size)`` granularity each group's scale is set from the (
 weights when the group is reached; with ``act_order`` inputs are visited by decreasing Hessian
 diagonal and group scales are fixed up front from the original weights ("static groups"), so the
 groups stay contiguous and the result is an ordinary :class:`~jaxopt_big.quant.QArray`.
+
+Scales come from the spec's own calibration (``MSE()``: the same grid search as round-to-nearest,
+as the reference's ``find_params(mse=True)``), and an output feature where round-to-nearest on that
+grid has less output error on the calibration inputs keeps the rounded weights: per layer, GPTQ is
+never worse than RTN with the same spec.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
     def body(i, carry):
         w1, err1, scale, zero = carry
         g = groups[i]
-        if dynamic:  # a group starts here: its scale comes from the updated weights
-            s, z = spec.calibrate(jax.lax.dynamic_slice(w1, (0, i), (rows, group)).T)
-            start = i % group == 0
-            scale = jnp.where(start, scale.at[g].set(s[0]), scale)
-            zero = zero if zero is None else jnp.where(start, zero.at[g].set(z[0]), zero)
+        if dynamic:  # a group starts here: its scale comes from the updated weights (only then: MSE is costly)
+            def recalibrate(scale, zero):
+                s, z = spec.calibrate(jax.lax.dynamic_slice(w1, (0, i), (rows, group)).T)
+                return scale.at[g].set(s[0]), None if zero is None else zero.at[g].set(z[0])
+
+            scale, zero = jax.lax.cond(i % group == 0, recalibrate, lambda s, z: (s, z), scale, zero)
         w = w1[:, i]
         q = spec.fake_quant(w[None, :], scale[g][None], None if zero is None else zero[g][None])[0]
         q = jnp.where(pruned1[:, i], 0.0, q)
@@ -131,7 +137,27 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
                                             pruned[:, i1:i2], spec, group or 1, dynamic)
         w = w.at[:, i1:i2].set(q1).at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
     q = jnp.zeros_like(w).at[:, perm].set(w).T  # back to the original input order, (d_in, d_out)
-    return spec.quantize(q.astype(kernel.dtype), scale, zero, path=path)
+    return _no_worse_than_rtn(kernel, hessian, q, scale, zero, spec, path)
+
+
+def _no_worse_than_rtn(kernel, hessian, q, scale, zero, spec, path):
+    """Per output feature, GPTQ's codes and scales unless round-to-nearest on the spec's own grid
+    (same calibration) has less output error ``d^T H d`` on the calibration inputs.
+
+    GPTQ is greedy, so on a rare feature (e.g. a clipped MSE grid at 3 bits) rounding can win; output
+    features are independent in this error and have their own scales, so each keeps the better one.
+    """
+    x = kernel.astype(jnp.float32)
+    rtn_scale, rtn_zero = spec.calibrate(x, path=path)
+
+    def output_error(k):
+        d = k - x
+        return jnp.sum(d * (hessian @ d), axis=0)
+
+    keep = output_error(q) <= output_error(spec.fake_quant(x, rtn_scale, rtn_zero))
+    pick = lambda ours, rtn: jnp.where(keep, ours, rtn)  # noqa: E731 - broadcasts over the input axis
+    return spec.quantize(pick(q, x).astype(kernel.dtype), pick(scale, rtn_scale),
+                         None if zero is None else pick(zero, rtn_zero), path=path)
 
 
 def gptq_params(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.QuantSpec, *,

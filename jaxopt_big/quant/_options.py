@@ -79,7 +79,12 @@ class Percentile:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MSE:
     """Searches clipping ratios in ``[min_ratio, 1]`` of the absmax/min-max range; keeps, per scale,
-    the ratio with the least squared reconstruction error."""
+    the grid and ratio with the least squared reconstruction error.
+
+    On grids holding all ``2^b`` codes it tries, per ratio, both ways of placing ``±absmax``: at the
+    narrow code ``±(2^(b-1)-1)`` and at the extra code ``-2^(b-1)``; affine grids also try every
+    symmetric candidate (zero point 0), so an affine search is never worse than a symmetric one.
+    """
 
     steps: int = 64
     min_ratio: float = 0.1
@@ -135,6 +140,9 @@ class IntegerGrid(Protocol):
 
     @property
     def calibration(self) -> Calibration: ...
+
+    @property
+    def full_range(self) -> bool: ...
 
     @property
     def qmin(self) -> int: ...

@@ -27,13 +27,18 @@ class QuantSpec(Format):
     """A uniform integer grid.
 
     Attributes:
-      bits: 2..8. Symmetric grids use ``[-(2^(b-1)-1), 2^(b-1)-1]``; affine ones ``[-2^(b-1), 2^(b-1)-1]``
-        with an integer zero point.
+      bits: 2..8. Narrow symmetric grids use the codes ``[-(2^(b-1)-1), 2^(b-1)-1]``; full-range and
+        affine ones ``[-2^(b-1), 2^(b-1)-1]`` (all ``2^b`` codes; affine adds an integer zero point).
       symmetric: zero maps to integer 0 (no zero point) if True.
       granularity: ``PER_TENSOR``, ``PER_CHANNEL`` (one scale per index of ``axis``), ``PER_TOKEN`` (one
         scale per vector along the last axis, for dynamic activation scales) or ``Group(size)``.
       axis: channel axis for per-channel and per-group scales (-1: output features of a kernel).
       calibration: ``AbsMax()``, ``MinMax()``, ``Percentile(q)`` or ``MSE()``.
+      narrow: symmetric grids only. True: the narrow codes (int2 ``{-1, 0, 1}``, int8 ``[-127, 127]``);
+        False: the full range (int2 ``{-2, -1, 0, 1}``), with the smallest absmax/min-max scale that
+        clips neither the minimum (at ``-2^(b-1)``) nor the maximum (at ``2^(b-1)-1``); None (default):
+        full range with ``MSE()`` calibration, which then picks per scale the better grid (see
+        :class:`MSE`), narrow otherwise.
 
     Examples:
       >>> QuantSpec(bits=4, granularity=PER_CHANNEL).qmax
@@ -49,10 +54,15 @@ class QuantSpec(Format):
     granularity: Granularity = PER_TENSOR
     axis: int = -1
     calibration: Calibration = AbsMax()
+    narrow: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "bits", _checks.integer("QuantSpec.bits", self.bits, low=2, high=8))
         object.__setattr__(self, "symmetric", _checks.flag("QuantSpec.symmetric", self.symmetric))
+        if self.narrow is not None:
+            object.__setattr__(self, "narrow", _checks.flag("QuantSpec.narrow (or None)", self.narrow))
+        if self.narrow and not self.symmetric:
+            raise ValueError("QuantSpec.narrow=True needs a symmetric grid (affine grids use all 2^bits codes)")
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerToken, Group)):
             raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL, PER_TOKEN or Group(size), "
                             f"got {self.granularity!r}")
@@ -62,8 +72,20 @@ class QuantSpec(Format):
                             f"got {self.calibration!r}")
 
     @property
+    def full_range(self) -> bool:
+        """Whether the grid uses all ``2^bits`` codes (``qmin = -2^(bits-1)``).
+
+        Examples:
+          >>> QuantSpec(bits=2).full_range, QuantSpec(bits=2, calibration=MSE()).full_range
+          (False, True)
+        """
+        if not self.symmetric:
+            return True
+        return not self.narrow if self.narrow is not None else isinstance(self.calibration, MSE)
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return -(2 ** (self.bits - 1)) + (0 if self.full_range else 1)
 
     @property
     def qmax(self) -> int:
