@@ -6,8 +6,12 @@ given an intercepting subclass for the duration of the call). Layers are selecte
 
 Every technique that touches activations builds on this module: activation quantization,
 factorized execution of ``LowRank`` kernels, distillation feature capture and one-shot calibration.
-A layer whose parameters hold compressed leaves runs on their dense value unless a replacement says
-otherwise, so compressed models run anywhere an interception is active.
+
+This is also the one place where compressed kernels are executed. A Dense/DenseGeneral/Conv layer
+whose kernel has an execution hook (:meth:`jaxopt_big.leaves.Compressed.contract`: ``QArray``,
+``LowRank``, ``LoRA``) runs its own computation with the contraction handed to that hook, so the
+dense kernel is never built; every other compressed leaf runs on its dense value. This holds
+anywhere an interception is active (:func:`run_compressed`, :func:`capture`, :func:`replace`).
 """
 
 from __future__ import annotations
@@ -21,21 +25,52 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
-__all__ = ["Call", "Record", "capture", "replace", "LINEN_LAYERS", "NNX_LAYERS"]
+__all__ = ["Call", "Record", "capture", "replace", "run_compressed", "LINEN_LAYERS", "NNX_LAYERS"]
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
+_DOT_LAYERS = (nn.Dense, nn.DenseGeneral, nnx.Linear, nnx.LinearGeneral)
+_CONV_LAYERS = (nn.Conv, nnx.Conv)
 
 # Set while a layer is re-run on substituted parameters, so that run does not intercept itself.
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxopt_big_intercept_bypass", default=False)
 # id(nnx layer) -> handler, for the nnx layers currently intercepted.
 _NNX_HANDLERS: contextvars.ContextVar[Mapping[int, Callable]] = contextvars.ContextVar(
     "jaxopt_big_nnx", default=types.MappingProxyType({}))
+
+
+def _contraction_attr(module: Any) -> str | None:
+    """The layer attribute naming its contraction when a kernel's execution hook may stand in for it.
+
+    None for layers that change their kernel before the contraction (a Conv mask), split it (feature
+    groups), batch over it, or use a contraction class: those run on the dense kernel.
+    """
+    if isinstance(module, _DOT_LAYERS):
+        attr = "dot_general"
+        if getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None):
+            return None
+    elif isinstance(module, _CONV_LAYERS):
+        attr = "conv_general_dilated"
+        if module.feature_group_count != 1 or module.mask is not None:
+            return None
+    else:
+        return None
+    return None if getattr(module, f"{attr}_cls", None) is not None else attr
+
+
+def _one_feature(module: Any) -> dict[str, Any]:
+    """Linen attributes that make the layer expect a kernel with one output feature."""
+    if isinstance(module, nnx.Module):  # nnx layers do not check kernel shapes; only the bias goes
+        return {"bias": None}
+    features = module.features
+    return {"features": (*features[:-1], 1) if isinstance(features, (tuple, list)) else 1}
 
 
 class Call:
@@ -61,15 +96,52 @@ class Call:
     def kernel(self) -> Any:
         return self.params.get("kernel")
 
-    def run(self, params: dict | None = None, inputs: jax.Array | None = None, **attrs: Any) -> jax.Array:
-        """The layer's own computation, on ``params``/``inputs`` if given (compressed leaves densified).
+    @property
+    def runs_hooks(self) -> bool:
+        """True when a kernel's execution hook can run this layer's contraction (Dense, DenseGeneral
+        and Conv layers without batch dims, feature groups or masks)."""
+        return _contraction_attr(self.module) is not None
 
-        ``attrs`` (linen only) change module attributes for this run, e.g. ``features=r`` to run a
-        Conv on a kernel with ``r`` output channels; the layer is cloned with them.
+    def run(self, params: dict | None = None, inputs: jax.Array | None = None, **attrs: Any) -> jax.Array:
+        """The layer's own computation, on ``params``/``inputs`` if given.
+
+        A kernel with its own execution hook (see :func:`jaxopt_big.leaves.runs_compressed`) runs
+        through it where the layer allows (:attr:`runs_hooks`); other compressed leaves are densified.
+        ``attrs`` change module attributes for this run, e.g. ``features=r`` to run a linen Conv on a
+        kernel with ``r`` output channels (linen layers are cloned with them; nnx layers are seen
+        through a proxy with them, never mutated).
         """
         params = self.params if params is None else params
         args = self._args if inputs is None else (inputs, *self._args[1:])
+        attr = _contraction_attr(self.module)
+        if attr is not None and _leaves.runs_compressed(params.get("kernel")):
+            return self._run_hooked(params, args, attrs, attr)
         return self._run(_leaves.densify(params), args, self._kwargs, attrs)
+
+    def _run_hooked(self, params: dict, args: tuple, attrs: dict, attr: str) -> jax.Array:
+        """The layer with its contraction handed to ``kernel.contract``, and its bias added after.
+
+        The layer itself sees a one-feature stand-in kernel (so it never builds the dense one) and
+        still does everything around the contraction: dtype promotion, padding, dimension numbers.
+        """
+        kernel, bias = params["kernel"], params.get("bias")
+        own = getattr(self.module, attr, None) or (lax.dot_general if attr == "dot_general" else lax.conv_general_dilated)
+
+        def hooked(lhs, rhs, *op_args, **op_kwargs):
+            dtype = op_kwargs.get("preferred_element_type") or jnp.result_type(lhs, rhs)
+            c = _leaves.Contraction(own, op_args, op_kwargs, conv=attr != "dot_general", dtype=dtype)
+            y = kernel.contract(lhs, c)
+            want = jax.eval_shape(c, lhs, jax.ShapeDtypeStruct(kernel.shape, rhs.dtype)).shape
+            if y.shape != want:
+                raise ValueError(f"{self.path}: the execution hook of {type(kernel).__name__} returned shape "
+                                 f"{y.shape}; the layer's contraction gives {want}")
+            return y.astype(dtype)
+
+        stand_in = jnp.zeros((*kernel.shape[:-1], 1), kernel.dtype)
+        others = _leaves.densify({k: v for k, v in params.items() if k not in ("kernel", "bias")})
+        y = self._run({**others, "kernel": stand_in}, args, self._kwargs,
+                      {**attrs, **_one_feature(self.module), "use_bias": False, attr: hooked})
+        return y if bias is None else y + _leaves.densify(bias).astype(y.dtype)
 
 
 class Record(NamedTuple):
@@ -130,20 +202,22 @@ def _nnx_params(module: nnx.Module) -> dict[str, Any]:
     return {k: v.get_value() for k, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
-def _nnx_run(module: nnx.Module, base_call: Callable):
+class _Proxy:
+    """An nnx layer seen with some attributes replaced, without mutating it (it may be under a trace)."""
+
+    def __init__(self, module: Any, attrs: dict[str, Any]):
+        self._module, self._attrs = module, attrs
+
+    def __getattr__(self, name: str) -> Any:
+        return self._attrs[name] if name in self._attrs else getattr(self._module, name)
+
+
+def _nnx_run(module: nnx.Module):
+    base = next(c for c in type(module).__mro__ if c in NNX_LAYERS)
+
     def run(params, args, kwargs, attrs):
-        if attrs:  # nnx modules cannot be mutated inside jax transforms
-            raise TypeError(f"Call.run attributes {sorted(attrs)} are supported for linen layers only")
-        old = _nnx_params(module)
-        token = _BYPASS.set(True)
-        try:
-            for k, v in params.items():
-                getattr(module, k).set_value(v)
-            return base_call(module, *args, **kwargs)
-        finally:
-            for k, v in old.items():
-                getattr(module, k).set_value(v)
-            _BYPASS.reset(token)
+        over = {**attrs, **{k: nnx.Param(v) for k, v in params.items()}}
+        return base.__call__(_Proxy(module, over), *args, **kwargs)
     return run
 
 
@@ -179,7 +253,7 @@ def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Cal
             base = type(mod)
 
             def handler(m, args, kwargs, path=path, base=base):
-                call = Call(path, m, args, kwargs, _nnx_params(m), _nnx_run(m, base.__call__))
+                call = Call(path, m, args, kwargs, _nnx_params(m), _nnx_run(m))
                 return on_call(call, lambda: base.__call__(m, *args, **kwargs))
             handlers[id(mod)] = handler
             swapped.append((mod, base))
@@ -262,6 +336,27 @@ def capture(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | N
         return result
 
     return _wrap(fn, where, on_call, collect)
+
+
+def run_compressed(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | None = None):
+    """Wraps ``fn`` so that the selected layers run on the compressed leaves in their parameters.
+
+    Each compressed kernel runs through its execution hook (``x @ u @ v`` for ``LowRank``, an
+    integer matmul for ``QArray``...) where the layer allows, else on its dense value. Without this
+    (or another interception) a Flax layer cannot take a compressed leaf as its kernel.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxopt_big import leaves
+      >>> from jaxopt_big.lowrank import factorize_params
+      >>> model = nn.Dense(4)
+      >>> x = jnp.ones((2, 8))
+      >>> params = factorize_params(model.init(jax.random.key(0), x)["params"], rank=2)
+      >>> y = jax.jit(run_compressed(model.apply))({"params": params}, x)
+      >>> bool(jnp.allclose(y, model.apply({"params": leaves.densify(params)}, x), atol=1e-5))
+      True
+    """
+    return replace(fn, where, lambda call: NotImplemented)
 
 
 def replace(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | None,

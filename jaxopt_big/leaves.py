@@ -1,9 +1,16 @@
 """The compressed-leaf protocol.
 
-A compressed leaf (``QArray``, ``LowRank``, ``PackedSparse``, ``Clustered``) is a pytree node that
-stands in for one dense array. It knows its dense value (``.dense()``), the bytes it really occupies
+A compressed leaf (``QArray``, ``LowRank``, ``PackedSparse``, ``Clustered``, ...) is a pytree node that
+stands in for one dense array. Every kind declares the shape and dtype of that array
+(``dense_shape``, ``dense_dtype``), knows its dense value (``.dense()``), the bytes it really occupies
 (``.nbytes``) and how the report should describe it (``.describe()``). Tree code in the library treats
 such an object as *one* leaf, never as the arrays inside it.
+
+A kind may also implement the execution hook ``contract(x, contraction)``: the contraction of a
+layer's input with this kernel, computed on the compressed form (``x @ u @ v`` for a factorization,
+an integer matmul for integer values). :mod:`jaxopt_big.intercept` calls it, in one place, for every
+Dense/DenseGeneral/Conv layer whose kernel is compressed; a kind without its own hook runs on its
+dense value.
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-__all__ = ["Compressed", "Description", "is_compressed", "densify", "nbytes", "leaf_nbytes", "map", "leaves_with_path"]
+__all__ = ["Compressed", "Contraction", "Description", "contract", "is_compressed", "densify", "nbytes",
+           "leaf_nbytes", "map", "leaves_with_path", "runs_compressed"]
+
+_DECLARED = ("dense_shape", "dense_dtype")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,17 +54,102 @@ class Description:
     flops: int | None = None
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Contraction:
+    """A layer's contraction of its input with a kernel: everything bound but the two operands.
+
+    ``c(x, kernel)`` runs the layer's own ``dot_general`` or convolution (its dimension numbers,
+    strides, padding, precision) on ``x`` and ``kernel``. The kernel's leading axes are those of the
+    layer's kernel; its last axis is the output-feature axis, may have any size and is the output's
+    last axis, so a factored kernel chains contractions: ``c(x, u) @ v``.
+
+    Attributes:
+      op: the operation (``lax.dot_general``, ``lax.conv_general_dilated`` or the layer's own).
+      args: its positional arguments after the two operands.
+      kwargs: its keyword arguments (the layer's ``preferred_element_type`` among them).
+      conv: True for a convolution (kernel ``(..., in, out)``, features last in the output).
+      dtype: the dtype the layer's contraction returns with a dense kernel.
+      int_input: ``(ints, scale)`` when a quantizing wrapper supplies ``x`` on a symmetric integer
+        grid (``x == ints * scale``, ``scale`` with ``x``'s ndim); a kind with integer values may
+        contract those instead of ``x``.
+    """
+
+    op: Callable[..., jax.Array]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    conv: bool
+    dtype: Any
+    int_input: tuple[jax.Array, jax.Array] | None = None
+
+    def __call__(self, x: jax.Array, kernel: jax.Array, *, preferred_element_type: Any = None) -> jax.Array:
+        kwargs = dict(self.kwargs)
+        if preferred_element_type is not None:
+            kwargs["preferred_element_type"] = preferred_element_type
+        return self.op(x, kernel, *self.args, **kwargs)
+
+    def out_scale(self, x: jax.Array, x_scale: jax.Array | None, kernel_scale: jax.Array) -> jax.Array | None:
+        """Scale of ``c(x_ints, kernel_ints)`` when both scales are constant along the contraction, else None.
+
+        ``x_scale`` (None: 1) and ``kernel_scale`` are compact scales with their operand's ndim.
+        """
+        x_scale = jnp.ones((1,) * x.ndim) if x_scale is None else x_scale
+        if self.conv:
+            dn = lax.conv_dimension_numbers(x.shape, kernel_scale.shape, self.kwargs.get("dimension_numbers"))
+            if dn.rhs_spec[0] != kernel_scale.ndim - 1 or dn.out_spec[1] != x.ndim - 1:
+                return None
+            if x_scale.size != 1 or any(n != 1 for n in kernel_scale.shape[:-1]):
+                return None
+            return x_scale.reshape(()) * kernel_scale.reshape(-1)
+        (lc, rc), (lb, rb) = self.args[0] if self.args else self.kwargs["dimension_numbers"]
+        if lb or rb or any(x_scale.shape[d] != 1 for d in lc) or any(kernel_scale.shape[d] != 1 for d in rc):
+            return None
+        x_free = [d for d in range(x.ndim) if d not in lc]
+        k_free = [d for d in range(kernel_scale.ndim) if d not in rc]
+        x_part = x_scale.reshape([x_scale.shape[d] for d in x_free] + [1] * len(k_free))
+        return x_part * kernel_scale.reshape([1] * len(x_free) + [kernel_scale.shape[d] for d in k_free])
+
+    def straight_through(self, x: jax.Array, kernel: jax.Array, y: jax.Array) -> jax.Array:
+        """``y`` forward with the gradient of ``c(x, kernel)``: for a ``y`` that equals that contraction
+        but is computed another way (integer arithmetic, which has no useful gradient)."""
+        @jax.custom_vjp
+        def f(a, k, y):
+            return y
+
+        def fwd(a, k, y):
+            return y, (a, k)
+
+        def bwd(res, g):
+            _, vjp = jax.vjp(self, *res)
+            return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
+
+        f.defvjp(fwd, bwd)
+        return f(x, kernel, y)
+
+
 class Compressed(abc.ABC):
     """Base class of compressed leaves: a stand-in for one dense array.
 
-    Subclasses are ``flax.struct`` dataclasses (so they flatten, jit and checkpoint) and implement
-    ``dense``, ``nbytes`` and ``kind``. ``shape``/``dtype`` are those of the dense value; by default
-    they read static ``dense_shape``/``dense_dtype`` fields.
+    Subclasses are ``flax.struct`` dataclasses (so they flatten, jit and checkpoint) and provide:
+
+    * ``dense_shape`` and ``dense_dtype``: shape and dtype of the dense value, as static fields or
+      as properties computed from the parts (a subclass that declares neither fails at definition);
+    * ``dense()``, ``nbytes`` and ``kind``;
+    * optionally ``nonzero_fraction()``, ``flops()`` and the execution hook ``contract(x, c)``.
+
+    ``shape``, ``dtype``, ``ndim`` and ``size`` are those of the dense value.
     """
 
-    # Declared for the default ``shape``/``dtype``; each subclass defines them as static fields.
     dense_shape: tuple[int, ...]
     dense_dtype: Any
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in _DECLARED if not any(
+            name in vars(c) or name in vars(c).get("__annotations__", {}) for c in cls.__mro__[:-1]
+            if c is not Compressed)]
+        if missing:
+            raise TypeError(f"compressed leaf kind {cls.__name__} must declare {missing} "
+                            "(a static field or a property) for the dense value's shape and dtype")
 
     @abc.abstractmethod
     def dense(self) -> jax.Array:
@@ -64,19 +161,17 @@ class Compressed(abc.ABC):
         """Bytes really stored, all parts included."""
 
     @property
+    @abc.abstractmethod
+    def kind(self) -> str:
+        """Short storage name for the report."""
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of the dense value: the ``dense_shape`` field unless a subclass says otherwise."""
         return tuple(self.dense_shape)
 
     @property
     def dtype(self) -> Any:
-        """Dtype of the dense value: the ``dense_dtype`` field unless a subclass says otherwise."""
-        return self.dense_dtype
-
-    @property
-    @abc.abstractmethod
-    def kind(self) -> str:
-        """Short storage name for the report."""
+        return np.dtype(self.dense_dtype)
 
     @property
     def ndim(self) -> int:
@@ -94,10 +189,44 @@ class Compressed(abc.ABC):
         """FLOPs of one input row through this kernel, if not the dense count; else None."""
         return None
 
+    def contract(self, x: jax.Array, contraction: Contraction) -> jax.Array:
+        """The execution hook: ``contraction(x, self.dense())`` computed on the compressed form.
+
+        A kind overrides it to run a layer without building its dense kernel; this default runs on
+        the dense value.
+        """
+        return contraction(x, self.dense())
+
     def describe(self) -> Description:
         return Description(kind=self.kind, shape=tuple(self.shape), dtype=self.dtype,
                            bits=8 * self.nbytes / max(self.size, 1), nonzero=self.nonzero_fraction(),
                            flops=self.flops())
+
+
+def contract(kernel: Any, x: jax.Array, contraction: Contraction) -> jax.Array:
+    """``contraction(x, kernel)``, through the kernel's execution hook when it is compressed.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jax import lax
+      >>> c = Contraction(lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+      >>> contract(jnp.eye(2), jnp.ones((1, 2)), c).tolist()
+      [[1.0, 1.0]]
+    """
+    return kernel.contract(x, contraction) if is_compressed(kernel) else contraction(x, kernel)
+
+
+def runs_compressed(kernel: Any) -> bool:
+    """True when ``kernel`` has its own execution hook (a kind that overrides ``contract``, or any
+    object with a ``contract`` method that is not a compressed leaf, such as a training-time operand).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> runs_compressed(jnp.ones(2))
+      False
+    """
+    hook = getattr(type(kernel), "contract", None)
+    return callable(hook) and hook is not Compressed.contract
 
 
 def is_compressed(x: Any) -> bool:

@@ -27,11 +27,11 @@ class Int8(jb.leaves.Compressed):
         return self.values.nbytes + self.scale.nbytes
 
     @property
-    def shape(self):
+    def dense_shape(self):
         return self.values.shape
 
     @property
-    def dtype(self):
+    def dense_dtype(self):
         return jnp.dtype(jnp.float32)
 
     @property

@@ -28,7 +28,7 @@ __all__ = ["LowRank", "Factorization", "factorize", "factorize_params"]
 
 @flax.struct.dataclass
 class LowRank(_leaves.Compressed):
-    """A kernel stored as two factors; ``dense() == tensordot(u, v, 1)``.
+    """A kernel stored as two factors; ``dense() == tensordot(u, v, 1)``; a layer runs it as ``x @ u @ v``.
 
     Attributes:
       u: ``(..., r)``: the kernel's input axes (``(m,)`` for Dense, ``(H, W, I)`` for Conv) then rank.
@@ -52,11 +52,11 @@ class LowRank(_leaves.Compressed):
         return self.v.shape[0]
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def dense_shape(self) -> tuple[int, ...]:
         return (*self.u.shape[:-1], self.v.shape[-1])
 
     @property
-    def dtype(self) -> Any:
+    def dense_dtype(self) -> Any:
         return jnp.result_type(self.u, self.v)
 
     @property
@@ -70,6 +70,10 @@ class LowRank(_leaves.Compressed):
     def flops(self) -> int:
         """FLOPs of one input row through ``(x @ u) @ v``: ``2 r (m + n)``."""
         return 2 * self.rank * (math.prod(self.u.shape[:-1]) + self.v.shape[-1])
+
+    def contract(self, x: jax.Array, c: _leaves.Contraction) -> jax.Array:
+        """The layer's contraction with ``u`` (to ``r`` features), then ``v``: the kernel is never built."""
+        return c(x, self.u) @ self.v
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@ A ``LoRA`` leaf replaces a kernel in the parameter tree and holds the frozen ``b
 or any compressed leaf such as a ``QArray`` for QLoRA), the trainable ``a`` (``(..., r)``, the
 kernel's input axes then rank) and ``b`` (``(r, n)``), and the static ``scale = alpha / r``. Its
 ``dense()`` is the merged kernel, so everything that densifies sees the adapted model, and
-:func:`jaxopt_big.lowrank._apply` runs it as ``x @ W + scale · (x @ A) @ B`` without merging.
+a layer runs it as ``x @ W + scale · (x @ A) @ B`` without merging (its execution hook, see
+:mod:`jaxopt_big.leaves`).
 """
 
 from __future__ import annotations
@@ -68,12 +69,16 @@ class LoRA(_leaves.Compressed):
         return base + self.delta(base.dtype)
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def dense_shape(self) -> tuple[int, ...]:
         return (*self.a.shape[:-1], self.b.shape[-1])
 
     @property
-    def dtype(self) -> Any:
+    def dense_dtype(self) -> Any:
         return self.a.dtype if self.base is None else self.base.dtype
+
+    def contract(self, x: jax.Array, c: _leaves.Contraction) -> jax.Array:
+        """``x @ W + scale * (x @ a) @ b`` without merging; the base runs on its own hook (e.g. ``QArray``)."""
+        return _leaves.contract(self.base, x, c) + self.scale * (c(x, self.a) @ self.b)
 
     @property
     def nbytes(self) -> int:

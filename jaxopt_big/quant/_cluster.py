@@ -72,7 +72,7 @@ class Clustered(_leaves.Compressed):
         return _leaves.nbytes((self.codebook, self.packed))
 
     @property
-    def dtype(self) -> Any:
+    def dense_dtype(self) -> Any:
         return self.codebook.dtype
 
     @property

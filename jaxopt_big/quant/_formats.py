@@ -245,7 +245,7 @@ class Float8Array(_leaves.Compressed):
         return _leaves.nbytes((self.values, self.scale))
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def dense_shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
 

@@ -122,11 +122,11 @@ class Learned(_leaves.Compressed):
         return _leaves.nbytes((self.weight, self.scale, self.offset))
 
     @property
-    def shape(self) -> tuple[int, ...]:
+    def dense_shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
     @property
-    def dtype(self) -> Any:
+    def dense_dtype(self) -> Any:
         return self.weight.dtype
 
     @property

@@ -20,7 +20,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
 from jaxopt_big.quant import _options
 
-__all__ = ["QArray", "quantize", "dequantize", "container_bits"]
+__all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
 
 
 def container_bits(bits: int) -> int:
@@ -49,8 +49,15 @@ def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
 class QArray(_leaves.Compressed):
     """Packed integer values standing for a floating array: ``dense = (int - zero_point) * scale``.
 
+    Runs as an integer contraction inside a layer (its execution hook, see :meth:`contract`).
+
+    The integer codes may themselves be a compressed leaf: an 8-bit ``QArray`` whose ``values`` are a
+    ``PackedSparse`` of its int8 codes (``jb.sparsity.pack_array(q)``) is a pruned-then-quantized
+    kernel in one leaf; its ``nbytes`` counts the mask bits, the kept int8 codes and the scales.
+
     Attributes:
-      values: packed integers (int8, or uint8 holding two int4/int3 or four int2 along axis 0).
+      values: packed integers (int8, or uint8 holding two int4/int3 or four int2 along axis 0), or a
+        compressed leaf standing for the int8 codes (a ``PackedSparse`` of them).
       scale: float32 scale with the dense array's ndim (1 along reduced axes).
       zero_point: affine zero point shaped like ``scale``, or None for symmetric grids.
       bits: integer width (static).
@@ -58,7 +65,7 @@ class QArray(_leaves.Compressed):
       dense_shape, dense_dtype: shape and dtype of the dense value (static).
     """
 
-    values: jax.Array
+    values: Any
     scale: jax.Array
     zero_point: jax.Array | None
     bits: int = struct.field(pytree_node=False)
@@ -66,26 +73,57 @@ class QArray(_leaves.Compressed):
     dense_shape: tuple[int, ...] = struct.field(pytree_node=False)
     dense_dtype: Any = struct.field(pytree_node=False)
 
-
-
     @property
     def kind(self) -> str:
         c = container_bits(self.bits)
-        container = f" in int{c}" if c != self.bits else ""
-        return f"int{self.bits}{container}" + ("" if self.zero_point is None else " affine")
+        codes = f" {self.values.kind}" if _leaves.is_compressed(self.values) else ""
+        return (f"int{self.bits}" + (f" in int{c}" if c != self.bits else "") + codes
+                + ("" if self.zero_point is None else " affine"))
 
     @property
     def nbytes(self) -> int:
         return _leaves.nbytes((self.values, self.scale, self.zero_point))
 
+    def nonzero_fraction(self) -> float | None:
+        return self.values.nonzero_fraction() if _leaves.is_compressed(self.values) else None
+
     def int_values(self) -> jax.Array:
         """Unpacked signed integers (int8) with the dense shape."""
+        if _leaves.is_compressed(self.values):
+            return self.values.dense().astype(jnp.int8).reshape(self.dense_shape)
         return _unpack(self.values, self.bits, self.dense_shape)
 
     def dense(self) -> jax.Array:
         q = self.int_values().astype(jnp.float32)
         zp = None if self.zero_point is None else expand(self.zero_point, self.dense_shape)
         return from_int(q, expand(self.scale, self.dense_shape), zp).astype(self.dense_dtype)
+
+    def contract(self, x: jax.Array, c: _leaves.Contraction) -> jax.Array:
+        """Integer execution where the scales allow it (see :func:`integer_contract`), else the
+        contraction with the dense value; the gradient is always that of the dense contraction."""
+        y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale)
+        if y is None:
+            return c(x, self.dense())
+        return y if c.int_input is None else c.straight_through(x, self.dense(), y)
+
+
+def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
+    """``c(x, ints * scale)`` by integer arithmetic, or None when ``scale`` (or the input's) varies
+    along the contraction.
+
+    With the input on an integer grid too (``c.int_input``) it runs ``int8 x int8 -> int32``; else
+    it contracts the input with the integer weights (the dequantization happens in the matmul).
+    Either way one rescale of the output follows.
+    """
+    x_int = c.int_input
+    out_scale = c.out_scale(x, None if x_int is None else x_int[1], scale)
+    if out_scale is None:
+        return None
+    if x_int is None:
+        acc = c(x, ints.astype(x.dtype))
+    else:
+        acc = c(x_int[0].astype(jnp.int8), ints.astype(jnp.int8), preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * out_scale).astype(c.dtype)
 
 
 def _like(arr: jax.Array, sharding: Any) -> jax.Array:

@@ -1,12 +1,15 @@
 """Quantized execution of Dense/DenseGeneral/Conv/Einsum layers (linen) and Linear/Conv (nnx).
 
 `qat` wraps an apply function (or nnx module) through :func:`jaxopt_big.intercept.replace`. Each
-selected layer runs its own computation with the contraction swapped for a quantized one:
+selected layer runs its own computation with its kernel given as an execution hook (see
+:mod:`jaxopt_big.leaves`), so ``intercept`` hands the contraction to a quantized one:
 
 * weights and activations on symmetric integer grids whose scales are constant along the
   contraction run as a real ``int8 x int8 -> int32`` ``dot_general`` / convolution, then one rescale;
 * weight-only quantization multiplies by the integer weights and rescales the output (the
-  dequantization happens inside the matmul), also for packed int4/int2 ``QArray`` kernels;
+  dequantization happens inside the matmul);
+* kernels that already are compressed leaves run on their own hook: a stored ``QArray`` (packed
+  int4/int2 too) takes the two integer paths above, a ``LowRank`` runs as ``x @ u @ v``;
 * anything else (group scales along the contraction, affine grids, other formats, Einsum) runs the
   float contraction on fake-quantized operands.
 
@@ -20,23 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax import lax
 
 from jaxopt_big import intercept as _intercept
+from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
 from jaxopt_big.quant._calibrate import expand, from_int, to_int
 from jaxopt_big.quant._fake import ste
 from jaxopt_big.quant._ptq import Scale
-from jaxopt_big.quant._qarray import QArray
+from jaxopt_big.quant._qarray import integer_contract
 
 __all__ = ["qat", "Gradient"]
 
@@ -47,8 +47,6 @@ class Gradient(enum.Enum):
     QUANTIZED = "quantized"  # at the fake-quantized operands: the classic fake-quant STE
     FLOAT = "float"          # at the float operands (qwix's QAT): cheaper, exact only as bits grow
 
-_DOT_LAYERS = (nn.Dense, nn.DenseGeneral, nnx.Linear, nnx.LinearGeneral)
-_CONV_LAYERS = (nn.Conv, nnx.Conv)
 
 
 class _Operand(NamedTuple):
@@ -93,8 +91,8 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
     return _Operand(value, q if zp is None else None, scale if zp is None else None, grad)
 
 
-def _after(q: QArray, x: jax.Array) -> QArray:
-    """``q`` with a data dependency on ``x`` (its values and scale plus an exact zero computed from ``x``).
+def _after(leaf: Any, x: jax.Array) -> Any:
+    """``leaf`` with a data dependency on ``x`` (every array plus an exact zero computed from ``x``).
 
     Unpacking a kernel depends only on the parameters, so XLA may schedule every layer's unpacking at
     the start of the program (XLA:CPU's concurrency-optimized scheduler does, and it drops
@@ -103,90 +101,43 @@ def _after(q: QArray, x: jax.Array) -> QArray:
     every input, NaN included, and XLA does not fold a float multiplication by zero.
     """
     zero = jnp.isnan(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
-    return dataclasses.replace(q, values=q.values + zero.astype(q.values.dtype),
-                               scale=q.scale + zero.astype(q.scale.dtype))
+    return jax.tree.map(lambda a: a + zero.astype(a.dtype), leaf)
 
 
-def _from_qarray(q: QArray) -> _Operand:
-    ints = q.int_values().astype(jnp.float32) if q.zero_point is None else None
-    value = q.dense()
-    return _Operand(value, ints, q.scale if ints is not None else None, value)
+class _Kernel(NamedTuple):
+    """A layer's kernel under QAT, as its contraction sees it: an execution hook for ``intercept``.
 
+    ``stored`` is a compressed kernel (it runs on its own hook, e.g. a ``QArray``'s integer matmul);
+    else ``w`` is the quantized float kernel. ``x`` is the quantized layer input.
+    """
 
-def _with_grad_of(op: Callable, a: jax.Array, b: jax.Array, y: jax.Array) -> jax.Array:
-    """``y`` forward; backward as ``op(a, b)`` (straight-through over the integer computation)."""
-    @jax.custom_vjp
-    def f(a, b, y):
-        return y
+    stored: Any
+    w: _Operand | None
+    x: _Operand
+    gradient: Gradient
 
-    def fwd(a, b, y):
-        return y, (a, b)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple((self.w.value if self.stored is None else self.stored).shape)
 
-    def bwd(res, g):
-        _, vjp = jax.vjp(op, *res)
-        return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
+    @property
+    def dtype(self) -> Any:
+        return (self.w.value if self.stored is None else self.stored).dtype
 
-    f.defvjp(fwd, bwd)
-    return f(a, b, y)
-
-
-def _dot_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
-    """Output scale of ``dot_general`` if both scales are constant along the contraction, else None."""
-    (lc, rc), (lb, rb) = dn
-    if lb or rb or w.scale is None:
-        return None
-    sx = jnp.ones((1,) * x_ndim) if x.scale is None else x.scale
-    sw = w.scale
-    if any(sx.shape[d] != 1 for d in lc) or any(sw.shape[d] != 1 for d in rc):
-        return None
-    x_free = [d for d in range(x_ndim) if d not in lc]
-    w_free = [d for d in range(w_ndim) if d not in rc]
-    sx = sx.reshape([sx.shape[d] for d in x_free] + [1] * len(w_free))
-    sw = sw.reshape([1] * len(x_free) + [sw.shape[d] for d in w_free])
-    return sx * sw
-
-
-def _conv_out_scale(dn, x: _Operand, w: _Operand, x_ndim: int, w_ndim: int) -> jax.Array | None:
-    """Output scale of a convolution if the input scale is per-tensor and the kernel's per output channel."""
-    if w.scale is None or dn.rhs_spec[0] != w_ndim - 1 or dn.out_spec[1] != x_ndim - 1:
-        return None
-    sx = jnp.ones(()) if x.scale is None else x.scale
-    if sx.size != 1 or any(n != 1 for n in w.scale.shape[:-1]):
-        return None
-    return sx.reshape(()) * w.scale.reshape(-1)
-
-
-def _contract(op: Callable, x: _Operand, w: _Operand, out_scale: jax.Array | None,
-              preferred: Any) -> jax.Array:
-    float_op = functools.partial(op, preferred_element_type=preferred)
-    if w.ints is None or out_scale is None:
-        return float_op(x.value, w.value)
-    if x.ints is not None:  # weights and activations: int8 x int8 -> int32
-        acc = op(x.ints.astype(jnp.int8), w.ints.astype(jnp.int8), preferred_element_type=jnp.int32)
-    else:  # weight-only: integer weights in the matmul, dequantized by the output rescale
-        acc = op(x.value, w.ints.astype(x.value.dtype), preferred_element_type=preferred)
-    y = (acc.astype(jnp.float32) * out_scale).astype(jnp.result_type(x.value, w.value))
-    return _with_grad_of(float_op, x.grad, w.grad, y)
-
-
-class _Proxy:
-    """An nnx layer seen with some attributes replaced, without mutating it (it may be under a trace)."""
-
-    def __init__(self, module: Any, attrs: Mapping[str, Any]):
-        self._module, self._attrs = module, attrs
-
-    def __getattr__(self, name: str) -> Any:
-        return self._attrs[name] if name in self._attrs else getattr(self._module, name)
-
-
-def _run(call: _intercept.Call, params: dict, inputs: jax.Array, **attrs: Any) -> jax.Array:
-    """The layer's own computation on ``params``/``inputs`` with some attributes replaced."""
-    if isinstance(call.module, nnx.Module):
-        over = {**attrs, **{k: nnx.Param(v) for k, v in params.items()}}
-        # Any: the layer's own __call__ runs unbound on a _Proxy that stands in for the layer.
-        base: Any = next(c for c in type(call.module).__mro__ if c in _intercept.NNX_LAYERS)
-        return base.__call__(_Proxy(call.module, over), inputs, *call._args[1:], **call._kwargs)
-    return call.run(params, inputs, **attrs)
+    def contract(self, lhs: jax.Array, c: _leaves.Contraction) -> jax.Array:
+        x, w = self.x, self.w
+        # The layer may have padded or reshaped its input; then the integer values do not line up.
+        fits = x.ints is not None and lhs.shape == x.ints.shape
+        if fits:
+            c = dataclasses.replace(c, int_input=(x.ints, x.scale))
+        if self.stored is not None:
+            return _leaves.contract(self.stored, lhs, c)
+        y = None if w.ints is None else integer_contract(c, lhs, w.ints, w.scale)
+        if y is None:  # float contraction on the fake-quantized operands
+            return c(lhs, w.value)
+        # Float-operand gradients only where the integer path runs: the operands line up there.
+        float_grad = self.gradient is Gradient.FLOAT
+        return c.straight_through(x.grad if float_grad and fits else lhs, w.grad if float_grad else w.value, y)
 
 
 def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | None]] | None = None,
@@ -202,7 +153,8 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
         path ``<module path>/kernel`` as in :mod:`jaxopt_big.tree` (so the rules given to
         ``quantize_params`` on the params collection apply unchanged; first match wins; a rule that
         claims no called layer raises).
-        Kernels that already are :class:`QArray` leaves (from ``quantize_params``) run as stored.
+        Kernels that already are compressed leaves (``QArray`` from ``quantize_params``, ...) run as
+        stored, through their execution hook.
       activations: input format; ``PER_TOKEN`` gives dynamic per-token scales. None: float inputs
         (weight-only quantization). Or rules matched against ``<module path>/inputs``, as ``weights``.
       scales: static input scales from :func:`calibrate_activations` (PTQ); None: dynamic scales
@@ -245,47 +197,23 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
             aspec = act_rules(f"{call.path}/inputs")
             if aspec is not None and not isinstance(aspec, _spec.Format):
                 raise TypeError(f"{call.path}/inputs: activations must be a QuantSpec/Format or None, got {aspec!r}")
-            if kernel is None or (wspec is None and aspec is None and not isinstance(kernel, QArray)):
+            if kernel is None or (wspec is None and aspec is None and not _leaves.is_compressed(kernel)):
                 return NotImplemented
             static = None
             if scales is not None and aspec is not None:
                 if call.path not in scales:
                     raise ValueError(f"{call.path}: no static activation scale; scales has {sorted(scales)}")
                 static = scales[call.path]
-            if isinstance(kernel, QArray):
-                w = _from_qarray(_after(kernel, call.inputs))
-            else:
-                w = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
             x = _quantize_operand(call.inputs, aspec, static, f"{call.path}/inputs", gradient)
-            params = {**call.params, "kernel": w.value}
-            lax_op: Callable[..., jax.Array]
-            if isinstance(call.module, _DOT_LAYERS):
-                attr, out_scale_fn, lax_op = "dot_general", _dot_out_scale, lax.dot_general
-            elif isinstance(call.module, _CONV_LAYERS):
-                attr, out_scale_fn, lax_op = "conv_general_dilated", _conv_out_scale, lax.conv_general_dilated
-            else:  # Einsum and other layers: float contraction on fake-quantized operands
-                return _run(call, params, x.value)
-
-            def contraction(lhs, rhs, *op_args, preferred_element_type=None, **op_kw):
-                op = lambda a, b, **kw: lax_op(a, b, *op_args, **op_kw, **kw)
-                out_scale = None
-                # The layer may have padded or reshaped its operands; then the integer values do not line up.
-                if (w.ints is not None and rhs.shape == w.ints.shape
-                        and (x.ints is None or lhs.shape == x.ints.shape)):
-                    dn = (op_args[0] if op_args else op_kw["dimension_numbers"]) if attr == "dot_general" else \
-                        lax.conv_dimension_numbers(
-                        lhs.shape, rhs.shape, op_kw.get("dimension_numbers"))
-                    out_scale = out_scale_fn(dn, x, w, lhs.ndim, rhs.ndim)
-                # Float-operand gradients only where the integer path runs: the operands line up there.
-                float_grad = gradient is Gradient.FLOAT and out_scale is not None
-                x_grad = x.grad if float_grad and x.ints is not None else lhs
-                w_grad = w.grad if float_grad else rhs
-                return _contract(op, x._replace(value=lhs, grad=x_grad), w._replace(value=rhs, grad=w_grad),
-                                 out_scale, preferred_element_type)
-
-            # The layer sees the fake-quant operands (shapes, promotion, bias); the contraction swaps in
-            # the integer computation where the scales allow it.
-            return _run(call, params, x.value, **{attr: contraction})
+            if _leaves.is_compressed(kernel):  # runs as stored, on its own hook
+                hook = _Kernel(_after(kernel, call.inputs), None, x, gradient)
+            else:
+                hook = _Kernel(None, _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient), x, gradient)
+            if not call.runs_hooks:  # Einsum and other layers: float contraction on fake-quantized operands
+                return call.run({**call.params, "kernel": hook.stored if hook.w is None else hook.w.value}, x.value)
+            # The layer sees the fake-quant input (shapes, promotion, bias); its contraction goes to the hook,
+            # which swaps in the integer computation where the scales allow it.
+            return call.run({**call.params, "kernel": hook}, x.value)
 
         out = _intercept.replace(fn, where, impl)(*args, **kwargs)
         rules.check()

@@ -52,7 +52,7 @@ class PackedSparse(_leaves.Compressed):
         return _leaves.nbytes((self.bits, self.values))
 
     @property
-    def dtype(self) -> Any:
+    def dense_dtype(self) -> Any:
         return self.values.dtype
 
     @property
