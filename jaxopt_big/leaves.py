@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 __all__ = ["Compressed", "Contraction", "Description", "contract", "is_compressed", "densify", "nbytes",
-           "leaf_nbytes", "map", "leaves_with_path", "runs_compressed"]
+           "leaf_nbytes", "map", "leaves_with_path", "place_like", "runs_compressed"]
 
 _DECLARED = ("dense_shape", "dense_dtype")
 
@@ -265,6 +265,34 @@ def densify(tree: Any) -> Any:
       [1.0, 1.0]
     """
     return map(lambda x: x.dense() if is_compressed(x) else x, tree)
+
+
+def _place(arr: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    spec = tuple(sharding.spec) + (None,) * (arr.ndim - len(sharding.spec))
+    mesh_size = lambda names: math.prod(sharding.mesh.shape[n] for n in ((names,) if isinstance(names, str) else names))
+    dims = [names if names is not None and n % mesh_size(names) == 0 and n > 1 else None
+            for names, n in zip(spec, arr.shape)]
+    return jax.device_put(arr, jax.sharding.NamedSharding(sharding.mesh, jax.P(*dims)))
+
+
+def place_like(leaf: Any, like: Any) -> Any:
+    """``leaf`` (a compressed leaf or any pytree) on the mesh of the parameter ``like`` it stands for.
+
+    Each array keeps ``like``'s mesh axes on the dims it still spans (same position, divisible by
+    the axes), and is replicated over the mesh elsewhere: scales, factors, codes and masks keep the
+    sharding of their parameter. A traced ``like`` or one without a ``NamedSharding`` changes nothing.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = jax.make_mesh((8,), ("x",))
+      >>> w = jax.device_put(jnp.ones((4, 16)), jax.NamedSharding(mesh, jax.P(None, "x")))
+      >>> place_like({"scale": jnp.ones((1, 16)), "u": jnp.ones((4, 3))}, w)["scale"].sharding.spec
+      PartitionSpec(None, 'x')
+    """
+    sharding = getattr(like, "sharding", None)
+    if isinstance(like, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return leaf
+    return jax.tree.map(lambda a: _place(a, sharding), leaf)
 
 
 def leaf_nbytes(x: Any) -> int:

@@ -187,7 +187,7 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
     root = jnp.sqrt(s[:rank])
     u = jnp.where(bad, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
     v = jnp.where(bad, jnp.nan, root[:, None] * vt[:rank]).astype(dtype)
-    return LowRank(u=u, v=v)
+    return _leaves.place_like(LowRank(u=u, v=v), w)
 
 
 def factorize(w: jax.typing.ArrayLike, *, rank: int | None = None, energy: float | None = None,

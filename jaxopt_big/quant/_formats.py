@@ -162,7 +162,7 @@ class Binary(_spec.Format):
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, plus = self._values(x, scale, zero_point, path)
-        return SubByteArray.from_values(jnp.where(plus, 1, -1), scale, 1, x.dtype)
+        return _leaves.place_like(SubByteArray.from_values(jnp.where(plus, 1, -1), scale, 1, x.dtype), x)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,7 +215,7 @@ class Ternary(_spec.Format):
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, codes = self._values(x, scale, zero_point, path)
-        return SubByteArray.from_values(codes.astype(jnp.int32), scale, 2, x.dtype)
+        return _leaves.place_like(SubByteArray.from_values(codes.astype(jnp.int32), scale, 2, x.dtype), x)
 
 
 class F8(enum.Enum):
@@ -308,4 +308,4 @@ class Float8(_spec.Format):
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         x, scale, values = self._cast(x, scale, zero_point, path)
-        return Float8Array(values=values, scale=scale, dense_dtype=np.dtype(x.dtype))
+        return _leaves.place_like(Float8Array(values=values, scale=scale, dense_dtype=np.dtype(x.dtype)), x)

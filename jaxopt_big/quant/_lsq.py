@@ -165,7 +165,7 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[_tree.Rule], *,
         if not isinstance(fmt, LSQ):
             raise TypeError(f"{path}: lsq needs an LSQ or QuantSpec, got {fmt!r}")
         scale, offset = fmt.calibrate(w, path=path)
-        return Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path)
+        return _leaves.place_like(Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path), w)
 
     return _tree.map_assigned(wrap, params, spec, where=where, what="spec")
 

@@ -126,17 +126,6 @@ def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scal
     return (acc.astype(jnp.float32) * out_scale).astype(c.dtype)
 
 
-def _like(arr: jax.Array, sharding: Any) -> jax.Array:
-    """Places ``arr`` with ``sharding``'s mesh axes on the dims where it still has the parameter's extent."""
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return arr
-    spec = tuple(sharding.spec) + (None,) * (arr.ndim - len(sharding.spec))
-    mesh_size = lambda names: math.prod(sharding.mesh.shape[n] for n in ((names,) if isinstance(names, str) else names))
-    dims = [names if names is not None and n % mesh_size(names) == 0 and n > 1 else None
-            for names, n in zip(spec, arr.shape)]
-    return jax.device_put(arr, jax.sharding.NamedSharding(sharding.mesh, jax.P(*dims)))
-
-
 def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = "") -> QArray:
     x = check_input(x, path)
     if scale is None:
@@ -149,9 +138,7 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
     out = QArray(values=_pack(q, spec.bits), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
                  dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype))
-    if isinstance(x, jax.core.Tracer):
-        return out
-    return jax.tree.map(lambda a: _like(a, getattr(x, "sharding", None)), out)
+    return _leaves.place_like(out, x)
 
 
 def quantize(x: jax.typing.ArrayLike, spec: _options.Format, *, path: str = "") -> Any:

@@ -63,23 +63,37 @@ class PackedSparse(_leaves.Compressed):
         return self.values.shape[0] / max(int(np.prod(self.dense_shape)), 1)
 
 
-def pack_array(x: jax.Array, mask: jax.Array | None = None) -> PackedSparse:
+def pack_array(x: Any, mask: jax.Array | None = None) -> Any:
     """Packs one array, keeping the entries where ``mask`` is True (default: the nonzeros).
 
-    Runs eagerly: the number of kept values sets the stored size.
+    Runs eagerly: the number of kept values sets the stored size. The packed leaf stays on the mesh
+    of a sharded ``x``.
+
+    Leaves compose: ``x`` may be a compressed leaf that stores integer codes of its dense shape in
+    ``values`` (an 8-bit ``jb.quant.QArray``). Its codes are packed and everything else (the scales)
+    kept, so a pruned-then-quantized kernel is one leaf whose ``nbytes`` counts the mask bits, the
+    kept int8 codes and the scales, and whose ``dense()`` is the quantized pruned kernel.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> pack_array(jnp.arange(4.0), jnp.array([True, False, True, False])).values.tolist()
       [0.0, 2.0]
     """
+    if _leaves.is_compressed(x):
+        codes = getattr(x, "values", None)
+        if (not isinstance(codes, jax.Array) or codes.shape != x.shape
+                or not jnp.issubdtype(codes.dtype, jnp.integer)):
+            raise TypeError(f"pack_array packs arrays, or compressed leaves that keep integer codes of their "
+                            f"dense shape in `values` (an 8-bit QArray); got a {x.kind!r} leaf")
+        return x.replace(values=pack_array(codes, mask))
     x = jnp.asarray(x)
     keep = (x != 0) if mask is None else jnp.asarray(mask, bool)
     if keep.shape != x.shape:
         raise ValueError(f"mask shape {keep.shape} differs from array shape {x.shape}")
     flat, kflat = np.asarray(x).reshape(-1), np.asarray(keep).reshape(-1)
-    return PackedSparse(bits=_bits.pack(kflat, 1), values=jnp.asarray(flat[kflat]),
-                        dense_shape=tuple(x.shape))
+    packed = PackedSparse(bits=_bits.pack(kflat, 1), values=jnp.asarray(flat[kflat]),
+                          dense_shape=tuple(x.shape))
+    return _leaves.place_like(packed, x)
 
 
 def pack_params(params: Any, masks: Any = None, *, where: Any = _tree.KERNELS) -> Any:
