@@ -26,14 +26,11 @@ def _demo(args: argparse.Namespace) -> int:
     from jaxopt_big import demo
 
     try:
-        demo.run(quick=args.quick, seed=args.seed, out=args.out)
-    except OSError as e:  # the demo checks --out before training; a late failure is one line too
-        if args.out is None:
-            raise
-        print(f"jaxopt-big: error: cannot write to --out {args.out!r}: {e.strerror or e}", file=sys.stderr)
+        out = demo.writable(args.out)  # before minutes of training
+        demo.run(quick=args.quick, seed=args.seed, out=out)
+    except OSError as e:  # a late failure (disk full) is one line too
+        print(f"jaxopt-big: error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        print(f"wrote {args.out}/report.md, {args.out}/accuracy_vs_compression.png and {args.out}/models/")
     return 0
 
 
@@ -76,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train on the embedded digits data and compress it every way")
     demo.add_argument("--quick", action="store_true", help="a shorter run (CI size)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default=None, help="folder for report.md, plots and checkpoints")
+    demo.add_argument("--out", default="demo-out", help="folder for report.md, results.json, the plot and "
+                      "checkpoints (default: demo-out)")
     rep = sub.add_parser("report", help="print the per-layer table of a saved checkpoint (of a TrainState: "
                                         "its parameters)")
     rep.add_argument("checkpoint_dir", help="a directory written by jaxopt_big.checkpoint.Manager")

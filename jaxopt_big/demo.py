@@ -9,9 +9,9 @@ Orbax and writes ``report.md`` and ``accuracy_vs_compression.png``.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,14 +27,27 @@ from jaxopt_big import report as _report
 from jaxopt_big import train as _train
 from jaxopt_big.tree import Rule
 
-__all__ = ["Result", "Context", "run", "STAGES"]
+__all__ = ["Family", "Stage", "Measured", "Result", "Teacher", "Context", "run", "writable", "STAGES", "DEFAULT_OUT"]
+
+DEFAULT_OUT = "demo-out"
+
+
+class Family(enum.Enum):
+    """What a row is, for the table and the plot's colours."""
+
+    REFERENCE = "dense reference"
+    PRUNING = "pruning"
+    QUANTIZATION = "quantization"
+    SHARING = "weight sharing"
+    LOW_RANK = "low-rank"
+    COMBINED = "combined (recipe)"
+    OTHER_TASK = "other task"  # not the compressed teacher: other data, labels or protocol
 
 
 @dataclasses.dataclass(frozen=True)
-class Result:
-    """One row of the demo table."""
+class Measured:
+    """What one stage measured."""
 
-    method: str
     accuracy: float
     nbytes: int
     seconds: float
@@ -43,27 +56,61 @@ class Result:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # numbers behind the note (JSON values)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The dense CNN every compression stage starts from, trained once per run."""
+
+    model: Any
+    params: Any
+    accuracy: float
+    nbytes: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
-    """What every stage starts from: the data split, the trained teacher and the run settings."""
+    """What every stage reads: the data split, the trained teacher and the run settings."""
 
     train: _data.Dataset
     test: _data.Dataset
     quick: bool
     seed: int
-    model: Any = None
-    params: Any = None
-    accuracy: float = 0.0
-    dense_bytes: int = 0
+    teacher: Teacher
+
+    @property
+    def model(self) -> Any:
+        return self.teacher.model
+
+    @property
+    def params(self) -> Any:
+        return self.teacher.params
 
     def apply(self, params: Any, x: jax.Array) -> jax.Array:
-        return self.model.apply({"params": params}, x)
+        return self.teacher.model.apply({"params": params}, x)
 
     def key(self, i: int) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.seed), i)
 
     def epochs(self, full: int) -> int:
         return max(1, full // 2) if self.quick else full
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One row of the demo: ``name`` is its id (results key and model directory), ``title`` its label."""
+
+    name: str
+    title: str
+    family: Family
+    run: Callable[[Context], Measured]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A stage and what it measured."""
+
+    stage: Stage
+    measured: Measured
 
 
 def _adamw(lr: float, steps: int) -> optax.GradientTransformation:
@@ -90,13 +137,18 @@ def accuracy(ctx: Context, params: Any, apply: Callable | None = None) -> float:
     return _train.evaluate(apply or ctx.apply, params, ctx.test)["accuracy"]
 
 
-def dense(ctx: Context) -> Result:
-    ctx.model = _models.CNN()
-    params = ctx.model.init(ctx.key(0), ctx.train.x[:1])["params"]
-    ctx.params, seconds = train_classifier(ctx, params, epochs=ctx.epochs(20), lr=3e-3, desc="dense CNN")
-    ctx.accuracy = accuracy(ctx, ctx.params)
-    ctx.dense_bytes = _leaves.nbytes(ctx.params)
-    return Result("dense CNN (teacher)", ctx.accuracy, ctx.dense_bytes, seconds, ctx.params)
+def train_teacher(train: _data.Dataset, test: _data.Dataset, *, quick: bool, seed: int) -> Teacher:
+    """The dense CNN (AdamW, warm-up cosine, label smoothing) that the compression stages start from."""
+    model = _models.CNN()
+    ctx = Context(train, test, quick, seed, Teacher(model, None, 0.0, 0, 0.0))
+    params = model.init(ctx.key(0), train.x[:1])["params"]
+    params, seconds = train_classifier(ctx, params, epochs=ctx.epochs(20), lr=3e-3, desc="dense CNN")
+    return Teacher(model, params, accuracy(ctx, params), _leaves.nbytes(params), seconds)
+
+
+def dense(ctx: Context) -> Measured:
+    t = ctx.teacher
+    return Measured(t.accuracy, t.nbytes, t.seconds, t.params)
 
 
 def _quantized_accuracy(ctx: Context, qparams: Any, **qat_kwargs) -> float:
@@ -105,7 +157,7 @@ def _quantized_accuracy(ctx: Context, qparams: Any, **qat_kwargs) -> float:
     return accuracy(ctx, qparams, lambda p, x: run({"params": p}, x))
 
 
-def int8_ptq(ctx: Context) -> Result:
+def int8_ptq(ctx: Context) -> Measured:
     from jaxopt_big import quant
     start = time.perf_counter()
     qparams = quant.quantize_params(ctx.params, quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL))
@@ -113,7 +165,7 @@ def int8_ptq(ctx: Context) -> Result:
     scales = quant.calibrate_activations(ctx.model.apply, calib, quant.QuantSpec(bits=8))
     seconds = time.perf_counter() - start
     acc = _quantized_accuracy(ctx, qparams, activations=quant.QuantSpec(bits=8), scales=scales)
-    return Result("int8 PTQ (weights + static activations)", acc, _leaves.nbytes(qparams), seconds, qparams)
+    return Measured(acc, _leaves.nbytes(qparams), seconds, qparams)
 
 
 def _two_bit(calibration) -> Any:
@@ -121,59 +173,55 @@ def _two_bit(calibration) -> Any:
     return quant.QuantSpec(bits=2, granularity=quant.PER_CHANNEL, calibration=calibration)
 
 
-def two_bit_ptq(ctx: Context) -> Result:
+def two_bit_ptq(ctx: Context) -> Measured:
     from jaxopt_big import quant
     start = time.perf_counter()
     qparams = quant.quantize_params(ctx.params, _two_bit(quant.MSE()))
     seconds = time.perf_counter() - start
     absmax = accuracy(ctx, _leaves.densify(quant.quantize_params(ctx.params, _two_bit(quant.AbsMax()))))
-    return Result("2-bit PTQ (MSE calibration)", _quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds,
-                  qparams, note=f"absmax calibration: {absmax:.4f}", extra={"absmax_accuracy": absmax})
+    return Measured(_quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds, qparams,
+                    note=f"absmax calibration: {absmax:.4f}", extra={"absmax_accuracy": absmax})
 
 
-def two_bit_qat(ctx: Context) -> Result:
+def two_bit_qat(ctx: Context) -> Measured:
     from jaxopt_big import quant
     spec = _two_bit(quant.AbsMax())
     run = quant.qat(ctx.model.apply, weights=spec)
     apply = lambda p, x: run({"params": p}, x)
     params, seconds = train_classifier(ctx, ctx.params, epochs=ctx.epochs(8), lr=1e-3, apply=apply, desc="2-bit QAT")
     qparams = quant.quantize_params(params, spec)
-    return Result("2-bit QAT (weights)", _quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds, qparams)
+    return Measured(_quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds, qparams)
 
 
-def weight_sharing(ctx: Context) -> Result:
+def weight_sharing(ctx: Context) -> Measured:
     from jaxopt_big import quant
-    from jaxopt_big.quant._cluster import cluster
     start = time.perf_counter()
-    clustered = cluster(ctx.params, 8, key=ctx.key(8))
+    clustered = quant.cluster(ctx.params, 8, key=ctx.key(8))
     seconds = time.perf_counter() - start
     apply = lambda books, x: ctx.apply(_leaves.densify(quant.with_codebooks(clustered, books)), x)
     books, tuned = train_classifier(ctx, quant.codebooks(clustered), epochs=ctx.epochs(4), lr=3e-4, apply=apply,
                                     desc="centroid fine-tune")
     clustered = quant.with_codebooks(clustered, books)
-    return Result("8-cluster weight sharing + centroid fine-tune", accuracy(ctx, _leaves.densify(clustered)),
-                  _leaves.nbytes(clustered), seconds + tuned, clustered)
+    return Measured(accuracy(ctx, _leaves.densify(clustered)), _leaves.nbytes(clustered), seconds + tuned, clustered)
 
 
-def mixed_precision(ctx: Context) -> Result:
+def mixed_precision(ctx: Context) -> Measured:
     from jaxopt_big import quant
-    from jaxopt_big.quant import _mixed as mixed
     start = time.perf_counter()
     spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL, calibration=quant.MSE())
     calib = next(_data.batches(ctx.train, 512, key=ctx.key(9)))
-    sens = mixed.sensitivity(_train.classifier_loss(ctx.apply), ctx.params, (calib.x, calib.y),
-                             bits=(2, 4, 8), spec=spec)
-    sizes = mixed.layer_bytes(ctx.params, bits=(2, 4, 8), spec=spec)
+    sens = quant.sensitivity(_train.classifier_loss(ctx.apply), ctx.params, (calib.x, calib.y), bits=(2, 4, 8),
+                             spec=spec)
+    sizes = quant.layer_bytes(ctx.params, bits=(2, 4, 8), spec=spec)
     budget = int(1.25 * sum(s[2] for s in sizes.values()))
-    bits = mixed.allocate_bits(sens, sizes, budget)
-    qparams = quant.quantize_params(ctx.params, mixed.allocation_rules(bits, spec))
+    bits = quant.allocate_bits(sens, sizes, budget)
+    qparams = quant.quantize_params(ctx.params, quant.allocation_rules(bits, spec))
     seconds = time.perf_counter() - start
     note = ", ".join(f"{p.split('/')[0]}:{b}" for p, b in bits.items())
-    return Result("mixed precision (2/4/8 bits, 1.25x 2-bit bytes)", _quantized_accuracy(ctx, qparams),
-                  _leaves.nbytes(qparams), seconds, qparams, note=note)
+    return Measured(_quantized_accuracy(ctx, qparams), _leaves.nbytes(qparams), seconds, qparams, note=note)
 
 
-def low_rank(ctx: Context) -> Result:
+def low_rank(ctx: Context) -> Measured:
     from jaxopt_big import lowrank
     kernel = ctx.params["Dense_0"]["kernel"]
     factored = lowrank.factorize_params(ctx.params, [Rule("Dense_0/kernel", {"max_params": kernel.size // 2})])
@@ -181,11 +229,10 @@ def low_rank(ctx: Context) -> Result:
     apply = lambda p, x: run({"params": p}, x)
     params, seconds = train_classifier(ctx, factored, epochs=ctx.epochs(4), lr=1e-3, apply=apply,
                                        desc="low-rank fine-tune")
-    return Result("low-rank 50% of Dense_0 + fine-tune", accuracy(ctx, params, apply), _leaves.nbytes(params),
-                  seconds, params)
+    return Measured(accuracy(ctx, params, apply), _leaves.nbytes(params), seconds, params)
 
 
-def lora_adaptation(ctx: Context) -> Result:
+def lora_adaptation(ctx: Context) -> Measured:
     """A CNN trained on digits 0-4 adapted to digits 5-9 by rank-4 LoRA, against full fine-tuning."""
     from jaxopt_big import lowrank
     old, new = (ctx.train.take(ctx.train.y < 5), ctx.train.take(ctx.train.y >= 5))
@@ -203,9 +250,9 @@ def lora_adaptation(ctx: Context) -> Result:
     full_acc = _train.evaluate(ctx.apply, full, new_test)["accuracy"]
     adapters, _ = lowrank.lora_partition(adapted)
     trained = sum(x.size for x in jax.tree.leaves(adapters)) / sum(x.size for x in jax.tree.leaves(base))
-    return Result("LoRA r=4 adapters (0-4 -> 5-9)", lora_acc, _leaves.nbytes(adapters), seconds, adapted,
-                  note=f"accuracy on 5-9; full fine-tune {full_acc:.4f}; trains {100 * trained:.1f}% of params; "
-                       "bytes = adapters", extra={"full_finetune_accuracy": full_acc, "trained_fraction": trained})
+    return Measured(lora_acc, _leaves.nbytes(adapters), seconds, adapted,
+                    note=f"accuracy on 5-9; full fine-tune {full_acc:.4f}; trains {100 * trained:.1f}% of params; "
+                         "bytes = adapters", extra={"full_finetune_accuracy": full_acc, "trained_fraction": trained})
 
 
 def _transfer_set(ctx: Context) -> tuple[_data.Dataset, _data.Dataset]:
@@ -223,7 +270,7 @@ def _student(ctx: Context):
     return model, model.init(ctx.key(12), ctx.train.x[:1])["params"], lambda p, x: model.apply({"params": p}, x)
 
 
-def kd_student(ctx: Context) -> Result:
+def kd_student(ctx: Context) -> Measured:
     from jaxopt_big import distill
     transfer, _ = _transfer_set(ctx)
     _, params, apply = _student(ctx)
@@ -233,34 +280,33 @@ def kd_student(ctx: Context) -> Result:
     loss_fn = lambda p, b: kd(p, distill.Batch(x=b[0], y=jnp.maximum(b[1], 0), labeled=b[1] >= 0))
     params, seconds = train_classifier(ctx, params, epochs=ctx.epochs(40), lr=2e-3, apply=apply, loss_fn=loss_fn,
                                        data=transfer, desc="KD student")
-    return Result("KD MLP student (10% labels + teacher)", accuracy(ctx, params, apply), _leaves.nbytes(params),
-                  seconds, params)
+    return Measured(accuracy(ctx, params, apply), _leaves.nbytes(params), seconds, params)
 
 
-def plain_student(ctx: Context) -> Result:
+def plain_student(ctx: Context) -> Measured:
     _, labeled = _transfer_set(ctx)
     _, params, apply = _student(ctx)
     # Same optimizer, steps and (unsmoothed) cross-entropy as the KD student's task term.
     params, seconds = train_classifier(ctx, params, epochs=10 * ctx.epochs(40), lr=2e-3, apply=apply, data=labeled,
                                        loss_fn=_train.classifier_loss(apply), desc="plain student")
-    return Result("plain MLP student (10% labels)", accuracy(ctx, params, apply), _leaves.nbytes(params), seconds,
-                  params, note="same optimizer, steps and cross-entropy as the KD student")
+    return Measured(accuracy(ctx, params, apply), _leaves.nbytes(params), seconds, params,
+                    note="same optimizer, steps and cross-entropy as the KD student")
 
 
 def _steps(ctx: Context, epochs: int) -> int:
     return epochs * (len(ctx.train) // 64)
 
 
-def _pruned_result(ctx: Context, method: str, params: Any, seconds: float, apply: Callable | None = None) -> Result:
+def _pruned(ctx: Context, params: Any, seconds: float) -> Measured:
     from jaxopt_big import sparsity
     packed = sparsity.pack_params(params)
     fraction = sparsity.sparsity(params)
     kernels = [v for p, v in fraction.items() if p.endswith("kernel")]
-    return Result(method, accuracy(ctx, _leaves.densify(packed), apply), _leaves.nbytes(packed), seconds, packed,
-                  note=f"kernel sparsity {min(kernels):.2f}-{max(kernels):.2f}")
+    return Measured(accuracy(ctx, _leaves.densify(packed)), _leaves.nbytes(packed), seconds, packed,
+                    note=f"kernel sparsity {min(kernels):.2f}-{max(kernels):.2f}")
 
 
-def global_magnitude(ctx: Context) -> Result:
+def global_magnitude(ctx: Context) -> Measured:
     from jaxopt_big import sparsity
     epochs = ctx.epochs(20)
     steps = _steps(ctx, epochs)
@@ -268,19 +314,19 @@ def global_magnitude(ctx: Context) -> Result:
                                             update_every=10)
     tx = sparsity.prune(_adamw(2e-3, steps), sparsity=schedule, update_every=10, scope=sparsity.Scope.GLOBAL)
     params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=2e-3, tx=tx, desc="global pruning 90%")
-    return _pruned_result(ctx, "global magnitude 90% (polynomial) + fine-tune", params, seconds)
+    return _pruned(ctx, params, seconds)
 
 
-def two_four(ctx: Context) -> Result:
+def two_four(ctx: Context) -> Measured:
     from jaxopt_big import sparsity
     epochs = ctx.epochs(8)
     tx = sparsity.prune(_adamw(5e-4, _steps(ctx, epochs)), sparsity=0.5, structure=sparsity.NM(2, 4),
                         where=r"(Conv_1|Dense_\d+)/kernel")
     params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=5e-4, tx=tx, desc="2:4 sparsity")
-    return _pruned_result(ctx, "2:4 sparsity (Conv_1, Dense) + fine-tune", params, seconds)
+    return _pruned(ctx, params, seconds)
 
 
-def rigl(ctx: Context) -> Result:
+def rigl(ctx: Context) -> Measured:
     from jaxopt_big import sparsity
     epochs = ctx.epochs(16)
     steps = _steps(ctx, epochs)
@@ -288,141 +334,140 @@ def rigl(ctx: Context) -> Result:
                        end_step=int(0.75 * steps), drop_fraction=0.1, distribution=sparsity.ERK(),
                        start=sparsity.Start.MAGNITUDE)
     params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=1e-3, tx=tx, desc="RigL 90%")
-    return _pruned_result(ctx, "RigL 90% (ERK) from the teacher's largest weights", params, seconds)
+    return _pruned(ctx, params, seconds)
 
 
-def kfold(ctx: Context) -> Result:
+def kfold(ctx: Context) -> Measured:
     epochs = ctx.epochs(12)
     start = time.perf_counter()
     cv = _train.cross_validate(lambda key: ctx.model.init(key, ctx.train.x[:1])["params"], ctx.apply, ctx.train,
                                _adamw(3e-3, _steps(ctx, epochs)), k=5, epochs=epochs, batch_size=64, key=ctx.key(15),
                                loss_fn=_train.classifier_loss(ctx.apply, label_smoothing=0.1))
-    return Result("dense CNN, 5-fold CV on the training split", cv.mean["accuracy"], ctx.dense_bytes,
-                  time.perf_counter() - start, note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}",
-                  extra={"std": cv.std["accuracy"], "folds": [f["accuracy"] for f in cv.folds]})
+    return Measured(cv.mean["accuracy"], ctx.teacher.nbytes, time.perf_counter() - start,
+                    note=f"accuracy {cv.mean['accuracy']:.4f} ± {cv.std['accuracy']:.4f}",
+                    extra={"std": cv.std["accuracy"], "folds": [f["accuracy"] for f in cv.folds]})
 
 
-def stacked(ctx: Context) -> Result:
-    """Prune 80% (global) while training an int8 fake-quantized student distilled from the teacher."""
-    from jaxopt_big import distill, quant, sparsity
+def stacked(ctx: Context) -> Measured:
+    """One recipe (prune 80% -> int8 per channel) trained with distillation from the teacher, then stored."""
+    from jaxopt_big import distill, quant, recipe
     epochs = ctx.epochs(12)
     steps = _steps(ctx, epochs)
-    spec = quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL)
-    student = lambda p, x: ctx.apply(quant.fake_quant_params(p, spec), x)
-    teacher_params = ctx.params
-    loss_fn = distill.combine(optax.softmax_cross_entropy_with_integer_labels, lambda x: ctx.apply(teacher_params, x),
+    plan = recipe.Plan(sparsity=0.8, quant=quant.QuantSpec(bits=8, granularity=quant.PER_CHANNEL))
+    compress = recipe.Recipe([Rule(".*", plan)])
+    ramp = optax.polynomial_schedule(0.0, 1.0, power=3, transition_steps=int(0.7 * steps))
+    tx, student = compress.for_training(_adamw(1e-3, steps), ctx.apply, ctx.params, ramp=ramp, update_every=10)
+    loss_fn = distill.combine(optax.softmax_cross_entropy_with_integer_labels, lambda x: ctx.apply(ctx.params, x),
                               student=student, alpha=0.5, temperature=4.0)
-    schedule = sparsity.polynomial_schedule(final_sparsity=0.8, begin_step=0, end_step=int(0.7 * steps),
-                                            update_every=10)
-    tx = sparsity.prune(_adamw(1e-3, steps), sparsity=schedule, update_every=10, scope=sparsity.Scope.GLOBAL)
     params, seconds = train_classifier(ctx, ctx.params, epochs=epochs, lr=1e-3, tx=tx, loss_fn=loss_fn,
                                        desc="prune 80% + int8 QAT + KD")
-    stored = jax.tree.map(lambda x: _sparse_int8(x, spec) if x.ndim >= 2 else x, params)
-    restored = jax.tree.map(lambda x: x["codes"].dense().astype(jnp.float32) * x["scale"] if isinstance(x, dict) else x,
-                            stored, is_leaf=lambda x: isinstance(x, dict) and "codes" in x)
-    return Result("stacked: prune 80% -> int8 -> distill", accuracy(ctx, restored), _leaves.nbytes(stored), seconds,
-                  stored, note="kernels stored as packed-sparse int8 codes + per-channel scales")
+    stored = compress.apply(params)
+    return Measured(accuracy(ctx, _leaves.densify(stored)), _leaves.nbytes(stored), seconds, stored,
+                    note="one recipe: kernels stored as pruned int8 leaves")
 
 
-def _sparse_int8(w: jax.Array, spec: Any) -> dict[str, Any]:
-    """A pruned kernel as its nonzero int8 codes (bit mask + values) and per-channel scales.
+STAGES: list[Stage] = [
+    Stage("dense", "dense CNN (teacher)", Family.REFERENCE, dense),
+    Stage("global_magnitude", "global magnitude 90% (polynomial) + fine-tune", Family.PRUNING, global_magnitude),
+    Stage("two_four", "2:4 sparsity (Conv_1, Dense) + fine-tune", Family.PRUNING, two_four),
+    Stage("rigl", "RigL 90% (ERK) from the teacher's largest weights", Family.PRUNING, rigl),
+    Stage("int8_ptq", "int8 PTQ (weights + static activations)", Family.QUANTIZATION, int8_ptq),
+    Stage("two_bit_ptq", "2-bit PTQ (MSE calibration)", Family.QUANTIZATION, two_bit_ptq),
+    Stage("two_bit_qat", "2-bit QAT (weights)", Family.QUANTIZATION, two_bit_qat),
+    Stage("weight_sharing", "8-cluster weight sharing + centroid fine-tune", Family.SHARING, weight_sharing),
+    Stage("mixed_precision", "mixed precision (2/4/8 bits, 1.25x 2-bit bytes)", Family.QUANTIZATION, mixed_precision),
+    Stage("low_rank", "low-rank 50% of Dense_0 + fine-tune", Family.LOW_RANK, low_rank),
+    Stage("lora", "LoRA r=4 adapters (0-4 -> 5-9)", Family.OTHER_TASK, lora_adaptation),
+    Stage("kd_student", "KD MLP student (10% labels + teacher)", Family.OTHER_TASK, kd_student),
+    Stage("plain_student", "plain MLP student (10% labels)", Family.OTHER_TASK, plain_student),
+    Stage("kfold", "dense CNN, 5-fold CV on the training split", Family.OTHER_TASK, kfold),
+    Stage("stacked", "stacked: prune 80% -> int8 -> distill", Family.COMBINED, stacked),
+]
 
-    Symmetric grids map 0 to code 0, so the pruned weights stay exactly zero in the codes.
-    """
-    from jaxopt_big import quant, sparsity
-    q = quant.quantize(w, spec)
-    return {"codes": sparsity.pack_array(q.int_values(), w != 0), "scale": q.scale}
 
-
-STAGES: list[Callable[[Context], Result]] = [dense, global_magnitude, two_four, rigl, int8_ptq, two_bit_ptq,
-                                             two_bit_qat, weight_sharing, mixed_precision, low_rank, lora_adaptation,
-                                             kd_student, plain_student, kfold, stacked]
-
-
-def _table(results: list[Result], ctx: Context) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [("method", "accuracy", "delta", "bytes", "ratio", "train s")]
+def _table(results: list[Result], teacher: Teacher) -> list[tuple[str, ...]]:
+    rows = [("method", "family", "accuracy", "delta", "bytes", "ratio", "train s")]
     for r in results:
-        rows.append((r.method, f"{r.accuracy:.4f}", f"{100 * (r.accuracy - ctx.accuracy):+.2f} pt", f"{r.nbytes:,}",
-                     f"{ctx.dense_bytes / r.nbytes:.2f}x", f"{r.seconds:.1f}"))
+        m = r.measured
+        rows.append((r.stage.title, r.stage.family.value, f"{m.accuracy:.4f}",
+                     f"{100 * (m.accuracy - teacher.accuracy):+.2f} pt", f"{m.nbytes:,}",
+                     f"{teacher.nbytes / m.nbytes:.2f}x", f"{m.seconds:.1f}"))
     return rows
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:
+    """An aligned text table (first row: header; first two columns left-aligned)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def _plot(results: list[Result], ctx: Context, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def run(*, quick: bool = False, seed: int = 0, out: str | pathlib.Path | None = DEFAULT_OUT,
+        stages: list[Stage] | None = None, print_fn: Callable[[str], None] = print) -> list[Result]:
+    """Trains the teacher once, runs the stages on digits and returns their results.
 
-    fig, ax = plt.subplots(figsize=(11, 6))
-    for i, r in enumerate(results, 1):  # numbered points and a legend: method names are too long to annotate
-        ratio = ctx.dense_bytes / r.nbytes
-        ax.scatter(ratio, 100 * r.accuracy, s=40, label=f"{i}. {r.method} ({100 * r.accuracy:.1f}%, {ratio:.1f}x)")
-        ax.annotate(str(i), (ratio, 100 * r.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    ax.set_xscale("log")
-    ax.set_xlabel("compression ratio (dense bytes / stored bytes)")
-    ax.set_ylabel("hold-out accuracy (%)")
-    ax.set_title("jaxopt_big on digits: accuracy vs compression")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run(*, quick: bool = False, seed: int = 0, out: str | pathlib.Path | None = None,
-        stages: list[Callable[[Context], Result]] | None = None, print_fn: Callable[[str], None] = print
-        ) -> list[Result]:
-    """Runs the demo stages on digits and returns their results (the first is the dense teacher).
-
-    ``out`` (created if missing) is checked to be a writable folder before any training: an
-    ``OSError`` comes first, not after minutes of work.
+    Writes ``report.md``, ``results.json``, the accuracy-vs-size plot and one Orbax checkpoint per
+    model to ``out`` (None: write nothing). The folder is checked to be writable before training.
     """
     if out is not None:
-        _check_writable(pathlib.Path(out))
+        out = writable(out)
     train, test = _data.holdout_split(_data.digits(), test_fraction=0.2, seed=seed)
-    ctx = Context(train=train, test=test, quick=quick, seed=seed)
+    ctx = Context(train, test, quick, seed, train_teacher(train, test, quick=quick, seed=seed))
     results = []
     for stage in stages or STAGES:
-        result = stage(ctx)
+        result = Result(stage, stage.run(ctx))
         results.append(result)
-        print_fn(f"  {result.method}: accuracy {result.accuracy:.4f}, {result.nbytes:,} bytes, {result.seconds:.1f} s"
-                 + (f" ({result.note})" if result.note else ""))
-    table = format_table(_table(results, ctx))
+        m = result.measured
+        print_fn(f"  {stage.title}: accuracy {m.accuracy:.4f}, {m.nbytes:,} bytes, {m.seconds:.1f} s"
+                 + (f" ({m.note})" if m.note else ""))
+    table = format_table(_table(results, ctx.teacher))
     print_fn("\n" + table)
     if out is not None:
-        _save(results, ctx, pathlib.Path(out), table)
+        for path in _save(results, ctx.teacher, out, table):
+            print_fn(f"wrote {path}")
     return results
 
 
-def _check_writable(out: pathlib.Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out):
-        pass
+def writable(out: str | pathlib.Path) -> pathlib.Path:
+    """Creates ``out`` if needed and checks a file can be written there (before minutes of training).
+
+    Raises:
+      OSError: the folder cannot be created or written (the message names it).
+    """
+    out = pathlib.Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output folder {str(out)!r} is not writable: {e.strerror or e}") from None
+    return out
 
 
-def _save(results: list[Result], ctx: Context, out: pathlib.Path, table: str) -> None:
+def _save(results: list[Result], teacher: Teacher, out: pathlib.Path, table: str) -> list[pathlib.Path]:
     from jaxopt_big import checkpoint as _checkpoint
+    from jaxopt_big import _plot
 
-    out.mkdir(parents=True, exist_ok=True)
-    md = ["# jaxopt-big demo on digits", "", f"Dense teacher hold-out accuracy: {ctx.accuracy:.4f}", "",
-          "| " + " | ".join(_table(results, ctx)[0]) + " |", "|---" * 6 + "|"]
-    md += ["| " + " | ".join(r) + " |" for r in _table(results, ctx)[1:]]
+    rows = _table(results, teacher)
+    md = ["# jaxopt-big demo on digits", "", f"Dense teacher hold-out accuracy: {teacher.accuracy:.4f}", "",
+          "![accuracy vs size](accuracy_vs_compression.png)", "",
+          "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     for r in results:
-        if r.params is None:
+        if r.measured.params is None:
             continue
-        name = "_".join("".join(c if c.isalnum() else " " for c in r.method.lower()).split())
-        with _checkpoint.Manager(out / "models" / name, async_save=False) as manager:
-            manager.save(0, r.params, extra={"method": r.method})
-        md += ["", f"## {r.method}", "", _report.summary(r.params).to_markdown()]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    rows = [{"method": r.method, "accuracy": r.accuracy, "delta_pt": 100 * (r.accuracy - ctx.accuracy),
-             "bytes": r.nbytes, "ratio": ctx.dense_bytes / r.nbytes, "seconds": r.seconds, "note": r.note, **r.extra}
-            for r in results]
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    _plot(results, ctx, out / "accuracy_vs_compression.png")
+        with _checkpoint.Manager(out / "models" / r.stage.name, async_save=False) as manager:
+            manager.save(0, r.measured.params,
+                         extra={"method": r.stage.title, "report": _report.summary(r.measured.params).as_dicts()})
+        md += ["", f"## {r.stage.title}", "", _report.summary(r.measured.params).to_markdown()]
+    report_md, results_json, plot = out / "report.md", out / "results.json", out / "accuracy_vs_compression.png"
+    report_md.write_text("\n".join(md) + "\n")
+    data = [{"name": r.stage.name, "method": r.stage.title, "family": r.stage.family.value,
+             "accuracy": r.measured.accuracy, "delta_pt": 100 * (r.measured.accuracy - teacher.accuracy),
+             "bytes": r.measured.nbytes, "ratio": teacher.nbytes / r.measured.nbytes, "seconds": r.measured.seconds,
+             "note": r.measured.note, **r.measured.extra} for r in results]
+    results_json.write_text(json.dumps(data, indent=2) + "\n")
+    _plot.plot(data, plot)
+    return [report_md, results_json, plot]

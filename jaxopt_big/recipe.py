@@ -36,7 +36,8 @@ from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
 
-__all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ"]
+__all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "PRESETS", "preset", "load",
+           "RecipeFileError"]
 
 Sparsity = float | _sparsity.NM
 
@@ -287,3 +288,155 @@ def _prune_masks(tree: Any, target: Sparsity) -> Any:
     if isinstance(target, _sparsity.NM):
         return _sparsity.make_masks(_sparsity.magnitude(tree), None, where=".*", structure=target)
     return _sparsity.make_masks(_sparsity.magnitude(tree), float(target), where=".*")
+
+
+def _group128(bits: int) -> _quant.QuantSpec:
+    return _quant.QuantSpec(bits=bits, granularity=_quant.Group(128), calibration=_quant.MSE())
+
+
+# Kernels of decoder and encoder linears; the output head and embeddings stay dense in every preset.
+_HEAD = _tree.Rule(r"(.*/)?(lm_head|embed_tokens|embeddings?|wte|pooler)(/.*)?", None, required=False)
+PRESETS: dict[str, tuple[Plan, str]] = {
+    "gptq-int4": (Plan(quant=GPTQ(_group128(4))), "GPTQ int4, groups of 128, MSE grid"),
+    "gptq-int3": (Plan(quant=GPTQ(_group128(3))), "GPTQ int3, groups of 128, MSE grid"),
+    "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
+    "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
+    "wanda-50": (Plan(sparsity=Wanda(0.5)), "Wanda 50% unstructured"),
+    "sparsegpt-50": (Plan(sparsity=SparseGPT(0.5)), "SparseGPT 50% unstructured"),
+    "sparsegpt-2:4": (Plan(sparsity=SparseGPT(_sparsity.NM(2, 4))), "SparseGPT 2:4"),
+    "sparsegpt-50+gptq-int4": (Plan(sparsity=SparseGPT(0.5), quant=GPTQ(_group128(4))),
+                               "SparseGPT 50%, then GPTQ int4 g128 on the survivors"),
+}
+
+
+def preset(name: str) -> Recipe:
+    """A named recipe for decoder/encoder checkpoints (every linear but the head and embeddings).
+
+    Examples:
+      >>> preset("gptq-int4").rules[1].value.describe()
+      'gptq int4 g128'
+      >>> preset("gptq-int5")
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown recipe preset 'gptq-int5'; presets: gptq-int4, gptq-int3, rtn-int4, int8, wanda-50, sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe preset {name!r}; presets: {', '.join(PRESETS)}")
+    return Recipe([_HEAD, _tree.Rule(".*", PRESETS[name][0])])
+
+
+_RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
+_QUANT_KEYS = {"bits", "symmetric", "granularity", "group", "calibration", "method", "act_order", "damp"}
+_PRUNERS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+_CALIBRATIONS = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax, "mse": _quant.MSE}
+
+
+class RecipeFileError(ValueError):
+    """A recipe file that does not parse into a typed :class:`Recipe`; the message names file, line and key."""
+
+
+def load(path: str | Any) -> Recipe:
+    """Reads a TOML recipe: ``[[rule]]`` tables of ``pattern`` -> plan, first match wins.
+
+    Keys of a rule: ``pattern`` (regex), ``sparsity`` (a fraction or ``"2:4"``), ``prune``
+    (``magnitude`` | ``wanda`` | ``sparsegpt``), ``required`` (bool) and a ``[rule.quant]`` table with
+    ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
+    ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (``rtn`` | ``gptq``), ``act_order``,
+    ``damp``. A rule without ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad
+    values raise :class:`RecipeFileError` naming the file, line and key.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> f = pathlib.Path(tempfile.mkdtemp()) / "r.toml"
+      >>> _ = f.write_text('[[rule]]\\npattern = "layers/.*/mlp/.*"\\nsparsity = "2:4"\\nprune = "sparsegpt"\\n'
+      ...                  '[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "gptq"\\n')
+      >>> load(f).rules[0].value.describe()
+      'sparsegpt 2:4 + gptq int4 g128'
+      >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\nsparsty = 0.5\\n')
+      >>> load(f)
+      Traceback (most recent call last):
+      ...
+      jaxopt_big.recipe.RecipeFileError: ...r.toml:3: unknown key 'sparsty' in [[rule]] (known: ...)
+    """
+    import pathlib
+    import tomllib
+
+    path = pathlib.Path(path)
+    text = path.read_text()
+    lines = text.splitlines()
+
+    def where(key: str, start: int) -> int:
+        for i in range(start, len(lines)):
+            if lines[i].split("=", 1)[0].strip().strip('"') == key:
+                return i + 1
+        return start + 1
+
+    def fail(key: str, start: int, message: str) -> RecipeFileError:
+        return RecipeFileError(f"{path}:{where(key, start)}: {message}")
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeFileError(f"{path}: {e}") from None
+    extra = set(doc) - {"rule"}
+    if extra or not isinstance(doc.get("rule"), list) or not doc["rule"]:
+        raise RecipeFileError(f"{path}: a recipe file holds [[rule]] tables only"
+                              + (f"; unknown top-level keys {sorted(extra)}" if extra else ""))
+    starts = [i for i, line in enumerate(lines) if line.strip() == "[[rule]]"]
+    rules = []
+    for table, start in zip(doc["rule"], starts):
+        for key in table:
+            if key not in _RULE_KEYS:
+                raise fail(key, start, f"unknown key {key!r} in [[rule]] (known: {', '.join(sorted(_RULE_KEYS))})")
+        if "pattern" not in table:
+            raise fail("pattern", start, "a [[rule]] needs a pattern")
+        try:
+            plan = Plan(sparsity=_sparsity_of(table), quant=_quant_of(table.get("quant"), path, start, fail))
+            rules.append(_tree.Rule(table["pattern"], plan, required=table.get("required", True)))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, RecipeFileError):
+                raise
+            raise RecipeFileError(f"{path}:{start + 1}: {e}") from None
+    return Recipe(rules)
+
+
+def _sparsity_of(table: dict[str, Any]) -> Any:
+    value, method = table.get("sparsity"), table.get("prune", "magnitude")
+    if value is None:
+        if "prune" in table:
+            raise ValueError("'prune' needs a 'sparsity'")
+        return None
+    if isinstance(value, str):
+        n, _, m = value.partition(":")
+        if not (n.isdigit() and m.isdigit()):
+            raise ValueError(f"sparsity must be a fraction or 'n:m', got {value!r}")
+        value = _sparsity.NM(int(n), int(m))
+    if method not in _PRUNERS:
+        raise ValueError(f"prune must be one of {', '.join(_PRUNERS)}, got {method!r}")
+    return _PRUNERS[method](value)
+
+
+def _quant_of(table: dict[str, Any] | None, path: Any, start: int, fail: Callable[..., Exception]) -> Any:
+    if table is None:
+        return None
+    for key in table:
+        if key not in _QUANT_KEYS:
+            raise fail(key, start, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(_QUANT_KEYS))})")
+    granularity = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}.get(table.get("granularity", "channel"))
+    if granularity is None:
+        raise ValueError(f"granularity must be 'tensor' or 'channel' (or give group = N), got {table['granularity']!r}")
+    if "group" in table:
+        granularity = _quant.Group(table["group"])
+    calibration = _CALIBRATIONS.get(table.get("calibration", "mse"))
+    if calibration is None:
+        raise ValueError(f"calibration must be one of {', '.join(_CALIBRATIONS)}, got {table['calibration']!r}")
+    spec = _quant.QuantSpec(bits=table.get("bits", 8), symmetric=table.get("symmetric", True),
+                            granularity=granularity, calibration=calibration())
+    method = table.get("method", "rtn")
+    if method == "rtn":
+        if {"act_order", "damp"} & set(table):
+            raise ValueError("act_order and damp are GPTQ options: set method = 'gptq'")
+        return RTN(spec)
+    if method == "gptq":
+        return GPTQ(spec, act_order=table.get("act_order", False), damp=table.get("damp", 0.01))
+    raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")

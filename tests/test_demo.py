@@ -25,6 +25,8 @@ def _row(rows, prefix):
 def test_prints_one_table_with_every_method(demo):
     _, stdout, rows = demo
     assert len(rows) == 15
+    assert stdout.splitlines()[-3:] == [f"wrote {demo[0] / p}"                # it ends with where it wrote
+                                        for p in ("report.md", "results.json", "accuracy_vs_compression.png")]
     table = stdout[stdout.index("method"):]
     for method in rows:
         assert method in table
@@ -83,11 +85,37 @@ def test_files_written(demo):
 
 def test_report_command_reads_a_saved_model(demo):
     out = demo[0]
-    target = out / "models" / "int8_ptq_weights_static_activations"
+    target = out / "models" / "int8_ptq"
     proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(target)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Dense_0/kernel" in proc.stdout and "int8" in proc.stdout
+
+
+def test_results_name_every_row_and_set_other_tasks_apart(demo):
+    rows = demo[2]
+    names = [r["name"] for r in rows.values()]
+    assert len(set(names)) == len(names) and all(n.isidentifier() for n in names)
+    others = {r["name"] for r in rows.values() if r["family"] == "other task"}
+    assert others == {"lora", "kd_student", "plain_student", "kfold"}
+
+
+def test_pareto_front_is_the_undominated_points():
+    from jaxopt_big._plot import pareto_front
+    points = [(1.0, 0.99), (4.0, 0.98), (3.0, 0.97), (8.0, 0.90), (8.0, 0.95), (2.0, 0.99)]
+    front = pareto_front(points)
+    dominated = lambda i: any(p[0] >= points[i][0] and p[1] >= points[i][1] and p != points[i] for p in points)
+    assert front == sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: points[i][0])
+    assert front == [5, 1, 4]
+
+
+def test_demo_on_an_unwritable_folder_exits_2_before_training(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "demo", "--quick", "--out", str(blocked / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_report_command_missing_directory_exits_2(tmp_path):

@@ -107,3 +107,57 @@ def test_for_training_keeps_planned_sparsity_and_trains_on_fake_quant_weights():
     # forward runs the fake-quantized kernels: equal to the quantize-dequantize of the weights
     expected = apply_fn(jb.leaves.densify(RECIPE.apply(params)), x)
     np.testing.assert_allclose(forward(params, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_presets_leave_the_head_dense_and_quantize_every_other_kernel():
+    params = {"layers": {"0": {"mlp": {"up_proj": {"kernel": jnp.ones((8, 8))}}}}, "lm_head": {"kernel": jnp.ones((8, 4))}}
+    plans = jb.recipe.preset("int8").plans(params)
+    assert plans["lm_head"]["kernel"] is None
+    assert plans["layers"]["0"]["mlp"]["up_proj"]["kernel"].quant.bits == 8
+    for name in jb.recipe.PRESETS:
+        assert jb.recipe.preset(name).plans(params)["lm_head"]["kernel"] is None
+
+
+def test_recipe_file_parses_into_the_typed_recipe(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('''
+[[rule]]
+pattern = "layers/\\\\d+/mlp/.*"
+sparsity = 0.5
+prune = "wanda"
+[rule.quant]
+bits = 3
+group = 64
+method = "gptq"
+act_order = true
+
+[[rule]]
+pattern = ".*"
+[rule.quant]
+bits = 8
+calibration = "absmax"
+''')
+    recipe = jb.recipe.load(path)
+    first, second = (r.value for r in recipe.rules)
+    assert recipe.rules[0].pattern == r"layers/\d+/mlp/.*"
+    assert first.sparsity == jb.Wanda(0.5)
+    assert first.quant == jb.GPTQ(QuantSpec(bits=3, granularity=jb.quant.Group(64), calibration=jb.quant.MSE()),
+                                  act_order=True)
+    assert second == Plan(quant=jb.RTN(QuantSpec(bits=8, granularity=PER_CHANNEL)))
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ('[[rule]]\npattern = ".*"\nsparsty = 0.5\n', 3, "unknown key 'sparsty' in [[rule]]"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nmetod = "gptq"\n', 5, "unknown key 'metod' in [rule.quant]"),
+    ('[[rule]]\npattern = ".*"\n\n[[rule]]\npattern = "a"\n[rule.quant]\nbits = 9\n', 4, "bits must be an int in"),
+    ('[[rule]]\npattern = ".*"\nsparsity = "2-4"\n', 1, "'n:m'"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "rtn"\nact_order = true\n', 1, "GPTQ options"),
+    ('[[rules]]\npattern = ".*"\n', None, "[[rule]] tables only"),
+])
+def test_recipe_file_errors_name_the_file_line_and_key(tmp_path, body, line, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(jb.recipe.RecipeFileError) as e:
+        jb.recipe.load(path)
+    text = str(e.value)
+    assert text.startswith(f"{path}:{line}: " if line else f"{path}: ") and message in text, text
