@@ -1,15 +1,17 @@
 """The ``jaxopt-big`` command.
 
-``jaxopt-big demo`` trains the reference CNN on the embedded digits data, compresses it every way
-the library supports and prints one table (see :mod:`jaxopt_big.demo`); ``jaxopt-big report DIR``
-prints the per-layer table of a saved checkpoint, read back and rebuilt from its files. Bad options,
-an unwritable ``--out`` folder, a missing or unreadable checkpoint exit with status 2 and a one-line
-message.
+``jaxopt-big compress SRC --out DST --recipe R`` compresses a Hugging Face checkpoint (see
+:mod:`jaxopt_big.hf`); ``jaxopt-big demo`` trains the reference CNN on the embedded digits data,
+compresses it every way the library supports and prints one table (see :mod:`jaxopt_big.demo`);
+``jaxopt-big report DIR`` prints the per-layer table of a saved checkpoint, read back and rebuilt
+from its files. Bad input (options, directories, recipes, an unwritable ``--out``, an unreadable
+checkpoint) exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,8 +42,6 @@ def _parameters(tree: Any) -> Any:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import pathlib
-
     from jaxopt_big import checkpoint, report
 
     directory = pathlib.Path(args.checkpoint_dir)
@@ -66,6 +66,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from jaxopt_big import hf, parallel
+
+    try:
+        hf.model_type(args.src)
+        hf.check_destination(args.out, overwrite=args.overwrite)
+        recipe = hf.read_recipe(args.recipe)
+        if args.calibration is not None and not pathlib.Path(args.calibration).is_file():
+            raise FileNotFoundError(f"calibration file {args.calibration!r} does not exist")
+        mesh = None
+        if args.mesh:
+            axes = dict(part.split("=", 1) for part in args.mesh.split(","))
+            mesh = parallel.make_mesh(**{k.strip(): int(v) for k, v in axes.items()})
+        hf.compress_checkpoint(args.src, args.out, recipe, calibration=args.calibration, samples=args.samples,
+                               length=args.length, export_hf=args.export_hf, overwrite=args.overwrite, mesh=mesh)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"jaxopt-big: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
     parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
@@ -79,8 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "its parameters)")
     rep.add_argument("checkpoint_dir", help="a directory written by jaxopt_big.checkpoint.Manager")
     rep.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
+    comp = sub.add_parser("compress", help="compress a Hugging Face checkpoint directory with a recipe")
+    comp.add_argument("src", help="a directory with config.json and safetensors (llama, qwen2, mistral, bert)")
+    comp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    comp.add_argument("--recipe", required=True, help="a preset (gptq-int4, gptq-int3, rtn-int4, int8, wanda-50, "
+                      "sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4) or a .toml recipe file")
+    comp.add_argument("--calibration", default=None, help="plain-text file to calibrate on (default: the "
+                      "embedded Python documentation)")
+    comp.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    comp.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
+    comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
+    comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
+    comp.add_argument("--mesh", default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "report": _report}[args.command](args)
+    return {"demo": _demo, "report": _report, "compress": _compress}[args.command](args)
 
 
 if __name__ == "__main__":
