@@ -22,7 +22,8 @@ $(VENV)/.bench: pyproject.toml $(STAMP)
 	touch $(VENV)/.bench
 
 demo: $(STAMP)
-	$(VENV)/bin/jaxopt-big demo $(ARGS)
+	$(VENV)/bin/jaxopt-big demo --out demo-out $(ARGS)
+	cp demo-out/accuracy_vs_compression.png docs/demo.png  # the picture the README shows
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile jaxopt_big tests README.md $(ARGS)
