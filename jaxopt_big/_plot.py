@@ -94,15 +94,17 @@ def plot(rows: list[dict[str, Any]], path: str | pathlib.Path) -> None:
     names = ["\n".join(textwrap.wrap(r["method"], 28)) for r in other]
     acc = [100 * r["accuracy"] for r in other]
     err = [100 * r.get("std", 0.0) for r in other]
+    left = min(acc + [90.0]) - 2
     side.barh(range(len(other)), acc, xerr=err, color="#56B4E9", height=0.55)
     for i, r in enumerate(other):
-        side.text(acc[i] - 0.3, i, f"{acc[i]:.1f}%", va="center", ha="right", fontsize=8, color="white")
+        side.text(left + 0.3, i, f"{acc[i]:.1f}%", va="center", ha="left", fontsize=8, color="white",
+                  fontweight="bold")
         if "full_finetune_accuracy" in r:
             side.plot(100 * r["full_finetune_accuracy"], i, "k|", ms=18, mew=2)
-            side.text(100 * r["full_finetune_accuracy"], i + 0.35, "full fine-tune", fontsize=7, ha="center")
+            side.text(100 * r["full_finetune_accuracy"], i - 0.38, "full fine-tune", fontsize=7, ha="center")
     side.set_yticks(range(len(other)), names, fontsize=8)
     side.invert_yaxis()
-    side.set_xlim(min(acc + [90.0]) - 2, 100.5)
+    side.set_xlim(left, 100.5)
     side.set_xlabel("accuracy (%) on each row's own task")
     side.set_title("other tasks (not on the trade-off)")
     side.grid(alpha=0.3, axis="x")
