@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
         out = demo.writable(args.out)  # before minutes of training
         demo.run(quick=args.quick, seed=args.seed, out=out)
     except OSError as e:  # a late failure (disk full) is one line too
-        print(f"jaxopt-big: error: {e}", file=sys.stderr)
+        print(f"jaxopt-big: error: --out: {e}", file=sys.stderr)
         return 2
     return 0
 
