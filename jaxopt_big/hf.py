@@ -35,8 +35,8 @@ from jaxopt_big import recipe as _recipe
 from jaxopt_big import report as _report
 from jaxopt_big import zoo as _zoo
 
-__all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "check_destination", "read_recipe",
-           "model_type"]
+__all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "load_compressed", "check_destination",
+           "read_recipe", "model_type"]
 
 DECODERS = ("llama", "qwen2", "mistral")
 ENCODERS = ("bert",)
@@ -248,7 +248,29 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
 def _pure(params: Any) -> Any:
     """Plain nested dicts for Orbax (an ``nnx.State`` becomes its pure dict; compressed leaves stay)."""
     from flax import nnx
-    return params.to_pure_dict() if isinstance(params, nnx.State) else params
+    return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+
+
+def load_compressed(directory: str | pathlib.Path) -> tuple[Any, Any]:
+    """``(model, params)`` of a folder written by :func:`compress_checkpoint`, compressed leaves intact.
+
+    Decoders: an nnx model built from ``config.json`` (weights not initialized) and an
+    ``nnx.State`` of its parameters; run it with ``nnx.update(model, jb.leaves.densify(params))``
+    or through :func:`jaxopt_big.quant.qat`. Encoders: the linen ``Bert`` and its ``params``.
+    """
+    from flax import nnx
+
+    directory = pathlib.Path(directory)
+    kind = model_type(directory)
+    config = json.loads((directory / "config.json").read_text())
+    with _checkpoint.Manager(directory / "checkpoint") as manager:
+        restored = manager.restore(0)
+    if kind in ENCODERS:
+        return _zoo.Bert(_zoo.BertConfig.from_hf(config)), restored
+    model = nnx.eval_shape(lambda: _zoo.Llama(_zoo.LlamaConfig.from_hf(config), rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(params, restored)
+    return model, params
 
 
 def _markdown(src: pathlib.Path, o: Outcome, summary: _report.Report, layers: Any) -> str:
