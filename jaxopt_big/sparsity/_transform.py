@@ -110,19 +110,19 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
           update_every: int = 100, where: Any = _tree.KERNELS, scope: _masks.Scope = _masks.Scope.LAYER,
           distribution: _masks.Distribution = _masks.Uniform(),
           structure: _masks.Structure = _masks.Unstructured(), straight_through: bool = False,
-          sparse_gradients: bool = False, key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
+          sparse_gradients: bool = True, key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
     """Wraps ``tx`` so the selected weights are pruned to a (scheduled) sparsity while it trains them.
 
     At every ``update_every``-th update (the first included) the masks are recomputed from
     ``score`` at ``sparsity(count)`` under ``lax.cond`` (the schedule is traced: no recompilation;
     the other steps run only the branch that keeps the masks). The returned updates set pruned
-    weights to exactly zero, so a step between mask updates costs ``tx`` plus one masking of its
-    updates. ``tx`` sees the full gradient, as in TF-MOT and jaxpruner; with an elementwise ``tx``
-    (sgd, momentum, adam, adamw) the kept weights train exactly as with masked gradients, and only
-    a weight that a later mask update brings back starts from other optimizer moments. With
-    ``sparse_gradients=True`` the gradients of pruned weights are zeroed before ``tx`` (for a
-    ``tx`` that couples weights, such as one with ``clip_by_global_norm`` inside), which costs a
-    second masking per step. With ``straight_through=True`` the state keeps the dense weights:
+    weights to exactly zero. By default the gradients of pruned weights are zeroed before ``tx``,
+    so ``tx`` never sees them: its moments at pruned positions stay zero and a ``tx`` that couples
+    weights (``clip_by_global_norm`` inside it) sees only the kept weights' gradients. With
+    ``sparse_gradients=False``, ``tx`` sees the full gradient (as in TF-MOT and jaxpruner), which
+    saves one masking per step; with an elementwise ``tx`` (sgd, momentum, adam, adamw) the kept
+    weights then train exactly alike, and only a weight that a later mask update brings back starts
+    from other optimizer moments. With ``straight_through=True`` the state keeps the dense weights:
     the gradient (taken at the masked weights) trains all of them, pruned ones can come back at the
     next mask update, and the params seen by the model are the masked dense weights.
 
@@ -135,7 +135,8 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
       update_every: mask update period in updates.
       where, scope, distribution, structure: as in :func:`make_masks`.
       straight_through: keep dense weights and train them with the gradient of the masked model.
-      sparse_gradients: zero the gradients of pruned weights before ``tx``.
+      sparse_gradients: zero the gradients of pruned weights before ``tx`` (default); False hands
+        ``tx`` the full gradient.
       key: PRNG key for random scores (required when ``score`` is ``random``).
 
     Examples:
