@@ -202,7 +202,8 @@ class Recipe:
     def apply(self, params: Any) -> Any:
         """Post-training compression without calibration data: magnitude pruning, then round to nearest.
 
-        A pruned and quantized kernel is quantized with its zeros in place. Plans that need
+        A pruned and quantized kernel is quantized with its zeros in place; at 8 bits it is stored as one
+        leaf whose codes are packed sparse (mask bits + kept int8 codes + scales). Plans that need
         calibration data (Wanda, SparseGPT, GPTQ) raise: run them with
         :func:`jaxopt_big.oneshot.compress`.
 
@@ -211,7 +212,7 @@ class Recipe:
           >>> params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
           >>> out = jb.Recipe([jb.Rule(".*", jb.Plan(sparsity=0.5, quant=jb.quant.QuantSpec(bits=8)))]).apply(params)
           >>> out["d"]["kernel"].kind, float((out["d"]["kernel"].dense() == 0).mean())
-          ('int8', 0.5)
+          ('int8 sparse 50%', 0.5)
         """
         for path, plan in self._planned(params):
             for method in (plan.pruner, plan.quantizer):
@@ -220,9 +221,16 @@ class Recipe:
                                      "use jb.oneshot.compress(model, params, batches, recipe)")
 
         def one(path: str, w: Any, plan: Plan) -> Any:
+            keep = None
             if plan.pruner is not None:
-                w = _sparsity.apply_masks({"w": w}, _prune_masks({"w": w}, plan.pruner.sparsity))["w"]
-            return w if plan.quantizer is None else _quant.quantize(w, plan.quantizer.spec, path=path)
+                keep = _prune_masks({"w": w}, plan.pruner.sparsity)["w"]
+                w = _sparsity.apply_masks({"w": w}, {"w": keep})["w"]
+            if plan.quantizer is None:
+                return w
+            q = _quant.quantize(w, plan.quantizer.spec, path=path)
+            if keep is not None and getattr(q, "bits", None) == 8:  # one leaf: mask bits + kept int8 codes + scales
+                return _sparsity.pack_array(q, keep)
+            return q
 
         return _tree.map_with_path(lambda p, w, plan: w if plan is None else one(p, w, plan), params,
                                    self.plans(params))

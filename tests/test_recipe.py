@@ -64,6 +64,8 @@ def test_apply_prunes_by_magnitude_then_quantizes_the_survivors():
         assert np.abs(dense - w * kept).max() <= step / 2 + 1e-6
     attn = out["layer_0"]["attn"]["kernel"]
     assert attn.bits == 8 and float((attn.dense() == 0).mean()) == 0.25
+    kept = 16 * 16 - 64                              # one leaf: a bit per weight + kept int8 codes + 16 scales
+    assert attn.nbytes == 16 * 16 // 8 + kept + 4 * 16, attn.nbytes
     assert out["layer_1"]["attn"]["kernel"] is PARAMS["layer_1"]["attn"]["kernel"]
     assert out["layer_0"]["mlp"]["bias"] is PARAMS["layer_0"]["mlp"]["bias"]
 
