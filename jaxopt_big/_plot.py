@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pathlib
 import textwrap
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = ["plot", "pareto_front"]
 

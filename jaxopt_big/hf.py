@@ -22,7 +22,8 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import numpy as np

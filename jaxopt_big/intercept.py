@@ -125,7 +125,8 @@ class Call:
         still does everything around the contraction: dtype promotion, padding, dimension numbers.
         """
         kernel, bias = params["kernel"], params.get("bias")
-        own = getattr(self.module, attr, None) or (lax.dot_general if attr == "dot_general" else lax.conv_general_dilated)
+        own = getattr(self.module, attr, None) or (
+            lax.dot_general if attr == "dot_general" else lax.conv_general_dilated)
 
         def hooked(lhs, rhs, *op_args, **op_kwargs):
             dtype = op_kwargs.get("preferred_element_type") or jnp.result_type(lhs, rhs)

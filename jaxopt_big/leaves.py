@@ -19,7 +19,7 @@ import abc
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +139,12 @@ class Compressed(abc.ABC):
     ``shape``, ``dtype``, ``ndim`` and ``size`` are those of the dense value.
     """
 
-    dense_shape: tuple[int, ...]
-    dense_dtype: Any
+    if TYPE_CHECKING:  # read-only to type checkers: subclasses give static fields or properties
+        @property
+        def dense_shape(self) -> tuple[int, ...]: ...
+
+        @property
+        def dense_dtype(self) -> Any: ...
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)

@@ -326,7 +326,7 @@ def preset(name: str) -> Recipe:
       >>> preset("gptq-int5")
       Traceback (most recent call last):
       ...
-      ValueError: unknown recipe preset 'gptq-int5'; presets: gptq-int4, gptq-int3, rtn-int4, int8, wanda-50, sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4
+      ValueError: unknown recipe preset 'gptq-int5'; presets: gptq-int4, gptq-int3, rtn-int4, int8, ...
     """
     if name not in PRESETS:
         raise ValueError(f"unknown recipe preset {name!r}; presets: {', '.join(PRESETS)}")

@@ -145,7 +145,8 @@ def lora_init(params: Any, key: jax.Array, *, rank: int | Sequence[_tree.Rule[in
         bound = 1.0 / np.sqrt(m)
         a = jax.random.uniform(jax.random.fold_in(key, zlib.crc32(path.encode())), (*shape[:-1], rank), dtype,
                                -bound, bound)
-        return LoRA(base=w, **_leaves.place_like({"a": a, "b": jnp.zeros((rank, n), dtype)}, w), scale=float(alpha) / rank)
+        factors = _leaves.place_like({"a": a, "b": jnp.zeros((rank, n), dtype)}, w)
+        return LoRA(base=w, **factors, scale=float(alpha) / rank)
 
     return _tree.map_assigned(one, params, rank, where=where, what="rank")
 

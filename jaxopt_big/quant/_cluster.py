@@ -199,7 +199,8 @@ def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Arr
     def leaf(path: str, w: Any, k: Any) -> Any:
         k = _check_clusters(path, k, w)
         res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
-        return _leaves.place_like(Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape)), w)
+        clustered = Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
+        return _leaves.place_like(clustered, w)
 
     return _tree.map_assigned(leaf, params, n_clusters, where=where, what="n_clusters")
 

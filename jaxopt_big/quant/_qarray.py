@@ -7,7 +7,6 @@ kernel sharded along its output axis keeps that sharding.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax

@@ -208,7 +208,8 @@ def qat(fn: Any, *, weights: _spec.Format | Sequence[_tree.Rule[_spec.Format | N
             if _leaves.is_compressed(kernel):  # runs as stored, on its own hook
                 hook = _Kernel(_after(kernel, call.inputs), None, x, gradient)
             else:
-                hook = _Kernel(None, _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient), x, gradient)
+                w_op = _quantize_operand(kernel, wspec, None, f"{call.path}/kernel", gradient)
+                hook = _Kernel(None, w_op, x, gradient)
             if not call.runs_hooks:  # Einsum and other layers: float contraction on fake-quantized operands
                 return call.run({**call.params, "kernel": hook.stored if hook.w is None else hook.w.value}, x.value)
             # The layer sees the fake-quant input (shapes, promotion, bias); its contraction goes to the hook,
