@@ -78,7 +78,8 @@ def _compress(args: argparse.Namespace) -> int:
         mesh = None
         if args.mesh:
             axes = dict(part.split("=", 1) for part in args.mesh.split(","))
-            mesh = parallel.make_mesh(**{k.strip(): int(v) for k, v in axes.items()})
+            sizes: dict[str, Any] = {k.strip(): int(v) for k, v in axes.items()}
+            mesh = parallel.make_mesh(**sizes)
         hf.compress_checkpoint(args.src, args.out, recipe, calibration=args.calibration, samples=args.samples,
                                length=args.length, export_hf=args.export_hf, overwrite=args.overwrite, mesh=mesh)
     except (OSError, ValueError, TypeError) as e:

@@ -388,7 +388,7 @@ STAGES: list[Stage] = [
 
 
 def _table(results: list[Result], teacher: Teacher) -> list[tuple[str, ...]]:
-    rows = [("method", "family", "accuracy", "delta", "bytes", "ratio", "train s")]
+    rows: list[tuple[str, ...]] = [("method", "family", "accuracy", "delta", "bytes", "ratio", "train s")]
     for r in results:
         m = r.measured
         rows.append((r.stage.title, r.stage.family.value, f"{m.accuracy:.4f}",

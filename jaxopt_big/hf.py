@@ -119,8 +119,8 @@ def _windows(ids: np.ndarray, length: int, count: int, what: str) -> np.ndarray:
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.mean(np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))))
 
 
 def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int):
@@ -146,18 +146,19 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
             _zoo.save_llama(directory, clone)
         return model, params, batches, None, "perplexity", evaluate, export
 
-    model, params = _zoo.load_bert(src)
+    bert, bert_params = _zoo.load_bert(src)
     tokenizer = _zoo.load_tokenizer(src / "tokenizer.json", length=length)
     lines = lambda text: [s.strip() for s in text.splitlines() if len(s.strip()) > 20][:samples]  # noqa: E731
-    calib, held = (_zoo.tokenize(tokenizer, lines(t)) for t in texts)
-    batches = [(calib[0][i:i + 8], calib[1][i:i + 8]) for i in range(0, len(calib[0]) - len(calib[0]) % 8, 8)]
-    if not batches:
+    calib_ids, held_ids = (_zoo.tokenize(tokenizer, lines(t)) for t in texts)
+    pairs = [(calib_ids[0][i:i + 8], calib_ids[1][i:i + 8])
+             for i in range(0, len(calib_ids[0]) - len(calib_ids[0]) % 8, 8)]
+    if not pairs:
         raise ValueError("calibration text: fewer than 8 lines of text")
-    embed = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
-    reference = embed(params, *held)
-    evaluate = lambda p: _cosine(embed(_leaves.densify(p), *held), reference)  # noqa: E731
-    export = lambda p, directory: _zoo.save_bert(directory, model.config, _leaves.densify(p))  # noqa: E731
-    return model, params, batches, (lambda b: b[1]), "cosine", evaluate, export
+    embed = jax.jit(lambda p, ids, mask: bert.apply({"params": p}, ids, mask))
+    reference = embed(bert_params, *held_ids)
+    evaluate = lambda p: _cosine(embed(_leaves.densify(p), *held_ids), reference)  # noqa: E731
+    export = lambda p, directory: _zoo.save_bert(directory, bert.config, _leaves.densify(p))  # noqa: E731
+    return bert, bert_params, pairs, (lambda b: b[1]), "cosine", evaluate, export
 
 
 def _place_result(tmp: pathlib.Path, dst: pathlib.Path) -> None:

@@ -336,7 +336,8 @@ def preset(name: str) -> Recipe:
 _RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
 _QUANT_KEYS = {"bits", "symmetric", "granularity", "group", "calibration", "method", "act_order", "damp"}
 _PRUNERS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
-_CALIBRATIONS = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax, "mse": _quant.MSE}
+_CALIBRATIONS: dict[str, Callable[[], _quant.Calibration]] = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax,
+                                                              "mse": _quant.MSE}
 
 
 class RecipeFileError(ValueError):
@@ -430,7 +431,8 @@ def _quant_of(table: dict[str, Any] | None, path: Any, start: int, fail: Callabl
     for key in table:
         if key not in _QUANT_KEYS:
             raise fail(key, start, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(_QUANT_KEYS))})")
-    granularity = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}.get(table.get("granularity", "channel"))
+    grids: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
+    granularity = grids.get(table.get("granularity", "channel"))
     if granularity is None:
         raise ValueError(f"granularity must be 'tensor' or 'channel' (or give group = N), got {table['granularity']!r}")
     if "group" in table:

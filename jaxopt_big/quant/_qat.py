@@ -116,23 +116,31 @@ class _Kernel(NamedTuple):
     x: _Operand
     gradient: Gradient
 
+    def _kernel(self) -> Any:
+        if self.stored is not None:
+            return self.stored
+        assert self.w is not None  # a _Kernel holds ``stored`` or ``w``
+        return self.w.value
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple((self.w.value if self.stored is None else self.stored).shape)
+        return tuple(self._kernel().shape)
 
     @property
     def dtype(self) -> Any:
-        return (self.w.value if self.stored is None else self.stored).dtype
+        return self._kernel().dtype
 
     def contract(self, lhs: jax.Array, c: _leaves.Contraction) -> jax.Array:
         x, w = self.x, self.w
         # The layer may have padded or reshaped its input; then the integer values do not line up.
-        fits = x.ints is not None and lhs.shape == x.ints.shape
-        if fits:
+        fits = False
+        if x.ints is not None and x.scale is not None and lhs.shape == x.ints.shape:
+            fits = True
             c = dataclasses.replace(c, int_input=(x.ints, x.scale))
         if self.stored is not None:
             return _leaves.contract(self.stored, lhs, c)
-        y = None if w.ints is None else integer_contract(c, lhs, w.ints, w.scale)
+        assert w is not None  # a _Kernel holds ``stored`` or ``w``
+        y = None if w.ints is None or w.scale is None else integer_contract(c, lhs, w.ints, w.scale)
         if y is None:  # float contraction on the fake-quantized operands
             return c(lhs, w.value)
         # Float-operand gradients only where the integer path runs: the operands line up there.
