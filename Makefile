@@ -26,6 +26,8 @@ demo: $(STAMP)
 	cp demo-out/accuracy_vs_compression.png docs/demo.png  # the picture the README shows
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check jaxopt_big
+	$(VENV)/bin/mypy jaxopt_big
 	$(PY) -m pytest -n 2 --dist loadfile jaxopt_big tests README.md $(ARGS)
 
 docs: $(STAMP)
@@ -36,4 +38,4 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache docs/api
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache docs/api
