@@ -178,7 +178,10 @@ def finite(named: Iterable[tuple[str, Any]], what: str = "values") -> None:
     named = [(p, x) for p, x in named if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
     if not named:
         return
-    counts = jax.device_get(_nonfinite_counts([x for _, x in named]))
+    counts = _nonfinite_counts([x for _, x in named])
+    if any(isinstance(c, jax.core.Tracer) for c in counts):
+        return  # concrete leaves closed over inside an outer jit: the traced (propagation) policy applies
+    counts = jax.device_get(counts)
     for (p, x), c in zip(named, counts):
         if c:
             raise ValueError(f"{prefix(p)}{what} contain NaN or Inf ({int(c)} of {x.size} values)")
