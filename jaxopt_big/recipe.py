@@ -195,8 +195,8 @@ class Recipe:
         """The :class:`Plan` of every leaf of ``params`` (``None`` where none applies)."""
         return _tree.assign(params, list(self.rules), where=self.where, what="recipe")
 
-    def _planned(self, params: Any) -> list[tuple[str, Plan]]:
-        flat = jax.tree.leaves(self.plans(params), is_leaf=lambda v: v is None)
+    def _planned(self, params: Any, plans: Any = None) -> list[tuple[str, Plan]]:
+        flat = jax.tree.leaves(self.plans(params) if plans is None else plans, is_leaf=lambda v: v is None)
         return [(p, plan) for p, plan in zip(_tree.paths(params), flat) if plan is not None]
 
     def apply(self, params: Any) -> Any:
@@ -214,7 +214,8 @@ class Recipe:
           >>> out["d"]["kernel"].kind, float((out["d"]["kernel"].dense() == 0).mean())
           ('int8 sparse 50%', 0.5)
         """
-        for path, plan in self._planned(params):
+        plans = self.plans(params)
+        for path, plan in self._planned(params, plans):
             for method in (plan.pruner, plan.quantizer):
                 if method is not None and not isinstance(method, (Magnitude, RTN)):
                     raise ValueError(f"{path}: {type(method).__name__} needs calibration data; "
@@ -232,8 +233,7 @@ class Recipe:
                 return _sparsity.pack_array(q, keep)
             return q
 
-        return _tree.map_with_path(lambda p, w, plan: w if plan is None else one(p, w, plan), params,
-                                   self.plans(params))
+        return _tree.map_with_path(lambda p, w, plan: w if plan is None else one(p, w, plan), params, plans)
 
     def for_training(self, tx: optax.GradientTransformation, apply_fn: Callable[..., Any], params: Any, *,
                      ramp: optax.Schedule | None = None, update_every: int = 100
