@@ -5,7 +5,11 @@ embedding cosine to the float model); then GPTQ against round-to-nearest with th
 MiniLM at int3 g128.
 
 Neither hand grid wins everywhere (at 2 bits the full grid usually does, not on every channel), so
-our search tries both per scale. Run: ``python benchmarks/quant_lowbit.py [--quick]``.
+our search tries both per scale, and its squared weight error is checked per scale (output channel,
+or group) against both hand searches. Digits rows also give the test cross-entropy: with 360 test
+images one image is 0.28 points of accuracy. A lower weight error need not give a better network:
+on non-negative inputs the summed error of a channel shifts its output (see ``MSE``'s docstring).
+Run: ``python benchmarks/quant_lowbit.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 import jaxopt_big as jb  # noqa: E402
 import digits_util as du  # noqa: E402
 from common import write  # noqa: E402
-from jaxopt_big import calibration, zoo  # noqa: E402
-from jaxopt_big.quant import MSE, PER_CHANNEL, Group, QuantSpec, gptq_kernel  # noqa: E402
+from jaxopt_big import zoo  # noqa: E402
+from jaxopt_big.tree import Rule  # noqa: E402
+from jaxopt_big.quant import MSE, PER_CHANNEL, Group, QuantSpec  # noqa: E402
 
 ENCODER = r"layer_\d+/.*/kernel"  # MiniLM's 36 Dense kernels, as in transformer.py
 
@@ -55,7 +60,8 @@ def hand_kernel(k: np.ndarray, bits: int, full: bool, group: int | None) -> np.n
 
 
 def variants(params, where, bits, group=None):
-    """Float trees of the four weight quantizations at ``bits``; and each one's summed squared weight error."""
+    """Float trees of the four weight quantizations at ``bits``, and each one's squared weight error per
+    scale (one entry per output channel, or per group of each output channel)."""
     g = PER_CHANNEL if group is None else Group(group)
     hand = lambda full: jb.tree.map_selected(lambda _, k: hand_kernel(k, bits, full, group), params, where)  # noqa: E731
     ours = lambda symmetric: jb.leaves.densify(jb.quant.quantize_params(  # noqa: E731
@@ -63,24 +69,39 @@ def variants(params, where, bits, group=None):
     trees = {"hand narrow": hand(False), "hand full": hand(True), "ours": ours(True), "ours affine": ours(False)}
     chosen = jax.tree.leaves(jb.tree.select(params, where))
 
+    def per_scale(a, b):
+        d = np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        return d.reshape(-1, d.shape[-1]).sum(0) if group is None else d.reshape(-1, group, d.shape[-1]).sum(1).ravel()
+
     def error(tree):
-        return float(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-                         for a, b, c in zip(jax.tree.leaves(tree), jax.tree.leaves(params), chosen) if c))
+        pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(params), chosen)
+        return np.concatenate([per_scale(a, b) for a, b, c in pairs if c])
 
     return trees, {name: error(t) for name, t in trees.items()}
+
+
+def weight_checks(errors: dict) -> dict:
+    """Summed weight errors, and whether ours is no worse per scale than both hand searches (and affine than ours)."""
+    slack = lambda e: e * (1 + 1e-5) + 1e-12  # noqa: E731 - float32 rounding of equal choices
+    return {"weight_error": {k: float(e.sum()) for k, e in errors.items()},
+            "ours <= both hands per scale": bool(np.all(
+                errors["ours"] <= slack(np.minimum(errors["hand narrow"], errors["hand full"])))),
+            "affine <= ours per scale": bool(np.all(errors["ours affine"] <= slack(errors["ours"])))}
 
 
 def digits_rows() -> dict:
     rows = {}
     _, test = du.split()
     _, flat_test = du.split(flat=True)
-    for model, (_, apply, params, float_acc), data in (("digits CNN", du.dense_cnn(), test),
-                                                        ("digits MLP", du.dense_mlp(), flat_test)):
+    for model, (_, apply, params, _), data in (("digits CNN", du.dense_cnn(), test),
+                                               ("digits MLP", du.dense_mlp(), flat_test)):
+        dense = jb.train.evaluate(apply, params, data)
         for bits in (2, 3):
             trees, errors = variants(params, jb.tree.KERNELS, bits)
-            rows[f"{model} int{bits}"] = {"float": float_acc, "unit": "accuracy",
-                                          "score": {k: du.accuracy(apply, t, data) for k, t in trees.items()},
-                                          "weight_error": errors}
+            scores = {k: jb.train.evaluate(apply, t, data) for k, t in trees.items()}
+            rows[f"{model} int{bits}"] = {
+                "float": dense["accuracy"], "unit": "accuracy", "score": {k: v["accuracy"] for k, v in scores.items()},
+                "float_loss": dense["loss"], "loss": {k: v["loss"] for k, v in scores.items()}, **weight_checks(errors)}
             print(model, bits, rows[f"{model} int{bits}"], flush=True)
     return rows
 
@@ -99,19 +120,19 @@ def minilm_rows(quick: bool) -> tuple[dict, dict]:
         trees, errors = variants(params, ENCODER, bits, group)
         name = f"MiniLM int{bits}" + ("" if group is None else f" g{group}")
         rows[name] = {"float": 1.0, "unit": "cosine", "score": {k: cosine(t) for k, t in trees.items()},
-                      "weight_error": errors}
+                      **weight_checks(errors)}
         print(name, rows[name], flush=True)
 
-    # GPTQ vs RTN with the same spec, sequential calibration as in transformer.py
+    # GPTQ vs RTN with the same spec, through the block-wise one-shot engine as in transformer.py
+    # (calibration.sequential re-runs and recompiles the whole model once per layer: 36 times here)
     cal = [(ids[i:i + 32], mask[i:i + 32]) for i in range(0, n_cal, 32)]
     gptq_rows = {}
-    for spec_name, spec in (("MSE", QuantSpec(bits=3, symmetric=False, granularity=Group(128), calibration=MSE())),
-                            ("MinMax", QuantSpec(bits=3, symmetric=False, granularity=Group(128),
-                                                 calibration=jb.quant.MinMax()))):
-        new, _ = calibration.sequential(model.apply, {"params": params}, cal,
-                                        lambda p, k, s: gptq_kernel(k, s.hessian, spec, act_order=True, path=p),
-                                        row_mask=lambda batch: batch[1])
-        gptq_rows[f"int3 g128 {spec_name}"] = {"GPTQ": cosine(new["params"]),
+    for spec_name, calibration in (("MSE", MSE()), ("MinMax", jb.quant.MinMax())):
+        spec = QuantSpec(bits=3, symmetric=False, granularity=Group(128), calibration=calibration)
+        recipe = jb.Recipe([Rule(r"layer_\d+/.*", jb.Plan(quant=jb.GPTQ(spec, act_order=True)))])
+        new, _ = jb.oneshot.compress(model, params, cal, recipe, row_mask=lambda batch: batch[1], sequential=True,
+                                     progress=False)
+        gptq_rows[f"int3 g128 {spec_name}"] = {"GPTQ": cosine(new),
                                                "RTN": cosine(jb.quant.quantize_params(params, spec, where=ENCODER))}
         print(spec_name, gptq_rows[f"int3 g128 {spec_name}"], flush=True)
     return rows, gptq_rows
@@ -125,6 +146,10 @@ def _table(rows: dict, gptq_rows: dict) -> str:
         lines.append(f"| {name} ({r['unit']}) | {r['float']:.4f} | {s['hand narrow']:.4f} | {s['hand full']:.4f} | "
                      f"{s['ours']:.4f} | {s['ours affine']:.4f} | "
                      f"{e['ours'] / min(e['hand narrow'], e['hand full']):.4f} | {e['ours affine'] / e['ours']:.4f} |")
+        if "loss" in r:
+            s = r["loss"]
+            lines.append(f"| {name} (test cross-entropy) | {r['float_loss']:.4f} | {s['hand narrow']:.4f} | "
+                         f"{s['hand full']:.4f} | {s['ours']:.4f} | {s['ours affine']:.4f} | | |")
     lines += ["", "| MiniLM, affine, act-order GPTQ | GPTQ cosine | RTN cosine |", "|---|---|---|"]
     lines += [f"| {name} | {r['GPTQ']:.4f} | {r['RTN']:.4f} |" for name, r in gptq_rows.items()]
     return "\n".join(lines) + "\n"
@@ -134,15 +159,15 @@ def main(quick: bool) -> dict:
     rows = digits_rows()
     minilm, gptq_rows = minilm_rows(quick)
     rows.update(minilm)
-    best_hand = lambda r, key: max(r[key]["hand narrow"], r[key]["hand full"])  # noqa: E731
+    best_hand = lambda r: max(r["score"]["hand narrow"], r["score"]["hand full"])  # noqa: E731
     checks = {
-        "weight error: ours <= both hand searches": all(
-            r["weight_error"]["ours"] <= (1 + 1e-6) * min(r["weight_error"]["hand narrow"], r["weight_error"]["hand full"])
-            for r in rows.values()),
-        "weight error: affine <= symmetric": all(
-            r["weight_error"]["ours affine"] <= (1 + 1e-6) * r["weight_error"]["ours"] for r in rows.values()),
+        "weight error per scale: ours <= both hand searches": all(
+            r["ours <= both hands per scale"] for r in rows.values()),
+        "weight error per scale: affine <= symmetric": all(r["affine <= ours per scale"] for r in rows.values()),
         "digits accuracy: ours >= better hand search": all(
-            r["score"]["ours"] >= best_hand(r, "score") for k, r in rows.items() if k.startswith("digits")),
+            r["score"]["ours"] >= best_hand(r) for k, r in rows.items() if k.startswith("digits")),
+        "MiniLM cosine: ours >= better hand search": all(
+            r["score"]["ours"] >= best_hand(r) for k, r in rows.items() if k.startswith("MiniLM")),
         "MiniLM int3 g128 MSE: GPTQ >= RTN": gptq_rows["int3 g128 MSE"]["GPTQ"] >= gptq_rows["int3 g128 MSE"]["RTN"]}
     head = rows["digits CNN int2"]["score"]
     table = _table(rows, gptq_rows)
@@ -150,8 +175,10 @@ def main(quick: bool) -> dict:
     record = write("quant_lowbit", ours=head["ours"], baseline=max(head["hand narrow"], head["hand full"]),
                    unit="accuracy",
                    goal="2-bit digits CNN accuracy, natural MSE call / better hand-written MSE search >= 1; weight "
-                        "error <= both hand searches and affine <= symmetric everywhere; GPTQ >= RTN (same MSE spec)",
-                   holds=all(checks.values()), details={"checks": checks, "rows": rows, "gptq": gptq_rows, "quick": quick})
+                        "error per scale <= both hand searches and affine <= symmetric everywhere; GPTQ >= RTN "
+                        "(same MSE spec)",
+                   holds=all(checks.values()),
+                   details={"checks": checks, "rows": rows, "gptq": gptq_rows, "quick": quick})
     with (HERE / "results" / "quant_lowbit.md").open("a") as f:
         f.write(table)
     return record

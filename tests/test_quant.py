@@ -157,6 +157,18 @@ def test_natural_mse_call_no_worse_than_either_hand_search(bits):
                                                            narrow=True)), narrow, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_group_mse_no_worse_than_either_hand_search_per_group(bits):
+    """Each group of 32 inputs of each output column has its own search: compare it group by group."""
+    w = np.random.default_rng(bits).laplace(size=(128, 24)).astype(np.float32)
+    w[:32] *= 10.0  # one group far wider than the others: its scale must not leak into them
+    spec = QuantSpec(bits=bits, granularity=Group(32), calibration=MSE())
+    ours = ((np.asarray(jb.quant.fake_quant(w, spec)) - w) ** 2).reshape(4, 32, 24).sum(1).ravel()
+    blocks = w.reshape(4, 32, 24).transpose(1, 0, 2).reshape(32, -1)  # column j*24+k: group j of output k
+    for full in (False, True):
+        assert np.all(ours <= hand_mse(blocks, bits, full) * (1 + 1e-5))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_affine_mse_no_worse_than_symmetric(bits):
     w = np.random.default_rng(bits).normal(size=(96, 32)).astype(np.float32)

@@ -84,6 +84,12 @@ class MSE:
     On grids holding all ``2^b`` codes it tries, per ratio, both ways of placing ``±absmax``: at the
     narrow code ``±(2^(b-1)-1)`` and at the extra code ``-2^(b-1)``; affine grids also try every
     symmetric candidate (zero point 0), so an affine search is never worse than a symmetric one.
+
+    The least *weight* error is not always the least task error at 2-3 bits: inputs with a non-zero
+    mean (pixels, ReLU outputs) turn each output channel's summed weight error into a shift of its
+    pre-activation, which the weight error does not see, and grids that give the two signs unequal
+    codes (full range, affine) tend to leave larger sums. Calibration data sees it: GPTQ's Hessian
+    ``X^T X`` holds the input mean (``benchmarks/quant_lowbit.py`` measures both).
     """
 
     steps: int = 64
