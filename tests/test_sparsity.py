@@ -66,6 +66,19 @@ def test_threshold_with_heavy_ties_and_structured_values():
         assert int(sum((~m[k]["kernel"]).sum() for k in "ab")) == round(s * flat.size)
 
 
+def test_cuts_at_every_tie_depth_match_a_stable_sort():
+    # A cut 0 to 11 ties deep: the unrolled minimum passes (fewer than 4) and the counting fallback.
+    rng = np.random.default_rng(0)
+    scores = {"a": {"kernel": jnp.asarray(rng.integers(0, 3, (4, 6)).astype(np.float32))},
+              "b": {"kernel": jnp.asarray(rng.integers(0, 3, (3, 4)).astype(np.float32))}}
+    flat = np.concatenate([np.asarray(scores[k]["kernel"]).ravel() for k in "ab"])
+    for k in range(flat.size):
+        m = sp.make_masks(scores, k / flat.size, scope=sp.Scope.GLOBAL)
+        ref = np.ones(flat.size, bool)
+        ref[np.argsort(flat, kind="stable")[:k]] = False  # ties: earlier leaf, then lower index, pruned first
+        np.testing.assert_array_equal(np.concatenate([np.asarray(m[n]["kernel"]).ravel() for n in "ab"]), ref)
+
+
 def test_nan_scores_are_pruned_first_and_counts_stay_exact():
     """Traced NaN scores (under jit nothing can be raised) are pruned first; eager ones raise."""
     w = jnp.arange(1.0, 21.0).reshape(4, 5).at[1, 2].set(jnp.nan).at[3, 4].set(jnp.nan)

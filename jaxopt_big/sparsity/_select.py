@@ -5,7 +5,8 @@ bracket; every further pass counts, per leaf, the elements below 16 thresholds s
 bracket in one multi-output reduction (XLA keeps it sharded: each device counts its shard, only the
 16 counts are summed across devices) and keeps the sub-interval that holds the target rank. After
 about 8 passes at most the bracket is one key: the exact answer. Nothing is sorted, concatenated or
-gathered except the sample.
+gathered except the sample. Ties at the cut are taken in position order; a cut a few ties deep
+(float weights often hold a handful of equal values) costs one minimum pass per tie.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax import lax
 _K = 16          # thresholds per counting pass
 _SAMPLE = 1 << 14  # total sample size for the first bracket
 _U32_MAX = 0xFFFFFFFF
+_FEW_TIES = 4  # a tie cut less deep than this is found by minimum passes
 
 KeyFn = Callable[[int, jax.Array], jax.Array]
 
@@ -135,6 +137,36 @@ def flat_index(shape: tuple[int, ...], offset: int = 0) -> jax.Array:
     return idx
 
 
+def _tied_min(arrays: Sequence[jax.Array], offsets: Sequence[int], t: jax.Array, lower: jax.Array) -> jax.Array:
+    """Smallest flat index ``>= lower`` among elements whose key is ``t`` (``U32_MAX`` if none)."""
+    out = jnp.uint32(_U32_MAX)
+    for x, off in zip(arrays, offsets):
+        idx = flat_index(x.shape, off)
+        out = jnp.minimum(out, jnp.min(jnp.where((ukey(x) == t) & (idx >= lower), idx, jnp.uint32(_U32_MAX))))
+    return out
+
+
+def _nth_tie(arrays: Sequence[jax.Array], offsets: Sequence[int], t: jax.Array, need: jax.Array) -> jax.Array:
+    """Flat index of the ``need``-th (0-based) element whose key is ``t``, in position order.
+
+    A cut a few ties deep (the usual case: a handful of equal floats at the threshold) takes
+    ``need + 1`` minimum passes, unrolled (in a loop XLA would hoist and materialize the tie
+    test); a deeper one counts over flat indices like :func:`kth_smallest`.
+    """
+    def few(depth):
+        lower = jnp.uint32(0)
+        for _ in range(depth + 1):
+            found = _tied_min(arrays, offsets, t, lower)
+            lower = found + 1
+        return found
+
+    def many():
+        key = lambda i, x: jnp.where(ukey(x) == t, flat_index(x.shape, offsets[i]), jnp.uint32(_U32_MAX))
+        return kth_smallest(arrays, need, key)[0]
+
+    return lax.switch(jnp.minimum(need, _FEW_TIES), [functools.partial(few, d) for d in range(_FEW_TIES)] + [many])
+
+
 @jax.jit
 def bottom_k(arrays: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     """Boolean masks, True for exactly the ``k`` lowest scores across ``arrays``.
@@ -150,11 +182,7 @@ def bottom_k(arrays: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     t = jnp.where(k > 0, t, jnp.uint32(0))
     need = k - jnp.where(k > 0, c_lt, 0)       # ties at t still to take
     ties = jnp.where(k > 0, c_le - c_lt, 0)
-
-    def tie_cut():
-        # The need-th smallest position among elements tied at t: take positions below it.
-        key = lambda i, x: jnp.where(ukey(x) == t, flat_index(x.shape, offsets[i]), jnp.uint32(_U32_MAX))
-        return kth_smallest(arrays, need, key)[0]
-
-    cut = lax.cond(need < ties, tie_cut, lambda: jnp.where(k > 0, jnp.uint32(_U32_MAX), jnp.uint32(0)))
+    # The need-th tied position: ties before it are taken.
+    cut = lax.cond(need < ties, lambda: _nth_tie(arrays, offsets, t, need),
+                   lambda: jnp.where(k > 0, jnp.uint32(_U32_MAX), jnp.uint32(0)))
     return [(ukey(x) < t) | ((ukey(x) == t) & (flat_index(x.shape, off) < cut)) for x, off in zip(arrays, offsets)]
