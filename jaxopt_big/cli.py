@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4) or a .toml recipe file")
     comp.add_argument("--calibration", default=None, help="plain-text file to calibrate on (default: the "
                       "embedded Python documentation)")
-    comp.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    comp.add_argument("--samples", type=int, default=128, help="calibration (and held-out) sequences (default 128)")
     comp.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
     comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
