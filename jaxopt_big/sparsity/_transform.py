@@ -126,6 +126,11 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
     the gradient (taken at the masked weights) trains all of them, pruned ones can come back at the
     next mask update, and the params seen by the model are the masked dense weights.
 
+    Cost between mask updates: the masks pass through the ``lax.cond`` without copies and every
+    masking fuses into ``tx``'s own elementwise passes, but each reads the 1-byte masks: with
+    ``sparse_gradients`` adam's two moment passes and its final update do, without it only the
+    final update (see ``benchmarks/sparsity_prune_step.py``). A mask update costs about one adam step.
+
     Args:
       tx: any optax transform.
       sparsity: a fraction in [0, 1) or a schedule (see :mod:`schedules`), or per-layer rules
