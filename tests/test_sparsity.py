@@ -57,7 +57,8 @@ def test_global_masks_and_threshold_match_sort(s, sh, seed):
 
 
 def test_threshold_with_heavy_ties_and_structured_values():
-    x = jnp.concatenate([jnp.zeros(5000), jnp.full(3000, 2.0), jnp.arange(2000.0)]).reshape(100, 100)
+    # 2 x 90,000 scores: over SORT_BELOW, so the counting passes run
+    x = jnp.concatenate([jnp.zeros(45000), jnp.full(27000, 2.0), jnp.arange(18000.0)]).reshape(300, 300)
     scores = {"a": {"kernel": x}, "b": {"kernel": -x.T}}
     flat = np.sort(np.concatenate([np.asarray(x).ravel(), -np.asarray(x).ravel()]))
     for s in (0.1, 0.3, 0.5, 0.74, 0.75, 0.9):
@@ -66,17 +67,25 @@ def test_threshold_with_heavy_ties_and_structured_values():
         assert int(sum((~m[k]["kernel"]).sum() for k in "ab")) == round(s * flat.size)
 
 
-def test_cuts_at_every_tie_depth_match_a_stable_sort():
-    # A cut 0 to 11 ties deep: the unrolled minimum passes (fewer than 4) and the counting fallback.
+@pytest.mark.parametrize("counting", [False, True])
+def test_cuts_at_every_tie_depth_match_a_stable_sort(counting):
+    # A cut 0 to 11 ties deep. Small inputs are sorted; with a third leaf of high scores the total is
+    # over SORT_BELOW and the counting passes run: unrolled minimum passes (fewer than 4 ties), else
+    # the counting fallback.
     rng = np.random.default_rng(0)
     scores = {"a": {"kernel": jnp.asarray(rng.integers(0, 3, (4, 6)).astype(np.float32))},
               "b": {"kernel": jnp.asarray(rng.integers(0, 3, (3, 4)).astype(np.float32))}}
+    if counting:
+        scores["c"] = {"kernel": jnp.full((256, 256), 9.0)}
+    total = sum(int(v["kernel"].size) for v in scores.values())
+    assert (total >= sp._select.SORT_BELOW) == counting
     flat = np.concatenate([np.asarray(scores[k]["kernel"]).ravel() for k in "ab"])
     for k in range(flat.size):
-        m = sp.make_masks(scores, k / flat.size, scope=sp.Scope.GLOBAL)
+        m = sp.make_masks(scores, k / total, scope=sp.Scope.GLOBAL)
         ref = np.ones(flat.size, bool)
         ref[np.argsort(flat, kind="stable")[:k]] = False  # ties: earlier leaf, then lower index, pruned first
         np.testing.assert_array_equal(np.concatenate([np.asarray(m[n]["kernel"]).ravel() for n in "ab"]), ref)
+        assert not counting or bool(m["c"]["kernel"].all())
 
 
 def test_nan_scores_are_pruned_first_and_counts_stay_exact():
