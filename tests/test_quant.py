@@ -253,7 +253,8 @@ def _fake_reference(variables, x, weights, activations):
         params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, weights)}
         xin = call.inputs if activations is None else jb.quant.fake_quant(call.inputs, activations)
         return call.run(params, xin)
-    return jb.intercept.replace(_Net().apply, None, impl)(variables, x)
+    # jitted: eagerly, every op of the reference would compile on its own
+    return jax.jit(jb.intercept.replace(_Net().apply, None, impl))(variables, x)
 
 
 @pytest.mark.parametrize("activations", [A8, QuantSpec(bits=8, granularity=PER_TOKEN), None])
@@ -293,7 +294,7 @@ def test_quantized_apply_with_qarray_kernels(bits):
     v = _Net().init(jax.random.key(1), x)
     spec = QuantSpec(bits=bits, granularity=PER_CHANNEL)
     qv = {"params": jb.quant.quantize_params(v["params"], spec)}
-    ref = _Net().apply(jb.leaves.densify(qv), x)
+    ref = jax.jit(_Net().apply)(jb.leaves.densify(qv), x)
     weight_only = jax.jit(jb.quant.qat(_Net().apply))(qv, x)
     np.testing.assert_allclose(weight_only, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     full = jax.jit(jb.quant.qat(_Net().apply, activations=A8))(qv, x)
@@ -312,7 +313,7 @@ def test_static_activation_scales_ptq():
         s = scales[call.path]
         params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, W8)}
         return call.run(params, jb.quant.fake_quant(call.inputs, A8, scale=s.scale))
-    ref = jb.intercept.replace(_Net().apply, None, impl)(v, x[:2])
+    ref = jax.jit(jb.intercept.replace(_Net().apply, None, impl))(v, x[:2])
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     with pytest.raises(ValueError, match="PER_TOKEN"):
         jb.quant.calibrate_activations(_Net().apply, [(v, x)], QuantSpec(granularity=PER_TOKEN))
@@ -321,14 +322,13 @@ def test_static_activation_scales_ptq():
 def test_nnx_linear_and_conv():
     model = jb.models.NnxCNN(features=(4, 8), hidden=16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-    f = jb.quant.qat(model, weights=W8, activations=A8)
-    ours = f(x)
+    ours = nnx.jit(lambda m, x: jb.quant.qat(m, weights=W8, activations=A8)(x))(model, x)
     def impl(call):
         params = {**call.params, "kernel": jb.quant.fake_quant(call.kernel, W8)}
         return call.run(params, jb.quant.fake_quant(call.inputs, A8))
-    ref = jb.intercept.replace(model, None, impl)(x)
+    ref = nnx.jit(lambda m, x: jb.intercept.replace(m, None, impl)(x))(model, x)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
-    assert not np.allclose(ours, model(x), atol=1e-6)  # it did quantize
+    assert not np.allclose(ours, nnx.jit(lambda m, x: m(x))(model, x), atol=1e-6)  # it did quantize
 
 
 def test_weight_rules_must_match_a_layer():
