@@ -9,13 +9,12 @@ from jaxopt_big import lowrank
 from tests import digits_util as du
 
 
-
 def test_mlp_factorized_to_half_the_parameters_and_fine_tuned_is_within_1_5_points():
     model, _, params, dense_acc = du.dense_mlp()
     train, test = du.split(flat=True)
     hidden = ("Dense_0", "Dense_1")
     low = lowrank.factorize_params(
-        params, [(f"{n}/kernel", {"max_params": params[n]["kernel"].size // 2}) for n in hidden])
+        params, [jb.tree.Rule(f"{n}/kernel", {"max_params": params[n]["kernel"].size // 2}) for n in hidden])
     for n in hidden:
         kernel = low[n]["kernel"]
         assert kernel.u.size + kernel.v.size <= params[n]["kernel"].size // 2
