@@ -137,7 +137,9 @@ def _saved(tmp_path, tree):
 @pytest.mark.parametrize("name", NAMES)
 def test_nbytes_is_what_the_checkpoint_writes(name, tmp_path):
     _, make, _ = FACTORIES[name]
-    leaf = make(jax.random.normal(jax.random.key(0), (256, 128)))
+    # Big enough that the checkpoint's metadata nodes (a few hundred bytes each, and how many ocdbt writes
+    # depends on timing) stay far below the 5% tolerance.
+    leaf = make(jax.random.normal(jax.random.key(0), (1024, 512)))
     disk, back = _saved(tmp_path / "leaf", {"kernel": leaf})
     written = sum(x.nbytes for x in jax.tree.leaves(back))  # the arrays the checkpoint holds for the leaf
     assert leaf.nbytes == written
