@@ -12,6 +12,7 @@ codes), ``Clustered`` (codebook indices) and ``PackedSparse`` (the keep-mask, 1 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -52,7 +53,13 @@ def pack(codes: jax.typing.ArrayLike, bits: int) -> jax.Array:
     """
     _check_width(bits)
     codes = jnp.asarray(codes)
-    codes = codes.reshape(1) if codes.ndim == 0 else codes
+    return _pack(codes.reshape(1) if codes.ndim == 0 else codes, bits)
+
+
+# Called eagerly (a leaf built or densified outside jit), op-by-op dispatch compiled each of the ~10
+# ops on its own for every new shape; one jitted program per (shape, bits) is several times cheaper.
+@functools.partial(jax.jit, static_argnums=1)
+def _pack(codes: jax.Array, bits: int) -> jax.Array:
     u = codes.astype(jnp.int32) & (2 ** bits - 1)
     n, rest = codes.shape[0], codes.shape[1:]
     if 8 % bits == 0:
@@ -76,6 +83,13 @@ def unpack(packed: jax.Array, bits: int, n: int, *, signed: bool = False) -> jax
     to 8) the two's-complement values as ``int8``.
     """
     _check_width(bits)
+    if signed and bits > 8:
+        raise ValueError(f"signed codes are at most 8 bits wide, got {bits}")
+    return _unpack(packed, bits, n, signed)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
     rest = packed.shape[1:]
     if 8 % bits == 0:
         per = 8 // bits
@@ -89,6 +103,4 @@ def unpack(packed: jax.Array, bits: int, n: int, *, signed: bool = False) -> jax
         u = u.astype(jnp.uint8) if bits <= 8 else u
     if not signed:
         return u
-    if bits > 8:
-        raise ValueError(f"signed codes are at most 8 bits wide, got {bits}")
     return u.astype(jnp.int8) - jnp.where(u >= 2 ** (bits - 1), 2 ** bits, 0).astype(jnp.int8)

@@ -64,7 +64,7 @@ def test_energy_picks_the_smallest_sufficient_rank(seed, m, n, energy):
 @hypothesis.given(m=st.integers(1, 40), n=st.integers(1, 40), slack=st.floats(0, 3))
 def test_max_params_is_never_exceeded_and_is_used(m, n, slack):
     budget = int((m + n) * (1 + slack * min(m, n)))
-    lr = lowrank.factorize(jnp.ones((m, n)) + jnp.eye(m, n), max_params=budget)
+    lr = lowrank.factorize(np.ones((m, n), np.float32) + np.eye(m, n, dtype=np.float32), max_params=budget)
     assert lr.u.size + lr.v.size <= budget
     assert lr.rank == min(m, n) or (lr.rank + 1) * (m + n) > budget
 

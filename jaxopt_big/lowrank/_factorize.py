@@ -9,6 +9,7 @@ have the same scale and train well together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -167,27 +168,36 @@ def _randomized_svd(w: jax.Array, rank: int, key: jax.Array, oversample: int, po
 
 def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> LowRank:
     w = _as_kernel(path, w)
-    shape, dtype = w.shape, w.dtype
-    work = w.reshape(-1, shape[-1]).astype(jnp.promote_types(dtype, jnp.float32))  # SVD in >= float32
-    m, n = work.shape
+    m, n = math.prod(w.shape[:-1]), w.shape[-1]
     rank = _budget_rank(path, how, m, n)
-    # Traced NaN/Inf (concrete ones raised above): factorize zeros, then give NaN factors, not SVD noise.
-    bad = ~jnp.all(jnp.isfinite(work))
-    work = jnp.where(bad, 0.0, work)
-    if how.randomized:
-        if key is None:
-            raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
-        assert rank is not None  # Factorization rejects energy= (the only rank-less choice) with randomized=True
-        u, s, vt = _randomized_svd(work, rank, key, how.oversample, how.power_iters)
-    else:
-        u, s, vt = jnp.linalg.svd(work, full_matrices=False)
+    if how.randomized and key is None:
+        raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
+    u, s, vt, bad = _spectrum(w, key, rank, how)
     if rank is None:
         assert how.energy is not None  # Factorization holds exactly one of rank, energy, max_params
         rank = _energy_rank(path, s, how.energy)
+    return _leaves.place_like(_truncate(u, s, vt, bad, rank, w.shape, w.dtype), w)
+
+
+# Two programs per kernel shape (eagerly, op-by-op dispatch compiled each of ~17 ops on its own).
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _spectrum(w: jax.Array, key: jax.Array | None, rank: int | None, how: Factorization):
+    """SVD of ``w`` as a matrix, in >= float32; ``bad``: it held NaN/Inf (then the SVD of zeros)."""
+    work = w.reshape(-1, w.shape[-1]).astype(jnp.promote_types(w.dtype, jnp.float32))
+    # Traced NaN/Inf (concrete ones raised in _as_kernel): factorize zeros, then give NaN factors, not SVD noise.
+    bad = ~jnp.all(jnp.isfinite(work))
+    work = jnp.where(bad, 0.0, work)
+    if how.randomized:
+        assert rank is not None and key is not None  # Factorization rejects energy= with randomized=True
+        return (*_randomized_svd(work, rank, key, how.oversample, how.power_iters), bad)
+    return (*jnp.linalg.svd(work, full_matrices=False), bad)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _truncate(u, s, vt, bad, rank: int, shape: tuple[int, ...], dtype) -> LowRank:
     root = jnp.sqrt(s[:rank])
     u = jnp.where(bad, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
-    v = jnp.where(bad, jnp.nan, root[:, None] * vt[:rank]).astype(dtype)
-    return _leaves.place_like(LowRank(u=u, v=v), w)
+    return LowRank(u=u, v=jnp.where(bad, jnp.nan, root[:, None] * vt[:rank]).astype(dtype))
 
 
 def factorize(w: jax.typing.ArrayLike, *, rank: int | None = None, energy: float | None = None,
