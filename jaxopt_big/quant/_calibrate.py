@@ -7,6 +7,7 @@ shard like it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -50,24 +51,37 @@ def _axis(name: str, axis: int, ndim: int, path: str) -> int:
     return axis % ndim
 
 
+def check_layout(shape: tuple[int, ...], spec: _options.IntegerGrid, path: str = "") -> tuple[int, int] | None:
+    """``(axis, along)`` of a grouped ``spec`` on ``shape`` (None for other granularities), validated."""
+    g = spec.granularity
+    if isinstance(g, (_options.PerTensor, _options.PerToken)):
+        return None
+    axis = _axis("axis", spec.axis, len(shape), path)
+    if isinstance(g, _options.PerChannel):
+        return axis, axis
+    along = _axis("Group.along", g.along, len(shape), path)
+    if along == axis:
+        raise ValueError(f"{_where(path)}Group.along={g.along} is the channel axis={spec.axis}")
+    if shape[along] % g.size:
+        raise ValueError(f"{_where(path)}group size {g.size} does not divide axis {along} of size {shape[along]} "
+                         f"(shape {tuple(shape)})")
+    return axis, along
+
+
 def blocked(x: jax.Array, spec: _options.IntegerGrid, path: str = ""
             ) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
     """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back."""
     g = spec.granularity
+    layout = check_layout(x.shape, spec, path)
     if isinstance(g, _options.PerTensor):
         return x, tuple(range(x.ndim)), lambda s: s
     if isinstance(g, _options.PerToken):
         return x, tuple(range(x.ndim))[-1:], lambda s: s
-    axis = _axis("axis", spec.axis, x.ndim, path)
+    assert layout is not None
+    axis, along = layout
     if isinstance(g, _options.PerChannel):
         return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s
-    along = _axis("Group.along", g.along, x.ndim, path)
-    if along == axis:
-        raise ValueError(f"{_where(path)}Group.along={g.along} is the channel axis={spec.axis}")
     n = x.shape[along]
-    if n % g.size:
-        raise ValueError(f"{_where(path)}group size {g.size} does not divide axis {along} of size {n} "
-                         f"(shape {x.shape})")
     xb = x.reshape(*x.shape[:along], n // g.size, g.size, *x.shape[along + 1:])
     keep = {along, axis + (axis > along)}
     return xb, tuple(d for d in range(xb.ndim) if d not in keep), lambda s: s.squeeze(along + 1)
@@ -175,7 +189,15 @@ def _mse_search(xb, axes, spec, lo, hi):
 
 def integer_calibrate(x, spec: _options.IntegerGrid, *, path: str = ""):
     x = check_input(x, path)
-    xb, axes, unblock = blocked(x.astype(jnp.float32), spec, path)
+    check_layout(x.shape, spec, path)
+    return _integer_calibrate(x, spec)
+
+
+# One program per (shape, spec): called eagerly (quantize_params, calibrate), op-by-op dispatch
+# compiled each of its ops on its own for every new shape. The path-naming checks run before.
+@functools.partial(jax.jit, static_argnums=1)
+def _integer_calibrate(x: jax.Array, spec: _options.IntegerGrid):
+    xb, axes, unblock = blocked(x.astype(jnp.float32), spec)
     lo, hi = _range(xb, axes, spec)
     if isinstance(spec.calibration, _options.MSE):
         scale, zp = _mse_search(xb, axes, spec, lo, hi)

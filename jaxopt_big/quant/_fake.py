@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,8 +32,14 @@ def integer_fake_quant(x, spec: _options.IntegerGrid, scale=None, zero_point=Non
     x = check_input(x, path)
     if scale is None:
         scale, zero_point = jax.lax.stop_gradient(integer_calibrate(x, spec, path=path))
-    s = expand(jnp.asarray(scale, jnp.float32), x.shape)
-    z = None if zero_point is None else expand(jnp.asarray(zero_point, jnp.float32), x.shape)
+    return _integer_fake_quant(x, jnp.asarray(scale, jnp.float32),
+                               None if zero_point is None else jnp.asarray(zero_point, jnp.float32), spec)
+
+
+@functools.partial(jax.jit, static_argnums=3)  # one program per (shape, spec), not one per op
+def _integer_fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec: _options.IntegerGrid):
+    s = expand(scale, x.shape)
+    z = None if zero_point is None else expand(zero_point, x.shape)
     xf = x.astype(jnp.float32)
     lo, hi = spec.qmin * s, spec.qmax * s
     if z is not None:

@@ -7,6 +7,7 @@ kernel sharded along its output axis keeps that sharding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -132,12 +133,17 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     scale = jnp.asarray(scale, jnp.float32)
     scale = scale.reshape((1,) * x.ndim) if scale.ndim == 0 else scale
     zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
-    q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape),
-                    None if zp is None else expand(zp, x.shape))
     axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
-    out = QArray(values=_pack(q, spec.bits), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
+    out = QArray(values=_codes(x, scale, zp, spec), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
                  dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype))
     return _leaves.place_like(out, x)
+
+
+@functools.partial(jax.jit, static_argnums=3)  # one program per (shape, spec), not one per op
+def _codes(x: jax.Array, scale: jax.Array, zp: jax.Array | None, spec: _options.IntegerGrid) -> jax.Array:
+    """The packed integer codes of ``x`` on ``spec``'s grid with the given scale and zero point."""
+    q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape), None if zp is None else expand(zp, x.shape))
+    return _pack(q, spec.bits)
 
 
 def quantize(x: jax.typing.ArrayLike, spec: _options.Format, *, path: str = "") -> Any:
