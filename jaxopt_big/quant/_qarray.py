@@ -94,9 +94,7 @@ class QArray(_leaves.Compressed):
         return _unpack(self.values, self.bits, self.dense_shape)
 
     def dense(self) -> jax.Array:
-        q = self.int_values().astype(jnp.float32)
-        zp = None if self.zero_point is None else expand(self.zero_point, self.dense_shape)
-        return from_int(q, expand(self.scale, self.dense_shape), zp).astype(self.dense_dtype)
+        return _dense(self)
 
     def contract(self, x: jax.Array, c: _leaves.Contraction) -> jax.Array:
         """Integer execution where the scales allow it (see :func:`integer_contract`), else the
@@ -105,6 +103,13 @@ class QArray(_leaves.Compressed):
         if y is None:
             return c(x, self.dense())
         return y if c.int_input is None else c.straight_through(x, self.dense(), y)
+
+
+@jax.jit  # one program per leaf layout when called eagerly, not one per op
+def _dense(leaf: QArray) -> jax.Array:
+    q = leaf.int_values().astype(jnp.float32)
+    zp = None if leaf.zero_point is None else expand(leaf.zero_point, leaf.dense_shape)
+    return from_int(q, expand(leaf.scale, leaf.dense_shape), zp).astype(leaf.dense_dtype)
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
