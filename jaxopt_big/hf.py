@@ -123,7 +123,20 @@ def _cosine(a: jax.Array, b: jax.Array) -> float:
     return float(np.mean(np.sum(x * y, -1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))))
 
 
-def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int):
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A loaded checkpoint with its calibration batches, held-out metric and HF exporter."""
+
+    model: Any
+    params: Any
+    batches: list[Any]
+    row_mask: Callable[[Any], Any] | None  # which calibration rows are real tokens (None: all)
+    metric: str
+    evaluate: Callable[[Any], float]
+    export: Callable[[Any, pathlib.Path], None]
+
+
+def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int) -> _Prepared:
     """Model, params, calibration batches, held-out evaluation and an HF exporter for one checkpoint."""
     from flax import nnx
 
@@ -144,7 +157,7 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
             clone = nnx.clone(model)
             nnx.update(clone, _leaves.densify(p))
             _zoo.save_llama(directory, clone)
-        return model, params, batches, None, "perplexity", evaluate, export
+        return _Prepared(model, params, batches, None, "perplexity", evaluate, export)
 
     bert, bert_params = _zoo.load_bert(src)
     tokenizer = _zoo.load_tokenizer(src / "tokenizer.json", length=length)
@@ -158,7 +171,7 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
     reference = embed(bert_params, *held_ids)
     evaluate = lambda p: _cosine(embed(_leaves.densify(p), *held_ids), reference)  # noqa: E731
     export = lambda p, directory: _zoo.save_bert(directory, bert.config, _leaves.densify(p))  # noqa: E731
-    return bert, bert_params, pairs, (lambda b: b[1]), "cosine", evaluate, export
+    return _Prepared(bert, bert_params, pairs, lambda b: b[1], "cosine", evaluate, export)
 
 
 def _place_result(tmp: pathlib.Path, dst: pathlib.Path) -> None:
@@ -209,12 +222,12 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     dst = check_destination(dst, overwrite=overwrite)
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
-    model, params, batches, row_mask, metric, evaluate, export = _prepare(src, kind, _texts(calibration), samples,
-                                                                          length)
-    before = evaluate(params)
-    compressed, layer_report = _oneshot.compress(model, params, batches, recipe, mesh=mesh, progress=progress,
-                                                 row_mask=row_mask)
-    after = evaluate(compressed)
+    job = _prepare(src, kind, _texts(calibration), samples, length)
+    params, metric = job.params, job.metric
+    before = job.evaluate(params)
+    compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
+                                                 row_mask=job.row_mask)
+    after = job.evaluate(compressed)
     summary = _report.summary(compressed, plan=recipe)
     outcome = Outcome(kind, metric, before, after, _leaves.nbytes(params), _leaves.nbytes(compressed),
                       len(layer_report.rows), dst)
@@ -229,7 +242,7 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
                          extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
         (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report))
         if export_hf:
-            export(compressed, tmp / "hf")
+            job.export(compressed, tmp / "hf")
             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
                 if (src / name).exists():
                     shutil.copy(src / name, tmp / "hf" / name)
