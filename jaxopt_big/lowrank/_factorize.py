@@ -123,8 +123,13 @@ def _as_kernel(path: str, w: Any) -> jax.Array:
     w = jnp.asarray(w.dense() if _leaves.is_compressed(w) else w)
     if w.ndim < 2:
         raise ValueError(f"{path}: only kernels with ndim >= 2 can be factorized, got shape {w.shape}")
-    _checks.finite([(path, w)], "values to factorize")
     return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
+
+
+def _check_finite(path: str, bad: jax.Array, w: jax.Array) -> None:
+    """Raises for NaN/Inf in a concrete ``w`` (``bad``: their count, from the factorizing program)."""
+    if not _checks.is_traced(bad) and int(bad):
+        raise ValueError(f"{path}: values to factorize contain NaN or Inf ({int(bad)} of {w.size} values)")
 
 
 def _budget_rank(path: str, how: Factorization, m: int, n: int) -> int | None:
@@ -172,21 +177,26 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
     rank = _budget_rank(path, how, m, n)
     if how.randomized and key is None:
         raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
-    u, s, vt, bad = _spectrum(w, key, rank, how)
-    if rank is None:
+    if rank is not None:
+        lr, bad = _factorized(w, key, rank, how)
+        _check_finite(path, bad, w)
+    else:  # the rank depends on the spectrum: pick it on the host between two programs
         assert how.energy is not None  # Factorization holds exactly one of rank, energy, max_params
-        rank = _energy_rank(path, s, how.energy)
-    return _leaves.place_like(_truncate(u, s, vt, bad, rank, w.shape, w.dtype), w)
+        u, s, vt, bad = _spectrum(w, key, None, how)
+        _check_finite(path, bad, w)
+        lr = _truncate(u, s, vt, bad, _energy_rank(path, s, how.energy), w.shape, w.dtype)
+    return _leaves.place_like(lr, w)
 
 
-# Two programs per kernel shape (eagerly, op-by-op dispatch compiled each of ~17 ops on its own).
+# Eagerly, op-by-op dispatch compiled each of ~17 ops on its own for every new kernel shape; these
+# compile one program per shape (two for energy=), the NaN/Inf count included.
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _spectrum(w: jax.Array, key: jax.Array | None, rank: int | None, how: Factorization):
-    """SVD of ``w`` as a matrix, in >= float32; ``bad``: it held NaN/Inf (then the SVD of zeros)."""
+    """SVD of ``w`` as a matrix, in >= float32, and its count of NaN/Inf (then the SVD of zeros)."""
     work = w.reshape(-1, w.shape[-1]).astype(jnp.promote_types(w.dtype, jnp.float32))
-    # Traced NaN/Inf (concrete ones raised in _as_kernel): factorize zeros, then give NaN factors, not SVD noise.
-    bad = ~jnp.all(jnp.isfinite(work))
-    work = jnp.where(bad, 0.0, work)
+    # Traced NaN/Inf (concrete ones raise in _check_finite): factorize zeros, then give NaN factors, not SVD noise.
+    bad = jnp.sum(~jnp.isfinite(work))
+    work = jnp.where(bad > 0, 0.0, work)
     if how.randomized:
         assert rank is not None and key is not None  # Factorization rejects energy= with randomized=True
         return (*_randomized_svd(work, rank, key, how.oversample, how.power_iters), bad)
@@ -196,8 +206,14 @@ def _spectrum(w: jax.Array, key: jax.Array | None, rank: int | None, how: Factor
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _truncate(u, s, vt, bad, rank: int, shape: tuple[int, ...], dtype) -> LowRank:
     root = jnp.sqrt(s[:rank])
-    u = jnp.where(bad, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
-    return LowRank(u=u, v=jnp.where(bad, jnp.nan, root[:, None] * vt[:rank]).astype(dtype))
+    u = jnp.where(bad > 0, jnp.nan, u[:, :rank] * root).astype(dtype).reshape(*shape[:-1], rank)
+    return LowRank(u=u, v=jnp.where(bad > 0, jnp.nan, root[:, None] * vt[:rank]).astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _factorized(w: jax.Array, key: jax.Array | None, rank: int, how: Factorization) -> tuple[LowRank, jax.Array]:
+    u, s, vt, bad = _spectrum(w, key, rank, how)
+    return _truncate(u, s, vt, bad, rank, w.shape, w.dtype), bad
 
 
 def factorize(w: jax.typing.ArrayLike, *, rank: int | None = None, energy: float | None = None,
