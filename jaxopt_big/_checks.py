@@ -181,7 +181,11 @@ def finite(named: Iterable[tuple[str, Any]], what: str = "values") -> None:
     counts = _nonfinite_counts([x for _, x in named])
     if any(isinstance(c, jax.core.Tracer) for c in counts):
         return  # concrete leaves closed over inside an outer jit: the traced (propagation) policy applies
-    counts = jax.device_get(counts)
-    for (p, x), c in zip(named, counts):
-        if c:
-            raise ValueError(f"{prefix(p)}{what} contain NaN or Inf ({int(c)} of {x.size} values)")
+    for (p, x), c in zip(named, jax.device_get(counts)):
+        nonfinite_count(p, c, x.size, what)
+
+
+def nonfinite_count(path: str, count: Any, size: int, what: str = "values") -> None:
+    """Raises ``ValueError`` when a concrete ``count`` of NaN/Inf (out of ``size`` values) is nonzero."""
+    if not is_traced(count) and int(count):
+        raise ValueError(f"{prefix(path)}{what} contain NaN or Inf ({int(count)} of {size} values)")

@@ -126,12 +126,6 @@ def _as_kernel(path: str, w: Any) -> jax.Array:
     return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
 
 
-def _check_finite(path: str, bad: jax.Array, w: jax.Array) -> None:
-    """Raises for NaN/Inf in a concrete ``w`` (``bad``: their count, from the factorizing program)."""
-    if not _checks.is_traced(bad) and int(bad):
-        raise ValueError(f"{path}: values to factorize contain NaN or Inf ({int(bad)} of {w.size} values)")
-
-
 def _budget_rank(path: str, how: Factorization, m: int, n: int) -> int | None:
     """The rank fixed by ``rank``/``max_params`` (None for ``energy``), validated against the shape."""
     if how.rank is not None:
@@ -179,11 +173,11 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
         raise ValueError(f"{path}: randomized=True needs an explicit PRNG key")
     if rank is not None:
         lr, bad = _factorized(w, key, rank, how)
-        _check_finite(path, bad, w)
+        _checks.nonfinite_count(path, bad, w.size, "values to factorize")
     else:  # the rank depends on the spectrum: pick it on the host between two programs
         assert how.energy is not None  # Factorization holds exactly one of rank, energy, max_params
         u, s, vt, bad = _spectrum(w, key, None, how)
-        _check_finite(path, bad, w)
+        _checks.nonfinite_count(path, bad, w.size, "values to factorize")
         lr = _truncate(u, s, vt, bad, _energy_rank(path, s, how.energy), w.shape, w.dtype)
     return _leaves.place_like(lr, w)
 
@@ -194,7 +188,7 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
 def _spectrum(w: jax.Array, key: jax.Array | None, rank: int | None, how: Factorization):
     """SVD of ``w`` as a matrix, in >= float32, and its count of NaN/Inf (then the SVD of zeros)."""
     work = w.reshape(-1, w.shape[-1]).astype(jnp.promote_types(w.dtype, jnp.float32))
-    # Traced NaN/Inf (concrete ones raise in _check_finite): factorize zeros, then give NaN factors, not SVD noise.
+    # Traced NaN/Inf (concrete ones raise after it): factorize zeros, then give NaN factors, not SVD noise.
     bad = jnp.sum(~jnp.isfinite(work))
     work = jnp.where(bad > 0, 0.0, work)
     if how.randomized:

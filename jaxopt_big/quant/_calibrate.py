@@ -68,11 +68,11 @@ def check_layout(shape: tuple[int, ...], spec: _options.IntegerGrid, path: str =
     return axis, along
 
 
-def blocked(x: jax.Array, spec: _options.IntegerGrid, path: str = ""
+def blocked(x: jax.Array, spec: _options.IntegerGrid
             ) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
     """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back."""
     g = spec.granularity
-    layout = check_layout(x.shape, spec, path)
+    layout = check_layout(x.shape, spec)
     if isinstance(g, _options.PerTensor):
         return x, tuple(range(x.ndim)), lambda s: s
     if isinstance(g, _options.PerToken):
@@ -188,7 +188,11 @@ def _mse_search(xb, axes, spec, lo, hi):
 
 
 def integer_calibrate(x, spec: _options.IntegerGrid, *, path: str = ""):
-    x = check_input(x, path)
+    return calibrate_checked(check_input(x, path), spec, path)
+
+
+def calibrate_checked(x: jax.Array, spec: _options.IntegerGrid, path: str = ""):
+    """:func:`integer_calibrate` of an ``x`` that already passed :func:`check_input`."""
     check_layout(x.shape, spec, path)
     return _integer_calibrate(x, spec)
 

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, to_int
 from jaxopt_big.quant import _options
 
 __all__ = ["fake_quant", "ste"]
@@ -31,7 +31,7 @@ def ste(x: jax.Array, value: jax.Array, inside: jax.Array | None = None) -> jax.
 def integer_fake_quant(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = ""):
     x = check_input(x, path)
     if scale is None:
-        scale, zero_point = jax.lax.stop_gradient(integer_calibrate(x, spec, path=path))
+        scale, zero_point = jax.lax.stop_gradient(calibrate_checked(x, spec, path))
     return _integer_fake_quant(x, jnp.asarray(scale, jnp.float32),
                                None if zero_point is None else jnp.asarray(zero_point, jnp.float32), spec)
 

@@ -17,7 +17,7 @@ from flax import struct
 
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
-from jaxopt_big.quant._calibrate import check_input, expand, from_int, integer_calibrate, to_int
+from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, to_int
 from jaxopt_big.quant import _options
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
@@ -134,7 +134,7 @@ def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scal
 def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = "") -> QArray:
     x = check_input(x, path)
     if scale is None:
-        scale, zero_point = integer_calibrate(x, spec, path=path)
+        scale, zero_point = calibrate_checked(x, spec, path)
     scale = jnp.asarray(scale, jnp.float32)
     scale = scale.reshape((1,) * x.ndim) if scale.ndim == 0 else scale
     zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
