@@ -410,7 +410,8 @@ def run(*, quick: bool = False, seed: int = 0, out: str | pathlib.Path | None = 
     """Trains the teacher once, runs the stages on digits and returns their results.
 
     Writes ``report.md``, ``results.json``, the accuracy-vs-size plot and one Orbax checkpoint per
-    model to ``out`` (None: write nothing). The folder is checked to be writable before training.
+    model to ``out`` (None: write nothing), replacing what an earlier run wrote there. The folder is
+    checked to be writable before training.
     """
     if out is not None:
         out = writable(out)
@@ -461,7 +462,7 @@ def _save(results: list[Result], teacher: Teacher, out: pathlib.Path, table: str
         if r.measured.params is None:
             continue
         with _checkpoint.Manager(out / "models" / r.stage.name, async_save=False) as manager:
-            manager.save(0, r.measured.params,
+            manager.save(0, r.measured.params, overwrite=True,  # a rerun replaces the last run's model
                          extra={"method": r.stage.title, "report": _report.summary(r.measured.params).as_dicts()})
         md += ["", f"## {r.stage.title}", "", _report.summary(r.measured.params).to_markdown()]
     report_md, results_json, plot = out / "report.md", out / "results.json", out / "accuracy_vs_compression.png"

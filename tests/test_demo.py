@@ -122,3 +122,18 @@ def test_report_command_missing_directory_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_second_run_into_the_same_folder_replaces_the_first(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxopt_big import checkpoint, demo
+    teacher = demo.Teacher(model=None, params=None, accuracy=0.9, nbytes=64, seconds=1.0)
+    for value in (1.0, 2.0):  # as `make demo` run twice into demo-out/
+        stage = demo.Stage("toy", "toy model", demo.Family.PRUNING, run=lambda ctx: None)
+        measured = demo.Measured(accuracy=0.8, nbytes=32, seconds=1.0, params={"w": jnp.full((4, 4), value)})
+        demo._save([demo.Result(stage, measured)], teacher, tmp_path, table="")
+    with checkpoint.Manager(tmp_path / "models" / "toy") as manager:
+        np.testing.assert_array_equal(manager.restore()["w"], np.full((4, 4), 2.0))
+    assert json.loads((tmp_path / "results.json").read_text())[0]["name"] == "toy"
