@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check jaxopt_big
 	$(VENV)/bin/mypy jaxopt_big
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder jaxopt_big tests README.md $(ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile jaxopt_big tests README.md $(ARGS)
 
 docs: $(STAMP)
 	$(VENV)/bin/pdoc --docformat google -o docs/api jaxopt_big jaxopt_big.cli jaxopt_big.demo

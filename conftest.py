@@ -30,12 +30,3 @@ hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     hypothesis.settings.load_profile("ci")
 
-
-# Files that spend minutes in subprocesses (demo, notebooks, wheel builds, CLI) are scheduled first:
-# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`, so a long file started last
-# would leave the other worker idle.
-_FIRST = ("tests/test_demo.py", "tests/test_notebooks.py", "tests/test_packaging.py", "tests/test_cli_compress.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: next((i for i, f in enumerate(_FIRST) if item.nodeid.startswith(f)), len(_FIRST)))
