@@ -29,4 +29,3 @@ import hypothesis  # noqa: E402
 hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     hypothesis.settings.load_profile("ci")
-

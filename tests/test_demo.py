@@ -130,8 +130,8 @@ def test_a_second_run_into_the_same_folder_replaces_the_first(tmp_path):
 
     from jaxopt_big import checkpoint, demo
     teacher = demo.Teacher(model=None, params=None, accuracy=0.9, nbytes=64, seconds=1.0)
+    stage = demo.Stage("toy", "toy model", demo.Family.PRUNING, run=lambda ctx: None)
     for value in (1.0, 2.0):  # as `make demo` run twice into demo-out/
-        stage = demo.Stage("toy", "toy model", demo.Family.PRUNING, run=lambda ctx: None)
         measured = demo.Measured(accuracy=0.8, nbytes=32, seconds=1.0, params={"w": jnp.full((4, 4), value)})
         demo._save([demo.Result(stage, measured)], teacher, tmp_path, table="")
     with checkpoint.Manager(tmp_path / "models" / "toy") as manager:
