@@ -11,8 +11,6 @@ Two datasets ship with what is installed, so nothing is downloaded:
       ppl = jb.data.perplexity(model, None, jb.data.windows(splits.validation, 256))
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -37,7 +35,7 @@ class Dataset(NamedTuple):
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, idx) -> Dataset:
+    def take(self, idx) -> "Dataset":
         return Dataset(self.x[idx], self.y[idx])
 
 

@@ -14,8 +14,6 @@ dense kernel is never built; every other compressed leaf runs on its dense value
 anywhere an interception is active (:func:`run_compressed`, :func:`capture`, :func:`replace`).
 """
 
-from __future__ import annotations
-
 import contextlib
 import contextvars
 import re

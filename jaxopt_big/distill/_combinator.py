@@ -6,8 +6,6 @@
 there is no other capture mechanism.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence

@@ -164,15 +164,19 @@ def _nth_tie(arrays: Sequence[jax.Array], offsets: Sequence[int], t: jax.Array, 
     """Flat index of the ``need``-th (0-based) element whose key is ``t``, in position order.
 
     A cut a few ties deep (the usual case: a handful of equal floats at the threshold) takes
-    ``need + 1`` minimum passes, unrolled (in a loop XLA would hoist and materialize the tie
-    test); a deeper one counts over flat indices like :func:`kth_smallest`.
+    ``need + 1`` minimum passes; a deeper one counts over flat indices like :func:`kth_smallest`.
     """
-    def few(depth):
-        lower = jnp.uint32(0)
-        for _ in range(depth + 1):
-            found = _tied_min(arrays, offsets, t, lower)
-            lower = found + 1
-        return found
+    def few():
+        def body(carry):
+            i, lower, _, xs = carry
+            # The barrier keeps XLA from hoisting the loop-invariant tie test out of the loop, which
+            # would materialize it (and the flat indices) at full size; each pass recomputes it.
+            xs = lax.optimization_barrier(xs)
+            found = _tied_min(xs, offsets, t, lower)
+            return i + 1, found + 1, found, xs
+
+        init = (jnp.int32(0), jnp.uint32(0), jnp.uint32(_U32_MAX), tuple(arrays))
+        return lax.while_loop(lambda c: c[0] <= need, body, init)[2]
 
     def many():
         key = lambda i, x: jnp.where(ukey(x) == t, flat_index(x.shape, offsets[i]), jnp.uint32(_U32_MAX))
@@ -180,7 +184,7 @@ def _nth_tie(arrays: Sequence[jax.Array], offsets: Sequence[int], t: jax.Array, 
 
     if sum(int(x.size) for x in arrays) < SORT_BELOW:
         return many()  # one sort
-    return lax.switch(jnp.minimum(need, _FEW_TIES), [functools.partial(few, d) for d in range(_FEW_TIES)] + [many])
+    return lax.cond(need < _FEW_TIES, few, many)
 
 
 @jax.jit

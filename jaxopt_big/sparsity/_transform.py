@@ -1,7 +1,5 @@
 """``prune``: an optax wrapper that keeps the selected weights at a scheduled sparsity."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,7 +31,7 @@ class PruneState(NamedTuple):
       dense: with ``straight_through=True`` the dense weights that the gradient trains; else None.
     """
 
-    inner: optax.OptState
+    inner: Any  # an optax.OptState: its recursive alias defeats pdoc, which would warn on every build
     masks: Any
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's own states do
     key: jax.Array
