@@ -1,5 +1,5 @@
 """The block-wise one-shot engine: equality with the per-layer solvers on numpy statistics, every
-method, linen/nnx/scanned/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
+method, linen/nnx/scanned (nnx.scan and nn.scan)/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
 
 import flax.linen as nn
 import jax
@@ -255,6 +255,95 @@ def test_nnx_llama_scanned_gives_the_unrolled_result_and_is_left_untouched():
     assert jb.zoo._llama.DecoderLayer.__call__.__qualname__ == "DecoderLayer.__call__"   # the patch is undone
     nnx.update(unrolled, jb.leaves.densify(a))   # the compressed state loads back into the model
     assert unrolled(ids).shape == (4, 8, 32)
+
+
+class StackBlock(nn.Module):
+    """A residual MLP in the shape ``nn.scan`` wants: ``(carry, broadcast) -> (carry, ys)``."""
+
+    @nn.compact
+    def __call__(self, x, scale):
+        hidden = jax.nn.relu(nn.Dense(2 * D, name="up")(x))
+        return x + scale * nn.Dense(D, name="down")(hidden), None
+
+
+class StackNet(nn.Module):
+    scan: bool
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(D, name="embed")(x)
+        if self.scan:
+            stack = nn.scan(StackBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=self.depth)
+            x, _ = stack(name="layers")(x, 0.5)
+        else:
+            for i in range(self.depth):
+                x, _ = StackBlock(name=f"layer_{i}")(x, 0.5)
+        return nn.Dense(3, name="head")(x)
+
+
+STACK_PLANS = {"gptq": jb.Plan(quant=jb.GPTQ(INT4)), "sparsegpt": jb.Plan(sparsity=jb.SparseGPT(0.5))}
+
+
+@pytest.fixture(scope="module")
+def linen_stack():
+    """Unrolled and ``nn.scan`` params of one model (the scanned ones: the unrolled layers stacked), and
+    both compressed by each plan."""
+    x = _data()
+    unrolled = StackNet(scan=False).init(jax.random.key(4), x)["params"]
+    scanned = {k: v for k, v in unrolled.items() if not k.startswith("layer_")}
+    scanned["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[unrolled[f"layer_{i}"] for i in range(3)])
+    before = jax.tree.map(np.asarray, scanned)
+    out = {}
+    for name, plan in STACK_PLANS.items():
+        recipe = jb.Recipe([Rule(r"layer(s|_\d+)/.*", plan)])
+        out[name] = tuple(jb.oneshot.compress(StackNet(scan=scan), params, [x[:16], x[16:]], recipe, progress=False)
+                          for scan, params in ((False, unrolled), (True, scanned)))
+    return x, unrolled, scanned, before, out
+
+
+@pytest.mark.parametrize("name", list(STACK_PLANS))
+def test_linen_scanned_gives_the_unrolled_result_and_is_left_untouched(linen_stack, name):
+    x, _, scanned, before, out = linen_stack
+    (a, ra), (b, rb) = out[name]
+    for i in range(3):
+        for layer in ("up", "down"):
+            mine, stacked = a[f"layer_{i}"][layer]["kernel"], b["layers"][layer]["kernel"]
+            if name == "gptq":
+                assert stacked.dense_shape[0] == 3
+                np.testing.assert_array_equal(_codes(mine), _codes(stacked)[i])
+                mine, stacked = mine.dense(), stacked.dense()
+            np.testing.assert_array_equal(np.asarray(mine) == 0, np.asarray(stacked)[i] == 0)
+            np.testing.assert_allclose(np.asarray(mine), np.asarray(stacked)[i], atol=1e-6)
+    assert [(r.path.replace("layer_", "layers[").replace("/", "]/", 1), r.method, r.shape, r.sparsity, r.bits)
+            for r in ra.rows] == [(r.path, r.method, r.shape, r.sparsity, r.bits) for r in rb.rows]
+    assert [r.error for r in ra.rows] == pytest.approx([r.error for r in rb.rows], rel=1e-4)
+    assert rb.blocks == 3 and rb.block_passes == 2.0
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, scanned))))
+    assert b["layers"]["up"]["bias"] is scanned["layers"]["up"]["bias"]   # what no rule targets comes back as given
+    assert b["embed"]["kernel"] is scanned["embed"]["kernel"]
+    np.testing.assert_allclose(StackNet(scan=True).apply({"params": jb.leaves.densify(b)}, x),
+                               StackNet(scan=False).apply({"params": jb.leaves.densify(a)}, x), atol=1e-5)
+
+
+def test_linen_scanned_layers_are_compressed_each_on_its_own_inputs(linen_stack):
+    x, unrolled, scanned, _, out = linen_stack
+    compressed, report = out["sparsegpt"][1]
+    assert [r.path for r in report.rows] == [f"layers[{i}]/{n}" for i in range(3) for n in ("up", "down")]
+    assert all(r.shape == ((D, 2 * D) if r.path.endswith("up") else (2 * D, D)) for r in report.rows)
+    p = jax.tree.map(np.asarray, scanned)
+    h = x @ p["embed"]["kernel"] + p["embed"]["bias"]
+    for i in range(3):   # each layer's Hessian from its own inputs, left by the compressed layers before it
+        layer = {n: (p["layers"][n]["kernel"][i], p["layers"][n]["bias"][i]) for n in ("up", "down")}
+        up = np.asarray(sparsegpt_kernel(layer["up"][0], _hessian(h), 0.5))
+        hidden = np.maximum(h @ layer["up"][0] + layer["up"][1], 0)   # down's statistics: one run, dense up
+        down = np.asarray(sparsegpt_kernel(layer["down"][0], _hessian(hidden), 0.5))
+        for name, ref in (("up", up), ("down", down)):
+            got = np.asarray(compressed["layers"][name]["kernel"][i])
+            np.testing.assert_array_equal(got == 0, ref == 0)
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+        h = h + 0.5 * (np.maximum(h @ up + layer["up"][1], 0) @ down + layer["down"][1])
 
 
 # ------------------------------------------------------------------ meshes

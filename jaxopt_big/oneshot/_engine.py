@@ -264,7 +264,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         linears (Dense/DenseGeneral/Einsum, nnx Linear/LinearGeneral/Einsum). A stacked (scanned)
         kernel is one leaf: its rule applies to every layer of the stack, compressed layer by layer.
       blocks: regex (full match) of the block module paths, e.g. ``r"layer_\\d+"``; None finds the
-        repeated numbered submodules, or the stacked submodule of a scanned model.
+        repeated numbered submodules, or the stacked submodule of a scanned model (``nnx.scan``, or
+        the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}``).
       mesh: a mesh (``Auto`` axes, as ``jb.parallel.make_mesh`` makes by default) whose ``data_axis``
         splits every calibration batch's leading axis; Hessians are
         reduced across it by XLA, the per-layer solvers run replicated, and compressed leaves keep
@@ -314,14 +315,9 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     _check_batches(raw)
     masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in calibration_batches]
     batches = [_place(b, mesh, data_axis) for b in raw]
-    block_list = model.blocks(blocks)
+    block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), ""))
     working = _leaves.densify(model.params)
-
-    try:
-        first = model.capture(working, block_list[0], *batches[0])
-    except Exception as e:  # a batch the model cannot run: report it as bad input
-        raise ValueError(f"calibration batch 0 does not run through the model up to {block_list[0].name}: "
-                         f"{type(e).__name__}: {e}") from e
+    first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]), f" up to {block_list[0].name}")
     static, first_arrays = _model.Static.split(*first)
     inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
                                for b in batches[1:]]
@@ -380,6 +376,14 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     report = Report(rows=tuple(rows), blocks=len(block_list), block_passes=runs / max(len(work), 1),
                     seconds=time.perf_counter() - start)
     return compressed, report
+
+
+def _on_batch0(run: Callable[[], Any], where: str) -> Any:
+    """``run()``; an error of the model on calibration batch 0 is bad input, reported as such."""
+    try:
+        return run()
+    except Exception as e:
+        raise ValueError(f"calibration batch 0 does not run through the model{where}: {type(e).__name__}: {e}") from e
 
 
 def _model_kernel(block_params: Any, rel: str) -> jax.Array:

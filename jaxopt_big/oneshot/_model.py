@@ -1,16 +1,20 @@
 """Linen and nnx models seen as a chain of blocks: find them, capture their inputs, run one alone.
 
 A *block* is a repeated submodule (``layer_0`` ... ``layer_N`` in linen, ``layers/0`` ... in nnx) or
-one layer of a stacked (scanned) submodule. Assumptions, checked where they can be:
+one layer of a stacked submodule: an ``nnx.scan``-stacked one (the top module over a stacked
+linear's layers) or the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}`` (the module
+whose call sees each of its parameters without the leading axis it is stored with). Assumptions,
+checked where they can be:
 
 - blocks are called through ``__call__`` in index order, block *i+1*'s first positional argument
   is block *i*'s output (the first element when it returns a tuple), and every other argument is the
-  same for all blocks (attention masks, positions);
+  same for all blocks (attention masks, positions; for a linen ``nn.scan``: ``in_axes=nn.broadcast``);
 - a block's parameters are the subtree under its module path (for a stacked block: index ``i`` of
   the leading axis of every leaf under it).
 
 The inputs of the first block are captured by running the model eagerly (``jax.disable_jit``, so a
-scanned model's loop runs in Python) until the first block is called: only the embeddings run.
+scanned model's loop runs in Python) until the first block is called on concrete inputs: only the
+embeddings run.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear
@@ -145,10 +151,12 @@ class Model:
     def flat(self) -> dict[str, Any]:
         return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
 
-    def blocks(self, pattern: str | None) -> list[Block]:
-        """The blocks in call order: found automatically, or the module paths ``pattern`` fully matches."""
+    def blocks(self, pattern: str | None, stacked: str | None) -> list[Block]:
+        """The blocks in call order: found automatically, or the module paths ``pattern`` fully matches.
+
+        ``stacked``: what :meth:`stacked` found.
+        """
         flat = self.flat()
-        stacked = self.stacked()
         if pattern is None:
             if stacked:
                 return [Block(stacked, i) for i in range(_depth(flat, stacked))]
@@ -168,8 +176,10 @@ class Model:
             return [Block(stacked, i) for i in range(_depth(flat, stacked))]
         return [Block(m) for m in modules]
 
-    def stacked(self) -> str | None:
-        return None
+    def stacked(self, args: tuple, kwargs: dict) -> str | None:
+        """The module path of a stacked block, or None; ``args, kwargs``: one batch, for a model whose
+        stack shows only when it runs (linen). Each model kind defines it."""
+        raise NotImplementedError
 
     def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
         """``(runner, non-parameter state)`` per block; each model kind defines it."""
@@ -200,6 +210,8 @@ class Model:
         """
         if first.index is not None:
             def stop(module, a, k, original):
+                if any(_checks.is_traced(x) for x in jax.tree.leaves((a, k))):
+                    return original()  # linen's scan traces its body once before its loop
                 raise _Stop(a, k)
             try:
                 with jax.disable_jit():
@@ -257,8 +269,40 @@ class _Linen(Model):
         with nn.intercept_methods(interceptor):
             return self.apply({"params": params, **(self.extra or {})}, *args, **kwargs)
 
+    def stacked(self, args: tuple, kwargs: dict) -> str | None:
+        """The outermost ``nn.scan`` body over stacked parameters, found from one abstract run.
+
+        Inside its call a scanned module sees each parameter under it without the leading (layer)
+        axis it is stored with, and returns ``(carry, ys)`` with the carry shaped like its first
+        argument; the second test keeps out an ``nn.vmap``-ed module (experts), which also sees its
+        parameters one axis short.
+        """
+        seen: dict[str, dict[str, tuple]] = {}
+        stored: dict[str, tuple] = {}
+
+        def record(next_fun, a, k, context):
+            out = next_fun(*a, **k)
+            path = "/".join(context.module.scope.path)
+            if context.method_name == "__call__" and path and a and _carries(a[0], out):
+                seen.setdefault(path, _shapes(context.module.variables.get("params", {}), path))
+            return out
+
+        def run(params, args, kwargs):
+            dense = _leaves.densify(params)
+            stored.update(_shapes(dense, ""))
+            with nn.intercept_methods(record):
+                self.call(dense, args, kwargs)
+        jax.eval_shape(run, self.params, args, kwargs)
+        for path in sorted(seen, key=lambda p: p.count("/")):
+            inner, outer = seen[path], {p: s for p, s in stored.items() if _under(p, path)}
+            if inner and inner.keys() == outer.keys() and len({s[:1] for s in outer.values()}) == 1 \
+                    and all(outer[p][1:] == s for p, s in inner.items()):
+                return path
+        return None
+
     def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
-        """``(runner, non-parameter state)`` per block; blocks of one shape share one runner."""
+        """``(runner, non-parameter state)`` per block; blocks of one shape share one runner (the body
+        of a linen scan runs alone, unscanned, on one layer's parameters)."""
         found = {}
 
         def grab(module, a, k, original):
@@ -266,6 +310,19 @@ class _Linen(Model):
             return original()
         jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
         return [(_LinenRunner(found[b.path]), {}) for b in blocks]
+
+
+def _carries(x: Any, out: Any) -> bool:
+    """Whether ``out`` is a scan body's ``(carry, ys)``, its carry of the structure, shapes, dtypes of ``x``."""
+    def spec(tree):
+        return jax.tree.map(lambda v: (np.shape(v), jnp.result_type(v)), tree)
+    return isinstance(out, tuple) and len(out) == 2 and spec(out[0]) == spec(x)
+
+
+def _shapes(params: Any, prefix: str) -> dict[str, tuple]:
+    """``{path: shape}`` of a parameter tree, its paths under ``prefix``."""
+    return {f"{prefix}/{p}" if prefix else p: tuple(np.shape(x))
+            for p, x in zip(_tree.paths(params), jax.tree.leaves(params))}
 
 
 class _Nnx(Model):
@@ -301,7 +358,7 @@ class _Nnx(Model):
         finally:
             cls.__call__ = original
 
-    def stacked(self) -> str | None:
+    def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The top module whose every parameter has one leading axis over a stacked linear's layers."""
         flat = self.flat()
         for path, module in self.modules.items():
