@@ -5,10 +5,11 @@ documentation if it is not saved yet). Every block linear is compressed by ``jb.
 with calibration windows from the training split; perplexity is measured on the test split.
 
 Table: dense; magnitude, Wanda, SparseGPT at 50% and 2:4; RTN vs GPTQ at int4 g128 and int3 g128;
-SparseGPT 50% + GPTQ int4. Then the pruning methods at 50% against the calibration-set size
-(4 / 16 / 64 / 256 sequences of 128 tokens: 4 gives 512 tokens, fewer than the 768 inputs of
-``down_proj``, so its Hessian is rank-deficient). Goals (the papers' ordering): SparseGPT <= Wanda < magnitude at 50%,
-GPTQ < RTN at 3 and 4 bits.
+SparseGPT 50% + GPTQ int4; beside each, the mean over layers of the engine's relative output error on
+the calibration inputs (what each method minimises, layer by layer). Then the pruning methods at 50%
+against the calibration-set size (4 / 16 / 64 / 256 sequences of 128 tokens: 4 gives 512 tokens,
+fewer than the 768 inputs of ``down_proj``, so its Hessian is rank-deficient). Goals (the papers'
+ordering): SparseGPT <= Wanda < magnitude at 50%, GPTQ < RTN at 3 and 4 bits.
 Run: ``python benchmarks/decoder_quality.py [--quick]``.
 """
 
@@ -72,14 +73,14 @@ def main(quick: bool) -> dict:
         t = time.perf_counter()
         out, report = jb.oneshot.compress(model, None, calibration(n), jb.Recipe([Rule(r"layers/.*", plan)]),
                                           progress=False)
-        return perplexity(out), time.perf_counter() - t
+        return perplexity(out), time.perf_counter() - t, float(np.mean([r.error for r in report.rows]))
 
     dense = jb.data.perplexity(model, None, test)
     n_default = 32 if quick else 128
-    rows = {"dense": {"perplexity": dense, "seconds": 0.0}}
+    rows = {"dense": {"perplexity": dense, "layer_error": 0.0, "seconds": 0.0}}
     for name, plan in PLANS.items():
-        ppl, seconds = run(plan, n_default)
-        rows[name] = {"perplexity": ppl, "seconds": round(seconds, 1)}
+        ppl, seconds, error = run(plan, n_default)
+        rows[name] = {"perplexity": ppl, "layer_error": error, "seconds": round(seconds, 1)}
         print(name, rows[name], flush=True)
     sizes = (4, 16, 64) if quick else (4, 16, 64, 256)
     by_size = {n: {"magnitude 50%": rows["magnitude 50%"]["perplexity"],  # data-free: the same at every size
@@ -89,8 +90,8 @@ def main(quick: bool) -> dict:
               "wanda<magnitude@50%": ppl["Wanda 50%"] < ppl["magnitude 50%"],
               "gptq<rtn@int4": ppl["GPTQ int4 g128"] < ppl["RTN int4 g128"],
               "gptq<rtn@int3": ppl["GPTQ int3 g128"] < ppl["RTN int3 g128"]}
-    lines = [f"| method | test perplexity | s |", "|---|---|---|"]
-    lines += [f"| {k} | {v['perplexity']:.3f} | {v['seconds']} |" for k, v in rows.items()]
+    lines = ["| method | test perplexity | mean relative layer output error | s |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['perplexity']:.3f} | {v['layer_error']:.4f} | {v['seconds']} |" for k, v in rows.items()]
     lines += ["", "| calibration sequences | " + " | ".join(by_size[sizes[0]]) + " |", "|---|" + "---|" * 3]
     lines += [f"| {n} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for n, r in by_size.items()]
     print("\n".join(lines))
