@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import importlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -88,9 +89,11 @@ def _unstore(restored: Any, like: Any) -> Any:
 
 
 def _signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{path: (shape, dtype)}`` with every key in the path: Orbax's metadata keeps the ``value`` of an
+    nnx Variable (``kernel/value``), which :func:`jaxopt_big.tree.path_str` leaves out."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # Python scalars too
-    return {_tree.path_str(p): (tuple(np.shape(x)), str(np.dtype(dtype(x)))) for p, x in flat}
+    return {"/".join(str(_key(k)) for k in p): (tuple(np.shape(x)), str(np.dtype(dtype(x)))) for p, x in flat}
 
 
 # Static fields of compressed leaves as JSON: plain values as they are, the rest tagged by kind.
@@ -267,6 +270,15 @@ def _check_json(value: Any, path: str = "extra") -> None:
                         "(float(x), int(x), x.tolist()) before saving")
 
 
+def _check_sizes(state: Any) -> None:
+    """Raises ValueError naming the first zero-size array of ``state``: Orbax refuses them, but only
+    once it has started writing (leaving a temporary directory, or failing in the background)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if hasattr(x, "shape") and math.prod(x.shape) == 0:
+            raise ValueError(f"{_tree.path_str(path)}: cannot save a zero-size array (shape {tuple(x.shape)}); "
+                             "Orbax does not store them: leave the leaf out of the saved state")
+
+
 class Manager:
     """Saves and restores training states (any pytree) under ``directory``, one subdirectory per step.
 
@@ -289,6 +301,9 @@ class Manager:
         if max_to_keep is not None:
             max_to_keep = _checks.integer("max_to_keep (an int >= 1 or None)", max_to_keep, low=1)
         save_interval_steps = _checks.integer("save_interval_steps", save_interval_steps, low=1)
+        async_save = _checks.flag("async_save", async_save)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a str or os.PathLike, got {directory!r}")
         self.directory = pathlib.Path(directory).absolute()
         self.save_interval_steps = save_interval_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
@@ -313,7 +328,8 @@ class Manager:
           True if saved, False if skipped because ``step`` is not a multiple of ``save_interval_steps``.
 
         Raises:
-          ValueError: ``step`` is negative or not newer than the latest saved step (unless ``overwrite``).
+          ValueError: ``step`` is negative or not newer than the latest saved step (unless ``overwrite``),
+            or ``state`` holds a zero-size array (the message names its path).
           TypeError: ``step`` is not an int, or ``extra`` holds something JSON cannot store (the
             message names where).
 
@@ -331,6 +347,7 @@ class Manager:
             return False
         extra = dict(extra or {})
         _check_json(extra)
+        _check_sizes(state)
         self._make_room(step, overwrite)
         args = ocp.args.Composite(state=ocp.args.StandardSave(_storable(state)), extra=ocp.args.JsonSave(extra),
                                   **{_STRUCTURE: ocp.args.JsonSave(_structure(state))})
@@ -431,7 +448,9 @@ class Manager:
             and compressed leaves of the saved classes with the saved static fields. Leaves' shardings
             say where the restored arrays go, so a checkpoint saved on one mesh restores onto another.
             Without it the saved tree comes back as nested dicts and lists (named tuples and
-            dataclasses become dicts) holding its arrays, Python scalars and compressed leaves.
+            dataclasses become dicts) holding its arrays, Python scalars and compressed leaves; an
+            ``nnx.State`` comes back as dicts with each Variable's leaf under ``"value"``
+            (``{"kernel": {"value": array}}``): restore with ``like=`` to get the ``State``.
 
         Raises:
           FileNotFoundError: no such step (the message lists the available ones).

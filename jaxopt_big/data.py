@@ -64,7 +64,7 @@ def holdout_split(ds: Dataset, *, test_fraction: float = 0.2, seed: int = 0) -> 
       (1797, True)
     """
     test_fraction = _checks.fraction("test_fraction", test_fraction, open_low=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_checks.integer("holdout_split.seed", seed, low=0))
     test_idx = []
     for c in np.unique(ds.y):
         members = rng.permutation(np.flatnonzero(ds.y == c))

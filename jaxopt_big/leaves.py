@@ -299,6 +299,34 @@ def place_like(leaf: Any, like: Any) -> Any:
     return jax.tree.map(lambda a: _place(a, sharding), leaf)
 
 
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` whole on every device of its mesh if it has explicit mesh axes; else ``x`` itself.
+
+    SVD, QR, sort and gathers refuse explicitly sharded operands. The mesh is read from ``x``'s
+    type, so this works eagerly and under ``jit``, with or without ``jax.set_mesh``.
+    """
+    sharding = jax.typeof(x).sharding
+    if all(a is None for a in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=jax.P()))
+
+
+def place_factors(u: jax.Array, v: jax.Array, like: Any) -> tuple[jax.Array, jax.Array]:
+    """Factors ``u (..., r)`` and ``v (r, n)`` of the parameter ``like``: ``u`` on its row mesh axes,
+    ``v`` on its column axis, the rank axis they contract whole.
+
+    (:func:`place_like` would shard the rank axis as ``like``'s columns in ``u`` and rows in ``v``,
+    which an explicitly sharded ``u @ v`` refuses.) A traced ``like`` or one without a
+    ``NamedSharding`` changes nothing.
+    """
+    sharding = getattr(like, "sharding", None)
+    if isinstance(like, jax.core.Tracer) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return u, v
+    spec = (*sharding.spec, *(None,) * (like.ndim - len(sharding.spec)))
+    return (jax.device_put(u, sharding.update(spec=jax.P(*spec[:-1], None))),
+            jax.device_put(v, sharding.update(spec=jax.P(None, spec[-1]))))
+
+
 def leaf_nbytes(x: Any) -> int:
     """True bytes of one leaf (compressed or array-like, including tracers and shape-dtype structs)."""
     if is_compressed(x):

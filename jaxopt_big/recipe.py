@@ -24,8 +24,9 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -336,12 +337,32 @@ def preset(name: str) -> Recipe:
 _RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
 _QUANT_KEYS = {"bits", "symmetric", "granularity", "group", "calibration", "method", "act_order", "damp"}
 _PRUNERS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+_GRANULARITIES: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
 _CALIBRATIONS: dict[str, Callable[[], _quant.Calibration]] = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax,
                                                               "mse": _quant.MSE}
 
 
 class RecipeFileError(ValueError):
     """A recipe file that does not parse into a typed :class:`Recipe`; the message names file, line and key."""
+
+
+class _BadKey(ValueError):
+    """A bad value of the file key ``key`` (the file error points at that key's line)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@contextlib.contextmanager
+def _about(key: str) -> Iterator[None]:
+    """Blames the key ``key`` for a ``TypeError``/``ValueError`` raised inside."""
+    try:
+        yield
+    except _BadKey:
+        raise
+    except (TypeError, ValueError) as e:
+        raise _BadKey(key, str(e)) from None
 
 
 def load(path: str | Any) -> Recipe:
@@ -351,8 +372,11 @@ def load(path: str | Any) -> Recipe:
     (``magnitude`` | ``wanda`` | ``sparsegpt``), ``required`` (bool) and a ``[rule.quant]`` table with
     ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
     ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (``rtn`` | ``gptq``), ``act_order``,
-    ``damp``. A rule without ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad
-    values raise :class:`RecipeFileError` naming the file, line and key.
+    ``damp``. A key left out means what it means in Python: ``[rule.quant]`` defaults to
+    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``) and ``method = "rtn"``, so
+    ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
+    ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
+    :class:`RecipeFileError` naming the file, the line of the offending key and the key.
 
     Examples:
       >>> import pathlib, tempfile
@@ -380,9 +404,6 @@ def load(path: str | Any) -> Recipe:
                 return i + 1
         return start + 1
 
-    def fail(key: str, start: int, message: str) -> RecipeFileError:
-        return RecipeFileError(f"{path}:{where(key, start)}: {message}")
-
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -394,59 +415,84 @@ def load(path: str | Any) -> Recipe:
     starts = [i for i, line in enumerate(lines) if line.strip() == "[[rule]]"]
     rules = []
     for table, start in zip(doc["rule"], starts):
-        for key in table:
-            if key not in _RULE_KEYS:
-                raise fail(key, start, f"unknown key {key!r} in [[rule]] (known: {', '.join(sorted(_RULE_KEYS))})")
-        if "pattern" not in table:
-            raise fail("pattern", start, "a [[rule]] needs a pattern")
         try:
-            plan = Plan(sparsity=_sparsity_of(table), quant=_quant_of(table.get("quant"), path, start, fail))
-            rules.append(_tree.Rule(table["pattern"], plan, required=table.get("required", True)))
-        except (TypeError, ValueError) as e:
-            if isinstance(e, RecipeFileError):
-                raise
-            raise RecipeFileError(f"{path}:{start + 1}: {e}") from None
+            rules.append(_rule_of(table))
+        except _BadKey as e:
+            raise RecipeFileError(f"{path}:{where(e.key, start)}: {e}") from None
     return Recipe(rules)
+
+
+def _rule_of(table: dict[str, Any]) -> _tree.Rule:
+    for key in table:
+        if key not in _RULE_KEYS:
+            raise _BadKey(key, f"unknown key {key!r} in [[rule]] (known: {', '.join(sorted(_RULE_KEYS))})")
+    if "pattern" not in table:
+        raise _BadKey("[[rule]]", "a [[rule]] needs a pattern")
+    plan = Plan(sparsity=_sparsity_of(table), quant=_quant_of(table.get("quant")))
+    with _about("required"):
+        required = _checks.flag("required", table.get("required", True))
+    with _about("pattern"):
+        return _tree.Rule(table["pattern"], plan, required=required)
 
 
 def _sparsity_of(table: dict[str, Any]) -> Any:
     value, method = table.get("sparsity"), table.get("prune", "magnitude")
     if value is None:
         if "prune" in table:
-            raise ValueError("'prune' needs a 'sparsity'")
+            raise _BadKey("prune", "'prune' needs a 'sparsity'")
         return None
-    if isinstance(value, str):
-        n, _, m = value.partition(":")
-        if not (n.isdigit() and m.isdigit()):
-            raise ValueError(f"sparsity must be a fraction or 'n:m', got {value!r}")
-        value = _sparsity.NM(int(n), int(m))
     if method not in _PRUNERS:
-        raise ValueError(f"prune must be one of {', '.join(_PRUNERS)}, got {method!r}")
-    return _PRUNERS[method](value)
+        raise _BadKey("prune", f"prune must be one of {', '.join(_PRUNERS)}, got {method!r}")
+    with _about("sparsity"):
+        if isinstance(value, str):
+            n, _, m = value.partition(":")
+            if not (n.isdigit() and m.isdigit()):
+                raise ValueError(f"sparsity must be a fraction or 'n:m', got {value!r}")
+            value = _sparsity.NM(int(n), int(m))
+        return _PRUNERS[method](value)
 
 
-def _quant_of(table: dict[str, Any] | None, path: Any, start: int, fail: Callable[..., Exception]) -> Any:
+def _named(key: str, choices: dict[str, Any], value: Any) -> Any:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return choices[value]
+
+
+# [rule.quant] keys that set a QuantSpec field: key -> (field, value of the field from the file's value).
+_SPEC_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "bits": ("bits", lambda v: v),
+    "symmetric": ("symmetric", lambda v: v),
+    "granularity": ("granularity", lambda v: _named("granularity", _GRANULARITIES, v)),
+    "group": ("granularity", lambda v: _quant.Group(v)),
+    "calibration": ("calibration", lambda v: _named("calibration", _CALIBRATIONS, v)()),
+}
+
+
+def _quant_of(table: Any) -> Any:
     if table is None:
         return None
+    if not isinstance(table, dict):
+        raise _BadKey("quant", f"quant must be a [rule.quant] table, got {table!r}")
     for key in table:
         if key not in _QUANT_KEYS:
-            raise fail(key, start, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(_QUANT_KEYS))})")
-    grids: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
-    granularity = grids.get(table.get("granularity", "channel"))
-    if granularity is None:
-        raise ValueError(f"granularity must be 'tensor' or 'channel' (or give group = N), got {table['granularity']!r}")
-    if "group" in table:
-        granularity = _quant.Group(table["group"])
-    calibration = _CALIBRATIONS.get(table.get("calibration", "mse"))
-    if calibration is None:
-        raise ValueError(f"calibration must be one of {', '.join(_CALIBRATIONS)}, got {table['calibration']!r}")
-    spec = _quant.QuantSpec(bits=table.get("bits", 8), symmetric=table.get("symmetric", True),
-                            granularity=granularity, calibration=calibration())
-    method = table.get("method", "rtn")
-    if method == "rtn":
-        if {"act_order", "damp"} & set(table):
-            raise ValueError("act_order and damp are GPTQ options: set method = 'gptq'")
+            raise _BadKey(key, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(_QUANT_KEYS))})")
+    if "granularity" in table and "group" in table:
+        raise _BadKey("group", "give granularity or group, not both")
+    spec = _quant.QuantSpec()  # a key left out keeps QuantSpec's default
+    for key, (field, read) in _SPEC_KEYS.items():
+        if key in table:
+            with _about(key):
+                spec = dataclasses.replace(spec, **{field: read(table[key])})
+    with _about("method"):
+        method = _named("method", {"rtn": RTN, "gptq": GPTQ}, table.get("method", "rtn"))
+    if method is RTN:
+        for key in ("act_order", "damp"):
+            if key in table:
+                raise _BadKey(key, "act_order and damp are GPTQ options: set method = 'gptq'")
         return RTN(spec)
-    if method == "gptq":
-        return GPTQ(spec, act_order=table.get("act_order", False), damp=table.get("damp", 0.01))
-    raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    quantizer = GPTQ(spec)
+    for key in ("act_order", "damp"):
+        if key in table:
+            with _about(key):
+                quantizer = dataclasses.replace(quantizer, **{key: table[key]})
+    return quantizer

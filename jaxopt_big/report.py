@@ -40,12 +40,22 @@ class Row:
         return self.dense_bytes / self.nbytes if self.nbytes else math.inf
 
 
+def _is_key(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _dtype(dtype: Any) -> Any:
+    """``dtype`` as a NumPy dtype; a typed PRNG key's dtype as it is (NumPy has none for it, and its
+    ``itemsize`` is the bytes of the key's data)."""
+    return dtype if _is_key(dtype) else np.dtype(dtype)
+
+
 def _describe(x: Any) -> _leaves.Description:
     if _leaves.is_compressed(x):
         return x.describe()
-    shape, dtype = tuple(np.shape(x)), np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    shape, dtype = tuple(np.shape(x)), _dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     nonzero = None
-    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer):
+    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) and not _is_key(dtype):
         nonzero = float(np.count_nonzero(np.asarray(x))) / max(math.prod(shape), 1)
     return _leaves.Description(kind="dense", shape=shape, dtype=dtype, bits=8.0 * dtype.itemsize, nonzero=nonzero)
 
@@ -53,9 +63,9 @@ def _describe(x: Any) -> _leaves.Description:
 def _row(path: str, x: Any, planned: str | None = None) -> Row:
     d = _describe(x)
     size = math.prod(d.shape)
-    dense_bytes = size * np.dtype(d.dtype).itemsize
+    dense_bytes = size * _dtype(d.dtype).itemsize
     flops = d.flops if d.flops is not None else (2 * size if len(d.shape) >= 2 else None)
-    return Row(path=path, shape=tuple(d.shape), dtype=str(np.dtype(d.dtype)), kind=d.kind, params=size,
+    return Row(path=path, shape=tuple(d.shape), dtype=str(_dtype(d.dtype)), kind=d.kind, params=size,
                nonzero=d.nonzero, bits=d.bits, nbytes=_leaves.leaf_nbytes(x), dense_bytes=dense_bytes, flops=flops,
                planned=planned)
 
@@ -179,7 +189,7 @@ class MemoryEstimate:
 def _per_device_bytes(tree: Any, shardings: Any) -> int:
     loads: dict[Any, int] = {}
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: v is None)):
-        shape, itemsize = tuple(np.shape(x)), np.dtype(x.dtype).itemsize
+        shape, itemsize = tuple(np.shape(x)), _dtype(x.dtype).itemsize
         if s is None:  # unplaced: the default device holds it
             loads[None] = loads.get(None, 0) + math.prod(shape) * itemsize
             continue

@@ -40,6 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import jax
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 
 __all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error",
@@ -173,6 +174,7 @@ class Rule(Generic[T]):
 
     def __post_init__(self):
         _compile(self.pattern)
+        _checks.flag(f"Rule({self.pattern!r}).required", self.required)
 
     def matches(self, path: str) -> bool:
         """Whether this rule's pattern fully matches ``path`` or a module path above it."""

@@ -144,3 +144,13 @@ def test_restore_target_that_differs_names_the_difference(tmp_path):
             mgr.restore(like={"a": {"w": jnp.zeros((4, 3))}, "b": jnp.zeros(3)})
     with pytest.raises(ValueError, match="max_to_keep"):
         jb.checkpoint.Manager(tmp_path, max_to_keep=0)
+
+
+@pytest.mark.parametrize("directory, kwargs, match", [
+    ("ckpt", {"async_save": "no"}, r"async_save must be a bool, got 'no'"),
+    ("ckpt", {"async_save": 1}, r"async_save must be a bool, got 1"),
+    (3, {}, r"directory must be a str or os.PathLike, got 3"),
+])
+def test_manager_options_are_checked(tmp_path, directory, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        jb.checkpoint.Manager(tmp_path / directory if isinstance(directory, str) else directory, **kwargs)

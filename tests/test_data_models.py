@@ -28,6 +28,10 @@ def test_holdout_split_is_stratified_disjoint_and_seeded():
     np.testing.assert_array_equal(again.y, train.y)
     with pytest.raises(ValueError, match="test_fraction"):
         jb.data.holdout_split(ds, test_fraction=1.5)
+    np.testing.assert_array_equal(jb.data.holdout_split(ds, seed=np.int64(3))[0].y, train.y)
+    for seed in (True, -1, 2.5):
+        with pytest.raises((TypeError, ValueError), match="holdout_split.seed"):
+            jb.data.holdout_split(ds, seed=seed)
 
 
 def test_batches_cover_everything_once_and_shuffle_by_key():

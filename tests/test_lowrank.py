@@ -1,5 +1,7 @@
 """Truncated SVD factorization, its errors, report numbers, and factored execution (linen + nnx)."""
 
+import re
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -203,3 +205,22 @@ def test_factors_are_trained_by_optax():
     assert isinstance(kernel, lowrank.LowRank) and kernel.u.shape == (3, 3, 3, 2)
     assert not np.allclose(kernel.v, params["Conv_0"]["kernel"].v)
     assert float(metrics["loss"]) < 0.5 * first
+
+
+def test_energy_on_empty_and_all_zero_kernels():
+    for shape in [(0, 4), (4, 0)]:
+        for how in [{"energy": 0.9}, {"rank": 1}, {"max_params": 100}]:
+            match = re.escape(f"d/kernel: cannot factorize a zero-size kernel (shape {shape})")
+            with pytest.raises(ValueError, match=match):
+                lowrank.factorize_params({"d": {"kernel": jnp.zeros(shape)}}, **how)
+    lr = lowrank.factorize(jnp.zeros((6, 4)), energy=0.5)  # all of no energy is kept by rank 1
+    assert lr.rank == 1 and lr.nbytes < 6 * 4 * 4
+    np.testing.assert_array_equal(lr.dense(), np.zeros((6, 4)))
+
+
+@pytest.mark.parametrize("bad", ["no", 1, None, np.float32(0)])
+def test_randomized_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match=re.escape(f"Dense_0/kernel: randomized must be a bool, got {bad!r}")):
+        lowrank.factorize_params(_params(), where="Dense_0/kernel", rank=1, randomized=bad, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="randomized must be a bool"):
+        lowrank.factorize(jnp.ones((4, 4)), rank=1, randomized=bad, key=jax.random.key(0))

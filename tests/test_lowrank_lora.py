@@ -158,3 +158,14 @@ def test_unmerge_checks_shapes():
     leaf = lowrank.LoRA(base=jnp.ones((4, 3)), a=jnp.ones((4, 1)), b=jnp.ones((1, 3)), scale=1.0)
     with pytest.raises(ValueError, match=r"k: merged kernel has shape \(3, 4\)"):
         lowrank.lora_unmerge({"k": jnp.ones((3, 4))}, {"k": leaf})
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+def test_lora_over_a_non_float_kernel_is_refused_naming_the_path(dtype):
+    params = {"Dense_0": {"kernel": jnp.ones((5, 3), dtype)}}  # a merged float update would be cast away
+    match = rf"Dense_0/kernel: LoRA adapts float kernels, got dtype {jnp.dtype(dtype).name}"
+    with pytest.raises(TypeError, match=match):
+        lowrank.lora_init(params, jax.random.key(0), rank=1, alpha=1.0)
+    quantized = {"Dense_0": {"kernel": jb.quant.quantize(jnp.ones((5, 3)), jb.quant.QuantSpec(bits=8))}}
+    lora = lowrank.lora_init(quantized, jax.random.key(0), rank=1, alpha=1.0)["Dense_0"]["kernel"]
+    assert lora.a.dtype == jnp.float32 and lora.dense().dtype == jnp.float32

@@ -1,5 +1,6 @@
 """Quantization core: grids, calibration, fake-quant STE, packed QArray, PTQ trees, integer execution."""
 
+import contextlib
 import re
 
 import flax.linen as nn
@@ -364,3 +365,99 @@ def test_qat_gradient_modes_differentiate_at_the_stated_operands(gradient):
     np.testing.assert_allclose(gw, x_at.T @ g, rtol=1e-4, atol=1e-5)
     with pytest.raises(TypeError, match="gradient must be"):
         jb.quant.qat(model.apply, gradient="float")
+
+
+# ---------------------------------------------------------------- regressions: STE ends, given grids, edge inputs
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity=PER_CHANNEL),
+                                  QuantSpec(bits=8, symmetric=False, granularity=PER_CHANNEL, calibration=MinMax()),
+                                  QuantSpec(bits=4, symmetric=False, granularity=Group(4), calibration=AbsMax())])
+def test_every_value_of_a_self_calibrated_range_keeps_its_gradient(spec):
+    # absmax / 127 * 127 falls one float32 ulp short of 0.24812406; affine grids round their zero point.
+    w = jax.random.uniform(jax.random.key(0), (16, 64), minval=-0.2, maxval=0.2).at[0].set(0.24812406)
+    ones = np.ones(w.shape)
+    np.testing.assert_array_equal(jax.grad(lambda w: jb.quant.fake_quant(w, spec).sum())(w), ones)
+    grads = jax.grad(lambda p: jb.quant.fake_quant_params(p, spec)["d"]["kernel"].sum())({"d": {"kernel": w}})
+    np.testing.assert_array_equal(grads["d"]["kernel"], ones)
+    x = jnp.array([0.24812406, 0.1, -0.2])
+    np.testing.assert_array_equal(jax.grad(lambda x: jb.quant.fake_quant(x, QuantSpec()).sum())(x), [1, 1, 1])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(granularity=PER_CHANNEL, calibration=jb.quant.MinMax()),
+                                  QuantSpec(symmetric=False, granularity=PER_CHANNEL, calibration=jb.quant.MinMax()),
+                                  QuantSpec(bits=4, granularity=PER_CHANNEL, calibration=jb.quant.MSE())])
+def test_qat_and_fake_quant_params_give_the_same_kernel_gradient(spec):
+    model = nn.Dense(32)
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    v = model.init(jax.random.key(1), x)
+    by_qat = jax.grad(lambda v: jnp.sum(jb.quant.qat(model.apply, weights=spec)(v, x) ** 2))(v)
+    by_fake = jax.grad(lambda v: jnp.sum(model.apply(jb.quant.fake_quant_params(v, spec), x) ** 2))(v)
+    np.testing.assert_allclose(by_qat["params"]["kernel"], by_fake["params"]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_only_values_beyond_rounding_of_the_range_count_as_clipped():
+    x = jnp.array([-1.6, -1.4, 1.4, 1.6])  # grid {-1, 0, 1} at scale 1: +-1.4 round onto it, +-1.6 are clipped
+    g = jax.grad(lambda x: jb.quant.fake_quant(x, QuantSpec(bits=2), scale=1.0).sum())(x)
+    np.testing.assert_array_equal(g, [0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("scale, zero_point, error, message", [
+    (0.0, None, ValueError, "scale must be finite and > 0, got 0.0"),
+    (-1.0, None, ValueError, "scale must be finite and > 0, got -1.0"),
+    (float("nan"), None, ValueError, "scale must be finite and > 0, got nan"),
+    (True, None, TypeError, "scale must be a real number or array, got True"),
+    (np.array([[1.0, 0.0]]), None, ValueError, r"scale must be finite and > 0, got 0.0 \(1 of 2 values\)"),
+    (1.0, float("inf"), ValueError, "zero_point must be finite, got inf"),
+])
+def test_a_given_scale_and_zero_point_are_checked(scale, zero_point, error, message):
+    x = jnp.array([[0.3, -0.7]])
+    spec = QuantSpec(bits=4, symmetric=zero_point is None)
+    for run in (lambda: jb.quant.fake_quant(x, spec, scale, zero_point, path="d/kernel"),
+                lambda: spec.quantize(x, scale, zero_point, path="d/kernel")):
+        with pytest.raises(error, match=f"d/kernel: {message}"):
+            run()
+    # Traced scales cannot be inspected: they pass (a learned or computed scale under jit).
+    assert jax.jit(lambda s: jb.quant.fake_quant(x, QuantSpec(bits=4), s))(jnp.float32(0.5)).shape == x.shape
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("calibration", [AbsMax(), MinMax(), Percentile(99.0), MSE(steps=8)])
+def test_a_huge_finite_range_quantizes_to_finite_values(symmetric, calibration):
+    x = jnp.array([[-3e38, 3e38], [1e38, -2e38]])
+    spec = QuantSpec(symmetric=symmetric, calibration=calibration)
+    for out in (jb.quant.quantize(x, spec).dense(), jb.quant.fake_quant(x, spec)):
+        np.testing.assert_allclose(out, x, rtol=0.02)
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_percentile_calibration_of_explicitly_sharded_params_gives_the_unsharded_result(use_mesh):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    w = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    sharded = jax.device_put(w, jax.NamedSharding(mesh, jax.P("data", "model")))
+    specs = [QuantSpec(calibration=Percentile(90.0)),
+             QuantSpec(bits=4, granularity=PER_CHANNEL, calibration=Percentile(90.0)),
+             QuantSpec(bits=4, symmetric=False, granularity=Group(4, along=0), calibration=Percentile(80.0))]
+    with jax.set_mesh(mesh) if use_mesh else contextlib.nullcontext():
+        for spec in specs:
+            want = jb.quant.quantize(w, spec).dense()
+            np.testing.assert_array_equal(jb.quant.quantize(sharded, spec).dense(), want)
+            np.testing.assert_array_equal(jb.quant.fake_quant(sharded, spec), want)
+            q = jb.quant.quantize_params({"d": {"kernel": sharded}}, spec)["d"]["kernel"]
+            np.testing.assert_array_equal(q.dense(), want)
+            assert q.values.sharding.spec == jax.P("data", "model")
+        scale, _ = jb.quant.calibrate(sharded, specs[1])
+    np.testing.assert_allclose(scale * 7, np.percentile(np.abs(w), 90.0, axis=0, keepdims=True), rtol=1e-6)
+    assert scale.sharding.spec == jax.P(None, "model")
+
+
+def test_trees_with_compressed_leaves_quantize_their_float_kernels_only():
+    p = {"q": {"kernel": jnp.ones((4, 4))}, "f": {"kernel": jnp.full((4, 4), 0.5)}}
+    mixed = jb.quant.quantize_params(p, [Rule("q", QuantSpec())])
+    out = jb.quant.quantize_params(mixed, QuantSpec(bits=4))
+    assert out["q"]["kernel"] is mixed["q"]["kernel"] and out["f"]["kernel"].bits == 4
+    out = jb.quant.fake_quant_params(mixed, QuantSpec(bits=4))
+    assert out["q"]["kernel"] is mixed["q"]["kernel"] and isinstance(out["f"]["kernel"], jax.Array)
+    for fn in (jb.quant.quantize_params, jb.quant.fake_quant_params):
+        with pytest.raises(ValueError, match="q/kernel is a compressed QArray"):
+            fn(mixed, QuantSpec(bits=4), where=".*kernel")

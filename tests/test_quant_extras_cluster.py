@@ -105,3 +105,21 @@ def test_eight_cluster_sharing_on_digits_within_one_point_after_codebook_finetun
           f"bytes {jb.leaves.nbytes(tuned)} vs {jb.leaves.nbytes(params)}")
     assert acc >= dense_acc - 0.010
     assert jb.leaves.nbytes(tuned) < 0.12 * jb.leaves.nbytes(params)
+
+
+@pytest.mark.parametrize("iters, error", [(-1, ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError)])
+def test_cluster_checks_iters_like_kmeans(iters, error):
+    params = {"layer": {"kernel": jnp.ones((8, 5))}}
+    with pytest.raises(error, match=rf"iters must be an int.*got {iters!r}"):
+        cluster(params, 2, key=jax.random.key(0), iters=iters)
+    with pytest.raises(error, match=rf"iters must be an int.*got {iters!r}"):
+        kmeans(params["layer"]["kernel"], 2, key=jax.random.key(0), iters=iters)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])
+def test_cluster_of_a_non_float_kernel_is_a_type_error_naming_it(dtype):
+    params = {"layer": {"kernel": jnp.ones((8, 5), dtype)}}
+    with pytest.raises(TypeError, match=f"layer/kernel: clustering needs a float kernel, got dtype {jnp.dtype(dtype)}"):
+        cluster(params, 2, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="x: clustering needs a float kernel"):
+        kmeans(params["layer"]["kernel"], 2, key=jax.random.key(0))

@@ -10,12 +10,17 @@ import jaxopt_big as jb
 from jaxopt_big.tree import Rule
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._qarray import QArray
-from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
+from jaxopt_big.quant._spec import PER_CHANNEL, AbsMax, MinMax, QuantSpec
+
+
+def _inside(v, qmin, qmax):
+    """``v`` where it is within half a step of ``[qmin, qmax]`` (not clipped), else its clip."""
+    return np.where(np.abs(v - np.clip(v, qmin, qmax)) <= 0.5, v, np.clip(v, qmin, qmax))
 
 
 def _surrogate(x, s, beta, u, qmin, qmax, r0):
     """Numpy float64 LSQ surrogate: the rounding residual frozen at the evaluation point."""
-    return np.sum(u * ((np.clip((x - beta) / s, qmin, qmax) + r0) * s + beta))
+    return np.sum(u * ((_inside((x - beta) / s, qmin, qmax) + r0) * s + beta))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -28,8 +33,8 @@ def test_lsq_step_and_offset_gradients_match_finite_differences(symmetric):
     beta = None if symmetric else np.array([[0.1, -0.2, 0.05, 0.0]])
     b = 0.0 if beta is None else beta
     qmin, qmax = fmt.spec.qmin, fmt.spec.qmax
-    v0 = np.clip((x - b) / s, qmin, qmax)
-    r0 = np.round(v0) - v0
+    v0 = _inside((x - b) / s, qmin, qmax)
+    r0 = np.clip(np.round(v0), qmin, qmax) - v0
     g = 1 / np.sqrt(6 * qmax)  # 6 weights per channel step
 
     def loss(s_, beta_):
@@ -47,9 +52,11 @@ def test_lsq_step_and_offset_gradients_match_finite_differences(symmetric):
             minus = [s - e, b] if which == 0 else [s, b - e]
             fd[0, c] = (_surrogate(x, *plus, u, qmin, qmax, r0) - _surrogate(x, *minus, u, qmin, qmax, r0)) / (2 * h)
         np.testing.assert_allclose(np.asarray(grads[which]), g * fd, rtol=1e-4, atol=1e-5)
-    # The paper's closed form for the step: round(v) - v inside, qmin/qmax at the clip.
-    inside = (x - b) / s
-    per = np.where(inside < qmin, qmin, np.where(inside > qmax, qmax, np.round(inside) - inside))
+    # The paper's closed form for the step: round(v) - v inside, qmin/qmax at the clip (a value is
+    # clipped when it lies beyond [qmin, qmax] by more than rounding, half a step).
+    v = (x - b) / s
+    per = np.where(v < qmin - 0.5, qmin, np.where(v > qmax + 0.5, qmax, np.clip(np.round(v), qmin, qmax) - v))
+    assert np.any((np.abs(v) > qmax) & (np.abs(v) < qmax + 0.5))  # the band the rule is about is exercised
     np.testing.assert_allclose(np.asarray(grads[0]), g * (u * per).sum(0, keepdims=True), rtol=1e-4, atol=1e-5)
 
 
@@ -103,3 +110,32 @@ def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax
     assert du.accuracy(apply, jb.leaves.densify(packed), test) == lsq_acc
     print(f"digits CNN 2-bit per-channel: float {dense_acc:.4f}, STE fixed absmax {ste_acc:.4f}, LSQ {lsq_acc:.4f}")
     assert lsq_acc >= ste_acc
+
+
+@pytest.mark.parametrize("symmetric, calibration", [(True, AbsMax()), (False, MinMax()), (False, AbsMax())])
+def test_lsq_at_init_keeps_the_gradient_of_every_weight(symmetric, calibration):
+    # absmax / 127 * 127 falls one float32 ulp short of 0.24812406; affine grids round their zero point.
+    w = jax.random.uniform(jax.random.key(0), (16, 64), minval=-0.2, maxval=0.2).at[0].set(0.24812406)
+    spec = QuantSpec(bits=8, symmetric=symmetric, granularity=PER_CHANNEL, calibration=calibration)
+    grads = jax.grad(lambda t: jb.leaves.densify(t)["d"]["kernel"].sum())(lsq({"d": {"kernel": w}}, spec))
+    np.testing.assert_allclose(grads["d"]["kernel"].weight, np.ones(w.shape), rtol=1e-6)  # x / s * s
+
+
+@pytest.mark.parametrize("scale, error", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                          (True, TypeError)])
+def test_lsq_checks_a_given_step(scale, error):
+    x = jnp.array([0.3, -0.7])
+    with pytest.raises(error, match=f"d/kernel: scale must be .*{scale}"):
+        LSQ(spec=QuantSpec(bits=4)).fake_quant(x, scale, path="d/kernel")
+    leaf = lsq({"d": {"kernel": x.reshape(1, 2)}}, QuantSpec(bits=4), where=".*")["d"]["kernel"]
+    with pytest.raises(error, match="d/kernel: scale must be"):
+        leaf.replace(scale=jnp.asarray(scale)).dense()
+
+
+def test_lsq_leaves_compressed_leaves_alone_and_refuses_to_select_them():
+    p = {"q": {"kernel": jnp.ones((4, 4))}, "f": {"kernel": jnp.ones((4, 4))}}
+    mixed = jb.quant.quantize_params(p, [Rule("q", QuantSpec())])
+    out = lsq(mixed, QuantSpec(bits=4))
+    assert out["q"]["kernel"] is mixed["q"]["kernel"] and isinstance(out["f"]["kernel"], Learned)
+    with pytest.raises(ValueError, match="q/kernel is a compressed QArray"):
+        lsq(mixed, QuantSpec(bits=4), where="q")

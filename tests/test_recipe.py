@@ -130,6 +130,7 @@ prune = "wanda"
 [rule.quant]
 bits = 3
 group = 64
+calibration = "mse"
 method = "gptq"
 act_order = true
 
@@ -137,7 +138,7 @@ act_order = true
 pattern = ".*"
 [rule.quant]
 bits = 8
-calibration = "absmax"
+granularity = "channel"
 ''')
     recipe = jb.recipe.load(path)
     first, second = (r.value for r in recipe.rules)
@@ -148,12 +149,25 @@ calibration = "absmax"
     assert second == Plan(quant=jb.RTN(QuantSpec(bits=8, granularity=PER_CHANNEL)))
 
 
+def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\n\n'
+                    '[[rule]]\npattern = "b"\n[rule.quant]\nsymmetric = false\ngroup = 32\n')
+    first, second = (r.value.quant for r in jb.recipe.load(path).rules)
+    assert first == jb.RTN(QuantSpec(bits=4))
+    assert second == jb.RTN(QuantSpec(symmetric=False, granularity=jb.quant.Group(32)))
+
+
 @pytest.mark.parametrize("body, line, message", [
     ('[[rule]]\npattern = ".*"\nsparsty = 0.5\n', 3, "unknown key 'sparsty' in [[rule]]"),
     ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nmetod = "gptq"\n', 5, "unknown key 'metod' in [rule.quant]"),
-    ('[[rule]]\npattern = ".*"\n\n[[rule]]\npattern = "a"\n[rule.quant]\nbits = 9\n', 4, "bits must be an int in"),
-    ('[[rule]]\npattern = ".*"\nsparsity = "2-4"\n', 1, "'n:m'"),
-    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "rtn"\nact_order = true\n', 1, "GPTQ options"),
+    ('[[rule]]\npattern = ".*"\n\n[[rule]]\npattern = "a"\n[rule.quant]\nbits = 9\n', 7, "bits must be an int in"),
+    ('[[rule]]\npattern = ".*"\nsparsity = "2-4"\n', 3, "'n:m'"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "rtn"\nact_order = true\n', 5, "GPTQ options"),
+    ('[[rule]]\npattern = ".*"\nsparsity = 1.5\nrequired = true\n', 3, "sparsity"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\ncalibration = "max"\n', 5, "calibration must be one of"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq"\ndamp = 0\n', 5, "damp"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nsymmetric = 1\n', 5, "symmetric must be a bool"),
     ('[[rules]]\npattern = ".*"\n', None, "[[rule]] tables only"),
 ])
 def test_recipe_file_errors_name_the_file_line_and_key(tmp_path, body, line, message):

@@ -1,6 +1,7 @@
 """Regression tests of issue 16 (reliability): one test per defect class, each failing before its fix."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -325,3 +326,80 @@ def test_checks_traced_values_pass_only_where_allowed():
     jax.jit(lambda x: _checks.finite([("a", x)]) or x)(jnp.array([jnp.nan]))  # traced: not inspected
     with pytest.raises(ValueError, match=r"b: w contain NaN or Inf \(2 of 3 values\)"):
         _checks.finite([("a", jnp.ones(2)), ("b", np.array([np.inf, 1.0, np.nan]))], "w")
+
+
+# --- 4b. explicit sharding in factorize / cluster / formats -----------------------------------------
+
+FACTORIZE_CASES = [{"rank": 3}, {"energy": 0.9}, {"rank": 3, "randomized": True, "key": jax.random.key(0)}]
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+@pytest.mark.parametrize("how", FACTORIZE_CASES, ids=lambda how: "-".join(how))
+def test_4b_factorize_on_explicit_sharding_equals_unsharded(with_mesh, how):
+    mesh = _explicit_mesh()
+    w = jax.random.normal(jax.random.key(3), (8, 16))
+    params = {"d": {"kernel": _sharded(w, mesh, jax.P("data", "model")), "bias": jnp.zeros(16)}}
+    want = jb.lowrank.factorize_params({"d": {"kernel": w, "bias": jnp.zeros(16)}}, **how)["d"]["kernel"]
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+        got = jb.lowrank.factorize_params(params, **how)["d"]["kernel"]
+        dense = got.dense()  # u @ v contracts under the mesh
+        if "energy" not in how:  # energy= picks the rank on the host: not jittable
+            jitted = jax.jit(lambda w: jb.lowrank.factorize(w, **how))(params["d"]["kernel"])
+            np.testing.assert_array_equal(jitted.v, jb.lowrank.factorize(w, **how).v)
+    np.testing.assert_array_equal(got.u, want.u)
+    np.testing.assert_array_equal(got.v, want.v)
+    np.testing.assert_allclose(dense, want.dense(), atol=1e-6)
+    # u keeps the kernel's rows, v its columns; the rank axis both contract is whole
+    assert (got.u.sharding.spec, got.v.sharding.spec) == (jax.P("data", None), jax.P(None, "model"))
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_4b_lora_on_explicit_sharding_equals_unsharded(with_mesh):
+    mesh = _explicit_mesh()
+    w = jax.random.normal(jax.random.key(6), (8, 16))
+    params = {"d": {"kernel": _sharded(w, mesh, jax.P("data", "model"))}}
+    want = jb.lowrank.lora_init({"d": {"kernel": w}}, jax.random.key(7), rank=2, alpha=4.0)["d"]["kernel"]
+    want = dataclasses.replace(want, b=jnp.ones_like(want.b))
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+        got = jb.lowrank.lora_init(params, jax.random.key(7), rank=2, alpha=4.0)["d"]["kernel"]
+        got = dataclasses.replace(got, b=jnp.ones_like(got.b))  # a non-zero update: a @ b contracts
+        dense = got.dense()
+    np.testing.assert_array_equal(got.a, want.a)
+    np.testing.assert_allclose(dense, want.dense(), atol=1e-6)
+    assert (got.a.sharding.spec, got.b.sharding.spec) == (jax.P("data", None), jax.P(None, "model"))
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_4b_cluster_on_explicit_sharding_equals_unsharded(with_mesh):
+    mesh = _explicit_mesh()
+    w = jax.random.normal(jax.random.key(4), (8, 16))
+    params = {"d": {"kernel": _sharded(w, mesh, jax.P("data", "model"))}}
+    key = jax.random.key(5)
+    want = q.cluster({"d": {"kernel": w}}, 4, key=key)["d"]["kernel"]
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+        got = q.cluster(params, 4, key=key)["d"]["kernel"]
+        dense = got.dense()
+        jitted = jax.jit(lambda p: q.cluster(p, 4, key=key)["d"]["kernel"].dense())(params)
+    np.testing.assert_array_equal(got.codebook, want.codebook)
+    np.testing.assert_array_equal(got.indices(), want.indices())
+    np.testing.assert_array_equal(dense, want.dense())
+    np.testing.assert_array_equal(jitted, want.dense())
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+@pytest.mark.parametrize("fmt", [q.Binary(), q.Ternary(), q.Binary(axis=None)], ids=str)
+def test_4b_binary_and_ternary_on_explicit_sharding_equal_unsharded(with_mesh, fmt):
+    mesh = _explicit_mesh()
+    w = jax.random.normal(jax.random.key(6), (8, 16))
+    sharded = _sharded(w, mesh, jax.P("data", "model"))
+    want = fmt.quantize(w)
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+        got = q.quantize_params({"d": {"kernel": sharded}}, fmt)["d"]["kernel"]
+        dense = got.dense()
+        jitted = jax.jit(lambda w: q.quantize(w, fmt).dense())(sharded)
+        fake = q.fake_quant(sharded, fmt)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    # the scale is a mean over the sharded rows: summed shard by shard, so equal up to rounding
+    np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
+    for x in (dense, jitted, fake):
+        np.testing.assert_allclose(x, want.dense(), rtol=1e-6)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxopt_big as jb
 from jaxopt_big import cli, demo
@@ -238,3 +239,37 @@ def test_restore_target_without_a_leaf_of_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"only in checkpoint \['b'\]") as e:
         mgr.restore(like={"a": jnp.zeros(2)})
     assert "missing from checkpoint" not in str(e.value)
+
+
+# 12. an nnx.State (the other first-class parameter tree) round-trips, compressed leaves included
+
+def test_nnx_state_restores_with_and_without_a_target(tmp_path):
+    state = nnx.state(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    quantized = jb.quant.quantize_params(state, jb.quant.QuantSpec(bits=8))
+    mgr = _saved(tmp_path, state)
+    mgr.save(1, quantized)
+    for step, tree in [(0, state), (1, quantized)]:
+        for like in (tree, jb.checkpoint.abstract(tree)):
+            back = mgr.restore(step, like=like)
+            assert type(back) is nnx.State
+            assert jax.tree.structure(back, is_leaf=jb.leaves.is_compressed) == jax.tree.structure(
+                tree, is_leaf=jb.leaves.is_compressed)
+            chex.assert_trees_all_equal(back, tree)
+    raw = mgr.restore(1)  # without a target: dicts, each Variable's leaf under "value"
+    assert isinstance(raw["kernel"]["value"], jb.quant.QArray)
+    chex.assert_trees_all_equal(raw["kernel"]["value"], quantized["kernel"].get_value())
+    chex.assert_trees_all_equal(raw["bias"]["value"], state["bias"].get_value())
+    with pytest.raises(ValueError, match=r"kernel/value: checkpoint \(\(4, 3\), 'float32'\) vs target \(\(4, 2\)"):
+        mgr.restore(0, like=nnx.state(nnx.Linear(4, 2, rngs=nnx.Rngs(0))))
+
+
+# 13. a zero-size array is refused before anything is written
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_zero_size_array_is_refused_before_anything_is_written(tmp_path, async_save):
+    with jb.checkpoint.Manager(tmp_path, async_save=async_save) as mgr:
+        with pytest.raises(ValueError, match=r"params/e: cannot save a zero-size array \(shape \(0, 3\)\)"):
+            mgr.save(1, {"params": {"w": jnp.ones(3), "e": jnp.zeros((0, 3))}})
+        mgr.wait()
+        assert list(tmp_path.iterdir()) == [] and mgr.all_steps() == []
+        assert mgr.save(1, {"params": {"w": jnp.ones(3)}}) and mgr.all_steps() == [1]

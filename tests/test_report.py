@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 import jaxopt_big as jb
@@ -49,3 +50,25 @@ def test_text_and_markdown_tables_list_every_leaf():
         assert path in text and f"| {path} |" in md
     widths = {len(line) for line in text.splitlines()}
     assert len(widths) == 1  # aligned
+
+
+def test_summary_counts_a_typed_key_by_its_key_data():
+    keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
+    rows = {r.path: r for r in jb.report.summary({"w": jnp.ones((2, 2)), "rng": keys}).rows}
+    assert rows["rng"].nbytes == rows["rng"].dense_bytes == jax.random.key_data(keys).nbytes
+    assert rows["rng"].dtype == "key<rbg>" and rows["rng"].params == 3 and rows["rng"].nonzero is None
+    assert rows["w"].nbytes == 16 and rows["w"].nonzero == 1.0
+
+
+def _bytes(tree):
+    """Bytes of every leaf, a typed key counted by its raw data."""
+    is_key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return sum((jax.random.key_data(x) if is_key(x) else x).nbytes for x in jax.tree.leaves(tree))
+
+
+def test_summary_and_training_memory_of_a_prune_state_with_its_key():
+    params = {"d": {"kernel": jnp.ones((8, 4))}}
+    tx = jb.sparsity.prune(optax.adam(1e-3), sparsity=0.5)
+    state = jb.train.TrainState.create(params, tx)
+    assert jb.report.summary(state).totals["nbytes"] == _bytes(state)
+    assert jb.report.training_memory(params, tx).opt_state == _bytes(tx.init(params))

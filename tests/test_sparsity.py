@@ -1,5 +1,7 @@
 """Pruning: exact counts, structures, global threshold vs sort, optax wrapper, sharding, bad input."""
 
+import contextlib
+import functools
 import re
 
 import chex
@@ -18,6 +20,11 @@ SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
 shapes = st.sampled_from([(1, 1), (3, 7), (16, 16), (40, 25)])  # few shapes: few compilations
 
 
+def _pruned(s, n):
+    """The documented count of a constant sparsity: Python's round(s * n)."""
+    return round(s * n)
+
+
 def _tree(key, shapes_):
     keys = jax.random.split(key, len(shapes_))
     return {f"l{i}": {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[-1])}
@@ -31,7 +38,7 @@ def test_layer_masks_prune_exactly_the_lowest(s, shape, seed, ties):
     if ties:
         w = np.round(w)
     mask = np.asarray(sp.make_masks(sp.magnitude({"k": {"kernel": jnp.asarray(w)}}), s)["k"]["kernel"])
-    k = round(s * w.size)
+    k = _pruned(s, w.size)
     assert int((~mask).sum()) == k
     ref = np.ones(w.size, bool)
     ref[np.argsort(np.abs(w).ravel(), kind="stable")[:k]] = False  # ties: lower index pruned first
@@ -46,7 +53,7 @@ def test_global_masks_and_threshold_match_sort(s, sh, seed):
     masks = sp.make_masks(scores, s, scope=sp.Scope.GLOBAL)
     kernels = [np.asarray(scores[f"l{i}"]["kernel"]).ravel() for i in range(len(sh))]
     flat = np.concatenate(kernels)
-    k = round(s * flat.size)
+    k = _pruned(s, flat.size)
     got = np.concatenate([np.asarray(masks[f"l{i}"]["kernel"]).ravel() for i in range(len(sh))])
     assert int((~got).sum()) == k
     assert all(masks[f"l{i}"]["bias"] is None for i in range(len(sh)))
@@ -62,9 +69,9 @@ def test_threshold_with_heavy_ties_and_structured_values():
     scores = {"a": {"kernel": x}, "b": {"kernel": -x.T}}
     flat = np.sort(np.concatenate([np.asarray(x).ravel(), -np.asarray(x).ravel()]))
     for s in (0.1, 0.3, 0.5, 0.74, 0.75, 0.9):
-        assert float(sp.global_threshold(scores, s)) == flat[round(s * flat.size) - 1]
+        assert float(sp.global_threshold(scores, s)) == flat[_pruned(s, flat.size) - 1]
         m = sp.make_masks(scores, s, scope=sp.Scope.GLOBAL)
-        assert int(sum((~m[k]["kernel"]).sum() for k in "ab")) == round(s * flat.size)
+        assert int(sum((~m[k]["kernel"]).sum() for k in "ab")) == _pruned(s, flat.size)
 
 
 @pytest.mark.parametrize("counting", [False, True])
@@ -189,7 +196,7 @@ def test_pruned_weights_exactly_zero_after_100_steps_without_retracing(ste):
     out, state = _train(tx, 100, params, loss)
     for layer in ("Dense_0", "Dense_1"):
         k, m = np.asarray(out[layer]["kernel"]), np.asarray(state.masks[layer]["kernel"])
-        assert (k[~m] == 0).all() and int((~m).sum()) == round(0.8 * k.size)
+        assert (k[~m] == 0).all() and int((~m).sum()) == _pruned(0.8, k.size)
         assert (np.asarray(out[layer]["bias"]) != 0).any()
     assert float(loss(out)) < float(loss(params))
     if ste:  # dense weights keep training under the mask
@@ -236,7 +243,7 @@ def test_saliency_and_random_scores_prune_to_target():
         tx = sp.prune(optax.sgd(1e-2), sparsity=0.6, score=score, key=jax.random.key(1), scope=sp.Scope.GLOBAL)
         out, _ = _train(tx, 3, params, loss)
         n = sum(out[l]["kernel"].size for l in ("Dense_0", "Dense_1"))
-        assert sum(int((out[l]["kernel"] == 0).sum()) for l in ("Dense_0", "Dense_1")) == round(0.6 * n)
+        assert sum(int((out[l]["kernel"] == 0).sum()) for l in ("Dense_0", "Dense_1")) == _pruned(0.6, n)
 
 
 @pytest.mark.parametrize("grow", [sp.set_, sp.rigl])
@@ -252,11 +259,11 @@ def test_dynamic_sparsity_stays_exact_and_regrown_start_at_zero(grow):
         params = optax.apply_updates(params, u)
         new = np.asarray(state.masks["Dense_0"]["kernel"])
         k = np.asarray(params["Dense_0"]["kernel"])
-        assert int((~new).sum()) == round(0.7 * new.size)
+        assert int((~new).sum()) == _pruned(0.7, new.size)
         assert (k[~new] == 0).all() and (k[new & ~old] == 0).all()
         changed |= bool((new != old).any()) and t > 0
     assert changed
-    assert (np.asarray(params["Dense_0"]["kernel"]) == 0).sum() >= round(0.7 * 512)
+    assert (np.asarray(params["Dense_0"]["kernel"]) == 0).sum() >= _pruned(0.7, 512)
 
 
 def test_packed_sparse_round_trip_bytes_and_report():
@@ -357,3 +364,84 @@ def test_dynamic_sparsity_can_start_from_the_largest_weights():
     assert random_mask.sum() == 128 and not np.array_equal(random_mask, mask)
     with pytest.raises(TypeError, match="start must be"):
         sp.set_(optax.sgd(0.1), sparsity=0.5, key=jax.random.key(1), end_step=10, start="magnitude")
+
+
+# --- fixes: one count rule, random scores on explicit meshes, mixed trees ----------------------
+
+def test_a_constant_sparsity_prunes_round_s_n_eagerly_under_jit_and_in_prune():
+    from jaxopt_big.sparsity import _masks
+    ss, ns = np.arange(0, 1, 0.01), range(1, 401)
+    eager = np.array([[_masks._count(s, n) for s in ss] for n in ns])
+    np.testing.assert_array_equal(eager, [[round(s * n) for s in ss] for n in ns])
+    # a traced sparsity is float32: at most one off, and only where s * n is within float32 rounding of a half
+    traced = np.array([jax.vmap(functools.partial(_masks._count, n=n))(jnp.asarray(ss, jnp.float32)) for n in ns])
+    off = traced != eager
+    assert np.abs(traced - eager).max() <= 1
+    assert np.all(np.abs(np.outer(ns, ss)[off] % 1 - 0.5) < 1e-5)
+    # 0.7 * 45 is 31.5 in float32 and 31.499... in float64: every constant path prunes round(0.7 * 45) = 31
+    w = {"d": {"kernel": jax.random.normal(jax.random.key(0), (9, 5))}}
+    counts = [sp.make_masks(w, 0.7), sp.make_masks(w, np.float64(0.7)), jax.jit(lambda w: sp.make_masks(w, 0.7))(w)]
+    for tx in (sp.prune(optax.sgd(0.1), sparsity=0.7), sp.prune(optax.sgd(0.1), sparsity=[jb.Rule("d", 0.7)])):
+        counts.append(jax.jit(tx.update)(w, tx.init(w), w)[1].masks)
+    assert [int((~m["d"]["kernel"]).sum()) for m in counts] == [round(0.7 * 45)] * 5
+
+
+def _run(tx, params, steps):
+    state, step = tx.init(params), jax.jit(tx.update)
+    for _ in range(steps):
+        updates, state = step(jax.tree.map(jnp.ones_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state.masks
+
+
+def test_random_scores_prune_and_dynamic_sparsity_on_explicit_sharding():
+    mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    plain = {"a": {"kernel": jax.random.normal(jax.random.key(3), (16, 8))}}
+    placed = jax.device_put(plain, jax.NamedSharding(mesh, jax.P("x", "y")))
+    key = jax.random.key(1)
+    runs = [(sp.prune(optax.sgd(0.1), sparsity=0.5, score=sp.random, key=key), 1),   # random masks
+            (sp.set_(optax.sgd(0.1), sparsity=0.5, key=key, update_every=1, end_step=9), 2),  # random regrowth
+            (sp.rigl(optax.sgd(0.1), sparsity=0.5, key=key, end_step=9), 0)]  # random initial masks
+    want = [_run(tx, plain, steps) for tx, steps in runs]
+    for with_mesh in (False, True):
+        with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+            scores = sp.random(placed, key)
+            got = [_run(tx, placed, steps) for tx, steps in runs]
+        chex.assert_trees_all_equal(scores, sp.random(plain, key))
+        assert scores["a"]["kernel"].sharding.spec == jax.P("x", "y")
+        for (params, masks), (want_params, want_masks) in zip(got, want):
+            chex.assert_trees_all_equal(masks, want_masks)
+            chex.assert_trees_all_close(params, want_params, rtol=1e-6)
+            assert masks["a"]["kernel"].sharding.spec == params["a"]["kernel"].sharding.spec == jax.P("x", "y")
+
+
+def _mixed():
+    p = {"q": {"kernel": jnp.arange(32.0).reshape(8, 4) - 9}, "f": {"kernel": jnp.arange(32.0).reshape(8, 4) + 1}}
+    return p, jb.quant.quantize_params(p, [jb.Rule("q", jb.quant.QuantSpec())])
+
+
+def test_compressed_leaves_are_refused_when_selected_and_kept_otherwise():
+    p, mixed = _mixed()
+    refused = r"q/kernel is a compressed QArray \(int8\), not a float array"
+    with pytest.raises(ValueError, match="make_masks: " + refused):
+        sp.make_masks(mixed, 0.5)
+    with pytest.raises(ValueError, match="make_masks: " + refused):
+        sp.make_masks(mixed, [jb.Rule("q", 0.5)])
+    with pytest.raises(ValueError, match="global_threshold: " + refused):
+        sp.global_threshold(mixed, 0.5)
+    # magnitude scores a compressed leaf on its dense value; masking the compressed leaf is refused
+    scores = sp.magnitude(mixed)
+    np.testing.assert_array_equal(scores["q"]["kernel"], np.abs(np.asarray(mixed["q"]["kernel"].dense())))
+    np.testing.assert_array_equal(scores["f"]["kernel"], np.abs(np.asarray(p["f"]["kernel"])))
+    with pytest.raises(ValueError, match="apply_masks: " + refused):
+        sp.apply_masks(mixed, sp.make_masks(scores, 0.5))
+    # restricted with where=, the dense leaf is pruned and the compressed one passes through untouched
+    masks = sp.make_masks(mixed, 0.5, where="f/kernel")
+    assert masks["q"]["kernel"] is None
+    chex.assert_trees_all_equal(masks, sp.make_masks(p, 0.5, where="f/kernel"))
+    out = sp.apply_masks(mixed, sp.make_masks(scores, 0.5, where="f/kernel"))
+    assert out["q"]["kernel"] is mixed["q"]["kernel"]
+    np.testing.assert_array_equal(out["f"]["kernel"], np.where(p["f"]["kernel"] > 16, p["f"]["kernel"], 0))
+    assert float(sp.global_threshold(mixed, 0.5, where="f/kernel")) == 16.0
+    with pytest.raises(ValueError, match="mask tree does not match"):
+        sp.apply_masks(p, {"f": {"kernel": None}})

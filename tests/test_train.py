@@ -269,3 +269,121 @@ def test_classifier_loss_label_smoothing_matches_numpy():
     assert float(aux["accuracy"]) == 0.5
     with pytest.raises(ValueError, match="label_smoothing"):
         jb.train.classifier_loss(lambda p, x: x, label_smoothing=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks and donation safety of caller-owned arrays
+
+def _tiny():
+    params = {"d": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2)}}
+    loss = lambda p, b: (jnp.sum((b @ p["d"]["kernel"]) ** 2), {})
+    ds = jb.data.Dataset(np.eye(4, dtype=np.float32), np.arange(4) % 2)
+    return params, loss, ds
+
+
+def test_prune_key_and_state_rng_survive_the_donating_step():
+    params, loss, _ = _tiny()
+    key = jax.random.key(0)
+    tx = jb.sparsity.prune(optax.sgd(0.1), sparsity=0.5, score=jb.sparsity.random, key=key)
+    step = jb.train.make_step(loss, tx)
+    first, _ = step(jb.train.TrainState.create(params, tx), jnp.ones((4, 4)))
+    second, _ = step(jb.train.TrainState.create(params, tx), jnp.ones((4, 4)))  # same inputs, run again
+    chex.assert_trees_all_equal(first.params, second.params)
+    assert jax.random.key_data(key).tolist() == [0, 0]  # the caller's key is still readable
+
+    rng = jax.random.key(1)
+    rng_step = jb.train.make_step(lambda p, b, *, rng: loss(p, b), optax.sgd(0.1))
+    for _ in range(2):
+        rng_step(jb.train.TrainState.create(params, optax.sgd(0.1), rng=rng), jnp.ones((4, 4)))
+    assert jax.random.key_data(rng).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("min_lr", [float("nan"), -1e-3, float("inf"), True])
+def test_reduce_on_plateau_checks_min_lr(min_lr):
+    with pytest.raises((TypeError, ValueError), match="ReduceOnPlateau.min_lr"):
+        jb.train.ReduceOnPlateau(min_lr=min_lr)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(factor=1.0), "factor"), (dict(patience=0), "patience"),
+                                           (dict(patience=1.5), "patience"), (dict(monitor=3), "monitor")])
+def test_reduce_on_plateau_checks_its_other_fields(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=f"ReduceOnPlateau.{match}"):
+        jb.train.ReduceOnPlateau(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(batch_size=0), ValueError, "fit.batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=True), TypeError, "fit.batch_size must be an int, got True"),
+    (dict(epochs=1.5), TypeError, "fit.epochs must be an int, got 1.5"),
+    (dict(progress="no"), TypeError, "fit.progress must be a bool, got 'no'"),
+])
+def test_fit_checks_its_arguments(kwargs, error, match):
+    params, loss, ds = _tiny()
+    step = jb.train.make_step(loss, optax.sgd(0.1))
+    args = dict(epochs=1, batch_size=2, key=jax.random.key(0), progress=False) | kwargs
+    with pytest.raises(error, match=match):
+        jb.train.fit(step, jb.train.TrainState.create(params, optax.sgd(0.1)), ds, **args)
+
+
+def test_fit_and_evaluate_say_they_take_a_dataset_not_a_tuple():
+    params, loss, ds = _tiny()
+    step = jb.train.make_step(loss, optax.sgd(0.1))
+    with pytest.raises(TypeError, match=r"fit.train must be a jb.data.Dataset\(x, y\), got tuple"):
+        jb.train.fit(step, jb.train.TrainState.create(params, optax.sgd(0.1)), (ds.x, ds.y), epochs=1,
+                     batch_size=2, key=jax.random.key(0), progress=False)
+    with pytest.raises(TypeError, match="evaluate.ds must be a jb.data.Dataset"):
+        jb.train.evaluate(lambda p, x: x, None, (ds.x, ds.y))
+
+
+def test_evaluate_on_an_empty_dataset_raises():
+    _, _, ds = _tiny()
+    with pytest.raises(ValueError, match="evaluate.ds is empty"):
+        jb.train.evaluate(lambda p, x: x[:, :2], None, ds.take(np.arange(0)))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(epochs=-1), ValueError, "cross_validate.epochs must be an int >= 0, got -1"),
+    (dict(epochs=1.5), TypeError, "cross_validate.epochs must be an int, got 1.5"),
+    (dict(batch_size=0), ValueError, "cross_validate.batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=True), TypeError, "cross_validate.batch_size must be an int, got True"),
+    (dict(vmap="yes"), TypeError, "cross_validate.vmap must be a bool"),
+    (dict(stratified=1), TypeError, "cross_validate.stratified must be a bool"),
+])
+def test_cross_validate_checks_its_arguments(kwargs, error, match):
+    _, _, ds = _tiny()
+    args = dict(k=2, epochs=1, batch_size=1, key=jax.random.key(0)) | kwargs
+    with pytest.raises(error, match=match):
+        jb.train.cross_validate(lambda key: jnp.zeros((4, 2)), lambda p, x: x @ p, ds, optax.sgd(0.1), **args)
+
+
+@pytest.mark.parametrize("n, k, error, match", [
+    (True, 2, TypeError, "kfold.n must be an int, got True"),
+    (10.0, 3, TypeError, "kfold.n must be an int, got 10.0"),
+    (1, 2, ValueError, "kfold.n must be an int >= 2, got 1"),
+    (10, False, TypeError, "kfold.k must be an int, got False"),
+])
+def test_kfold_checks_n_and_k(n, k, error, match):
+    with pytest.raises(error, match=match):
+        list(jb.train.kfold(n, k, jax.random.key(0)))
+
+
+def test_make_step_says_what_loss_fn_must_return():
+    params, loss, _ = _tiny()
+    tx = optax.sgd(0.1)
+    bare = jb.train.make_step(lambda p, b: loss(p, b)[0], tx)
+    with pytest.raises(TypeError, match=r"loss_fn must return \(loss, aux\).*got an array of shape \(\)"):
+        bare(jb.train.TrainState.create(params, tx), jnp.ones((4, 4)))
+    per_row = jb.train.make_step(lambda p, b: (jnp.sum(b @ p["d"]["kernel"], 1), {}), tx)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar loss .*got shape \(4,\)"):
+        per_row(jb.train.TrainState.create(params, tx), jnp.ones((4, 4)))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jb.sparsity.prune(optax.sgd(0.1), sparsity=0.5, straight_through="yes"), "straight_through"),
+    (lambda: jb.train.make_step(lambda p, b: (jnp.sum(p), {}), optax.sgd(0.1), donate="no"), "make_step.donate"),
+    (lambda: jb.parallel.make_mesh(explicit="yes"), "make_mesh.explicit"),
+    (lambda: jb.train.classifier_loss(lambda p, x: x, batch_stats="yes"), "classifier_loss.batch_stats"),
+])
+def test_flags_must_be_bools(make, match):
+    with pytest.raises(TypeError, match=f"{match} must be a bool, got '(yes|no)'"):
+        make()

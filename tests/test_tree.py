@@ -103,3 +103,17 @@ def test_map_selected_only_touches_selection():
     assert float(out["params"]["Dense_0"]["bias"].sum()) == 4.0
     with pytest.raises(ValueError, match="matches no leaf"):
         jb.tree.map_selected(lambda p, x: x, {"b": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("required", ["no", 0, None])
+def test_rule_required_must_be_a_bool(required):
+    with pytest.raises(TypeError, match=r"Rule\('mlp'\)\.required must be a bool"):
+        jb.tree.Rule("mlp", 4, required=required)
+    assert jb.tree.Rule("mlp", 4, required=False).required is False
+
+
+def test_recipe_file_required_must_be_a_bool(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('[[rule]]\npattern = ".*"\nsparsity = 0.5\nrequired = "no"\n')
+    with pytest.raises(jb.recipe.RecipeFileError, match="required must be a bool, got 'no'"):
+        jb.recipe.load(f)

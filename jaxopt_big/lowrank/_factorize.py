@@ -110,6 +110,7 @@ class Factorization:
         given = [k for k in ("rank", "energy", "max_params") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of rank, energy, max_params; got {given or 'none'}")
+        object.__setattr__(self, "randomized", _checks.flag("randomized", self.randomized))
         for name, low in (("rank", 1), ("max_params", 1), ("oversample", 0), ("power_iters", 0)):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _checks.integer(name, getattr(self, name), low=low))
@@ -123,6 +124,8 @@ def _as_kernel(path: str, w: Any) -> jax.Array:
     w = jnp.asarray(w.dense() if _leaves.is_compressed(w) else w)
     if w.ndim < 2:
         raise ValueError(f"{path}: only kernels with ndim >= 2 can be factorized, got shape {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"{path}: cannot factorize a zero-size kernel (shape {w.shape})")
     return w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
 
 
@@ -146,7 +149,9 @@ def _energy_rank(path: str, s: jax.Array, energy: float) -> int:
         s2 = np.asarray(s, np.float64) ** 2
     except jax.errors.TracerArrayConversionError:
         raise ValueError(f"{path}: energy={energy} picks the rank from the values; call outside jit") from None
-    kept = np.cumsum(s2) / max(s2.sum(), np.finfo(np.float64).tiny)
+    if not s2.sum():  # an all-zero kernel: rank 1 already keeps all of its (zero) energy
+        return 1
+    kept = np.cumsum(s2) / s2.sum()
     kept[-1] = 1.0  # the whole spectrum keeps all energy, whatever the rounding
     return int(np.searchsorted(kept, energy) + 1)
 
@@ -179,7 +184,7 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
         u, s, vt, bad = _spectrum(w, key, None, how)
         _checks.nonfinite_count(path, bad, w.size, "values to factorize")
         lr = _truncate(u, s, vt, bad, _energy_rank(path, s, how.energy), w.shape, w.dtype)
-    return _leaves.place_like(lr, w)
+    return LowRank(*_leaves.place_factors(lr.u, lr.v, w))
 
 
 # Eagerly, op-by-op dispatch compiled each of ~17 ops on its own for every new kernel shape; these
@@ -187,7 +192,7 @@ def _factorize(path: str, w: Any, how: Factorization, key: jax.Array | None) -> 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _spectrum(w: jax.Array, key: jax.Array | None, rank: int | None, how: Factorization):
     """SVD of ``w`` as a matrix, in >= float32, and its count of NaN/Inf (then the SVD of zeros)."""
-    work = w.reshape(-1, w.shape[-1]).astype(jnp.promote_types(w.dtype, jnp.float32))
+    work = _leaves.replicated(w).reshape(-1, w.shape[-1]).astype(jnp.promote_types(w.dtype, jnp.float32))
     # Traced NaN/Inf (concrete ones raise after it): factorize zeros, then give NaN factors, not SVD noise.
     bad = jnp.sum(~jnp.isfinite(work))
     work = jnp.where(bad > 0, 0.0, work)

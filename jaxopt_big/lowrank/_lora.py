@@ -119,6 +119,8 @@ def lora_init(params: Any, key: jax.Array, *, rank: int | Sequence[_tree.Rule[in
 
     Raises:
       ValueError: a bad rank (naming the leaf path and value), a 1-D leaf selected, nothing selected.
+      TypeError: a selected kernel that is not floating point (its dense dtype, for a compressed
+        leaf), naming the leaf path.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -138,15 +140,17 @@ def lora_init(params: Any, key: jax.Array, *, rank: int | Sequence[_tree.Rule[in
         shape = tuple(w.shape)
         if len(shape) < 2:
             raise ValueError(f"{path}: LoRA needs a kernel with ndim >= 2, got shape {shape}")
+        if not jnp.issubdtype(w.dtype, jnp.floating):  # the merged update would be cast to it (rounded away)
+            raise TypeError(f"{path}: LoRA adapts float kernels, got dtype {np.dtype(w.dtype).name}")
         m, n = int(np.prod(shape[:-1])), shape[-1]
         if rank > min(m, n):
             raise ValueError(f"{path}: rank={rank} exceeds min(m, n)={min(m, n)} of the {m}x{n} kernel")
-        dtype = w.dtype if jnp.issubdtype(w.dtype, jnp.floating) else jnp.float32
+        dtype = w.dtype
         bound = 1.0 / np.sqrt(m)
         a = jax.random.uniform(jax.random.fold_in(key, zlib.crc32(path.encode())), (*shape[:-1], rank), dtype,
                                -bound, bound)
-        factors = _leaves.place_like({"a": a, "b": jnp.zeros((rank, n), dtype)}, w)
-        return LoRA(base=w, **factors, scale=float(alpha) / rank)
+        a, b = _leaves.place_factors(a, jnp.zeros((rank, n), dtype), w)
+        return LoRA(base=w, a=a, b=b, scale=float(alpha) / rank)
 
     return _tree.map_assigned(one, params, rank, where=where, what="rank")
 

@@ -26,12 +26,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, explicit: bool 
     Raises:
       ValueError: sizes that are not positive (or -1), more than one -1, or a product that does
         not equal the device count.
+      TypeError: a size that is not an int, or ``explicit`` that is not a bool.
 
     Examples:
       >>> mesh = make_mesh(data=-1, fsdp=2)
       >>> dict(mesh.shape)
       {'data': 4, 'fsdp': 2, 'tensor': 1}
     """
+    explicit = _checks.flag("make_mesh.explicit", explicit)
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, s in sizes.items():

@@ -12,11 +12,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxopt_big import _checks
 from jaxopt_big.quant import _options
 
 __all__ = ["calibrate", "expand"]
+
+
+# Half a step (the farthest rounding moves a value) plus the float32 error of ``x / scale + zero_point``
+# at codes up to 2^8: a value this close to the grid's ends rounds onto them, clip or not.
+_ROUNDING = 0.5 + 2.0 ** -10
 
 
 def _where(path: str) -> str:
@@ -43,6 +49,34 @@ def nan_where_nonfinite(scale: jax.Array, x: jax.Array, axes: tuple[int, ...] | 
     """
     bad = jnp.any(~jnp.isfinite(x), axis=axes, keepdims=axes is not None)
     return jnp.where(bad, jnp.nan, scale)
+
+
+def check_grid(scale: jax.typing.ArrayLike, zero_point: jax.typing.ArrayLike | None, path: str = ""
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """A given scale (and zero point) as float32 arrays; concrete ones must be finite, the scale > 0.
+
+    Traced values (learned or computed under ``jit``) cannot be inspected and pass unchecked.
+
+    Examples:
+      >>> check_grid(0.0, None, "d/kernel")
+      Traceback (most recent call last):
+      ...
+      ValueError: d/kernel: scale must be finite and > 0, got 0.0
+    """
+    return (_grid_array("scale", scale, path, positive=True),
+            None if zero_point is None else _grid_array("zero_point", zero_point, path, positive=False))
+
+
+def _grid_array(name: str, value: jax.typing.ArrayLike, path: str, *, positive: bool) -> jax.Array:
+    if not _checks.is_traced(value):
+        host = np.asarray(value)
+        if not (np.issubdtype(host.dtype, np.integer) or np.issubdtype(host.dtype, np.floating)):
+            raise TypeError(f"{_where(path)}{name} must be a real number or array, got {value!r}")
+        bad = ~np.isfinite(host) | ((host <= 0) if positive else False)
+        if bad.any():
+            shown = host.item() if host.ndim == 0 else f"{host[bad][0]} ({int(bad.sum())} of {host.size} values)"
+            raise ValueError(f"{_where(path)}{name} must be finite{' and > 0' if positive else ''}, got {shown}")
+    return jnp.asarray(value, jnp.float32)
 
 
 def _axis(name: str, axis: int, ndim: int, path: str) -> int:
@@ -117,6 +151,17 @@ def to_int(x: jax.Array, spec: _options.IntegerGrid, scale: jax.Array, zero_poin
     return jnp.clip(q, spec.qmin, spec.qmax) if clip else q
 
 
+def unclipped(v: jax.Array, spec: _options.IntegerGrid) -> jax.Array:
+    """Where grid values ``v = x / scale (+ zero_point)``, before rounding, are not clipped: the STE mask.
+
+    Only values farther than rounding beyond ``[qmin, qmax]`` count as clipped. The ends of a range
+    calibrated on the same values land on the grid's ends only up to float32 rounding (``absmax / 127``
+    times 127 may fall one ulp short of ``absmax``) and, on affine grids, up to half a step (the zero
+    point is rounded); they keep their gradient.
+    """
+    return jnp.abs(v - jnp.clip(v, spec.qmin, spec.qmax)) <= _ROUNDING
+
+
 def from_int(q: jax.Array, scale: jax.Array, zero_point: jax.Array | None) -> jax.Array:
     return (q if zero_point is None else q - zero_point) * scale
 
@@ -131,8 +176,8 @@ def _from_range(lo: jax.Array, hi: jax.Array, spec: _options.IntegerGrid) -> tup
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
         return _positive(amax, jnp.maximum(-lo / -spec.qmin, hi / spec.qmax)), None
-    width = hi - lo
-    scale = _positive(width, width / (spec.qmax - spec.qmin))
+    n = spec.qmax - spec.qmin
+    scale = _positive(jnp.maximum(-lo, hi), hi / n - lo / n)  # not (hi - lo) / n: a finite width may overflow
     return scale, jnp.clip(jnp.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
 
 
@@ -140,10 +185,9 @@ def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> 
     cal = spec.calibration
     if isinstance(cal, _options.Percentile):
         if spec.symmetric:
-            amax = jnp.percentile(jnp.abs(xb), cal.q, axis=axes, keepdims=True)
+            amax = _percentile(jnp.abs(xb), cal.q, axes)
             return -amax, amax
-        lo = jnp.percentile(xb, 100 - cal.q, axis=axes, keepdims=True)
-        hi = jnp.percentile(xb, cal.q, axis=axes, keepdims=True)
+        lo, hi = _percentile(xb, 100 - cal.q, axes), _percentile(xb, cal.q, axes)
         return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
     if isinstance(cal, _options.AbsMax) and not spec.symmetric:
         amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
@@ -151,6 +195,22 @@ def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> 
     # A narrow symmetric grid only reads max(-lo, hi); a full-range one puts each end at its own code.
     return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),
             jnp.maximum(jnp.max(xb, axis=axes, keepdims=True), 0))
+
+
+def _percentile(x: jax.Array, q: float, axes: tuple[int, ...]) -> jax.Array:
+    """``jnp.percentile`` over ``axes`` (keepdims).
+
+    A sort cannot split the axis it sorts, so an explicitly sharded ``x`` is gathered along ``axes``
+    only (the kept axes stay sharded, as the scale is), and they are merged into one last axis.
+    """
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return jnp.percentile(x, q, axis=axes, keepdims=True)
+    keep = [d for d in range(x.ndim) if d not in axes]
+    x = jax.sharding.reshard(x, sharding.update(spec=jax.P(*(None if d in axes else a
+                                                                for d, a in enumerate(sharding.spec)))))
+    x = jnp.transpose(x, keep + list(axes))
+    return jnp.expand_dims(jnp.percentile(x.reshape(*x.shape[:len(keep)], -1), q, axis=-1), axes)
 
 
 def _mse_grids(spec: _options.IntegerGrid, lo: jax.Array, hi: jax.Array) -> list[Callable]:
@@ -171,10 +231,13 @@ def _mse_search(xb, axes, spec, lo, hi):
     cal = spec.calibration
     ratios = jnp.linspace(cal.min_ratio, 1.0, cal.steps)
     grids = _mse_grids(spec, lo, hi)
+    amax = jnp.maximum(-lo, hi)
+    unit = _positive(amax, amax)  # errors in units of absmax: squares of huge (or tiny) finite values stay finite
 
     def keep_better(best, grid):
         scale, zp = grid
-        err = jnp.sum(jnp.square(from_int(to_int(xb, spec, scale, zp), scale, zp) - xb), axis=axes, keepdims=True)
+        diff = (from_int(to_int(xb, spec, scale, zp), scale, zp) - xb) / unit
+        err = jnp.sum(jnp.square(diff), axis=axes, keepdims=True)
         better = err < best[0]
         return tuple(None if old is None else jnp.where(better, new, old) for new, old in zip((err, scale, zp), best))
 

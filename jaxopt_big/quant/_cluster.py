@@ -65,7 +65,9 @@ class Clustered(_leaves.Compressed):
         return packed.astype(jnp.int32).reshape(self.dense_shape)
 
     def dense(self) -> jax.Array:
-        return self.codebook[self.indices()]
+        indices = self.indices()
+        # Explicit mesh axes: gather from the whole codebook into the indices' sharding.
+        return _leaves.replicated(self.codebook).at[indices].get(out_sharding=jax.typeof(indices).sharding)
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +122,7 @@ def _kmeans_plus_plus(x: jax.Array, n_clusters: int, key: jax.Array) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("n_clusters", "iters"))
 def _kmeans(x: jax.Array, key: jax.Array, n_clusters: int, iters: int) -> KMeans:
-    x = x.reshape(-1)
+    x = _leaves.replicated(x).reshape(-1)  # sampling and sorting need the values whole
 
     def lloyd(centroids, _):
         a = _assign(x, centroids)
@@ -136,6 +138,8 @@ def _kmeans(x: jax.Array, key: jax.Array, n_clusters: int, iters: int) -> KMeans
 
 
 def _check_clusters(path: str, n_clusters: Any, x: jax.Array) -> int:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{path}: clustering needs a float kernel, got dtype {x.dtype}")
     n_clusters = _checks.integer(f"{path}: n_clusters", n_clusters, low=2)
     if n_clusters > x.size:
         raise ValueError(f"{path}: n_clusters={n_clusters} is more than the {x.size} weights of the leaf")
@@ -186,7 +190,8 @@ def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Arr
 
     Raises:
       ValueError: naming the leaf path and value, for ``n_clusters < 2`` or more clusters than
-        the leaf has weights.
+        the leaf has weights; ``iters < 1``.
+      TypeError: a selected leaf that is not float (naming it); a bool or non-int ``iters``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -196,9 +201,12 @@ def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Arr
       >>> k.kind, k.nbytes, len(set(k.dense().ravel().tolist()))
       ('clustered k=4', 48, 4)
     """
+    iters = _checks.integer("iters", iters, low=1)
+
     def leaf(path: str, w: Any, k: Any) -> Any:
-        k = _check_clusters(path, k, w)
-        res = _kmeans(jnp.asarray(w), jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
+        x = jnp.asarray(w)
+        k = _check_clusters(path, k, x)
+        res = _kmeans(x, jax.random.fold_in(key, zlib.crc32(path.encode())), k, iters)
         clustered = Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
         return _leaves.place_like(clustered, w)
 

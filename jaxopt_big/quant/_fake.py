@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, to_int
+from jaxopt_big.quant._calibrate import calibrate_checked, check_grid, check_input, expand, from_int, to_int, unclipped
 from jaxopt_big.quant import _options
 
 __all__ = ["fake_quant", "ste"]
@@ -32,8 +32,9 @@ def integer_fake_quant(x, spec: _options.IntegerGrid, scale=None, zero_point=Non
     x = check_input(x, path)
     if scale is None:
         scale, zero_point = jax.lax.stop_gradient(calibrate_checked(x, spec, path))
-    return _integer_fake_quant(x, jnp.asarray(scale, jnp.float32),
-                               None if zero_point is None else jnp.asarray(zero_point, jnp.float32), spec)
+    else:
+        scale, zero_point = check_grid(scale, zero_point, path)
+    return _integer_fake_quant(x, scale, zero_point, spec)
 
 
 @functools.partial(jax.jit, static_argnums=3)  # one program per (shape, spec), not one per op
@@ -41,25 +42,24 @@ def _integer_fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array | 
     s = expand(scale, x.shape)
     z = None if zero_point is None else expand(zero_point, x.shape)
     xf = x.astype(jnp.float32)
-    lo, hi = spec.qmin * s, spec.qmax * s
-    if z is not None:
-        lo, hi = lo - z * s, hi - z * s
     value = from_int(to_int(xf, spec, s, z), s, z)
-    return ste(xf, value, (xf >= lo) & (xf <= hi)).astype(x.dtype)
+    return ste(xf, value, unclipped(xf / s if z is None else xf / s + z, spec)).astype(x.dtype)
 
 
 def fake_quant(x: jax.typing.ArrayLike, spec: _options.Format, scale: jax.typing.ArrayLike | None = None,
                zero_point: jax.typing.ArrayLike | None = None, *, path: str = "") -> jax.Array:
     """Quantizes and dequantizes ``x`` on ``spec``'s grid; gradients pass straight through.
 
-    The gradient with respect to ``x`` is 1 inside the clipping range and 0 outside it.
+    The gradient with respect to ``x`` is 1 inside the clipping range and 0 outside it; a value
+    counts as clipped only if it lies beyond the range by more than rounding (half a step), so every
+    value of a range calibrated on ``x`` itself (absmax, min-max) keeps its gradient.
 
     Args:
       x: floating array.
       spec: a :class:`QuantSpec` or any :class:`Format`.
       scale: precomputed scale (e.g. static activation scales); calibrated from ``x`` (without
-        gradient) when None.
-      zero_point: precomputed zero point for affine grids.
+        gradient) when None. A concrete one must be finite and > 0.
+      zero_point: precomputed zero point for affine grids (finite).
       path: leaf path used in error messages.
 
     Examples:

@@ -75,7 +75,9 @@ def _no_zero_point(name: str, zero_point: Any, path: str) -> None:
         raise ValueError(f"{_where(path)}{name} is symmetric and takes no zero point, got {zero_point!r}")
 
 
-_LEVELS = {1: (-1.0, 1.0), 2: (-1.0, 0.0, 1.0)}  # binary, ternary
+# Levels (-1, 1) for binary, (-1, 0, 1) for ternary: level = code * step - 1. Arithmetic, not a table
+# gather, so the codes keep any explicit mesh axes (a gather from an unsharded table refuses them).
+_STEP = {1: 2, 2: 1}
 
 
 @flax.struct.dataclass
@@ -102,13 +104,16 @@ class SubByteArray(_leaves.Compressed):
     @classmethod
     def from_values(cls, values: jax.Array, scale: jax.Array, bits: int, dtype: Any) -> SubByteArray:
         """Packs ``values`` in ``{-1, 1}`` (bits=1) or ``{-1, 0, 1}`` (bits=2)."""
-        codes = (values + 1) // 2 if bits == 1 else values + 1
+        codes = (values + 1) // _STEP[bits]
         return cls(codes=_bits.pack(codes.reshape(-1), bits), scale=scale.reshape(scale.shape or (1,) * values.ndim),
                    bits=bits, dense_shape=tuple(values.shape), dense_dtype=np.dtype(dtype))
 
     def dense(self) -> jax.Array:
-        codes = _bits.unpack(self.codes, self.bits, math.prod(self.dense_shape)).reshape(self.dense_shape)
-        return (jnp.asarray(_LEVELS[self.bits])[codes] * expand(self.scale, self.dense_shape)).astype(self.dense_dtype)
+        # The packed stream's mesh axes do not follow the weight's layout: unpack it whole.
+        codes = _bits.unpack(_leaves.replicated(self.codes), self.bits, math.prod(self.dense_shape))
+        codes = codes.reshape(self.dense_shape)
+        levels = codes.astype(jnp.float32) * _STEP[self.bits] - 1
+        return (levels * expand(self.scale, self.dense_shape)).astype(self.dense_dtype)
 
     @property
     def nbytes(self) -> int:

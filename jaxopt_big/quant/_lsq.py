@@ -6,7 +6,9 @@ The step ``s`` (per tensor or per channel) is a parameter trained by optax next 
 
 with a straight-through round. The step's gradient is ``round(v) - v`` inside the range and
 ``qmin``/``qmax`` at the clip, scaled by ``g = 1 / sqrt(N * qmax)`` (``N`` weights per step); the
-LSQ+ offset ``beta`` gets 0 inside and 1 at the clip, scaled alike.
+LSQ+ offset ``beta`` gets 0 inside and 1 at the clip, scaled alike. As in :func:`fake_quant`, a
+weight is clipped only if ``v`` lies beyond ``[qmin, qmax]`` by more than rounding (half a step):
+the weights at the ends of the range the step was calibrated on keep their gradient.
 
 :func:`lsq` wraps the selected weights into :class:`Learned` leaves (weight, step, offset: all
 float arrays, so any optax transform trains them); ``jb.leaves.densify`` gives the fake-quantized
@@ -27,7 +29,8 @@ import numpy as np
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
-from jaxopt_big.quant._calibrate import check_input, expand
+from jaxopt_big.quant._calibrate import check_grid, check_input, expand, unclipped
+from jaxopt_big.quant._ptq import map_float_leaves
 
 __all__ = ["LSQ", "Learned", "lsq", "lsq_export"]
 
@@ -73,22 +76,26 @@ class LSQ(_spec.Format):
         x = check_input(x, path)
         if scale is None:
             scale, zero_point = jax.lax.stop_gradient(self.calibrate(x, path=path))
+        else:
+            scale, zero_point = check_grid(scale, zero_point, path)
         if self.spec.symmetric != (zero_point is None):
             raise ValueError(f"{path + ': ' if path else ''}LSQ offset must be "
                              f"{'None for a symmetric' if self.spec.symmetric else 'given for an affine'} grid, "
                              f"got {zero_point!r}")
-        scale = jnp.asarray(scale, jnp.float32)
         g = 1.0 / np.sqrt(x.size / max(scale.size, 1) * self.spec.qmax)
         s = expand(_scale_grad(scale, g), x.shape)
-        beta = 0.0 if zero_point is None else expand(_scale_grad(jnp.asarray(zero_point, jnp.float32), g), x.shape)
-        v = jnp.clip((x.astype(jnp.float32) - beta) / s, self.spec.qmin, self.spec.qmax)
-        v = v + jax.lax.stop_gradient(jnp.round(v) - v)
+        beta = 0.0 if zero_point is None else expand(_scale_grad(zero_point, g), x.shape)
+        v = (x.astype(jnp.float32) - beta) / s
+        qmin, qmax = self.spec.qmin, self.spec.qmax
+        v = jnp.where(unclipped(v, self.spec), v, jnp.clip(v, qmin, qmax))  # clipped: constant in x
+        v = v + jax.lax.stop_gradient(jnp.clip(jnp.round(v), qmin, qmax) - v)
         return (v * s + beta).astype(x.dtype)
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
         if scale is None:
             scale, zero_point = self.calibrate(check_input(x, path), path=path)
-        scale = jnp.asarray(scale, jnp.float32)
+        else:
+            scale, zero_point = check_grid(scale, zero_point, path)
         if zero_point is None:
             return self.spec.quantize(x, scale, path=path)
         # QArray's zero point is in grid units: beta = -zero_point * step (need not be an integer).
@@ -151,7 +158,8 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[_tree.Rule], *,
       spec: an :class:`LSQ` (a ``QuantSpec`` is wrapped as ``LSQ(spec=...)``), or rules
         ``[jb.tree.Rule(regex, spec or None), ...]`` among the selected leaves (first match wins;
         unclaimed leaves stay as they are).
-      where: which leaves to wrap (default: kernels).
+      where: which leaves to wrap (default: float kernels; compressed leaves stay as they are, and
+        selecting one raises ValueError).
 
     Examples:
       >>> import jax.numpy as jnp, jaxopt_big as jb
@@ -167,7 +175,7 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[_tree.Rule], *,
         scale, offset = fmt.calibrate(w, path=path)
         return _leaves.place_like(Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path), w)
 
-    return _tree.map_assigned(wrap, params, spec, where=where, what="spec")
+    return map_float_leaves(wrap, params, spec, where)
 
 
 def lsq_export(tree: Any) -> Any:

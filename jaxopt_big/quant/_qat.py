@@ -33,7 +33,7 @@ from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
-from jaxopt_big.quant._calibrate import expand, from_int, to_int
+from jaxopt_big.quant._calibrate import expand, from_int, to_int, unclipped
 from jaxopt_big.quant._fake import ste
 from jaxopt_big.quant._ptq import Scale
 from jaxopt_big.quant._qarray import integer_contract
@@ -81,8 +81,7 @@ def _quantize_operand(x: jax.Array, spec: _spec.Format | None, static: Scale | N
     if own_range:
         inside = None
     else:
-        lo, hi = (spec.qmin * s, spec.qmax * s) if z is None else ((spec.qmin - z) * s, (spec.qmax - z) * s)
-        inside = (xf >= lo) & (xf <= hi)
+        inside = unclipped(xf / s if z is None else xf / s + z, spec)
     value = ste(xf, from_int(q, s, z), inside).astype(x.dtype)
     if gradient is Gradient.QUANTIZED:
         grad = value

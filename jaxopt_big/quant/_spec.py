@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxopt_big import _checks
-from jaxopt_big.quant._calibrate import integer_calibrate
+from jaxopt_big.quant._calibrate import check_grid, integer_calibrate
 from jaxopt_big.quant._fake import integer_fake_quant
 from jaxopt_big.quant._options import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format,
                                       Granularity, Group, MinMax, PerChannel, Percentile, PerTensor, PerToken)
@@ -98,4 +98,6 @@ class QuantSpec(Format):
         return integer_fake_quant(x, self, scale, zero_point, path=path)
 
     def quantize(self, x, scale=None, zero_point=None, *, path=""):
+        if scale is not None:  # integer_quantize (in _qarray) trusts what it is given
+            scale, zero_point = check_grid(scale, zero_point, path)
         return integer_quantize(x, self, scale, zero_point, path=path)

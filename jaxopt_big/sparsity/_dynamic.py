@@ -116,7 +116,7 @@ def set_(tx: optax.GradientTransformation, *, sparsity: float | Sequence[_tree.R
       >>> int((optax.apply_updates(params, updates)["d"]["kernel"] == 0).sum())
       48
     """
-    grow = lambda w, g, k: jax.random.uniform(k, w.shape)
+    grow = lambda w, g, k: _scores.uniform_like(k, w)
     return _dynamic("set_", tx, grow, sparsity=sparsity, update_every=update_every, end_step=end_step,
                     drop_fraction=drop_fraction, where=where, distribution=distribution, key=key, start=start)
 

@@ -2,7 +2,11 @@
 
 A mask tree has the structure of the parameters: a bool array (True = keep) for every selected leaf
 and ``None`` for the others. Counts are exact: a layer of ``n`` weights at sparsity ``s`` loses exactly
-``round(s * n)`` weights (or groups, for block and channel structures), ties broken by position.
+``round(s * n)`` weights (Python's ``round``, half to even; or groups, for block and channel
+structures), ties broken by position. A constant sparsity (also a number given to :func:`prune`) is
+used as the Python number it is, eagerly and under ``jit`` alike; only a traced one (a schedule's
+value, a ``jit`` argument) is float32, whose product can land on the other side of an exact half
+(``0.7 * 45``: 31.5 in float32, 31.499... in float64) and prune one weight more or fewer.
 """
 
 from __future__ import annotations
@@ -111,10 +115,10 @@ def check_nm_sparsity(nm: NM, sparsity: Any, path: str = "") -> None:
 
 
 def _count(s: Any, n: int) -> Any:
-    """round(s * n), exact in Python for a concrete (checked) s, float32 when traced."""
-    if isinstance(s, (int, float)):
-        return round(s * n)
-    return jnp.round(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0) * n).astype(jnp.int32)
+    """``round(s * n)``: in Python for a concrete (checked) ``s``, in float32 when traced."""
+    if _checks.is_traced(s):
+        return jnp.round(jnp.clip(jnp.asarray(s, jnp.float32), 0.0, 1.0) * n).astype(jnp.int32)
+    return round(float(s) * n)
 
 
 # --- structures: per-leaf group scores and their expansion back to weights --------------------
@@ -223,14 +227,29 @@ def _with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(_tree.path_str(p), x) for p, x in _leaves.leaves_with_path(tree)]
 
 
+def check_prunable(name: str, path: str, x: Any) -> None:
+    """A compressed leaf (``QArray``, ``LowRank``, ...) is not a float array: it cannot be masked."""
+    if _leaves.is_compressed(x):
+        raise ValueError(f"{name}: {path} is a compressed {type(x).__name__} ({x.kind}), not a float array it "
+                         f"can prune; leave it out of where= or densify it first")
+
+
+def _prunable(name: str, tree: Any, value: Any, where: Any, what: str) -> list[tuple[str, Any, Any]]:
+    """:func:`jaxopt_big.tree.assigned`, refusing a compressed leaf among the selected ones."""
+    flat = _tree.assigned(tree, value, where=where, what=what)
+    for p, x, _ in flat:
+        check_prunable(name, p, x)
+    return flat
+
+
 def _layer_sparsities(scores: Any, sparsity: Any, where: Any, scope: Scope, distribution: Distribution,
                       structure: Structure) -> list[tuple[str, Any, Any]]:
     """``[(path, score, sparsity)]`` of the leaves to prune: ``where`` picks them, rules assign among them."""
     if _tree.is_rules(sparsity) or isinstance(sparsity, (list, tuple)):
         if scope is not Scope.LAYER or not isinstance(distribution, Uniform):
             raise ValueError("per-layer sparsity rules need scope=Scope.LAYER and distribution=Uniform()")
-        return _tree.assigned(scores, sparsity, where=where, what="sparsity")
-    flat = _tree.assigned(scores, True, where=where, what="where")
+        return _prunable("make_masks", scores, sparsity, where, "sparsity")
+    flat = _prunable("make_masks", scores, True, where, "where")
     if isinstance(structure, NM) and sparsity is None:
         return [(p, x, 1.0 - structure.n / structure.m) for p, x, _ in flat]
     sparsity = check_sparsity("", sparsity)
@@ -321,7 +340,7 @@ def global_threshold(scores: Any, sparsity: Any, *, where: Any = _tree.KERNELS) 
       3.0
     """
     sparsity = check_sparsity("", sparsity)
-    flat = [(p, x) for p, x, _ in _tree.assigned(scores, True, where=where, what="where")]
+    flat = [(p, x) for p, x, _ in _prunable("global_threshold", scores, True, where, "where")]
     for p, x in flat:
         _check_structure(p, tuple(x.shape), Unstructured())
     _checks.finite(flat, "scores")
@@ -335,7 +354,8 @@ def apply_masks(params: Any, masks: Any) -> Any:
     """Zeroes the pruned weights: ``where(mask, w, 0)`` where a mask is given, ``w`` where it is None.
 
     Raises:
-      ValueError: the mask tree does not match the parameters, or a mask's shape does not.
+      ValueError: the mask tree does not match the parameters, a mask's shape does not, or a mask is
+        given for a compressed leaf (names its path).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -345,17 +365,19 @@ def apply_masks(params: Any, masks: Any) -> Any:
     def one(path, m, w):
         if m is None:
             return w
+        check_prunable("apply_masks", path, w)
         if jnp.shape(m) != jnp.shape(w):
             raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(w)}")
         return jnp.where(m, w, jnp.zeros((), w.dtype))
 
+    is_none = lambda x: x is None
+    treedef = jax.tree.structure(masks, is_leaf=is_none)
     try:
-        return jax.tree_util.tree_map_with_path(lambda p, m, w: one(_tree.path_str(p), m, w), masks, params,
-                                                is_leaf=lambda x: x is None)
+        treedef.flatten_up_to(params)  # type: ignore[attr-defined]  # missing from jax's type stubs
     except ValueError as e:
-        if "mask shape" in str(e):
-            raise
         raise ValueError(f"mask tree does not match the parameters: {e}") from None
+    return jax.tree_util.tree_map_with_path(lambda p, m, w: one(_tree.path_str(p), m, w), masks, params,
+                                            is_leaf=is_none)
 
 
 def sparsity(tree: Any) -> dict[str, float]:

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -52,8 +53,26 @@ def saliency(params: Any, grads: Any) -> Any:
     return _tree.map_with_path(one, params, grads)
 
 
+def uniform_like(key: jax.Array, x: jax.Array) -> jax.Array:
+    """Uniform [0, 1) values of ``x``'s shape, generated sharded as ``x`` is on explicit mesh axes.
+
+    Masks built from them then have the parameter's sharding, which ``lax.cond``/``where`` against
+    the parameter's other masks require. The mesh comes from ``x``: with or without ``jax.set_mesh``.
+    """
+    sharding = jax.typeof(x).sharding
+    if all(a is None for a in sharding.spec):
+        return jax.random.uniform(key, jnp.shape(x))
+    if not _checks.is_traced(x):
+        sharding = x.sharding  # its concrete mesh: the key can be placed on it without jax.set_mesh
+    on = lambda spec: jax.sharding.NamedSharding(sharding.mesh, spec)
+    return jax.random.uniform(jax.sharding.reshard(key, on(jax.P())), x.shape, out_sharding=on(sharding.spec))
+
+
 def random(params: Any, key: jax.Array) -> Any:
     """Uniform random scores in [0, 1) (random pruning), one independent stream per leaf.
+
+    The scores of a leaf sharded over explicit mesh axes are sharded like it (and equal to the
+    unsharded ones).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -64,4 +83,4 @@ def random(params: Any, key: jax.Array) -> Any:
     params = _leaves.densify(params)
     flat, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, max(len(flat), 1))
-    return jax.tree.unflatten(treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, flat)])
+    return jax.tree.unflatten(treedef, [uniform_like(k, x) for k, x in zip(keys, flat)])

@@ -62,7 +62,7 @@ def as_schedule(sparsity: Any, structure: _masks.Structure = _masks.Unstructured
     s = _masks.check_sparsity("", sparsity)
     if isinstance(structure, _masks.NM):
         _masks.check_nm_sparsity(structure, s)
-    return lambda count: jnp.asarray(s, jnp.float32)
+    return lambda count: s  # a Python number: the mask counts are those of eager make_masks
 
 
 def as_schedules(sparsity: Any, structure: _masks.Structure = _masks.Unstructured()) -> Callable[[jax.Array], Any]:
@@ -153,6 +153,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
     schedule = as_schedules(sparsity, structure)
     scorer = score_fn(score)
     update_every = _checks.integer("update_every", update_every, low=1)
+    straight_through = _checks.flag("straight_through", straight_through)
     sparse_gradients = _checks.flag("sparse_gradients", sparse_gradients)
     if score is _scores.random and key is None:
         raise ValueError("score=random needs an explicit key=")
@@ -164,7 +165,7 @@ def prune(tx: optax.GradientTransformation, *, sparsity: float | optax.Schedule,
 
     def init(params):
         return PruneState(inner_tx.init(params), ones_masks(params, schedule(jnp.int32(0)), where),
-                          jnp.zeros([], jnp.int32), jax.random.key(0) if key is None else key,
+                          jnp.zeros([], jnp.int32), jax.random.key(0) if key is None else jnp.copy(key),
                           jax.tree.map(jnp.copy, params) if straight_through else None)  # own buffers: donation-safe
 
     def update(grads, state, params=None, **extra):

@@ -19,6 +19,13 @@ from jaxopt_big.train._step import apply_gradients, classifier_loss, grads_and_m
 __all__ = ["evaluate", "kfold", "cross_validate", "CrossValidation"]
 
 
+def check_dataset(name: str, ds: Any) -> None:
+    """``ds`` is a :class:`jaxopt_big.data.Dataset` (a bare ``(x, y)`` tuple is not: its length is 2)."""
+    if not isinstance(ds, _data.Dataset):
+        raise TypeError(f"{name} must be a jb.data.Dataset(x, y), got {type(ds).__name__}; "
+                        f"wrap arrays as jb.data.Dataset(x, y)")
+
+
 def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ds: _data.Dataset,
              *, batch_size: int = 512) -> dict[str, float]:
     """Mean softmax cross-entropy and accuracy of ``apply_fn(params, x)`` logits over ``ds``.
@@ -29,6 +36,10 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ds: _
       >>> evaluate(lambda p, x: x @ p, jnp.eye(2) * 10, ds)["accuracy"]
       1.0
     """
+    check_dataset("evaluate.ds", ds)
+    batch_size = _checks.integer("evaluate.batch_size", batch_size, low=1)
+    if not len(ds):
+        raise ValueError("evaluate.ds is empty: there is nothing to average over")
     forward = jax.jit(lambda p, x, y: (optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).sum(),
                                        (apply_fn(p, x).argmax(-1) == y).sum()))
     loss = correct = 0.0
@@ -46,14 +57,16 @@ def kfold(n: int, k: int, key: jax.Array, *, labels: np.ndarray | None = None
     possible (its count per fold differs by at most one), and fold sizes differ by at most one.
 
     Raises:
-      ValueError: ``k`` outside ``[2, n]`` or ``labels`` of another length than ``n``.
+      TypeError: ``n`` or ``k`` not an int (a bool is not).
+      ValueError: ``n < 2``, ``k`` outside ``[2, n]`` or ``labels`` of another length than ``n``.
 
     Examples:
       >>> folds = list(kfold(10, 5, jax.random.key(0), labels=np.arange(10) % 2))
       >>> [len(test) for _, test in folds], sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(10))
       ([2, 2, 2, 2, 2], True)
     """
-    k = _checks.integer("k", k, low=2, high=n)
+    n = _checks.integer("kfold.n", n, low=2)
+    k = _checks.integer("kfold.k", k, low=2, high=n)
     labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels)
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
@@ -111,11 +124,16 @@ def cross_validate(init_fn: Callable[[jax.Array], Any], apply_fn: Callable[[Any,
       >>> cv.mean["accuracy"], cv.std["accuracy"]
       (1.0, 0.0)
     """
+    check_dataset("cross_validate.ds", ds)
+    epochs = _checks.integer("cross_validate.epochs", epochs, low=0)
+    batch_size = _checks.integer("cross_validate.batch_size", batch_size, low=1)
+    vmap = _checks.flag("cross_validate.vmap", vmap)
+    stratified = _checks.flag("cross_validate.stratified", stratified)
     fold_key, init_key, shuffle_key = jax.random.split(key, 3)
     folds = list(kfold(len(ds), k, fold_key, labels=ds.y if stratified else None))
     steps = min(len(tr) for tr, _ in folds) // batch_size
     if steps < 1:
-        raise ValueError(f"batch_size={batch_size} is larger than the smallest training fold")
+        raise ValueError(f"cross_validate.batch_size={batch_size} is larger than the smallest training fold")
     loss_fn = loss_fn or classifier_loss(apply_fn)
 
     def one_step(state, batch):

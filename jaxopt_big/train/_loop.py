@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from jaxopt_big import _checks
 from jaxopt_big import data as _data
+from jaxopt_big.train._evaluation import check_dataset
 from jaxopt_big.train._state import TrainState
 
 __all__ = ["fit", "Callback", "EpochEnd", "EarlyStopping", "ReduceOnPlateau"]
@@ -83,6 +84,8 @@ class _Monitor(Callback):
 
     def __post_init__(self):
         name = type(self).__name__
+        if not isinstance(self.monitor, str):
+            raise TypeError(f"{name}.monitor must be a metric name (str), got {self.monitor!r}")
         _check_mode(name, self.mode)
         _checks.integer(f"{name}.patience", self.patience, low=1)
         _checks.number(f"{name}.min_delta", self.min_delta, low=0)
@@ -139,6 +142,7 @@ class ReduceOnPlateau(_Monitor):
     def __post_init__(self):
         super().__post_init__()
         _checks.fraction("ReduceOnPlateau.factor", self.factor, open_low=True)
+        _checks.number("ReduceOnPlateau.min_lr", self.min_lr, low=0)
 
     def init(self, state: TrainState, *, evaluates: bool) -> Any:
         if _learning_rate(state.opt_state) is None:
@@ -217,7 +221,8 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
 
     Args:
       step: from :func:`~jaxopt_big.train.make_step` (or any ``(state, batch) -> (state, metrics)``).
-      state, train, epochs, batch_size: what to train, on what, how long.
+      state, train, epochs, batch_size: what to train, on what (a :class:`jaxopt_big.data.Dataset`),
+        how long.
       key: PRNG key; epoch ``e`` shuffles with ``jax.random.split(key, epochs)[e]``.
       progress: tqdm bar; by default only when stderr is a terminal.
       eval_fn, eval_every: periodic evaluation, reported with a ``val_`` prefix.
@@ -240,11 +245,15 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, dict]], state: Train
       >>> len(history), history[-1]["loss"] < history[0]["loss"]
       (3, True)
     """
-    epochs = _checks.integer("epochs", epochs, low=0)
-    eval_every = _checks.integer("eval_every", eval_every, low=1)
-    checkpoint_every = _checks.integer("checkpoint_every", checkpoint_every, low=1)
+    check_dataset("fit.train", train)
+    epochs = _checks.integer("fit.epochs", epochs, low=0)
+    batch_size = _checks.integer("fit.batch_size", batch_size, low=1)
+    eval_every = _checks.integer("fit.eval_every", eval_every, low=1)
+    checkpoint_every = _checks.integer("fit.checkpoint_every", checkpoint_every, low=1)
+    if progress is not None:
+        progress = _checks.flag("fit.progress", progress)
     if len(train) < batch_size:
-        raise ValueError(f"batch_size={batch_size} is larger than the training set ({len(train)} examples)")
+        raise ValueError(f"fit.batch_size={batch_size} is larger than the training set ({len(train)} examples)")
     callbacks = _as_callbacks(callbacks, early_stopping, plateau)
     memories = [c.init(state, evaluates=eval_fn is not None) for c in callbacks]
     history: list[dict[str, float]] = []

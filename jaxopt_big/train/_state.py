@@ -17,8 +17,8 @@ class TrainState:
     """Step counter, parameters, optimizer state, optional BatchNorm statistics and PRNG key.
 
     The optimizer itself is not part of the state (it is code, not data); ``make_step`` holds it.
-    ``create`` copies the arrays it is given: the step donates the state's buffers, and the
-    caller's own parameters must survive training.
+    ``create`` copies the arrays it is given (parameters, statistics, PRNG key): the step donates
+    the state's buffers, and the caller's own arrays must survive training.
 
     Examples:
       >>> import optax, jax.numpy as jnp
@@ -36,7 +36,7 @@ class TrainState:
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation, *, batch_stats: Any = None,
                rng: jax.Array | None = None) -> TrainState:
-        params, batch_stats = _own(params), _own(batch_stats)
+        params, batch_stats, rng = _own(params), _own(batch_stats), _own(rng)
         return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                    batch_stats=batch_stats, rng=rng)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -39,6 +39,7 @@ def classifier_loss(apply_fn: Callable[..., Any], *, batch_stats: bool = False,
       1.0
     """
     label_smoothing = _checks.fraction("label_smoothing", label_smoothing)
+    batch_stats = _checks.flag("classifier_loss.batch_stats", batch_stats)
 
     def metrics(logits, y):
         if label_smoothing:
@@ -89,6 +90,19 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
                for p in parameters)
 
 
+def _loss_and_aux(out: Any) -> tuple[jax.Array, dict[str, Any]]:
+    """``loss_fn``'s output checked to be ``(scalar loss, dict of metrics)``: said at trace time, not deep in jax."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+        got = (f"an array of shape {out.shape}" if hasattr(out, "shape")  # a traced value's repr says little
+               else f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else repr(out))
+        raise TypeError(f"loss_fn must return (loss, aux): a scalar loss and a dict of metrics (may be empty, "
+                        f"as in `return loss, {{}}`), got {got}")
+    loss, aux = out
+    if jnp.ndim(loss) != 0:
+        raise ValueError(f"loss_fn must return a scalar loss (a batch mean), got shape {jnp.shape(loss)}")
+    return loss, dict(aux)
+
+
 def _check_keywords(loss_fn: LossFn, state: TrainState) -> None:
     """The state's optional parts are passed as keywords: say so before the call fails inside jit."""
     for name, how in (("batch_stats", "TrainState.create(..., batch_stats=)"), ("rng", "TrainState.create(..., rng=)")):
@@ -130,8 +144,7 @@ def grads_and_metrics(loss_fn: LossFn, state: TrainState, batch: Any, *, accum_s
             b = micro
             if compute_dtype is not None:
                 p, b = _cast(p, compute_dtype), _cast(micro, compute_dtype)
-            loss, aux = loss_fn(p, b, **kwargs)
-            aux = dict(aux)
+            loss, aux = _loss_and_aux(loss_fn(p, b, **kwargs))
             new_stats = aux.pop("batch_stats", None)
             if batch_stats is not None and new_stats is None:
                 raise ValueError("the state has batch_stats, so loss_fn must return aux['batch_stats']")
@@ -229,6 +242,7 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps:
       ([1.0, 1.0], 2.0)
     """
     accum_steps = _checks.integer("accum_steps", accum_steps, low=1)
+    donate = _checks.flag("make_step.donate", donate)
 
     def step(state: TrainState, batch: Any):
         grads, metrics, stats = grads_and_metrics(loss_fn, state, batch, accum_steps=accum_steps,
