@@ -299,6 +299,14 @@ def place_like(leaf: Any, like: Any) -> Any:
     return jax.tree.map(lambda a: _place(a, sharding), leaf)
 
 
+def refuse_compressed(path: str, x: Any, purpose: str) -> None:
+    """Raises ``ValueError`` naming ``path`` when ``x`` is a compressed leaf: techniques that need a float
+    array (``purpose``, e.g. ``"to quantize"``) leave compressed leaves out or name them."""
+    if is_compressed(x):
+        raise ValueError(f"{path} is a compressed {type(x).__name__} ({x.kind}), not a float array {purpose}; "
+                         "leave it out of where= or densify it first")
+
+
 def replicated(x: jax.Array) -> jax.Array:
     """``x`` whole on every device of its mesh if it has explicit mesh axes; else ``x`` itself.
 

@@ -39,9 +39,7 @@ def map_float_leaves(fn: Callable[[str, Any, Any], Any], params: Any, specs: Any
     """``tree.map_assigned`` over float leaves: the default ``where`` leaves compressed leaves out, and
     a ``where`` (or rule) that gives one a spec raises ``ValueError`` naming it."""
     def one(path, x, spec):
-        if _leaves.is_compressed(x):
-            raise ValueError(f"{path} is a compressed {type(x).__name__} ({x.kind}), not a float array to "
-                             f"quantize; leave it out of where= or densify it first")
+        _leaves.refuse_compressed(path, x, "to quantize")
         return fn(path, x, spec)
     where = _FloatKernels() if where is _tree.KERNELS else where
     return _tree.map_assigned(one, params, specs, where=where, what="spec")

@@ -227,18 +227,11 @@ def _with_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(_tree.path_str(p), x) for p, x in _leaves.leaves_with_path(tree)]
 
 
-def check_prunable(name: str, path: str, x: Any) -> None:
-    """A compressed leaf (``QArray``, ``LowRank``, ...) is not a float array: it cannot be masked."""
-    if _leaves.is_compressed(x):
-        raise ValueError(f"{name}: {path} is a compressed {type(x).__name__} ({x.kind}), not a float array it "
-                         f"can prune; leave it out of where= or densify it first")
-
-
 def _prunable(name: str, tree: Any, value: Any, where: Any, what: str) -> list[tuple[str, Any, Any]]:
     """:func:`jaxopt_big.tree.assigned`, refusing a compressed leaf among the selected ones."""
     flat = _tree.assigned(tree, value, where=where, what=what)
     for p, x, _ in flat:
-        check_prunable(name, p, x)
+        _leaves.refuse_compressed(f"{name}: {p}", x, "it can prune")
     return flat
 
 
@@ -365,7 +358,7 @@ def apply_masks(params: Any, masks: Any) -> Any:
     def one(path, m, w):
         if m is None:
             return w
-        check_prunable("apply_masks", path, w)
+        _leaves.refuse_compressed(f"apply_masks: {path}", w, "it can prune")
         if jnp.shape(m) != jnp.shape(w):
             raise ValueError(f"{path}: mask shape {jnp.shape(m)} differs from parameter shape {jnp.shape(w)}")
         return jnp.where(m, w, jnp.zeros((), w.dtype))

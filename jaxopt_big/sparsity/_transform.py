@@ -86,9 +86,7 @@ def check_trainable(name: str, params: Any, where: Any) -> None:
     cannot be pruned while training; unselected ones pass through untouched.
     """
     for path, x, _ in _tree.assigned(params, True, where=where, what="where"):
-        if _leaves.is_compressed(x):
-            raise ValueError(f"{name}: {path} is a compressed {type(x).__name__} ({x.kind}), not a float array it "
-                             f"can prune while training; leave it out of where= or densify it first")
+        _leaves.refuse_compressed(f"{name}: {path}", x, "it can prune while training")
 
 
 def ones_masks(params: Any, sparsity: Any, where: Any) -> Any:
