@@ -150,6 +150,16 @@ def fraction(name: str, value: Any, *, closed: bool = False, open_low: bool = Fa
     return v
 
 
+def store(obj: Any, **checked: Any) -> None:
+    """Sets checked values on a frozen dataclass.
+
+    Options keep the Python numbers their checks return: a NumPy or JAX scalar would leave them
+    unhashable (they are static arguments of jitted functions) and their equality elementwise.
+    """
+    for name, value in checked.items():
+        object.__setattr__(obj, name, value)
+
+
 def flag(name: str, value: Any) -> bool:
     """A bool (Python or NumPy)."""
     if not isinstance(value, (bool, np.bool_)):

@@ -43,13 +43,14 @@ __all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "
 Sparsity = float | _sparsity.NM
 
 
-def _check_sparsity(owner: str, value: Any) -> None:
-    if not isinstance(value, _sparsity.NM):
-        _checks.fraction(f"{owner}.sparsity (a fraction or NM(n, m))", value)
+def _check_sparsity(owner: str, value: Any) -> Any:
+    if isinstance(value, _sparsity.NM):
+        return value
+    return _checks.fraction(f"{owner}.sparsity (a fraction or NM(n, m))", value)
 
 
-def _check_damp(owner: str, damp: Any) -> None:
-    _checks.fraction(f"{owner}.damp", damp, open_low=True)
+def _check_damp(owner: str, damp: Any) -> float:
+    return _checks.fraction(f"{owner}.damp", damp, open_low=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Magnitude:
     sparsity: Sparsity
 
     def __post_init__(self):
-        _check_sparsity("Magnitude", self.sparsity)
+        _checks.store(self, sparsity=_check_sparsity("Magnitude", self.sparsity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Wanda:
     sparsity: Sparsity
 
     def __post_init__(self):
-        _check_sparsity("Wanda", self.sparsity)
+        _checks.store(self, sparsity=_check_sparsity("Wanda", self.sparsity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,9 @@ class SparseGPT:
     damp: float = 0.01
 
     def __post_init__(self):
-        _check_sparsity("SparseGPT", self.sparsity)
-        _checks.integer("SparseGPT.block_size", self.block_size, low=1)
-        _check_damp("SparseGPT", self.damp)
+        _checks.store(self, sparsity=_check_sparsity("SparseGPT", self.sparsity),
+                      block_size=_checks.integer("SparseGPT.block_size", self.block_size, low=1),
+                      damp=_check_damp("SparseGPT", self.damp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +110,9 @@ class GPTQ:
     def __post_init__(self):
         if not isinstance(self.spec, _quant.QuantSpec):
             raise TypeError(f"GPTQ needs an integer QuantSpec, got {self.spec!r}")
-        _checks.flag("GPTQ.act_order", self.act_order)
-        _checks.integer("GPTQ.block_size", self.block_size, low=1)
-        _check_damp("GPTQ", self.damp)
+        _checks.store(self, act_order=_checks.flag("GPTQ.act_order", self.act_order),
+                      block_size=_checks.integer("GPTQ.block_size", self.block_size, low=1),
+                      damp=_check_damp("GPTQ", self.damp))
 
 
 Pruner = Magnitude | Wanda | SparseGPT
@@ -133,7 +134,7 @@ class Plan:
 
     def __post_init__(self):
         if self.sparsity is not None and not isinstance(self.sparsity, Pruner):
-            _check_sparsity("Plan", self.sparsity)
+            _checks.store(self, sparsity=_check_sparsity("Plan", self.sparsity))
         if self.quant is not None and not isinstance(self.quant, (_quant.Format, RTN, GPTQ)):
             raise TypeError(f"Plan.quant must be a QuantSpec, Format, RTN or GPTQ, got {self.quant!r}")
 

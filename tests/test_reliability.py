@@ -403,3 +403,54 @@ def test_4b_binary_and_ternary_on_explicit_sharding_equal_unsharded(with_mesh, f
     np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
     for x in (dense, jitted, fake):
         np.testing.assert_allclose(x, want.dense(), rtol=1e-6)
+
+
+# --- options given NumPy or JAX scalars keep the Python numbers ----------------------------------
+
+SCALARS = {  # a scalar maker for Python ints and floats alike
+    "numpy": lambda v: np.int64(v) if isinstance(v, int) else np.float32(v),
+    "numpy_0d": lambda v: np.asarray(v, np.int32 if isinstance(v, int) else np.float32),
+    "jax": jnp.asarray,
+}
+OPTIONS = [  # (builder of an option from a scalar-maker, the values it is fed)
+    lambda f: jb.Wanda(f(0.5)), lambda f: jb.Magnitude(f(0.25)),
+    lambda f: jb.SparseGPT(f(0.5), block_size=f(64), damp=f(0.125)),
+    lambda f: jb.GPTQ(q.QuantSpec(bits=4), block_size=f(32), damp=f(0.25)), lambda f: jb.Plan(sparsity=f(0.5)),
+    lambda f: q.Ternary(threshold=f(0.5), axis=f(0)), lambda f: q.Binary(axis=f(0)),
+    lambda f: jb.train.EarlyStopping(patience=f(3), min_delta=f(0.5)),
+    lambda f: jb.train.ReduceOnPlateau(factor=f(0.5), min_lr=f(0.25)),
+    lambda f: jb.zoo.BertConfig(hidden=f(64), heads=f(4), eps=f(0.5)),
+    lambda f: jb.zoo.LlamaConfig(vocab_size=f(64), hidden_size=f(32), num_layers=f(2), num_heads=f(4),
+                                 num_kv_heads=f(2), intermediate_size=f(64), rope_theta=f(500.0), rms_eps=f(0.25)),
+]
+
+
+@pytest.mark.parametrize("make", SCALARS)
+@pytest.mark.parametrize("option", range(len(OPTIONS)))
+def test_options_given_numpy_or_jax_scalars_equal_and_hash_as_python_numbers(option, make):
+    want = OPTIONS[option](lambda v: v)
+    got = OPTIONS[option](SCALARS[make])
+    assert got == want and hash(got) == hash(want)  # exact values: 0.5, 0.25, 0.125, 500 are float32-exact
+
+
+def test_llama_config_names_a_bad_field_with_its_type():
+    with pytest.raises(TypeError, match=r"LlamaConfig.hidden_size must be an int, got 32.5"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32.5, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64)
+    with pytest.raises(TypeError, match=r"LlamaConfig.attention_bias must be a bool, got 'false'"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64, attention_bias="false")
+
+
+def test_oneshot_with_a_jax_scalar_sparsity_equals_the_python_number():
+    from flax import nnx
+    c = jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64)
+    model = jb.zoo.Llama(c, rngs=nnx.Rngs(0))
+    cal = [jax.random.randint(jax.random.key(0), (2, 8), 0, 64)]
+    masks = []
+    for s in (0.5, jnp.float32(0.5)):
+        out, _ = jb.oneshot.compress(model, None, cal, jb.Recipe([jb.Rule(r"layers/.*", jb.Plan(sparsity=jb.Wanda(s)))]),
+                                     progress=False)
+        masks.append(jax.tree.map(lambda x: np.asarray(x) != 0, jb.leaves.densify(out)))
+    jax.tree.map(np.testing.assert_array_equal, masks[0], masks[1])

@@ -65,9 +65,8 @@ def _reduce_axes(x: jax.Array, axis: int | None, path: str) -> tuple[int, ...]:
     return tuple(d for d in range(x.ndim) if d != axis % x.ndim)
 
 
-def _check_axis(name: str, axis: Any) -> None:
-    if axis is not None:
-        _checks.integer(f"{name}.axis (an int, or None per tensor)", axis)
+def _check_axis(name: str, axis: Any) -> int | None:
+    return None if axis is None else _checks.integer(f"{name}.axis (an int, or None per tensor)", axis)
 
 
 def _no_zero_point(name: str, zero_point: Any, path: str) -> None:
@@ -146,7 +145,7 @@ class Binary(_spec.Format):
     axis: int | None = -1
 
     def __post_init__(self):
-        _check_axis("Binary", self.axis)
+        _checks.store(self, axis=_check_axis("Binary", self.axis))
 
     def calibrate(self, x, *, path=""):
         x = check_input(x, path).astype(jnp.float32)
@@ -191,8 +190,8 @@ class Ternary(_spec.Format):
     axis: int | None = -1
 
     def __post_init__(self):
-        _check_axis("Ternary", self.axis)
-        _checks.number("Ternary.threshold", self.threshold, low=0)
+        _checks.store(self, axis=_check_axis("Ternary", self.axis),
+                      threshold=_checks.number("Ternary.threshold", self.threshold, low=0))
 
     def _codes(self, x, path):
         axes = _reduce_axes(x, self.axis, path)

@@ -87,8 +87,8 @@ class _Monitor(Callback):
         if not isinstance(self.monitor, str):
             raise TypeError(f"{name}.monitor must be a metric name (str), got {self.monitor!r}")
         _check_mode(name, self.mode)
-        _checks.integer(f"{name}.patience", self.patience, low=1)
-        _checks.number(f"{name}.min_delta", self.min_delta, low=0)
+        _checks.store(self, patience=_checks.integer(f"{name}.patience", self.patience, low=1),
+                      min_delta=_checks.number(f"{name}.min_delta", self.min_delta, low=0))
 
     def init(self, state: TrainState, *, evaluates: bool) -> Any:
         if self.monitor.startswith("val_") and not evaluates:
@@ -141,8 +141,8 @@ class ReduceOnPlateau(_Monitor):
 
     def __post_init__(self):
         super().__post_init__()
-        _checks.fraction("ReduceOnPlateau.factor", self.factor, open_low=True)
-        _checks.number("ReduceOnPlateau.min_lr", self.min_lr, low=0)
+        _checks.store(self, factor=_checks.fraction("ReduceOnPlateau.factor", self.factor, open_low=True),
+                      min_lr=_checks.number("ReduceOnPlateau.min_lr", self.min_lr, low=0))
 
     def init(self, state: TrainState, *, evaluates: bool) -> Any:
         if _learning_rate(state.opt_state) is None:

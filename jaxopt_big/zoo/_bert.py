@@ -60,7 +60,8 @@ class BertConfig:
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden", "layers", "heads", "intermediate", "max_positions", "type_vocab_size"):
-            _checks.integer(f"BertConfig.{f}", getattr(self, f), low=1)
+            _checks.store(self, **{f: _checks.integer(f"BertConfig.{f}", getattr(self, f), low=1)})
+        _checks.store(self, eps=_checks.number("BertConfig.eps", self.eps, above=0))
         if self.hidden % self.heads:
             raise ValueError(f"BertConfig: hidden={self.hidden} is not divisible by heads={self.heads}")
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
@@ -77,15 +78,13 @@ class LlamaConfig:
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                  "max_positions"):
-            _check_positive_int(f, getattr(self, f))
-        for f in ("sliding_window", "head_dim"):
-            if getattr(self, f) is not None:
-                _check_positive_int(f, getattr(self, f))
+                  "max_positions", "sliding_window", "head_dim"):
+            if getattr(self, f) is not None or f not in ("sliding_window", "head_dim"):
+                _checks.store(self, **{f: _checks.integer(f"LlamaConfig.{f}", getattr(self, f), low=1)})
         for f in ("rope_theta", "rms_eps"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"LlamaConfig.{f} must be a positive number, got {v!r}")
+            _checks.store(self, **{f: _checks.number(f"LlamaConfig.{f}", getattr(self, f), above=0)})
+        for f in ("tie_embeddings", "attention_bias"):
+            _checks.store(self, **{f: _checks.flag(f"LlamaConfig.{f}", getattr(self, f))})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"LlamaConfig: num_heads={self.num_heads} is not divisible by "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -163,11 +162,6 @@ class LlamaConfig:
         if self.model_type == "qwen2":
             out["use_sliding_window"] = False
         return out
-
-
-def _check_positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LlamaConfig.{field} must be a positive int, got {value!r}")
 
 
 def _head_dim(config: LlamaConfig) -> int:
