@@ -410,3 +410,57 @@ def test_a_hessian_that_is_not_positive_definite_names_the_layer():
                  np.float32)
     with pytest.raises(ValueError, match="layer_7/mlp: the input Hessian is not positive definite"):
         _solve.solve("layer_7/mlp", jnp.ones((4, 4)), jnp.asarray(h), jb.Plan(quant=jb.GPTQ(INT4)))
+
+
+# --- a model without repeated blocks is one block: the whole model ----------------------------
+
+class Plain(nn.Module):  # three Dense layers of different widths, with ReLUs between: nothing repeats
+    @nn.compact
+    def __call__(self, x, *, scale=1.0):
+        x = jax.nn.relu(nn.Dense(16)(x)) * scale
+        x = jax.nn.relu(nn.Dense(12)(x))
+        return nn.Dense(4)(x)
+
+
+class PlainNnx(nnx.Module):
+    def __init__(self, rngs):
+        self.up, self.out = nnx.Linear(D, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jax.nn.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_model_without_blocks_is_compressed_whole_each_layer_by_its_solver(sequential):
+    x = _data(64)
+    params = Plain().init(jax.random.key(2), x)["params"]
+    plan = jb.Plan(quant=jb.GPTQ(INT4))
+    apply = lambda v, x: Plain().apply(v, x, scale=0.5)   # the caller's own call, keyword included
+    out, report = jb.oneshot.compress(apply, params, [x[:32], x[32:]], jb.Recipe([Rule(r".*", plan)]),
+                                      progress=False, sequential=sequential)
+    assert report.blocks == 1 and [r.path for r in report.rows] == ["Dense_0", "Dense_1", "Dense_2"]
+    h = x
+    for i, width in enumerate((16, 12, 4)):
+        layer = params[f"Dense_{i}"]
+        got = out[f"Dense_{i}"]["kernel"]
+        assert np.mean(_codes(got) == _codes(_reference(np.asarray(layer["kernel"]), _hessian(h), plan))) >= 0.99
+        w = got.dense() if sequential else layer["kernel"]   # later layers see compressed inputs only when sequential
+        h = np.asarray(h @ np.asarray(w) + np.asarray(layer["bias"]))
+        h = np.maximum(h, 0) * (0.5 if i == 0 else 1.0)
+
+
+def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
+    x = _data(32)
+    model = PlainNnx(nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    out, report = jb.oneshot.compress(model, None, [x], jb.Recipe([Rule(r".*", jb.Plan(sparsity=jb.SparseGPT(0.5)))]),
+                                      progress=False)
+    assert report.blocks == 1 and [r.path for r in report.rows] == ["up", "out"]
+    for name in ("up", "out"):
+        assert float(np.mean(np.asarray(out[name]["kernel"][...]) == 0)) == 0.5
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+    c = jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+    out, report = jb.oneshot.compress(jb.zoo.Llama(c, rngs=nnx.Rngs(0)), None, [ids],
+                                      jb.Recipe([Rule(r"layers/.*", jb.Plan(quant=jb.GPTQ(INT4)))]), progress=False)
+    assert len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)

@@ -265,7 +265,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         kernel is one leaf: its rule applies to every layer of the stack, compressed layer by layer.
       blocks: regex (full match) of the block module paths, e.g. ``r"layer_\\d+"``; None finds the
         repeated numbered submodules, or the stacked submodule of a scanned model (``nnx.scan``, or
-        the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}``).
+        the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}``), or else takes the
+        whole model as one block (an MLP, a small CNN: every layer's statistics from one pass).
       mesh: a mesh (``Auto`` axes, as ``jb.parallel.make_mesh`` makes by default) whose ``data_axis``
         splits every calibration batch's leading axis; Hessians are
         reduced across it by XLA, the per-layer solvers run replicated, and compressed leaves keep
@@ -327,7 +328,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     for block, (runner, rest) in zip(block_list, runners):
         if runner not in layouts:
             layouts[runner] = _layout(runner, static, model.block_params(working, block), rest, inputs[0])
-        targets.update(f"{block.path}/{p}/kernel" for g in layouts[runner] for p in g.paths)
+        targets.update(block.param(f"{p}/kernel") for g in layouts[runner] for p in g.paths)
     plans = _plans(model, recipe, targets)
 
     pieces: dict[str, dict[int | None, _Piece]] = {}
@@ -335,13 +336,13 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     runs = 0
     work = list(zip(block_list, runners))
     planned_blocks = [i for i, (b, (runner, _)) in enumerate(work)
-                      if any(f"{b.path}/{p}/kernel" in plans for g in layouts[runner] for p in g.paths)]
+                      if any(b.param(f"{p}/kernel") in plans for g in layouts[runner] for p in g.paths)]
     work = work[:max(planned_blocks, default=-1) + 1]  # blocks after the last planned one need no inputs
     for block, (runner, rest) in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
         groups = layouts[runner]
         base = model.block_params(working, block)
         planned = [g for g, group in enumerate(groups)
-                   if any(f"{block.path}/{p}/kernel" in plans for p in group.paths)]
+                   if any(block.param(f"{p}/kernel") in plans for p in group.paths)]
         stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
         new: dict[str, jax.Array] = {}
         for stage in stages:
@@ -354,23 +355,24 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
             assert stats is not None  # _check_batches: at least one batch
             for g, (hessian, _) in zip(stage, stats):
                 group = groups[g]
-                names = [f"{block.name}/{p}" for p in group.paths]
+                names = [block.label(p) for p in group.paths]
                 if not bool(jnp.all(jnp.isfinite(hessian))):
                     raise ValueError(f"{', '.join(names)}: NaN or inf in the calibration inputs of these layers")
                 hessian = _replicated(hessian, mesh)
                 for rel, view, name in zip(group.paths, group.views, names):
-                    plan = plans.get(f"{block.path}/{rel}/kernel")
+                    plan = plans.get(block.param(f"{rel}/kernel"))
                     if plan is None:
                         continue
                     kernel = _model_kernel(base, rel)
                     solved = _solve.solve(name, _replicated(view.matrix(kernel), mesh), hessian, plan)
                     new[f"{rel}/kernel"] = view.unview(solved.matrix).astype(kernel.dtype)
-                    pieces.setdefault(f"{block.path}/{rel}/kernel", {})[block.index] = _Piece(solved, view, plan)
+                    pieces.setdefault(block.param(f"{rel}/kernel"), {})[block.index] = _Piece(solved, view, plan)
                     rows.append(_row(name, solved, view, plan))
-        current = _overridden(base, new)
-        inputs = [_next_inputs(block, arrays, _block_forward(runner, static, current, rest, arrays))
-                  for arrays in inputs]
-        runs += 1
+        if block.path:  # the whole model (one block) feeds nothing
+            current = _overridden(base, new)
+            inputs = [_next_inputs(block, arrays, _block_forward(runner, static, current, rest, arrays))
+                      for arrays in inputs]
+            runs += 1
     compressed = _tree.map_with_path(lambda p, x: _assemble(p, x, pieces[p]) if p in pieces else x, model.params)
     compressed = model.result(compressed)
     report = Report(rows=tuple(rows), blocks=len(block_list), block_passes=runs / max(len(work), 1),

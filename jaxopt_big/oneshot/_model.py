@@ -3,8 +3,9 @@
 A *block* is a repeated submodule (``layer_0`` ... ``layer_N`` in linen, ``layers/0`` ... in nnx) or
 one layer of a stacked submodule: an ``nnx.scan``-stacked one (the top module over a stacked
 linear's layers) or the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}`` (the module
-whose call sees each of its parameters without the leading axis it is stored with). Assumptions,
-checked where they can be:
+whose call sees each of its parameters without the leading axis it is stored with). A model with
+neither (an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
+Assumptions, checked where they can be:
 
 - blocks are called through ``__call__`` in index order, block *i+1*'s first positional argument
   is block *i*'s output (the first element when it returns a tuple), and every other argument is the
@@ -44,12 +45,20 @@ __all__ = ["Block", "Model", "wrap", "Static"]
 class Block:
     """One block: its module path, and its layer in a stacked block (None when unrolled)."""
 
-    path: str
+    path: str  # "" for the whole model
     index: int | None = None
 
     @property
     def name(self) -> str:
         return self.path if self.index is None else f"{self.path}[{self.index}]"
+
+    def param(self, rel: str) -> str:
+        """The model path of ``rel``, a path inside the block."""
+        return f"{self.path}/{rel}" if self.path else rel
+
+    def label(self, rel: str) -> str:
+        """``rel`` named for the report (with the layer of a stacked block)."""
+        return f"{self.name}/{rel}" if self.path else rel
 
 
 class _Stop(Exception):
@@ -91,6 +100,14 @@ class _LinenRunner:
 
     def bind(self, params: Any, rest: Any) -> Callable:
         return lambda *args, **kwargs: self.module.apply({"params": params, **rest}, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyRunner:
+    apply: Callable  # the caller's linen apply function: the whole model, as the caller runs it
+
+    def bind(self, params: Any, rest: Any) -> Callable:
+        return lambda *args, **kwargs: self.apply({"params": params, **rest}, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +178,7 @@ class Model:
             if stacked:
                 return [Block(stacked, i) for i in range(_depth(flat, stacked))]
             found = _repeated(flat, lambda p: p.endswith("/kernel") or p.endswith("/weight"))
-            if not found:
-                raise ValueError("could not find repeated blocks (numbered submodules with equal shapes, or a "
-                                 "scanned stack); pass blocks=<regex of the block module paths>")
-            return [Block(m) for m in found]
+            return [Block(m) for m in found] if found else [Block("")]
         if not isinstance(pattern, str):
             raise TypeError(f"blocks must be a regex str of block module paths, got {pattern!r}")
         compiled = re.compile(pattern)
@@ -197,7 +211,7 @@ class Model:
     def block_params(self, params: Any, block: Block) -> Any:
         """The parameters of one block (one layer of a stacked block)."""
         node = params
-        for part in block.path.split("/"):
+        for part in block.path.split("/") if block.path else ():
             node = node[part] if _has_key(node, part) else node[int(part)]
         return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
 
@@ -208,6 +222,8 @@ class Model:
         batch shape; a scanned stack instead runs eagerly with its loop in Python
         (``jax.disable_jit``) and stops at its first layer.
         """
+        if not first.path:
+            return args, kwargs
         if first.index is not None:
             def stop(module, a, k, original):
                 if any(_checks.is_traced(x) for x in jax.tree.leaves((a, k))):
@@ -303,6 +319,8 @@ class _Linen(Model):
     def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
         """``(runner, non-parameter state)`` per block; blocks of one shape share one runner (the body
         of a linen scan runs alone, unscanned, on one layer's parameters)."""
+        if blocks == [Block("")]:
+            return [(_ApplyRunner(self.apply), self.extra or {})]
         found = {}
 
         def grab(module, a, k, original):
