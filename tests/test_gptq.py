@@ -163,3 +163,12 @@ def test_gptq_tree_and_bad_inputs():
         gptq_kernel(W, H[:8, :8], QuantSpec(bits=4))
     with pytest.raises(TypeError, match="QuantSpec"):
         gptq_kernel(W, H, "int4")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_group_longer_than_the_input_axis_is_one_group_per_channel(symmetric):
+    grouped = QuantSpec(bits=3, symmetric=symmetric, granularity=Group(128), calibration=MSE())
+    channel = QuantSpec(bits=3, symmetric=symmetric, granularity=PER_CHANNEL, calibration=MSE())
+    g, c = gptq_kernel(W, H, grouped), gptq_kernel(W, H, channel)    # W: 64 inputs < 128
+    np.testing.assert_array_equal(np.asarray(g.int_values()), np.asarray(c.int_values()))
+    np.testing.assert_allclose(np.asarray(g.dense()), np.asarray(c.dense()), rtol=1e-6)

@@ -461,3 +461,18 @@ def test_trees_with_compressed_leaves_quantize_their_float_kernels_only():
     for fn in (jb.quant.quantize_params, jb.quant.fake_quant_params):
         with pytest.raises(ValueError, match="q/kernel is a compressed QArray"):
             fn(mixed, QuantSpec(bits=4), where=".*kernel")
+
+
+def test_a_group_longer_than_its_axis_quantizes_as_one_group_and_presets_fit_narrow_models():
+    w = jax.random.normal(jax.random.key(0), (48, 8))
+    for calibration in (AbsMax(), MinMax(), MSE()):
+        g = jb.quant.quantize(w, QuantSpec(bits=4, granularity=Group(128), calibration=calibration))
+        c = jb.quant.quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL, calibration=calibration))
+        np.testing.assert_array_equal(np.asarray(g.dense()), np.asarray(c.dense()))
+    # the group-128 presets on a model with 48- and 24-input layers (an error before)
+    model = jb.models.MLP(features=(24,))
+    x = jax.random.normal(jax.random.key(1), (64, 48))
+    params = model.init(jax.random.key(2), x)["params"]
+    out, report = jb.oneshot.compress(model, params, [x], jb.recipe.preset("gptq-int4"), progress=False)
+    assert [r.bits for r in report.rows] == [4, 4]
+    assert out["Dense_0"]["kernel"].scale.shape[-2:] == (1, 24)

@@ -96,7 +96,7 @@ def check_layout(shape: tuple[int, ...], spec: _options.IntegerGrid, path: str =
     along = _axis("Group.along", g.along, len(shape), path)
     if along == axis:
         raise ValueError(f"{_where(path)}Group.along={g.along} is the channel axis={spec.axis}")
-    if shape[along] % g.size:
+    if shape[along] % g.span(shape[along]):
         raise ValueError(f"{_where(path)}group size {g.size} does not divide axis {along} of size {shape[along]} "
                          f"(shape {tuple(shape)})")
     return axis, along
@@ -116,7 +116,8 @@ def blocked(x: jax.Array, spec: _options.IntegerGrid
     if isinstance(g, _options.PerChannel):
         return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s
     n = x.shape[along]
-    xb = x.reshape(*x.shape[:along], n // g.size, g.size, *x.shape[along + 1:])
+    size = g.span(n)
+    xb = x.reshape(*x.shape[:along], n // size, size, *x.shape[along + 1:])
     keep = {along, axis + (axis > along)}
     return xb, tuple(d for d in range(xb.ndim) if d not in keep), lambda s: s.squeeze(along + 1)
 

@@ -69,9 +69,9 @@ def _granularity(spec: _spec.QuantSpec, d_in: int, path: str) -> int | None:
         raise ValueError(f"{path}: GPTQ needs per-tensor, per-channel or group scales, got {g!r}")
     if g.along not in (-2, 0):
         raise ValueError(f"{path}: GPTQ groups run along the input axis (along=-2), got along={g.along}")
-    if d_in % g.size:
+    if d_in % g.span(d_in):
         raise ValueError(f"{path}: group size {g.size} does not divide the input axis {d_in}")
-    return g.size
+    return g.span(d_in)
 
 
 def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spec: _spec.QuantSpec, *,

@@ -40,6 +40,12 @@ class Group:
     """One scale per channel (``QuantSpec.axis``) and per block of ``size`` consecutive entries along ``along``.
 
     ``along`` defaults to -2, the input axis of a Dense ``(in, out)`` or Conv ``(..., in, out)`` kernel.
+    An axis no longer than ``size`` is one group (as GPTQ's reference groups a narrow layer), so one
+    spec such as ``Group(128)`` fits a model whose narrow layers have fewer inputs.
+
+    Examples:
+      >>> Group(128).span(64), Group(128).span(512)
+      (64, 128)
     """
 
     size: int
@@ -48,6 +54,10 @@ class Group:
     def __post_init__(self):
         object.__setattr__(self, "size", _checks.integer("Group.size", self.size, low=1))
         object.__setattr__(self, "along", _checks.integer("Group.along", self.along))
+
+    def span(self, n: int) -> int:
+        """The entries per group on an axis of length ``n``."""
+        return min(self.size, n)
 
 
 PER_TENSOR = PerTensor()
