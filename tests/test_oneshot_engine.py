@@ -394,6 +394,10 @@ def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
         jb.oneshot.compress(MLPNet(), params, [x, x.astype(np.int32)], recipe, progress=False)
     with pytest.raises(ValueError, match="calibration batch 0 does not run through the model"):
         jb.oneshot.compress(MLPNet(), params, [x[:, :3]], recipe, progress=False)
+    # one array is a stack of batches; a model that cannot take its rows says how it was read
+    model = jb.models.MLP(features=(8,))
+    with pytest.raises(ValueError, match=r"one array, read as 16 batches of shape \(8,\); pass \[x\] for one"):
+        jb.oneshot.compress(model, model.init(jax.random.key(0), x)["params"], x, recipe, progress=False)
 
 
 def test_nan_activations_name_the_layers_that_saw_them(small):

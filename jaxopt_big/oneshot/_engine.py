@@ -311,14 +311,18 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     start = time.perf_counter()
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress needs a jb.Recipe, got {type(recipe).__name__}")
+    shape = np.shape(calibration_batches) if isinstance(calibration_batches, (np.ndarray, jax.Array)) else None
+    hint = "" if shape is None else (f" (calibration_batches is one array, read as {shape[0]} batches of shape "
+                                     f"{shape[1:]}; pass [x] for one batch)")
     model = _model.wrap(model_or_apply, params)
     raw = [_as_call(b) for b in calibration_batches]
     _check_batches(raw)
     masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in calibration_batches]
     batches = [_place(b, mesh, data_axis) for b in raw]
-    block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), ""))
+    block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
     working = _leaves.densify(model.params)
-    first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]), f" up to {block_list[0].name}")
+    first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
+                       (f" up to {block_list[0].name}" if block_list[0].path else "") + hint)
     static, first_arrays = _model.Static.split(*first)
     inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
                                for b in batches[1:]]
