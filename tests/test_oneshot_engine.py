@@ -468,3 +468,22 @@ def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
     out, report = jb.oneshot.compress(jb.zoo.Llama(c, rngs=nnx.Rngs(0)), None, [ids],
                                       jb.Recipe([Rule(r"layers/.*", jb.Plan(quant=jb.GPTQ(INT4)))]), progress=False)
     assert len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)
+
+
+def test_an_nnx_models_whole_state_comes_back_whole_with_the_parameters_compressed():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(D, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(16, use_running_average=True, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.bn(self.a(x))))
+    model, x = Net(nnx.Rngs(0)), _data(32)
+    nnx.update(model, nnx.map_state(lambda p, v: v + 0.5 if p[-1] == "mean" else v, nnx.state(model, nnx.BatchStat)))
+    recipe = jb.Recipe([Rule(r".*", jb.Plan(sparsity=jb.SparseGPT(0.5)))])
+    params_only, _ = jb.oneshot.compress(model, nnx.state(model, nnx.Param), [x], recipe, progress=False)
+    whole, _ = jb.oneshot.compress(model, nnx.state(model), [x], recipe, progress=False)
+    np.testing.assert_array_equal(whole["bn"]["mean"][...], np.full(16, 0.5, np.float32))   # as given
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(whole[name]["kernel"][...], params_only[name]["kernel"][...])
+    assert jax.tree.structure(whole) == jax.tree.structure(nnx.state(model))

@@ -257,7 +257,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       model_or_apply: an nnx module, a linen module, or a linen apply function
         ``apply(variables, *batch)``.
       params: linen: the ``params`` collection (or full variables ``{"params": ..., ...}``, returned in
-        the same form); nnx: an ``nnx.State`` of the parameters, or None for the module's own.
+        the same form); nnx: an ``nnx.State`` of the parameters (or the module's whole state, returned
+        whole with its other variables as given), or None for the module's own.
       calibration_batches: batches of model inputs, each a tuple of positional arguments, a dict of
         keyword arguments, or one array; all of the same shapes and dtypes.
       recipe: a :class:`jaxopt_big.Recipe`; its rules are matched against the kernels of the targeted

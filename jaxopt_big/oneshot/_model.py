@@ -346,10 +346,20 @@ def _shapes(params: Any, prefix: str) -> dict[str, tuple]:
 class _Nnx(Model):
     def __init__(self, module: nnx.Module, params: Any):
         self.graphdef, state = nnx.split(module)
-        self.params = nnx.state(module, nnx.Param) if params is None else params
         self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
+        self.full = False  # the caller gave the whole state (parameters and other variables)
+        if params is None:
+            self.params = nnx.state(module, nnx.Param)
+        elif isinstance(params, nnx.State) and jax.tree.leaves(nnx.split_state(params, nnx.Param, ...)[1]):
+            self.params, self.others = nnx.split_state(params, nnx.Param, ...)
+            self.full = True
+        else:
+            self.params = params
         self.modules = _modules(module)
         self._captures = {}
+
+    def result(self, params: Any) -> Any:
+        return nnx.merge_state(params, self.others) if self.full else params
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
