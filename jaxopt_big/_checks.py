@@ -151,7 +151,7 @@ def fraction(name: str, value: Any, *, closed: bool = False, open_low: bool = Fa
 
 
 def store(obj: Any, **checked: Any) -> None:
-    """Sets checked values on a frozen dataclass.
+    """Sets checked (or derived) values on a frozen dataclass, in its ``__post_init__``.
 
     Options keep the Python numbers their checks return: a NumPy or JAX scalar would leave them
     unhashable (they are static arguments of jitted functions) and their equality elementwise.

@@ -191,7 +191,7 @@ class Recipe:
         rules = tuple(self.rules) if isinstance(self.rules, (list, tuple)) else self.rules
         if not _tree.is_rules(rules) or not all(isinstance(r.value, Plan | None) for r in rules):
             raise TypeError(f"Recipe needs a non-empty list of Rule(pattern, Plan(...)), got {self.rules!r}")
-        object.__setattr__(self, "rules", rules)
+        _checks.store(self, rules=rules)
 
     def plans(self, params: Any) -> Any:
         """The :class:`Plan` of every leaf of ``params`` (``None`` where none applies)."""

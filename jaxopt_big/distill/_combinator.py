@@ -53,7 +53,7 @@ class Feature:
 
     def __post_init__(self):
         if not self.name:
-            object.__setattr__(self, "name", f"{self.student}->{self.teacher}")
+            _checks.store(self, name=f"{self.student}->{self.teacher}")
         for side in ("student", "teacher"):
             if not isinstance(getattr(self, side), str):
                 raise TypeError(f"Feature.{side} must be a module-path regex str, got {getattr(self, side)!r}")

@@ -110,12 +110,12 @@ class Factorization:
         given = [k for k in ("rank", "energy", "max_params") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of rank, energy, max_params; got {given or 'none'}")
-        object.__setattr__(self, "randomized", _checks.flag("randomized", self.randomized))
+        _checks.store(self, randomized=_checks.flag("randomized", self.randomized))
         for name, low in (("rank", 1), ("max_params", 1), ("oversample", 0), ("power_iters", 0)):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, _checks.integer(name, getattr(self, name), low=low))
+                _checks.store(self, **{name: _checks.integer(name, getattr(self, name), low=low)})
         if self.energy is not None:
-            object.__setattr__(self, "energy", _checks.fraction("energy", self.energy, closed=True, open_low=True))
+            _checks.store(self, energy=_checks.fraction("energy", self.energy, closed=True, open_low=True))
         if self.randomized and self.energy is not None:
             raise ValueError("energy= needs the full spectrum; use rank= or max_params= with randomized=True")
 

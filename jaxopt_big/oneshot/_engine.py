@@ -323,7 +323,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
     working = _leaves.densify(model.params)
     first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
-                       (f" up to {block_list[0].name}" if block_list[0].path else "") + hint)
+                       ("" if block_list[0].whole else f" up to {block_list[0].name}") + hint)
     static, first_arrays = _model.Static.split(*first)
     inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
                                for b in batches[1:]]
@@ -373,7 +373,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
                     new[f"{rel}/kernel"] = view.unview(solved.matrix).astype(kernel.dtype)
                     pieces.setdefault(block.param(f"{rel}/kernel"), {})[block.index] = _Piece(solved, view, plan)
                     rows.append(_row(name, solved, view, plan))
-        if block.path:  # the whole model (one block) feeds nothing
+        if not block.whole:  # the whole model feeds no next block
             current = _overridden(base, new)
             inputs = [_next_inputs(block, arrays, _block_forward(runner, static, current, rest, arrays))
                       for arrays in inputs]

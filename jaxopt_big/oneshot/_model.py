@@ -49,16 +49,21 @@ class Block:
     index: int | None = None
 
     @property
+    def whole(self) -> bool:
+        """Whether the block is the whole model (one without repeated blocks)."""
+        return not self.path
+
+    @property
     def name(self) -> str:
         return self.path if self.index is None else f"{self.path}[{self.index}]"
 
     def param(self, rel: str) -> str:
         """The model path of ``rel``, a path inside the block."""
-        return f"{self.path}/{rel}" if self.path else rel
+        return rel if self.whole else f"{self.path}/{rel}"
 
     def label(self, rel: str) -> str:
         """``rel`` named for the report (with the layer of a stacked block)."""
-        return f"{self.name}/{rel}" if self.path else rel
+        return rel if self.whole else f"{self.name}/{rel}"
 
 
 class _Stop(Exception):
@@ -211,7 +216,7 @@ class Model:
     def block_params(self, params: Any, block: Block) -> Any:
         """The parameters of one block (one layer of a stacked block)."""
         node = params
-        for part in block.path.split("/") if block.path else ():
+        for part in () if block.whole else block.path.split("/"):
             node = node[part] if _has_key(node, part) else node[int(part)]
         return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
 
@@ -222,7 +227,7 @@ class Model:
         batch shape; a scanned stack instead runs eagerly with its loop in Python
         (``jax.disable_jit``) and stops at its first layer.
         """
-        if not first.path:
+        if first.whole:
             return args, kwargs
         if first.index is not None:
             def stop(module, a, k, original):
@@ -319,7 +324,7 @@ class _Linen(Model):
     def runners(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[tuple[Any, Any]]:
         """``(runner, non-parameter state)`` per block; blocks of one shape share one runner (the body
         of a linen scan runs alone, unscanned, on one layer's parameters)."""
-        if blocks == [Block("")]:
+        if blocks[0].whole:
             return [(_ApplyRunner(self.apply), self.extra or {})]
         found = {}
 
@@ -349,12 +354,12 @@ class _Nnx(Model):
         self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
         self.full = False  # the caller gave the whole state (parameters and other variables)
         if params is None:
-            self.params = nnx.state(module, nnx.Param)
-        elif isinstance(params, nnx.State) and jax.tree.leaves(nnx.split_state(params, nnx.Param, ...)[1]):
-            self.params, self.others = nnx.split_state(params, nnx.Param, ...)
-            self.full = True
-        else:
-            self.params = params
+            params = nnx.state(module, nnx.Param)
+        elif isinstance(params, nnx.State):
+            params, others = nnx.split_state(params, nnx.Param, ...)
+            if jax.tree.leaves(others):
+                self.others, self.full = others, True
+        self.params = params
         self.modules = _modules(module)
         self._captures = {}
 

@@ -281,7 +281,7 @@ class Float8(_spec.Format):
 
     def __post_init__(self):
         try:
-            object.__setattr__(self, "format", F8(self.format))
+            _checks.store(self, format=F8(self.format))
         except ValueError:
             raise ValueError(f"Float8.format must be one of {[f.value for f in F8]}, got {self.format!r}") from None
 

@@ -52,8 +52,8 @@ class Group:
     along: int = -2
 
     def __post_init__(self):
-        object.__setattr__(self, "size", _checks.integer("Group.size", self.size, low=1))
-        object.__setattr__(self, "along", _checks.integer("Group.along", self.along))
+        _checks.store(self, size=_checks.integer("Group.size", self.size, low=1),
+                      along=_checks.integer("Group.along", self.along))
 
     def span(self, n: int) -> int:
         """The entries per group on an axis of length ``n``."""
@@ -83,7 +83,7 @@ class Percentile:
     q: float
 
     def __post_init__(self):
-        object.__setattr__(self, "q", _checks.number("Percentile.q", self.q, above=0, high=100))
+        _checks.store(self, q=_checks.number("Percentile.q", self.q, above=0, high=100))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,9 +106,8 @@ class MSE:
     min_ratio: float = 0.1
 
     def __post_init__(self):
-        object.__setattr__(self, "steps", _checks.integer("MSE.steps", self.steps, low=1))
-        object.__setattr__(self, "min_ratio",
-                           _checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
+        _checks.store(self, steps=_checks.integer("MSE.steps", self.steps, low=1),
+                      min_ratio=_checks.fraction("MSE.min_ratio", self.min_ratio, closed=True, open_low=True))
 
 
 Calibration = AbsMax | MinMax | Percentile | MSE

@@ -57,16 +57,16 @@ class QuantSpec(Format):
     narrow: bool | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _checks.integer("QuantSpec.bits", self.bits, low=2, high=8))
-        object.__setattr__(self, "symmetric", _checks.flag("QuantSpec.symmetric", self.symmetric))
+        _checks.store(self, bits=_checks.integer("QuantSpec.bits", self.bits, low=2, high=8),
+                      symmetric=_checks.flag("QuantSpec.symmetric", self.symmetric))
         if self.narrow is not None:
-            object.__setattr__(self, "narrow", _checks.flag("QuantSpec.narrow (or None)", self.narrow))
+            _checks.store(self, narrow=_checks.flag("QuantSpec.narrow (or None)", self.narrow))
         if self.narrow and not self.symmetric:
             raise ValueError("QuantSpec.narrow=True needs a symmetric grid (affine grids use all 2^bits codes)")
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerToken, Group)):
             raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL, PER_TOKEN or Group(size), "
                             f"got {self.granularity!r}")
-        object.__setattr__(self, "axis", _checks.integer("QuantSpec.axis", self.axis))
+        _checks.store(self, axis=_checks.integer("QuantSpec.axis", self.axis))
         if not isinstance(self.calibration, (AbsMax, MinMax, Percentile, MSE)):
             raise TypeError(f"QuantSpec.calibration must be AbsMax(), MinMax(), Percentile(q) or MSE(), "
                             f"got {self.calibration!r}")

@@ -53,7 +53,7 @@ class ERK:
     power: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "power", _checks.number("ERK.power", self.power, above=0))
+        _checks.store(self, power=_checks.number("ERK.power", self.power, above=0))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,8 +72,7 @@ class NM:
         n, m = _checks.integer("NM.n", self.n, low=1), _checks.integer("NM.m", self.m, low=1)
         if n > m:
             raise ValueError(f"NM needs integers 0 < n <= m, got n={self.n!r}, m={self.m!r}")
-        object.__setattr__(self, "n", n)
-        object.__setattr__(self, "m", m)
+        _checks.store(self, n=n, m=m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Block:
     def __post_init__(self):
         if not isinstance(self.shape, (tuple, list)) or not self.shape:
             raise ValueError(f"Block shape must be a non-empty tuple of positive ints, got {self.shape!r}")
-        object.__setattr__(self, "shape", tuple(_checks.integer("Block.shape", b, low=1) for b in self.shape))
+        _checks.store(self, shape=tuple(_checks.integer("Block.shape", b, low=1) for b in self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,7 @@ class Channel:
     axis: int = -1
 
     def __post_init__(self):
-        object.__setattr__(self, "axis", _checks.integer("Channel.axis", self.axis))
+        _checks.store(self, axis=_checks.integer("Channel.axis", self.axis))
 
 
 Structure = Unstructured | NM | Block | Channel

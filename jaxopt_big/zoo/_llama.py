@@ -77,9 +77,10 @@ class LlamaConfig:
     head_dim: int | None = None
 
     def __post_init__(self):
+        optional = ("sliding_window", "head_dim")  # None: no window; hidden_size // num_heads
         for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                  "max_positions", "sliding_window", "head_dim"):
-            if getattr(self, f) is not None or f not in ("sliding_window", "head_dim"):
+                  "max_positions", *optional):
+            if f not in optional or getattr(self, f) is not None:
                 _checks.store(self, **{f: _checks.integer(f"LlamaConfig.{f}", getattr(self, f), low=1)})
         for f in ("rope_theta", "rms_eps"):
             _checks.store(self, **{f: _checks.number(f"LlamaConfig.{f}", getattr(self, f), above=0)})
@@ -95,7 +96,7 @@ class LlamaConfig:
             raise ValueError("LlamaConfig: attention_bias (Qwen2) with sliding_window (Mistral) has no "
                              f"Hugging Face layout; got sliding_window={self.sliding_window}")
         if self.head_dim is None:  # resolved here, so equal configs compare equal however they were written
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+            _checks.store(self, head_dim=self.hidden_size // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
 
