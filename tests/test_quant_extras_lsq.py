@@ -10,7 +10,7 @@ import jaxopt_big as jb
 from jaxopt_big.tree import Rule
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._qarray import QArray
-from jaxopt_big.quant._spec import PER_CHANNEL, AbsMax, MinMax, QuantSpec
+from jaxopt_big.quant._spec import PER_CHANNEL, PER_TENSOR, AbsMax, MinMax, QuantSpec
 
 
 def _inside(v, qmin, qmax):
@@ -94,9 +94,11 @@ def test_lsq_rules_and_bad_spec():
 
 
 def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax():
+    # One step per layer, as in Esser et al. Per channel, both end within about a test sample of
+    # float, so their order there is float rounding noise that changes with the CPU.
     _, apply, params, dense_acc = du.dense_cnn()
     train, test = du.split()
-    spec = QuantSpec(bits=2, granularity=PER_CHANNEL)
+    spec = QuantSpec(bits=2, granularity=PER_TENSOR)
     fixed = {k: spec.calibrate(v["kernel"])[0] for k, v in params.items()}
 
     def ste_apply(p, x):
@@ -108,8 +110,8 @@ def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax
     lsq_acc = du.accuracy(lsq_apply, trained, test)
     packed = lsq_export(trained)
     assert du.accuracy(apply, jb.leaves.densify(packed), test) == lsq_acc
-    print(f"digits CNN 2-bit per-channel: float {dense_acc:.4f}, STE fixed absmax {ste_acc:.4f}, LSQ {lsq_acc:.4f}")
-    assert lsq_acc >= ste_acc
+    print(f"digits CNN 2-bit per-tensor: float {dense_acc:.4f}, STE fixed absmax {ste_acc:.4f}, LSQ {lsq_acc:.4f}")
+    assert lsq_acc > ste_acc  # equal if the steps did not learn (LSQ starts at the same absmax steps)
 
 
 @pytest.mark.parametrize("symmetric, calibration", [(True, AbsMax()), (False, MinMax()), (False, AbsMax())])
