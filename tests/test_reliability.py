@@ -83,7 +83,7 @@ def test_7_group_quantization_along_a_sharded_axis(with_mesh, size):
 
 # --- 2. non-finite weights: eager ValueError naming the leaf; traced NaN confined to its group -------
 
-BAD = [("nan", np.nan), ("inf", np.inf)]
+BAD = [("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)]
 
 
 @pytest.mark.parametrize("name,bad", BAD)
@@ -106,6 +106,8 @@ def test_2_eager_non_finite_raises_naming_the_leaf(name, bad):
 
 @pytest.mark.parametrize("name,bad", BAD)
 @pytest.mark.parametrize("fmt", [q.QuantSpec(bits=4, granularity=q.PER_CHANNEL),
+                                 q.QuantSpec(bits=4, granularity=q.PER_CHANNEL, narrow=False),
+                                 q.QuantSpec(bits=4, symmetric=False, granularity=q.PER_CHANNEL),
                                  q.QuantSpec(bits=4, symmetric=False, granularity=q.PER_CHANNEL, calibration=q.MSE(steps=4)),
                                  q.QuantSpec(bits=4, granularity=q.PER_CHANNEL, calibration=q.Percentile(99.0)),
                                  q.QuantSpec(bits=4, granularity=q.Group(4)), q.Binary(), q.Ternary()], ids=repr)

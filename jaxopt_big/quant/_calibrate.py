@@ -190,10 +190,11 @@ def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> 
             return -amax, amax
         lo, hi = _percentile(xb, 100 - cal.q, axes), _percentile(xb, cal.q, axes)
         return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-    if isinstance(cal, _options.AbsMax) and not spec.symmetric:
+    # A narrow symmetric grid only reads max(-lo, hi): one reduction, not two (activations are
+    # calibrated on every call). A full-range one puts each end at its own code.
+    if isinstance(cal, _options.AbsMax) and not spec.symmetric or spec.symmetric and not spec.full_range:
         amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
         return -amax, amax
-    # A narrow symmetric grid only reads max(-lo, hi); a full-range one puts each end at its own code.
     return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),
             jnp.maximum(jnp.max(xb, axis=axes, keepdims=True), 0))
 
@@ -271,7 +272,10 @@ def _integer_calibrate(x: jax.Array, spec: _options.IntegerGrid):
         scale, zp = _mse_search(xb, axes, spec, lo, hi)
     else:
         scale, zp = _from_range(lo, hi, spec)
-    scale = nan_where_nonfinite(scale, xb, axes)
+    if isinstance(spec.calibration, _options.Percentile):
+        scale = nan_where_nonfinite(scale, xb, axes)
+    else:  # a max or min over a group is NaN or infinite exactly when the group holds NaN or Inf
+        scale = jnp.where(jnp.isfinite(lo) & jnp.isfinite(hi), scale, jnp.nan)
     zp = None if zp is None else jnp.where(jnp.isnan(scale), jnp.nan, zp)
     return unblock(scale), None if zp is None else unblock(zp)
 
