@@ -272,8 +272,12 @@ def _check_json(value: Any, path: str = "extra") -> None:
 
 def _check_sizes(state: Any) -> None:
     """Raises ValueError naming the first zero-size array of ``state``: Orbax refuses them, but only
-    once it has started writing (leaving a temporary directory, or failing in the background)."""
-    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    once it has started writing (leaving a temporary directory, or failing in the background).
+    A state without leaves is refused for the same reason."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    if not leaves:
+        raise ValueError(f"cannot save a state without leaves ({state!r}): Orbax does not store an empty tree")
+    for path, x in leaves:
         if hasattr(x, "shape") and math.prod(x.shape) == 0:
             raise ValueError(f"{_tree.path_str(path)}: cannot save a zero-size array (shape {tuple(x.shape)}); "
                              "Orbax does not store them: leave the leaf out of the saved state")
@@ -329,7 +333,7 @@ class Manager:
 
         Raises:
           ValueError: ``step`` is negative or not newer than the latest saved step (unless ``overwrite``),
-            or ``state`` holds a zero-size array (the message names its path).
+            or ``state`` has no leaves or holds a zero-size array (the message names its path).
           TypeError: ``step`` is not an int, or ``extra`` holds something JSON cannot store (the
             message names where).
 

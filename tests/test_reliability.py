@@ -144,6 +144,14 @@ def test_3_numpy_scalars_are_checked_like_python_numbers():
                                   sp.make_masks(scores, 0.5, structure=sp.NM(2, 4))["d"]["kernel"])
     np.testing.assert_array_equal(sp.make_masks(scores, np.float64(0.25))["d"]["kernel"],
                                   sp.make_masks(scores, 0.25)["d"]["kernel"])
+
+
+@pytest.mark.parametrize("n, sparsity", [(1, 2 / 3), (1, np.float32(2 / 3)), (2, 1 / 3), (2, jnp.float32(1 / 3))])
+def test_3_n_of_3_takes_the_sparsity_as_written(n, sparsity):
+    # 2 / 3 and 1 - 1 / 3 differ in their last bit; float32 thirds differ more
+    scores = jax.random.uniform(jax.random.key(0), (9, 4))
+    mask = np.asarray(sp.make_masks({"d": {"kernel": scores}}, sparsity, structure=sp.NM(n, 3))["d"]["kernel"])
+    assert (mask.reshape(3, 3, 4).sum(axis=1) == n).all()
     f = sp.polynomial_schedule(final_sparsity=np.float32(0.5), begin_step=np.int64(0), end_step=np.int32(10))
     assert float(f(10)) == 0.5
     jb.distill.combine(lambda logits, y: logits.sum(-1), None, student=lambda p, x: x, alpha=np.float32(0.5),
@@ -386,6 +394,22 @@ def test_4b_cluster_on_explicit_sharding_equals_unsharded(with_mesh):
     np.testing.assert_array_equal(got.indices(), want.indices())
     np.testing.assert_array_equal(dense, want.dense())
     np.testing.assert_array_equal(jitted, want.dense())
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_4b_packed_sparse_on_explicit_sharding_unpacks_to_the_pruned_kernel(with_mesh):
+    mesh = _explicit_mesh()
+    w = jax.random.normal(jax.random.key(8), (8, 16))
+    pruned = np.where(np.abs(np.asarray(w)) > 0.7, np.asarray(w), 0)
+    params = {"d": {"kernel": _sharded(pruned, mesh, jax.P("data", "model"))}}
+    with jax.set_mesh(mesh) if with_mesh else contextlib.nullcontext():
+        packed = sp.pack_params(params)  # the running count over the mask refused its sharded axis
+        dense = jb.leaves.densify(packed)["d"]["kernel"]
+        jitted = jax.jit(lambda t: t["d"]["kernel"].dense())(packed)
+        fraction = sp.sparsity(packed)["d/kernel"]
+    np.testing.assert_array_equal(dense, pruned)
+    np.testing.assert_array_equal(jitted, pruned)
+    assert fraction == np.mean(pruned == 0)
 
 
 @pytest.mark.parametrize("with_mesh", [False, True])

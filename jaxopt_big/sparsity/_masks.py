@@ -107,8 +107,9 @@ def check_sparsity(path: str, value: Any) -> Any:
 
 
 def check_nm_sparsity(nm: NM, sparsity: Any, path: str = "") -> None:
-    """A concrete sparsity given with ``NM(n, m)`` must be 0 (not yet) or the pattern's ``1 - n / m``."""
-    if isinstance(sparsity, (int, float)) and sparsity not in (0, 1.0 - nm.n / nm.m):
+    """A concrete sparsity given with ``NM(n, m)`` must be 0 (not yet) or the pattern's ``1 - n / m``
+    (to float32 rounding: ``2 / 3`` and ``1 - 1 / 3`` differ in their last bit)."""
+    if isinstance(sparsity, (int, float)) and sparsity != 0 and abs(sparsity - (1.0 - nm.n / nm.m)) > 1e-6:
         raise ValueError(f"{_checks.prefix(path)}NM({nm.n}, {nm.m}) prunes {1.0 - nm.n / nm.m}; "
                          f"got sparsity={sparsity!r}")
 

@@ -37,9 +37,9 @@ class PackedSparse(_leaves.Compressed):
     dense_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
     def dense(self) -> jax.Array:
-        keep = self.mask().reshape(-1)
+        keep = _leaves.replicated(self.mask().reshape(-1))  # a running count cannot split its axis
         pos = jnp.cumsum(keep) - 1
-        vals = jnp.concatenate([self.values, jnp.zeros(1, self.values.dtype)])  # safe index for an all-pruned array
+        vals = jnp.concatenate([_leaves.replicated(self.values), jnp.zeros(1, self.values.dtype)])  # safe index for an all-pruned array
         return jnp.where(keep, vals[jnp.clip(pos, 0, self.values.shape[0])], 0).reshape(self.dense_shape)
 
     def mask(self) -> jax.Array:
