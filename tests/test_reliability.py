@@ -480,3 +480,43 @@ def test_oneshot_with_a_jax_scalar_sparsity_equals_the_python_number():
                                      progress=False)
         masks.append(jax.tree.map(lambda x: np.asarray(x) != 0, jb.leaves.densify(out)))
     jax.tree.map(np.testing.assert_array_equal, masks[0], masks[1])
+
+
+# --- datasets and half-precision logits: no silent truncation, no NaN loss, no bf16 sums ---------
+
+def test_evaluate_and_fit_refuse_inputs_and_labels_that_do_not_pair_up():
+    ds = jb.data.Dataset(np.ones((10, 3), np.float32), np.arange(7) % 3)
+    with pytest.raises(ValueError, match=r"evaluate.ds has 10 inputs \(x\) but 7 labels \(y\)"):
+        jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), ds)
+    tx = optax.sgd(0.1)
+    step = jb.train.make_step(jb.train.classifier_loss(lambda p, x: x @ p), tx)
+    with pytest.raises(ValueError, match=r"fit.train has 10 inputs \(x\) but 7 labels \(y\)"):
+        jb.train.fit(step, jb.train.TrainState.create(jnp.eye(3), tx), ds, epochs=1, batch_size=2,
+                     key=jax.random.key(0), progress=False)
+
+
+def test_evaluate_names_a_label_outside_the_classes():
+    x = np.eye(4, 3, dtype=np.float32)
+    for y, match in [(np.array([0, 1, 5, -1]), r"evaluate.ds.y\[2\] = 5 is not a class of the model's 3 logits "
+                                                 r"\(2 labels outside \[0, 3\)\)"),
+                     (np.array([0, -1, 1, 2]), r"evaluate.ds.y\[1\] = -1 ")]:
+        with pytest.raises(ValueError, match=match):
+            jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), jb.data.Dataset(x, y))
+    with pytest.raises(TypeError, match=r"evaluate.ds.y must hold integer class labels, got dtype float32"):
+        jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), jb.data.Dataset(x, np.zeros(4, np.float32)))
+
+
+def test_half_precision_logits_are_reduced_in_float32():
+    rng = np.random.default_rng(0)
+    s, t = (jnp.asarray(rng.normal(size=(64, 5)) * 4, jnp.bfloat16) for _ in range(2))
+    s32, t32 = (np.asarray(a, np.float64) for a in (s, t))
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    want = 4 * np.mean(np.sum(np.exp(log_softmax(t32 / 2)) * (log_softmax(t32 / 2) - log_softmax(s32 / 2)), -1))
+    np.testing.assert_allclose(float(jb.distill.kd_loss(s, t, 2.0)), want, rtol=1e-5)
+    y = rng.integers(0, 5, 64)
+    got = jb.train.evaluate(lambda p, x: x, None, jb.data.Dataset(s, y))["loss"]
+    np.testing.assert_allclose(got, np.mean(-log_softmax(s32)[np.arange(64), y]), rtol=1e-5)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -20,10 +21,25 @@ __all__ = ["evaluate", "kfold", "cross_validate", "CrossValidation"]
 
 
 def check_dataset(name: str, ds: Any) -> None:
-    """``ds`` is a :class:`jaxopt_big.data.Dataset` (a bare ``(x, y)`` tuple is not: its length is 2)."""
+    """``ds`` is a :class:`jaxopt_big.data.Dataset` (a bare ``(x, y)`` tuple is not: its length is 2)
+    with as many inputs as labels (its length is the labels', so extra inputs would go unseen)."""
     if not isinstance(ds, _data.Dataset):
         raise TypeError(f"{name} must be a jb.data.Dataset(x, y), got {type(ds).__name__}; "
                         f"wrap arrays as jb.data.Dataset(x, y)")
+    nx, ny = (np.shape(a)[0] if np.ndim(a) else None for a in ds)
+    if nx != ny:
+        raise ValueError(f"{name} has {nx} inputs (x) but {ny} labels (y); they must pair up one to one")
+
+
+def _check_labels(name: str, y: np.ndarray, classes: int) -> None:
+    """Integer labels in ``[0, classes)``: others give a NaN loss or a silently wrong accuracy."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"{name}.y must hold integer class labels, got dtype {y.dtype}")
+    bad = np.flatnonzero((y < 0) | (y >= classes))
+    if bad.size:
+        raise ValueError(f"{name}.y[{bad[0]}] = {y[bad[0]]} is not a class of the model's {classes} logits "
+                         f"({bad.size} labels outside [0, {classes}))")
 
 
 def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ds: _data.Dataset,
@@ -40,8 +56,13 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, ds: _
     batch_size = _checks.integer("evaluate.batch_size", batch_size, low=1)
     if not len(ds):
         raise ValueError("evaluate.ds is empty: there is nothing to average over")
-    forward = jax.jit(lambda p, x, y: (optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).sum(),
-                                       (apply_fn(p, x).argmax(-1) == y).sum()))
+    _check_labels("evaluate.ds", ds.y, jax.eval_shape(apply_fn, params, ds.x[:1]).shape[-1])
+
+    @jax.jit
+    def forward(p, x, y):
+        logits = apply_fn(p, x).astype(jnp.float32)  # bf16 logits: sum the losses in float32
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum(), (logits.argmax(-1) == y).sum()
+
     loss = correct = 0.0
     for batch in _data.batches(ds, batch_size):
         batch_loss, batch_correct = forward(params, batch.x, batch.y)
