@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import jax
+import jax.numpy as jnp
 
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
@@ -112,6 +113,33 @@ class _Kernels:
 
 
 KERNELS = _Kernels()
+
+
+class _FloatKernels:
+    """The default ``where`` of the techniques that replace a float weight (quantization, LSQ,
+    clustering, factorization): kernels that are floating arrays. Compressed leaves (``QArray``,
+    ``LowRank``, ...) are compressed already and integer arrays (token ids, counters) hold no
+    weights: on a mixed tree they stay as they are."""
+
+    def __call__(self, path: str, leaf: Any) -> bool:
+        dtype = getattr(leaf, "dtype", None)
+        return (KERNELS(path, leaf) and not _leaves.is_compressed(leaf)
+                and dtype is not None and jnp.issubdtype(dtype, jnp.floating))
+
+    def __repr__(self) -> str:
+        return "KERNELS (float arrays)"
+
+
+def map_float_kernels(fn: Callable[[str, Any, Any], Any], params: Any, values: Any, where: Where, *,
+                      purpose: str, what: str) -> Any:
+    """:func:`map_assigned` over float leaves: the default ``where`` (:data:`KERNELS`) leaves compressed
+    leaves and integer arrays out, and a ``where`` (or rule) that assigns a compressed leaf raises
+    ``ValueError`` naming it (``purpose``, e.g. ``"to quantize"``, says why)."""
+    def one(path, x, value):
+        _leaves.refuse_compressed(path, x, purpose)
+        return fn(path, x, value)
+    where = _FloatKernels() if where is KERNELS else where
+    return map_assigned(one, params, values, where=where, what=what)
 
 
 def _compile(pattern: str) -> re.Pattern:

@@ -120,6 +120,9 @@ def test_cluster_checks_iters_like_kmeans(iters, error):
 def test_cluster_of_a_non_float_kernel_is_a_type_error_naming_it(dtype):
     params = {"layer": {"kernel": jnp.ones((8, 5), dtype)}}
     with pytest.raises(TypeError, match=f"layer/kernel: clustering needs a float kernel, got dtype {jnp.dtype(dtype)}"):
-        cluster(params, 2, key=jax.random.key(0))
+        cluster(params, 2, key=jax.random.key(0), where="layer/kernel")
+    mixed = {**params, "dense": {"kernel": jnp.arange(40.0).reshape(8, 5)}}  # the default takes float kernels
+    out = cluster(mixed, 2, key=jax.random.key(0))
+    assert out["layer"]["kernel"] is params["layer"]["kernel"] and out["dense"]["kernel"].kind == "clustered k=2"
     with pytest.raises(TypeError, match="x: clustering needs a float kernel"):
         kmeans(params["layer"]["kernel"], 2, key=jax.random.key(0))

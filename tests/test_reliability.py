@@ -520,3 +520,18 @@ def test_half_precision_logits_are_reduced_in_float32():
     y = rng.integers(0, 5, 64)
     got = jb.train.evaluate(lambda p, x: x, None, jb.data.Dataset(s, y))["loss"]
     np.testing.assert_allclose(got, np.mean(-log_softmax(s32)[np.arange(64), y]), rtol=1e-5)
+
+
+def test_weight_replacing_techniques_take_float_kernels_by_default_and_name_a_compressed_one_selected():
+    w = jax.random.normal(jax.random.key(0), (16, 8))
+    qarray = q.quantize(w, q.QuantSpec(bits=8))
+    tree = {"q": {"kernel": qarray}, "ids": {"kernel": jnp.ones((3, 3), jnp.int32)}, "f": {"kernel": w.T}}
+    calls = {"to quantize": lambda **kw: q.quantize_params(tree, q.QuantSpec(bits=8), **kw),
+             "to cluster": lambda **kw: q.cluster(tree, 4, key=jax.random.key(1), **kw),
+             "to factorize": lambda **kw: jb.lowrank.factorize_params(tree, rank=2, **kw)}
+    for purpose, call in calls.items():
+        out = call()
+        assert out["q"]["kernel"] is qarray and out["ids"]["kernel"] is tree["ids"]["kernel"], purpose
+        assert jb.leaves.is_compressed(out["f"]["kernel"]), purpose
+        with pytest.raises(ValueError, match=rf"q/kernel is a compressed QArray .*{purpose}"):
+            call(where="q/kernel")

@@ -307,4 +307,5 @@ def factorize_params(params: Any, rules: Sequence[_tree.Rule[dict[str, Any] | No
             options = {**how, **options}
         return _factorize(path, w, _options(path, options), leaf_key)
 
-    return _tree.map_assigned(one, params, {} if rules is None else rules, where=where, what="rules")
+    return _tree.map_float_kernels(one, params, {} if rules is None else rules, where, purpose="to factorize",
+                                   what="rules")

@@ -210,7 +210,7 @@ def cluster(params: Any, n_clusters: int | Sequence[_tree.Rule], *, key: jax.Arr
         clustered = Clustered.from_indices(res.centroids.astype(w.dtype), res.assignments.reshape(w.shape))
         return _leaves.place_like(clustered, w)
 
-    return _tree.map_assigned(leaf, params, n_clusters, where=where, what="n_clusters")
+    return _tree.map_float_kernels(leaf, params, n_clusters, where, purpose="to cluster", what="n_clusters")
 
 
 def _is_clustered(x: Any) -> bool:

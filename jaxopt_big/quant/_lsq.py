@@ -30,7 +30,6 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
 from jaxopt_big.quant._calibrate import check_grid, check_input, expand, unclipped
-from jaxopt_big.quant._ptq import map_float_leaves
 
 __all__ = ["LSQ", "Learned", "lsq", "lsq_export"]
 
@@ -175,7 +174,7 @@ def lsq(params: Any, spec: LSQ | _spec.QuantSpec | Sequence[_tree.Rule], *,
         scale, offset = fmt.calibrate(w, path=path)
         return _leaves.place_like(Learned(weight=w, scale=scale, offset=offset, format=fmt, path=path), w)
 
-    return map_float_leaves(wrap, params, spec, where)
+    return _tree.map_float_kernels(wrap, params, spec, where, purpose="to quantize", what="spec")
 
 
 def lsq_export(tree: Any) -> Any:

@@ -21,36 +21,12 @@ __all__ = ["quantize_params", "dequantize_params", "fake_quant_params", "calibra
 Specs = _spec.Format | Sequence[_tree.Rule]
 
 
-class _FloatKernels:
-    """The default ``where`` of quantization: kernels that are float arrays.
-
-    Compressed leaves (``QArray``, ``LowRank``, ...) are compressed already; on a mixed tree they stay
-    as they are, as in every technique.
-    """
-
-    def __call__(self, path: str, leaf: Any) -> bool:
-        return _tree.KERNELS(path, leaf) and not _leaves.is_compressed(leaf)
-
-    def __repr__(self) -> str:
-        return "KERNELS (float arrays)"
-
-
-def map_float_leaves(fn: Callable[[str, Any, Any], Any], params: Any, specs: Any, where: _tree.Where) -> Any:
-    """``tree.map_assigned`` over float leaves: the default ``where`` leaves compressed leaves out, and
-    a ``where`` (or rule) that gives one a spec raises ``ValueError`` naming it."""
-    def one(path, x, spec):
-        _leaves.refuse_compressed(path, x, "to quantize")
-        return fn(path, x, spec)
-    where = _FloatKernels() if where is _tree.KERNELS else where
-    return _tree.map_assigned(one, params, specs, where=where, what="spec")
-
-
 def _per_leaf(params: Any, specs: Specs, where: _tree.Where, fn: Callable[[str, Any, _spec.Format], Any]) -> Any:
     def one(path, x, spec):
         if not isinstance(spec, _spec.Format):
             raise TypeError(f"{path}: spec must be a QuantSpec/Format (or None in a rule), got {spec!r}")
         return fn(path, x, spec)
-    return map_float_leaves(one, params, specs, where)
+    return _tree.map_float_kernels(one, params, specs, where, purpose="to quantize", what="spec")
 
 
 def quantize_params(params: Any, spec: Specs, *, where: _tree.Where = _tree.KERNELS) -> Any:

@@ -39,7 +39,8 @@ class PackedSparse(_leaves.Compressed):
     def dense(self) -> jax.Array:
         keep = _leaves.replicated(self.mask().reshape(-1))  # a running count cannot split its axis
         pos = jnp.cumsum(keep) - 1
-        vals = jnp.concatenate([_leaves.replicated(self.values), jnp.zeros(1, self.values.dtype)])  # safe index for an all-pruned array
+        # one more slot: a safe index for an all-pruned array
+        vals = jnp.concatenate([_leaves.replicated(self.values), jnp.zeros(1, self.values.dtype)])
         return jnp.where(keep, vals[jnp.clip(pos, 0, self.values.shape[0])], 0).reshape(self.dense_shape)
 
     def mask(self) -> jax.Array:
