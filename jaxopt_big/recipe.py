@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -400,8 +401,10 @@ def load(path: str | Any) -> Recipe:
     lines = text.splitlines()
 
     def where(key: str, start: int) -> int:
+        # the key as written: `key =`, `"key" =`, in an inline table `{ a = 1, key = 2 }` or dotted `quant.key =`
+        written = re.compile(rf'(?:^|[\s{{,."]){re.escape(key)}"?\s*=')
         for i in range(start, len(lines)):
-            if lines[i].split("=", 1)[0].strip().strip('"') == key:
+            if written.search(lines[i].split("#", 1)[0]):
                 return i + 1
         return start + 1
 
@@ -413,9 +416,13 @@ def load(path: str | Any) -> Recipe:
     if extra or not isinstance(doc.get("rule"), list) or not doc["rule"]:
         raise RecipeFileError(f"{path}: a recipe file holds [[rule]] tables only"
                               + (f"; unknown top-level keys {sorted(extra)}" if extra else ""))
-    starts = [i for i, line in enumerate(lines) if line.strip() == "[[rule]]"]
+    # each [[rule]] header as TOML allows it (spaces inside the brackets, a comment after); a rule
+    # whose header is not found here is still read, its errors then point at its first key
+    header = re.compile(r"^\s*\[\[\s*rule\s*\]\]\s*(#.*)?$")
+    starts = [i for i, line in enumerate(lines) if header.match(line)]
     rules = []
-    for table, start in zip(doc["rule"], starts):
+    for n, table in enumerate(doc["rule"]):
+        start = starts[n] if n < len(starts) else 0
         try:
             rules.append(_rule_of(table))
         except _BadKey as e:

@@ -149,6 +149,14 @@ granularity = "channel"
     assert second == Plan(quant=jb.RTN(QuantSpec(bits=8, granularity=PER_CHANNEL)))
 
 
+def test_recipe_file_keeps_every_rule_however_its_header_is_written(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[rule]]  # the MLPs\npattern = "a"\nsparsity = 0.5\n\n'
+                    '[[ rule ]]\npattern = ".*"\n[rule.quant]\nbits = 4\n')
+    rules = jb.recipe.load(path).rules  # one of them was dropped without a word
+    assert [(r.pattern, r.value.describe()) for r in rules] == [("a", "magnitude 50%"), (".*", "rtn int4")]
+
+
 def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
     path = tmp_path / "recipe.toml"
     path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\n\n'
@@ -169,6 +177,10 @@ def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
     ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq"\ndamp = 0\n', 5, "damp"),
     ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nsymmetric = 1\n', 5, "symmetric must be a bool"),
     ('[[rules]]\npattern = ".*"\n', None, "[[rule]] tables only"),
+    ('[[rule]]\npattern = "a"\nquant = { bits = 4, bitz = 3 }\n', 3, "unknown key 'bitz' in [rule.quant]"),
+    ('[[rule]]\npattern = "a"\nquant.bits = 4\nquant.methd = "gptq"\n', 4, "unknown key 'methd' in [rule.quant]"),
+    ('[[rule]]  # attention\npattern = "a"\n\n[[ rule ]]\npattern = "b"\nsparsty = 0.5\n', 6,
+     "unknown key 'sparsty' in [[rule]]"),
 ])
 def test_recipe_file_errors_name_the_file_line_and_key(tmp_path, body, line, message):
     path = tmp_path / "bad.toml"
