@@ -288,9 +288,14 @@ def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Cal
 
     def wrapped(*args, **kwargs):
         selector = _Selector(where)
-        with _intercepting(fn, selector, on_call):
-            out = fn(*args, **kwargs)
-        selector.check()
+        try:
+            with _intercepting(fn, selector, on_call):
+                out = fn(*args, **kwargs)
+            selector.check()
+        except BaseException:
+            if collect is not None:
+                collect()  # drop a failed call's records: the next call reports only its own
+            raise
         return out if collect is None else (out, collect())
     return wrapped
 

@@ -29,6 +29,20 @@ def test_capture_linen_records_inputs_outputs_kernels_under_jit():
     np.testing.assert_allclose(seen["Dense_1"].inputs, jax.nn.relu(seen["Dense_0"].outputs), rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_failed_call_leaves_no_records_for_the_next(jit):
+    model, variables = _cnn()
+    wrapped = jb.intercept.capture(model.apply)
+    run = jax.jit(wrapped) if jit else wrapped
+    bad = {"params": {**variables["params"], "Dense_1": {**variables["params"]["Dense_1"],
+                                                         "kernel": jnp.ones((3, 10))}}}
+    with pytest.raises(Exception, match="Dense_1"):  # fails after Conv_0, Conv_1 and Dense_0 were recorded
+        run(bad, X)
+    out, seen = run(variables, X)
+    assert list(seen) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
+    np.testing.assert_array_equal(seen["Dense_1"].outputs, out)
+
+
 def test_capture_selects_by_module_path_regex():
     model, variables = _cnn()
     _, seen = jb.intercept.capture(model.apply, "Dense_.*")(variables, X)
