@@ -535,3 +535,17 @@ def test_weight_replacing_techniques_take_float_kernels_by_default_and_name_a_co
         assert jb.leaves.is_compressed(out["f"]["kernel"]), purpose
         with pytest.raises(ValueError, match=rf"q/kernel is a compressed QArray .*{purpose}"):
             call(where="q/kernel")
+
+
+def test_numpy_integers_count_as_ints_in_bit_allocation_and_pipelines():
+    sens = {"a": {2: 1.0, 4: 0.1, 8: 0.0}, "b": {2: 0.5, 4: 0.05, 8: 0.0}}
+    for budget in (10, 16, 40):  # sizes from np.prod(shape) are numpy ints: they are weights, not bytes
+        want = q.allocate_bits(sens, {"a": 8, "b": 24}, budget)
+        assert q.allocate_bits(sens, {"a": np.int64(8), "b": np.prod((4, 6))}, budget) == want, budget
+    mesh = jax.make_mesh((4, 2), ("stage", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    w, x = jnp.stack([jnp.eye(3) * (s + 1) for s in range(4)]), jnp.ones((4, 3))
+    run = lambda m: jb.parallel.pipeline(lambda w, h: h @ w, w, x, mesh=mesh, microbatches=m)
+    np.testing.assert_array_equal(run(np.int64(2)), np.full((4, 3), 24.0))
+    np.testing.assert_array_equal(run(jnp.int32(4)), run(2))
+    with pytest.raises(TypeError, match="pipeline.microbatches must be an int, got True"):
+        run(True)

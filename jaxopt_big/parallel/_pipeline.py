@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_big import _checks
+
 __all__ = ["pipeline"]
 
 
@@ -42,7 +44,8 @@ def pipeline(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any,
             raise ValueError(f"stage_params{jax.tree_util.keystr(keypath)}: leading size "
                              f"{np.shape(p)[:1]} must equal the {stages} stages of axis {axis!r}")
     x = jnp.asarray(x)
-    if not isinstance(microbatches, int) or microbatches < 1 or x.shape[0] % microbatches:
+    microbatches = _checks.integer("pipeline.microbatches", microbatches, low=1)
+    if x.shape[0] % microbatches:
         raise ValueError(f"batch size {x.shape[0]} is not divisible by microbatches={microbatches!r}")
     xs = x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
     ticks = stages + microbatches - 1

@@ -97,7 +97,8 @@ def _costs(path: str, size: int | Mapping[int, int], bits: Sequence[int]) -> dic
             raise ValueError(f"{path}: sizes has no bytes for bits {missing}; it has {sorted(size)}")
         costs = {b: size[b] for b in bits}
     else:
-        costs = {b: math.ceil(size * b / 8) if isinstance(size, int) and size >= 0 else size for b in bits}
+        size = _checks.integer(f"{path}: size (weights)", size, low=0)  # np.prod(shape) is a numpy int
+        costs = {b: math.ceil(size * b / 8) for b in bits}
     return {b: _checks.integer(f"{path}: size at {b} bits (bytes)", c, low=0) for b, c in costs.items()}
 
 
