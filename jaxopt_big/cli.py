@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["main"]
@@ -22,6 +22,32 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump or traceback
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _mesh_axes(text: str) -> dict[str, int]:
+    """An argparse type: ``axis=size[,axis=size...]`` over the axes of ``jb.parallel.make_mesh``."""
+    axes = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in ("data", "fsdp", "tensor") or not size.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"expected axis=size[,axis=size...] over data, fsdp and tensor "
+                                             f"(e.g. data=8 or data=2,fsdp=4), got {text!r}")
+        axes[name] = int(size)
+    return axes
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -77,9 +103,7 @@ def _compress(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"calibration file {args.calibration!r} does not exist")
         mesh = None
         if args.mesh:
-            axes = dict(part.split("=", 1) for part in args.mesh.split(","))
-            sizes: dict[str, Any] = {k.strip(): int(v) for k, v in axes.items()}
-            mesh = parallel.make_mesh(**sizes)
+            mesh = parallel.make_mesh(**args.mesh)
         hf.compress_checkpoint(args.src, args.out, recipe, calibration=args.calibration, samples=args.samples,
                                length=args.length, export_hf=args.export_hf, overwrite=args.overwrite, mesh=mesh)
     except (OSError, ValueError, TypeError) as e:
@@ -108,11 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4) or a .toml recipe file")
     comp.add_argument("--calibration", default=None, help="plain-text file to calibrate on (default: the "
                       "embedded Python documentation)")
-    comp.add_argument("--samples", type=int, default=128, help="calibration (and held-out) sequences (default 128)")
-    comp.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
+    comp.add_argument("--samples", type=_at_least(1), default=128,
+                      help="calibration (and held-out) sequences (default 128)")
+    comp.add_argument("--length", type=_at_least(2), default=128, help="tokens per sequence (default 128)")
     comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
-    comp.add_argument("--mesh", default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
+    comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
     args = parser.parse_args(argv)
     return {"demo": _demo, "report": _report, "compress": _compress}[args.command](args)
 

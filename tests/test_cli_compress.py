@@ -78,6 +78,23 @@ def test_missing_source_unsupported_model_and_bad_recipes_exit_2(src, tmp_path, 
     assert not dst.exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--samples", "-3", "argument --samples: expected an int >= 1, got -3"),
+    ("--samples", "0", "argument --samples: expected an int >= 1, got 0"),
+    ("--length", "1", "argument --length: expected an int >= 2, got 1"),
+    ("--length", "ten", "argument --length: expected an int >= 2, got 'ten'"),
+    ("--mesh", "foo", "argument --mesh: expected axis=size[,axis=size...] over data, fsdp and tensor"),
+    ("--mesh", "model=8", "got 'model=8'"),
+    ("--mesh", "data=x", "got 'data=x'")])
+def test_bad_counts_and_meshes_exit_2_in_one_line_naming_the_option(tmp_path, capsys, option, value, message):
+    dst = tmp_path / "dst"  # these reached the batching, perplexity or dict code with misleading messages
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress", str(tmp_path / "src"), "--out", str(dst), "--recipe", "int8", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not dst.exists()
+
+
 def test_existing_destination_is_refused_and_left_untouched(src, tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
