@@ -17,8 +17,9 @@ runs per block in all. ``sequential=True`` recomputes them group by group (q/k/v
 projection, then gate/up, then down), each after compressing the groups before it (the references'
 ``--true-sequential``): one more block run per group.
 
-Linears outside the blocks (an LM head) are compressed only when a rule targets them, from one run of
-the model whose blocks return their final (compressed) outputs.
+Linears outside the blocks (an input projection, an LM or classifier head) are not targets, as in the
+GPTQ/SparseGPT references: they stay as given, and a rule that names only them raises. Round them to
+nearest with ``recipe.apply`` or ``jb.quant.quantize_params`` if wanted.
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       calibration_batches: batches of model inputs, each a tuple of positional arguments, a dict of
         keyword arguments, or one array; all of the same shapes and dtypes.
       recipe: a :class:`jaxopt_big.Recipe`; its rules are matched against the kernels of the targeted
-        linears (Dense/DenseGeneral/Einsum, nnx Linear/LinearGeneral/Einsum). A stacked (scanned)
+        linears (Dense/DenseGeneral/Einsum, nnx Linear/LinearGeneral/Einsum) inside the blocks; linears
+        outside them (an LM head) stay as given. A stacked (scanned)
         kernel is one leaf: its rule applies to every layer of the stack, compressed layer by layer.
       blocks: regex (full match) of the block module paths, e.g. ``r"layer_\\d+"``; None finds the
         repeated numbered submodules, or the stacked submodule of a scanned model (``nnx.scan``, or
