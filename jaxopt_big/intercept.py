@@ -226,7 +226,14 @@ _SUBCLASSES: dict[type, type] = {}
 def _intercepting_class(cls: type) -> type:
     if cls not in _SUBCLASSES:
         def __call__(self, *args, **kwargs):
-            handler = _NNX_HANDLERS.get().get(id(self))
+            handlers = _NNX_HANDLERS.get()
+            handler = handlers.get(id(self))
+            if handler is None and handlers and not _BYPASS.get():
+                # a copy of a selected layer, made while intercepting: nnx.scan / nnx.vmap over a split
+                # state (a scanned stack) rebuilds its layers, which would run as if not selected
+                raise ValueError(f"a selected {cls.__name__} layer ran as a copy of the model's module (a "
+                                 "scanned or vmapped stack, e.g. Llama(scan_layers=True)); interception "
+                                 "cannot follow it: build the model unrolled (scan_layers=False)")
             if handler is None or _BYPASS.get():
                 return cls.__call__(self, *args, **kwargs)
             return handler(self, args, kwargs)

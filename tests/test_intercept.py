@@ -123,3 +123,20 @@ def test_repeated_layer_calls_are_numbered():
     _, seen = jb.intercept.capture(m.apply)(v, jnp.ones((2, 8)))
     assert sorted(seen) == ["Dense_0", "Dense_0@1"]
     np.testing.assert_array_equal(seen["Dense_0@1"].inputs, seen["Dense_0"].outputs)
+
+
+def test_a_scanned_stack_is_named_not_run_as_if_unselected():
+    # nnx.scan rebuilds the stacked layers from a split state: hooks on the model's modules never see
+    # them, so capture reported only the head and qat left every block in float
+    config = jb.zoo.LlamaConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                                intermediate_size=32)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    scanned = jb.zoo.Llama(config, rngs=nnx.Rngs(0), scan_layers=True)
+    for run in (lambda: jb.intercept.capture(scanned)(ids),
+                lambda: jb.quant.qat(scanned, weights=jb.quant.QuantSpec(bits=4))(ids)):
+        with pytest.raises(ValueError, match=r"selected Linear layer ran as a copy .*unrolled \(scan_layers=False\)"):
+            run()
+    _, seen = jb.intercept.capture(scanned, "lm_head")(ids)  # layers outside the stack are still followed
+    assert list(seen) == ["lm_head"]
+    unrolled = jb.zoo.Llama(config, rngs=nnx.Rngs(0))
+    assert len(jb.intercept.capture(unrolled)(ids)[1]) == 2 * 7 + 1
