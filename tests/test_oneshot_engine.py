@@ -255,6 +255,11 @@ def test_nnx_llama_scanned_gives_the_unrolled_result_and_is_left_untouched():
     assert jb.zoo._llama.DecoderLayer.__call__.__qualname__ == "DecoderLayer.__call__"   # the patch is undone
     nnx.update(unrolled, jb.leaves.densify(a))   # the compressed state loads back into the model
     assert unrolled(ids).shape == (4, 8, 32)
+    compressed = nnx.merge(nnx.graphdef(scanned), b)  # a scan cannot slice packed int4 codes layer by layer
+    with pytest.raises(ValueError, match=r"Llama\(scan_layers=True\) holds compressed block kernels"):
+        jb.intercept.run_compressed(compressed)(ids)
+    nnx.update(scanned, jb.leaves.densify(b))
+    np.testing.assert_allclose(scanned(ids), unrolled(ids), atol=1e-5)
 
 
 class StackBlock(nn.Module):
