@@ -241,10 +241,6 @@ def _intercepting_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def _has_compressed(params: dict) -> bool:
-    return any(_leaves.is_compressed(x) for x in jax.tree.leaves(params, is_leaf=_leaves.is_compressed))
-
-
 @contextlib.contextmanager
 def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Callable], Any]):
     """Routes every selected layer call to ``on_call(call, original)`` while active."""
@@ -287,7 +283,7 @@ def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Cal
 
 
 def _default(call: Call, original: Callable) -> Any:
-    return call.run() if _has_compressed(call.params) else original()
+    return call.run() if _leaves.has_compressed(call.params) else original()
 
 
 def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Callable[[], Any] | None):

@@ -244,6 +244,11 @@ def is_compressed(x: Any) -> bool:
     return isinstance(x, Compressed)
 
 
+def has_compressed(tree: Any) -> bool:
+    """True if any leaf of ``tree`` is a compressed leaf."""
+    return any(is_compressed(x) for x in jax.tree.leaves(tree, is_leaf=is_compressed))
+
+
 def map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:  # noqa: A001 - mirrors jax.tree.map
     """``jax.tree.map`` that hands compressed leaves to ``fn`` whole.
 

@@ -192,7 +192,7 @@ def _range(xb: jax.Array, axes: tuple[int, ...], spec: _options.IntegerGrid) -> 
         return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
     # A narrow symmetric grid only reads max(-lo, hi): one reduction, not two (activations are
     # calibrated on every call). A full-range one puts each end at its own code.
-    if isinstance(cal, _options.AbsMax) and not spec.symmetric or spec.symmetric and not spec.full_range:
+    if (isinstance(cal, _options.AbsMax) and not spec.symmetric) or (spec.symmetric and not spec.full_range):
         amax = jnp.max(jnp.abs(xb), axis=axes, keepdims=True)
         return -amax, amax
     return (jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0),

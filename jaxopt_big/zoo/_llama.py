@@ -327,7 +327,7 @@ class Llama(nnx.Module):
                 x = layer(x, attention_mask)
         else:  # scan_layers: one layer whose parameters are stacked along a leading axis
             graphdef, state = nnx.split(self.layers)
-            if any(_leaves.is_compressed(x) for x in jax.tree.leaves(state, is_leaf=_leaves.is_compressed)):
+            if _leaves.has_compressed(state):
                 raise ValueError("Llama(scan_layers=True) holds compressed block kernels, which a scan cannot "
                                  "slice layer by layer: run jb.leaves.densify(state), or the unrolled model "
                                  "(save_llama, then load_llama without scan_layers)")
