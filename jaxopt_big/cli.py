@@ -5,7 +5,8 @@
 compresses it every way the library supports and prints one table (see :mod:`jaxopt_big.demo`);
 ``jaxopt-big report DIR`` prints the per-layer table of a saved checkpoint, read back and rebuilt
 from its files. Bad input (options, directories, recipes, an unwritable ``--out``, an unreadable
-checkpoint) exits with status 2 and a one-line message.
+checkpoint) exits with status 2 and a one-line message; an interrupt (Ctrl-C) exits with 130 and one
+line. A subcommand is one ``_add_*`` function that declares its options and the function that runs it.
 """
 
 from __future__ import annotations
@@ -97,10 +98,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     try:
         hf.model_type(args.src)
-        hf.check_destination(args.out, overwrite=args.overwrite)
+        hf.check_destination(args.out, overwrite=args.overwrite, src=args.src)  # before minutes of loading
         recipe = hf.read_recipe(args.recipe)
-        if args.calibration is not None and not pathlib.Path(args.calibration).is_file():
-            raise FileNotFoundError(f"calibration file {args.calibration!r} does not exist")
         mesh = None
         if args.mesh:
             mesh = parallel.make_mesh(**args.mesh)
@@ -112,25 +111,34 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
-    parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="train on the embedded digits data and compress it every way")
     demo.add_argument("--quick", action="store_true", help="a shorter run (CI size)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo-out", help="folder for report.md, results.json, the plot and "
                       "checkpoints (default: demo-out)")
+    demo.set_defaults(run=_demo)
+
+
+def _add_report(sub: Any) -> None:
     rep = sub.add_parser("report", help="print the per-layer table of a saved checkpoint (of a TrainState: "
                                         "its parameters)")
     rep.add_argument("checkpoint_dir", help="a directory written by jaxopt_big.checkpoint.Manager")
     rep.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
+    rep.set_defaults(run=_report)
+
+
+def _add_compress(sub: Any) -> None:
+    from jaxopt_big import recipe, zoo
+
     comp = sub.add_parser("compress", help="compress a Hugging Face checkpoint directory with a recipe")
-    comp.add_argument("src", help="a directory with config.json and safetensors (llama, qwen2, mistral, bert)")
-    comp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    comp.add_argument("--recipe", required=True, help="a preset (gptq-int4, gptq-int3, rtn-int4, int8, wanda-50, "
-                      "sparsegpt-50, sparsegpt-2:4, sparsegpt-50+gptq-int4) or a .toml recipe file")
-    comp.add_argument("--calibration", default=None, help="plain-text file to calibrate on (default: the "
+    comp.add_argument("src", help=f"a directory with config.json, tokenizer.json and safetensors "
+                      f"({', '.join(zoo.DECODERS + zoo.ENCODERS)}); it is never modified")
+    comp.add_argument("--out", required=True, help="output folder (must not exist or be empty; not SRC, "
+                      "above it or inside it)")
+    comp.add_argument("--recipe", required=True, help=f"a preset ({', '.join(recipe.PRESETS)}) or a .toml "
+                      "recipe file")
+    comp.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (default: the "
                       "embedded Python documentation)")
     comp.add_argument("--samples", type=_at_least(1), default=128,
                       help="calibration (and held-out) sequences (default 128)")
@@ -138,8 +146,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
+    comp.set_defaults(run=_compress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
+    parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_demo, _add_report, _add_compress):
+        add(sub)
     args = parser.parse_args(argv)
-    return {"demo": _demo, "report": _report, "compress": _compress}[args.command](args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # partial output is already removed by the command; no traceback
+        print("jaxopt-big: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,14 +10,19 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 * ``config.json`` — the source configuration;
 * ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout, for other tools.
 
-``dst`` appears only when complete: everything is written to a hidden sibling folder first and
-renamed at the end, so an interrupted run never leaves a ``dst`` that looks finished.
+``dst`` appears only when complete: everything is written to a hidden sibling folder
+(``.DST.partial-PID``) first and renamed at the end, so an interrupted run never leaves a ``dst`` that
+looks finished. The destination is checked before anything is loaded; it may not be ``src``, a folder
+above it or a folder inside it, so the source is never modified. Partial folders that an earlier,
+killed run left (its process is gone) are removed, with a line saying so.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
+import glob
 import json
 import os
 import pathlib
@@ -39,8 +44,7 @@ from jaxopt_big import zoo as _zoo
 __all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "load_compressed", "check_destination",
            "read_recipe", "model_type"]
 
-DECODERS = ("llama", "qwen2", "mistral")
-ENCODERS = ("bert",)
+DECODERS, ENCODERS = _zoo.DECODERS, _zoo.ENCODERS  # the model families, as jb.zoo lists them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,8 @@ def model_type(src: str | pathlib.Path) -> str:
     """
     src = pathlib.Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(src)!r} does not exist")
+        problem = "is not a directory" if src.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint directory {str(src)!r} {problem}")
     try:
         config = json.loads((src / "config.json").read_text())
     except FileNotFoundError:
@@ -89,8 +94,26 @@ def read_recipe(name_or_file: str | pathlib.Path) -> _recipe.Recipe:
         raise ValueError(f"unknown recipe {str(name_or_file)!r}: not a preset ({', '.join(_recipe.PRESETS)}) "
                          "and not a .toml file")
     if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+        problem = "is a directory, not a .toml file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"recipe file {str(path)!r} {problem}")
     return _recipe.load(path)
+
+
+def _read_text(path: str | pathlib.Path) -> str:
+    """A calibration file's text, refused unless it is UTF-8 text."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        problem = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"calibration file {str(path)!r} {problem}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration file {str(path)!r} is not UTF-8 text "
+                         f"(byte {data[e.start]:#04x} at offset {e.start})") from None
+    if "\0" in text:
+        raise ValueError(f"calibration file {str(path)!r} is not text (a NUL byte at character {text.index(chr(0))})")
+    return text
 
 
 def _texts(calibration: str | pathlib.Path | None) -> tuple[str, str]:
@@ -98,24 +121,57 @@ def _texts(calibration: str | pathlib.Path | None) -> tuple[str, str]:
     if calibration is None:
         corpus = _data.docs_corpus()
         return _data.decode(corpus.train), _data.decode(corpus.validation)
-    text = pathlib.Path(calibration).read_text(errors="replace")
+    text = _read_text(calibration)
     cut = int(0.9 * len(text))
     return text[:cut], text[cut:]
 
 
-def _decoder_ids(src: pathlib.Path, text: str, vocab: int) -> np.ndarray:
-    if (src / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-        return np.asarray(Tokenizer.from_file(str(src / "tokenizer.json")).encode(text).ids, np.int32)
-    if vocab < _data.VOCAB_SIZE:
-        raise ValueError(f"{src}: no tokenizer.json, and a vocabulary of {vocab} is too small for byte-level ids")
-    return _data.encode(text)
+def _tokenizer_file(src: pathlib.Path) -> pathlib.Path:
+    """``src/tokenizer.json``, the only tokenizer format read: calibrating on anything else would be wrong."""
+    path = src / "tokenizer.json"
+    if not path.is_file():
+        other = [n for n in ("tokenizer.model", "vocab.json", "vocab.txt") if (src / n).exists()]
+        found = f"only {other[0]}, which is not read" if other else "no tokenizer"
+        raise ValueError(f"{src}: no tokenizer.json ({found}); save the tokenizer with transformers' "
+                         "save_pretrained to write one")
+    return path
+
+
+def _check_ids(ids: np.ndarray, vocab: int, path: pathlib.Path, tokenizer: Any) -> np.ndarray:
+    """``ids``, refused when the tokenizer gives ids the model's embedding does not have."""
+    if ids.size and int(ids.max()) >= vocab:
+        raise ValueError(f"{path}: token id {int(ids.max())} is outside the model's vocabulary: the tokenizer has "
+                         f"{tokenizer.get_vocab_size()} tokens, config.json vocab_size is {vocab}")
+    return ids
 
 
 def _windows(ids: np.ndarray, length: int, count: int, what: str) -> np.ndarray:
     if len(ids) < 2 * length:
         raise ValueError(f"{what}: {len(ids)} tokens are too few for windows of {length}")
     return _data.windows(ids, length)[:count]
+
+
+class _Batch(tuple):
+    """One calibration batch: the model's arguments, and ``weights`` ``(rows, length)`` for the Hessians
+    (0 for padding tokens and for the rows that fill up a short last batch)."""
+
+    weights: np.ndarray
+
+
+def _batches(arrays: tuple[np.ndarray, ...], weights: np.ndarray, size: int = 8) -> list[_Batch]:
+    """Batches of ``size`` rows (or of all rows, if fewer): any row count works, and every batch has one
+    shape (one compile), because the last is filled up with copies of its first row, weighted 0."""
+    n = len(weights)
+    size = min(size, n)
+    out = []
+    for start in range(0, n, size):
+        rows = np.arange(start, start + size)
+        real = rows < n
+        rows = np.where(real, rows, start)
+        batch = _Batch(a[rows] for a in arrays)
+        batch.weights = (weights[rows] * real[:, None]).astype(np.float32)
+        out.append(batch)
+    return out
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> float:
@@ -129,8 +185,7 @@ class _Prepared:
 
     model: Any
     params: Any
-    batches: list[Any]
-    row_mask: Callable[[Any], Any] | None  # which calibration rows are real tokens (None: all)
+    batches: list[_Batch]
     metric: str
     evaluate: Callable[[Any], float]
     export: Callable[[Any, pathlib.Path], None]
@@ -141,12 +196,17 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
     from flax import nnx
 
     if kind in DECODERS:
+        from tokenizers import Tokenizer
+
+        path = _tokenizer_file(src)
+        tokenizer = Tokenizer.from_file(str(path))
         model = _zoo.load_llama(src)
-        vocab = model.config.vocab_size
-        calib = _windows(_decoder_ids(src, texts[0], vocab), length, samples, "calibration text")
-        held = _windows(_decoder_ids(src, texts[1], vocab), length, samples, "held-out text")
+        ids = lambda text: _check_ids(np.asarray(tokenizer.encode(text).ids, np.int32),  # noqa: E731
+                                      model.config.vocab_size, path, tokenizer)
+        calib = _windows(ids(texts[0]), length, samples, "calibration text")
+        held = _windows(ids(texts[1]), length, samples, "held-out text")
         params = nnx.state(model, nnx.Param)
-        batches = [calib[i:i + 8] for i in range(0, len(calib), 8)]
+        batches = _batches((calib,), np.ones(calib.shape, np.float32))
 
         def evaluate(p: Any) -> float:
             clone = nnx.clone(model)
@@ -157,39 +217,116 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
             clone = nnx.clone(model)
             nnx.update(clone, _leaves.densify(p))
             _zoo.save_llama(directory, clone)
-        return _Prepared(model, params, batches, None, "perplexity", evaluate, export)
+        return _Prepared(model, params, batches, "perplexity", evaluate, export)
 
+    path = _tokenizer_file(src)
     bert, bert_params = _zoo.load_bert(src)
-    tokenizer = _zoo.load_tokenizer(src / "tokenizer.json", length=length)
-    lines = lambda text: [s.strip() for s in text.splitlines() if len(s.strip()) > 20][:samples]  # noqa: E731
-    calib_ids, held_ids = (_zoo.tokenize(tokenizer, lines(t)) for t in texts)
-    pairs = [(calib_ids[0][i:i + 8], calib_ids[1][i:i + 8])
-             for i in range(0, len(calib_ids[0]) - len(calib_ids[0]) % 8, 8)]
-    if not pairs:
-        raise ValueError("calibration text: fewer than 8 lines of text")
+    tokenizer = _zoo.load_tokenizer(path, length=length)
+
+    def tokenized(text: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+        lines = [s.strip() for s in text.splitlines() if len(s.strip()) > 20][:samples]
+        if not lines:
+            raise ValueError(f"{what}: no line longer than 20 characters")
+        ids, mask = _zoo.tokenize(tokenizer, lines)
+        return _check_ids(ids, bert.config.vocab_size, path, tokenizer), mask
+    calib_ids, held_ids = tokenized(texts[0], "calibration text"), tokenized(texts[1], "held-out text")
     embed = jax.jit(lambda p, ids, mask: bert.apply({"params": p}, ids, mask))
     reference = embed(bert_params, *held_ids)
     evaluate = lambda p: _cosine(embed(_leaves.densify(p), *held_ids), reference)  # noqa: E731
     export = lambda p, directory: _zoo.save_bert(directory, bert.config, _leaves.densify(p))  # noqa: E731
-    return _Prepared(bert, bert_params, pairs, lambda b: b[1], "cosine", evaluate, export)
+    return _Prepared(bert, bert_params, _batches(calib_ids, calib_ids[1]), "cosine", evaluate, export)
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    OS or file system has no such call."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _place_result(tmp: pathlib.Path, dst: pathlib.Path) -> None:
-    """Renames the finished ``tmp`` to ``dst``; an old ``dst`` (with overwrite) goes only after that works."""
-    old = None
-    if dst.exists():
+    """Puts the finished ``tmp`` at ``dst``.
+
+    An existing ``dst`` (with overwrite) is swapped with ``tmp`` in one atomic exchange and then deleted
+    under the hidden name, so ``dst`` is always either the old or the new result; a kill before the
+    deletion leaves only a partial folder, which the next run removes. Without an exchange call
+    (not Linux) the old ``dst`` is renamed aside first: an interrupt between the two renames leaves it
+    as ``.DST.old-PID``.
+    """
+    if not (dst.exists() or dst.is_symlink()):
+        tmp.rename(dst)
+    elif _exchange(tmp, dst):
+        _remove(tmp)
+    else:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(dst)
+        _remove(old)
 
 
-def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False) -> pathlib.Path:
-    """``dst`` as a path, refused when it exists and is not an empty folder (unless ``overwrite``)."""
+def _partial(dst: pathlib.Path) -> pathlib.Path:
+    return dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_partials(dst: str | pathlib.Path) -> list[pathlib.Path]:
+    """Deletes the hidden ``.DST.partial-PID`` folders of earlier runs whose process is gone; returns them."""
     dst = pathlib.Path(dst)
+    stale = [p for p in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*")
+             if (pid := p.name.rpartition("-")[2]).isdigit() and int(pid) != os.getpid() and not _alive(int(pid))]
+    for p in stale:
+        _remove(p)
+    return stale
+
+
+def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False,
+                      src: str | pathlib.Path | None = None) -> pathlib.Path:
+    """``dst`` as an absolute path, checked before any work is done.
+
+    Raises:
+      ValueError: ``dst`` is ``src``, a folder above it or a folder inside it (the source is never
+        modified). FileExistsError: ``dst`` exists and is not an empty folder, without ``overwrite``.
+      OSError: ``dst`` cannot be created (a parent is a file or is not writable).
+    """
+    dst = pathlib.Path(dst).resolve()
+    if src is not None:
+        source = pathlib.Path(src).resolve()
+        if dst == source or dst in source.parents:
+            raise ValueError(f"destination {str(dst)!r} is the source checkpoint or a folder above it; "
+                             "writing there would delete the source")
+        if source in dst.parents:
+            raise ValueError(f"destination {str(dst)!r} is inside the source checkpoint {str(source)!r}, "
+                             "which is never modified")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"destination {str(dst)!r} exists and is not empty (pass --overwrite to replace it)")
+    parent = next(p for p in dst.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"destination {str(dst)!r} cannot be created: {str(parent)!r} is not a writable folder")
     return dst
 
 
@@ -219,21 +356,23 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
       OSError: the disk filled up (``dst`` is then absent or untouched).
     """
     src, kind = pathlib.Path(src), model_type(src)
-    dst = check_destination(dst, overwrite=overwrite)
+    dst = check_destination(dst, overwrite=overwrite, src=src)
+    for stale in _remove_stale_partials(dst):
+        print_fn(f"removed {stale}, left by an earlier run that did not finish")
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
     job = _prepare(src, kind, _texts(calibration), samples, length)
     params, metric = job.params, job.metric
     before = job.evaluate(params)
     compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
-                                                 row_mask=job.row_mask)
+                                                 row_mask=lambda b: b.weights)
     after = job.evaluate(compressed)
     summary = _report.summary(compressed, plan=recipe)
     outcome = Outcome(kind, metric, before, after, _leaves.nbytes(params), _leaves.nbytes(compressed),
                       len(layer_report.rows), dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _partial(dst)
+    _remove(tmp)
     try:
         tmp.mkdir()
         shutil.copy(src / "config.json", tmp / "config.json")
@@ -248,12 +387,12 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
                     shutil.copy(src / name, tmp / "hf" / name)
         _place_result(tmp, dst)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while writing {dst} (nothing was left there)") from None
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     better = "lower is better" if metric == "perplexity" else "to the original model"
     print_fn(f"{metric} ({better}): {before:.4g} -> {after:.4g}")

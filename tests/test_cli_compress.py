@@ -1,9 +1,14 @@
-"""`jaxopt-big compress` on a tiny random Llama checkpoint in the Hugging Face layout."""
+"""`jaxopt-big compress` on a tiny random Llama checkpoint in the Hugging Face layout (with a byte-level
+tokenizer.json): what it writes, and its promises (issue 31): the source is never modified, no
+finished-looking output unless complete, bad input exits 2 with one line."""
 
 import errno
 import json
+import os
+import pathlib
+import shutil
+import subprocess
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,11 +24,30 @@ LINEARS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_att
 ARGS = ("--samples", "8", "--length", "32")
 
 
+def _byte_tokenizer(first_id=0):
+    """A tokenizer.json that maps each UTF-8 byte to one id (GPT-2's byte alphabet, no merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: first_id + i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return tokenizer
+
+
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama")
     jb.zoo.save_llama(directory, jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(0)))
+    _byte_tokenizer().save(str(directory / "tokenizer.json"))
     return directory
+
+
+def _copy(src, tmp_path, name="model"):
+    return pathlib.Path(shutil.copytree(src, tmp_path / name))
+
+
+def _files(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +144,129 @@ def test_overwrite_replaces_only_once_complete(src, tmp_path, capsys):
     assert not (dst / "old.txt").exists() and (dst / "report.md").exists()
     assert "perplexity" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+# The destination: checked before any work, never the source, replaced in one step (issue 31, items 1, 12, 17, 23)
+
+@pytest.mark.parametrize("where", ["src", "parent", "inside"])
+def test_out_that_is_above_or_inside_the_source_is_refused_and_the_source_kept(src, tmp_path, capsys, where):
+    model = _copy(src, tmp_path)
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    before = _files(tmp_path)
+    out = {"src": model, "parent": tmp_path, "inside": model / "int8"}[where]
+    assert "source checkpoint" in _fails(capsys, str(model), "--out", str(out), "--recipe", "int8", "--overwrite",
+                                         *ARGS)
+    assert _files(tmp_path) == before
+
+
+def test_destination_problems_are_found_before_loading(src, tmp_path, capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr(jb.zoo, "load_llama", lambda *a, **k: loads.append(1))
+    (tmp_path / "file").write_text("")
+    assert "not a writable folder" in _fails(capsys, str(src), "--out", str(tmp_path / "file" / "out"),
+                                             "--recipe", "int8", *ARGS)
+    assert not loads
+
+
+def test_out_dot_writes_into_the_empty_working_folder(src, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli.main(["compress", str(src), "--out", ".", "--recipe", "int8", *ARGS]) == 0
+    assert (here / "report.md").exists() and (here / "checkpoint").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_source_file_and_recipe_folder_are_named_as_such(src, tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    err = _fails(capsys, str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "o"), "--recipe", "int8")
+    assert "is not a directory" in err and "does not exist" not in err
+    (tmp_path / "r.toml").mkdir()
+    err = _fails(capsys, str(src), "--out", str(tmp_path / "o"), "--recipe", str(tmp_path / "r.toml"))
+    assert "is a directory" in err and "does not exist" not in err
+
+
+def test_interrupt_exits_130_in_one_line_and_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(jb.oneshot, "compress", interrupted)
+    assert cli.main(["compress", str(src), "--out", str(tmp_path / "dst"), "--recipe", "int8", *ARGS]) == 130
+    err = capsys.readouterr().err.split("\r")[-1]
+    assert err == "jaxopt-big: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwriting_a_file_leaves_no_hidden_file(src, tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("old")
+    assert cli.main(["compress", str(src), "--out", str(out), "--recipe", "int8", "--overwrite", *ARGS]) == 0
+    assert (out / "report.md").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_an_interrupt_while_replacing_keeps_a_visible_destination(src, tmp_path, monkeypatch):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    rename = os.rename
+
+    def interrupted_onto_dst(a, b, *args, **kwargs):  # the moment between moving the old aside and the new in
+        if pathlib.Path(b) == dst:
+            raise KeyboardInterrupt
+        return rename(a, b, *args, **kwargs)
+    monkeypatch.setattr(os, "rename", interrupted_onto_dst)
+    code = cli.main(["compress", str(src), "--out", str(dst), "--recipe", "int8", "--overwrite", *ARGS])
+    assert code in (0, 130) and dst.is_dir()
+    assert (dst / "report.md").exists() if code == 0 else (dst / "old.txt").exists()
+
+
+def test_partial_folders_of_dead_runs_are_removed_with_a_line(src, tmp_path, capsys):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".dst.partial-{dead.pid}"
+    (stale / "checkpoint").mkdir(parents=True)
+    assert cli.main(["compress", str(src), "--out", str(tmp_path / "dst"), "--recipe", "int8", *ARGS]) == 0
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+# Calibration input: text in, the model's tokenizer, any sample count (issue 31, items 3, 4, 16, 19)
+
+def test_binary_calibration_file_is_refused(src, tmp_path, capsys):
+    data = tmp_path / "weights.bin"
+    data.write_bytes(bytes(range(256)) * 64)
+    err = _fails(capsys, str(src), "--out", str(tmp_path / "dst"), "--recipe", "int8", "--calibration", str(data),
+                 *ARGS)
+    assert "weights.bin" in err and "not UTF-8 text" in err
+
+
+def test_a_decoder_without_tokenizer_json_is_refused(src, tmp_path, capsys):
+    model = _copy(src, tmp_path)
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.model").write_bytes(b"\x0a\x05hello")  # SentencePiece: not read
+    err = _fails(capsys, str(model), "--out", str(tmp_path / "dst"), "--recipe", "int8", *ARGS)
+    assert "no tokenizer.json (only tokenizer.model, which is not read)" in err
+
+
+def test_token_ids_outside_the_vocabulary_name_the_tokenizer_and_both_sizes(src, tmp_path, capsys):
+    model = _copy(src, tmp_path)
+    _byte_tokenizer(first_id=100).save(str(model / "tokenizer.json"))
+    err = _fails(capsys, str(model), "--out", str(tmp_path / "dst"), "--recipe", "int8", *ARGS)
+    assert "tokenizer.json" in err and "tokenizer has 256 tokens" in err and "vocab_size is 256" in err
+    assert "NaN" not in err
+
+
+def test_a_sample_count_that_8_does_not_divide_calibrates_on_exactly_those_rows(src, tmp_path, monkeypatch):
+    seen = []
+    real = jb.oneshot.compress
+
+    def spy(model, params, batches, recipe, *, row_mask, **kwargs):
+        seen.extend((np.asarray(b[0]), np.asarray(row_mask(b))) for b in batches)
+        return real(model, params, batches, recipe, row_mask=row_mask, **kwargs)
+    monkeypatch.setattr(jb.oneshot, "compress", spy)
+    assert cli.main(["compress", str(src), "--out", str(tmp_path / "dst"), "--recipe", "int8",
+                     "--samples", "9", "--length", "32"]) == 0
+    assert {ids.shape for ids, _ in seen} == {(8, 32)}
+    weights = np.concatenate([w for _, w in seen])
+    rows = np.concatenate([ids for ids, _ in seen])[weights[:, 0] > 0]
+    assert set(np.unique(weights)) == {0.0, 1.0} and (weights == weights[:, :1]).all()  # whole rows in or out
+    assert len(rows) == 9 and len(np.unique(rows, axis=0)) == 9

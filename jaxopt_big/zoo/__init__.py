@@ -5,13 +5,17 @@
   and saved to Hugging Face ``config.json`` + ``model.safetensors`` directories (:func:`load_llama`,
   :func:`save_llama`), with unrolled or scanned (stacked) blocks.
 
+:data:`DECODERS` and :data:`ENCODERS` list the Hugging Face ``model_type`` values each family reads.
+
 ``safetensors`` and ``tokenizers`` are imported only when a loader runs, never when ``jaxopt_big`` is
 imported. Nothing is ever downloaded.
 """
 
 from jaxopt_big.zoo._bert import (MINILM_PACKAGE, Bert, BertConfig, load_bert, load_tokenizer, minilm, save_bert,
                                   tokenize)
+from jaxopt_big.zoo._families import DECODERS, ENCODERS
 from jaxopt_big.zoo._llama import DecoderLayer, Llama, LlamaConfig, load_llama, save_llama
 
-__all__ = ["BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm", "MINILM_PACKAGE",
+__all__ = ["DECODERS", "ENCODERS",
+           "BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm", "MINILM_PACKAGE",
            "LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]

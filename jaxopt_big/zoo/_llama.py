@@ -36,10 +36,11 @@ from flax import nnx
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
+from jaxopt_big.zoo import _families
 
 __all__ = ["LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
 
-_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_MODEL_TYPES = _families.DECODERS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
