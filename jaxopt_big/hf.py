@@ -8,7 +8,12 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 * ``checkpoint/`` — an Orbax checkpoint of the compressed parameters (:class:`jaxopt_big.checkpoint.Manager`);
 * ``report.md`` — per layer: kind, bits, sparsity, bytes, the plan, and the relative output error;
 * ``config.json`` — the source configuration;
-* ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout, for other tools.
+* ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout and dtype, with the
+  source's ``config.json`` and tokenizer files, for other tools.
+
+Weights the recipe leaves uncompressed (embeddings, norms, the head) keep the source's dtype; "bytes
+before" are the source's tensors as stored. A NaN or Inf source weight is refused, naming it. Decoders
+are tokenized with the checkpoint's ``tokenizer.json`` (the only tokenizer format read).
 
 ``dst`` appears only when complete: everything is written to a hidden sibling folder
 (``.DST.partial-PID``) first and renamed at the end, so an interrupted run never leaves a ``dst`` that
@@ -31,6 +36,7 @@ from typing import Any
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_big import checkpoint as _checkpoint
@@ -39,6 +45,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import oneshot as _oneshot
 from jaxopt_big import recipe as _recipe
 from jaxopt_big import report as _report
+from jaxopt_big import tree as _tree
 from jaxopt_big import zoo as _zoo
 
 __all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "load_compressed", "check_destination",
@@ -172,6 +179,53 @@ def _batches(arrays: tuple[np.ndarray, ...], weights: np.ndarray, size: int = 8)
         batch.weights = (weights[rows] * real[:, None]).astype(np.float32)
         out.append(batch)
     return out
+
+
+_FLOATS = {"F16": np.dtype("float16"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("float32"),
+           "F64": np.dtype("float64")}
+
+
+def _stored(src: pathlib.Path) -> tuple[int, np.dtype]:
+    """(bytes of the tensors as stored, the float dtype that holds them: the widest if they differ) of the
+    ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists, from their headers."""
+    index = src / "model.safetensors.index.json"
+    files = ({src / f for f in json.loads(index.read_text())["weight_map"].values()} if index.exists()
+             else {src / "model.safetensors"})
+    total, dtypes = 0, set()
+    for f in files:
+        with f.open("rb") as stream:
+            header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += entry["data_offsets"][1] - entry["data_offsets"][0]
+                dtypes.add(_FLOATS.get(entry["dtype"], np.dtype("float32")))
+    return total, np.result_type(*dtypes) if dtypes else np.dtype("float32")
+
+
+def _check_finite(src: pathlib.Path, params: Any) -> None:
+    """Refuses NaN or Inf source weights: they would make every result NaN, silently."""
+    pure = _pure(params)
+    for path, leaf in zip(_tree.paths(pure), jax.tree.leaves(pure)):
+        bad = int(jnp.size(leaf) - jnp.isfinite(leaf).sum()) if jnp.issubdtype(leaf.dtype, jnp.floating) else 0
+        if bad:
+            raise ValueError(f"{src}: weight {path} has {bad} NaN or Inf value{'s' * (bad > 1)} in the checkpoint")
+
+
+def _as_stored(params: Any, dtype: np.dtype) -> Any:
+    """Uncompressed float leaves back in the checkpoint's dtype (they were computed in float32)."""
+    def cast(x: Any) -> Any:
+        return x if _leaves.is_compressed(x) or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+    return jax.tree.map(cast, params, is_leaf=_leaves.is_compressed)
+
+
+def _recast(file: pathlib.Path, dtype: np.dtype) -> None:
+    """Rewrites the float tensors of a safetensors file in ``dtype``."""
+    from safetensors.numpy import load_file, save_file
+
+    if dtype != np.float32:
+        tensors = load_file(str(file))
+        save_file({k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()},
+                  str(file), metadata={"format": "pt"})
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> float:
@@ -362,13 +416,16 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
     job = _prepare(src, kind, _texts(calibration), samples, length)
+    stored_bytes, stored_dtype = _stored(src)
     params, metric = job.params, job.metric
+    _check_finite(src, params)
     before = job.evaluate(params)
     compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
                                                  row_mask=lambda b: b.weights)
+    compressed = _as_stored(compressed, stored_dtype)
     after = job.evaluate(compressed)
     summary = _report.summary(compressed, plan=recipe)
-    outcome = Outcome(kind, metric, before, after, _leaves.nbytes(params), _leaves.nbytes(compressed),
+    outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
                       len(layer_report.rows), dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial(dst)
@@ -381,10 +438,7 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
                          extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
         (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report))
         if export_hf:
-            job.export(compressed, tmp / "hf")
-            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-                if (src / name).exists():
-                    shutil.copy(src / name, tmp / "hf" / name)
+            _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
         _place_result(tmp, dst)
     except OSError as e:
         _remove(tmp)
@@ -400,6 +454,16 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
              f"({outcome.dense_bytes / max(outcome.compressed_bytes, 1):.2f}x); {outcome.layers} layers compressed")
     print_fn(f"wrote {dst}")
     return outcome
+
+
+def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype) -> None:
+    """The dequantized weights in the source layout and dtype, with the source's config.json (the export
+    changes none of its fields) and tokenizer files."""
+    job.export(compressed, directory)
+    _recast(directory / "model.safetensors", dtype)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, directory / name)
 
 
 def _pure(params: Any) -> Any:

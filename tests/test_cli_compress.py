@@ -270,3 +270,83 @@ def test_a_sample_count_that_8_does_not_divide_calibrates_on_exactly_those_rows(
     rows = np.concatenate([ids for ids, _ in seen])[weights[:, 0] > 0]
     assert set(np.unique(weights)) == {0.0, 1.0} and (weights == weights[:, :1]).all()  # whole rows in or out
     assert len(rows) == 9 and len(np.unique(rows, axis=0)) == 9
+
+
+# Weights: non-finite sources refused, the source's dtype kept, real bytes reported (issue 31, items 5, 10, 13)
+
+def _rewrite_tensors(model, change):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(change(tensors), str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_non_finite_source_weight_outside_the_targets_exits_2_naming_it(src, tmp_path, capsys):
+    model = _copy(src, tmp_path)
+
+    def inf_in_head(tensors):
+        tensors["lm_head.weight"][3, 5] = np.inf
+        return tensors
+    _rewrite_tensors(model, inf_in_head)
+    assert "lm_head/kernel has 1 NaN or Inf value" in _fails(capsys, str(model), "--out", str(tmp_path / "dst"),
+                                                            "--recipe", "int8", *ARGS)
+    assert not (tmp_path / "dst").exists()
+
+
+BF16_CONFIG_EXTRA = {"bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "use_cache": True}
+
+
+@pytest.fixture(scope="module")
+def bf16(src, tmp_path_factory):
+    """A bfloat16 copy of the source with config fields the model does not use, compressed to int8 + exported."""
+    import ml_dtypes
+
+    model = _copy(src, tmp_path_factory.mktemp("bf16"))
+    _rewrite_tensors(model, lambda t: {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()})
+    config = {**json.loads((model / "config.json").read_text()), **BF16_CONFIG_EXTRA}
+    (model / "config.json").write_text(json.dumps(config))
+    dst = model.parent / "int8"
+    outcome = jb.hf.compress_checkpoint(model, dst, jb.recipe.preset("int8"), samples=8, length=32, export_hf=True,
+                                        progress=False, print_fn=lambda line: None)
+    return model, dst, outcome
+
+
+def test_bytes_are_the_stored_bytes_and_uncompressed_weights_keep_the_source_dtype(bf16):
+    from safetensors.numpy import load_file
+
+    model, dst, outcome = bf16
+    source = load_file(str(model / "model.safetensors"))
+    assert outcome.dense_bytes == sum(v.nbytes for v in source.values())  # 2 bytes per weight, not 4
+    _, params = jb.hf.load_compressed(dst)
+    assert params["embed_tokens"]["embedding"].get_value().dtype == jnp.bfloat16
+    assert params["norm"]["scale"].get_value().dtype == jnp.bfloat16
+    assert outcome.compressed_bytes == jb.leaves.nbytes(params) < outcome.dense_bytes
+    assert jb.checkpoint.disk_bytes(dst / "checkpoint") < (model / "model.safetensors").stat().st_size
+    assert f"{outcome.dense_bytes:,} before" in (dst / "report.md").read_text()
+
+
+def test_hf_export_keeps_the_source_config_and_dtype(bf16):
+    from safetensors.numpy import load_file
+
+    model, dst, _ = bf16
+    assert json.loads((dst / "hf" / "config.json").read_text()) == json.loads((model / "config.json").read_text())
+    source, exported = load_file(str(model / "model.safetensors")), load_file(str(dst / "hf" / "model.safetensors"))
+    assert sorted(exported) == sorted(source) and {str(v.dtype) for v in exported.values()} == {"bfloat16"}
+    np.testing.assert_array_equal(exported["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    _, params = jb.hf.load_compressed(dst)
+    kernel = params["layers"][1]["mlp"]["down_proj"]["kernel"].get_value()
+    np.testing.assert_array_equal(exported["model.layers.1.mlp.down_proj.weight"],
+                                  np.asarray(kernel.dense()).T.astype(exported["model.layers.1.mlp.down_proj.weight"].dtype))
+
+
+# One list of model families and of presets (issue 27, item 5)
+
+def test_model_families_are_listed_once_and_cli_help_comes_from_the_presets(capsys, monkeypatch):
+    assert jb.hf.DECODERS is jb.zoo.DECODERS and jb.hf.ENCODERS is jb.zoo.ENCODERS
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a name
+    monkeypatch.setattr(jb.recipe, "PRESETS", {**jb.recipe.PRESETS, "brand-new-preset": None})
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert all(name in help_text for name in jb.recipe.PRESETS) and "brand-new-preset" in help_text
