@@ -21,3 +21,12 @@ def test_missing_command_exits_2():
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2
+
+
+def test_a_plain_install_reads_tokenizer_json():
+    # every real checkpoint's tokenizer is a tokenizer.json: `jaxopt-big compress` needs `tokenizers` at run time
+    import pathlib
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "tokenizers" for d in project["dependencies"])
