@@ -62,8 +62,8 @@ class Outcome:
     metric: str           # "perplexity" (lower is better) or "cosine" (to the original model; higher is better)
     before: float
     after: float
-    dense_bytes: int
-    compressed_bytes: int
+    dense_bytes: int      # the source's tensors as stored (2 bytes a bfloat16 weight)
+    compressed_bytes: int  # the compressed tree's true nbytes (uncompressed leaves in the source dtype)
     layers: int
     directory: pathlib.Path
 
