@@ -28,18 +28,20 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxopt_big import _checks
+from jaxopt_big import calibration as _calibration
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
 
-__all__ = ["Plan", "Recipe", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "PRESETS", "preset", "load",
-           "RecipeFileError"]
+__all__ = ["Plan", "Recipe", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ",
+           "PRESETS", "preset", "load", "RecipeFileError"]
 
 Sparsity = float | _sparsity.NM
 
@@ -54,59 +56,196 @@ def _check_damp(owner: str, damp: Any) -> float:
     return _checks.fraction(f"{owner}.damp", damp, open_low=True)
 
 
+def _hessian_inverts(hessian: jax.Array, damp: float) -> jax.Array:
+    """Whether the damped inverse a second-order solver uses is finite (XLA computes it once)."""
+    return jnp.all(jnp.isfinite(_calibration.inverse_hessian(hessian, damp=damp)[0]))
+
+
+class Method:
+    """A one-shot compression method: the protocol every consumer of a recipe reads.
+
+    The engine (:func:`jaxopt_big.oneshot.compress`), :meth:`Recipe.apply`, :meth:`Recipe.for_training`,
+    the recipe-file loader and the reports call only this protocol, never test the method's class.
+    A new method is one frozen dataclass deriving from :class:`Pruner` or :class:`Quantizer` in this
+    module that defines:
+
+    - ``name``: its name in reports and in recipe files (``prune = "..."`` / ``method = "..."``);
+    - ``needs_hessian``: whether :meth:`solve` reads the input Hessian ``X^T X`` (calibration data);
+      :meth:`Recipe.apply` refuses such a method and :meth:`Recipe.for_training` trains its
+      :meth:`data_free` counterpart instead;
+    - :meth:`solve`: the per-layer solver, pure and jittable on the ``(d_in, d_out)`` float32 view;
+    - optionally :meth:`well_posed` (a check of the Hessian the solver cannot report itself).
+
+    :meth:`data_free` and :meth:`describe` come from the base class.
+    """
+
+    name: ClassVar[str]
+    needs_hessian: ClassVar[bool]
+
+    def solve(self, w: jax.Array, hessian: jax.Array, *, pruned: jax.Array | None = None,
+              path: str = "kernel") -> Any:
+        """The compressed ``(d_in, d_out)`` view ``w``: a float32 array, or a ``QArray`` when the
+        method chose an integer grid. ``hessian``: ``(d_in, d_in)`` ``X^T X`` of the layer's inputs;
+        ``pruned``: weights an earlier step of the plan pruned (they must stay zero); ``path`` names
+        the layer in errors."""
+        raise NotImplementedError
+
+    def well_posed(self, hessian: jax.Array) -> jax.Array:
+        """A traced bool: False when ``hessian`` did not suit the solver (the engine then raises)."""
+        return jnp.asarray(True)
+
+    def data_free(self) -> Method:
+        """The method used without calibration data: :class:`Magnitude` or :class:`RTN`."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short label, e.g. ``sparsegpt 2:4`` or ``gptq int4 g128``."""
+        raise NotImplementedError
+
+    @classmethod
+    def named(cls) -> dict[str, type[Method]]:
+        """The methods deriving from this class, by :attr:`name` (as recipe files spell them)."""
+        out: dict[str, type[Method]] = {}
+        for sub in cls.__subclasses__():
+            if "name" in vars(sub):
+                out[sub.name] = sub
+            out.update(sub.named())
+        return out
+
+
+class Pruner(Method):
+    """A method that prunes a kernel to ``sparsity`` (a fraction or ``NM(n, m)``)."""
+
+    sparsity: Sparsity
+
+    def data_free(self) -> Magnitude:
+        return Magnitude(self.sparsity)
+
+    def describe(self) -> str:
+        s = self.sparsity
+        return f"{self.name} {f'{s.n}:{s.m}' if isinstance(s, _sparsity.NM) else f'{float(s):.0%}'}"
+
+    def _fraction_structure(self) -> tuple[float, Any]:
+        """``(fraction, structure)`` as the per-layer solvers take them."""
+        return (0.0, self.sparsity) if isinstance(self.sparsity, _sparsity.NM) else (float(self.sparsity), None)
+
+
+class Quantizer(Method):
+    """A method that puts a kernel on the grid of ``spec``, which also stores the result."""
+
+    spec: _quant.Format
+
+    def data_free(self) -> RTN:
+        return RTN(self.spec)
+
+    def describe(self) -> str:
+        spec = self.spec
+        grid = f"int{spec.bits}" if isinstance(spec, _quant.QuantSpec) else type(spec).__name__.lower()
+        granularity = getattr(spec, "granularity", None)
+        if isinstance(granularity, _quant.Group):
+            grid += f" g{granularity.size}"
+        return f"{self.name} {grid}"
+
+
 @dataclasses.dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Pruner):
     """Prune the smallest weights (no calibration data needed)."""
 
     sparsity: Sparsity
+    name: ClassVar[str] = "magnitude"
+    needs_hessian: ClassVar[bool] = False
 
     def __post_init__(self):
         _checks.store(self, sparsity=_check_sparsity("Magnitude", self.sparsity))
 
+    def keep(self, w: jax.Array, path: str = "kernel") -> jax.Array:
+        """The bool mask of the weights kept (per layer; N:M along the input axis)."""
+        scores = _sparsity.magnitude({path: w})
+        if isinstance(self.sparsity, _sparsity.NM):
+            return _sparsity.make_masks(scores, None, where=".*", structure=self.sparsity)[path]
+        return _sparsity.make_masks(scores, float(self.sparsity), where=".*")[path]
+
+    def solve(self, w, hessian=None, *, pruned=None, path="kernel"):
+        return jnp.where(self.keep(w, path), w, 0.0)
+
+    def data_free(self) -> Magnitude:
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
-class Wanda:
+class Wanda(Pruner):
     """Prune by |weight| x input-activation norm, per output (Sun et al., 2023)."""
 
     sparsity: Sparsity
+    name: ClassVar[str] = "wanda"
+    needs_hessian: ClassVar[bool] = True
 
     def __post_init__(self):
         _checks.store(self, sparsity=_check_sparsity("Wanda", self.sparsity))
 
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
+        fraction, structure = self._fraction_structure()
+        return _sparsity.wanda_kernel(w, norms, fraction, structure=structure, path=path)
+
 
 @dataclasses.dataclass(frozen=True)
-class SparseGPT:
+class SparseGPT(Pruner):
     """Prune with second-order error feedback on the input Hessian (Frantar & Alistarh, 2023)."""
 
     sparsity: Sparsity
     block_size: int = 128
     damp: float = 0.01
+    name: ClassVar[str] = "sparsegpt"
+    needs_hessian: ClassVar[bool] = True
 
     def __post_init__(self):
         _checks.store(self, sparsity=_check_sparsity("SparseGPT", self.sparsity),
                       block_size=_checks.integer("SparseGPT.block_size", self.block_size, low=1),
                       damp=_check_damp("SparseGPT", self.damp))
 
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        fraction, structure = self._fraction_structure()
+        return _sparsity.sparsegpt_kernel(w, hessian, fraction, structure=structure, block_size=self.block_size,
+                                          damp=self.damp, path=path)
+
+    def well_posed(self, hessian: jax.Array) -> jax.Array:
+        return _hessian_inverts(hessian, self.damp)
+
 
 @dataclasses.dataclass(frozen=True)
-class RTN:
+class RTN(Quantizer):
     """Round each weight to its nearest grid point (the spec's calibration picks the grid)."""
 
     spec: _quant.Format
+    name: ClassVar[str] = "rtn"
+    needs_hessian: ClassVar[bool] = False
 
     def __post_init__(self):
         if not isinstance(self.spec, _quant.Format):
             raise TypeError(f"RTN needs a QuantSpec or another Format, got {self.spec!r}")
 
+    def solve(self, w, hessian=None, *, pruned=None, path="kernel"):
+        # an integer grid returns its QArray (scales per view row group); another format its rounded
+        # values, stored in the format's own layout once the kernel is reassembled
+        if isinstance(self.spec, _quant.QuantSpec):
+            return self.spec.quantize(w, path=path)
+        return self.spec.fake_quant(w)
+
+    def data_free(self) -> RTN:
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
-class GPTQ:
+class GPTQ(Quantizer):
     """Quantize column by column with second-order error feedback (Frantar et al., 2022)."""
 
     spec: _quant.QuantSpec
     act_order: bool = False
     block_size: int = 128
     damp: float = 0.01
+    name: ClassVar[str] = "gptq"
+    needs_hessian: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.spec, _quant.QuantSpec):
@@ -115,9 +254,12 @@ class GPTQ:
                       block_size=_checks.integer("GPTQ.block_size", self.block_size, low=1),
                       damp=_check_damp("GPTQ", self.damp))
 
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        return _quant.gptq_kernel(w, hessian, self.spec, block_size=self.block_size, damp=self.damp,
+                                  act_order=self.act_order, pruned=pruned, path=path)
 
-Pruner = Magnitude | Wanda | SparseGPT
-Quantizer = RTN | GPTQ
+    def well_posed(self, hessian: jax.Array) -> jax.Array:
+        return _hessian_inverts(hessian, self.damp)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,7 +278,7 @@ class Plan:
     def __post_init__(self):
         if self.sparsity is not None and not isinstance(self.sparsity, Pruner):
             _checks.store(self, sparsity=_check_sparsity("Plan", self.sparsity))
-        if self.quant is not None and not isinstance(self.quant, (_quant.Format, RTN, GPTQ)):
+        if self.quant is not None and not isinstance(self.quant, (_quant.Format, Quantizer)):
             raise TypeError(f"Plan.quant must be a QuantSpec, Format, RTN or GPTQ, got {self.quant!r}")
 
     @property
@@ -153,6 +295,11 @@ class Plan:
             return self.quant
         return RTN(self.quant)
 
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        """The plan's methods in the order they run: the pruner, then the quantizer."""
+        return tuple(m for m in (self.pruner, self.quantizer) if m is not None)
+
     def describe(self) -> str:
         """A short label for the report, e.g. ``sparsegpt 2:4 + gptq int4 g128``.
 
@@ -161,19 +308,7 @@ class Plan:
           >>> Plan(sparsity=0.5, quant=quant.QuantSpec(bits=4, granularity=quant.Group(128))).describe()
           'magnitude 50% + rtn int4 g128'
         """
-        parts = []
-        if self.pruner is not None:
-            s = self.pruner.sparsity
-            amount = f"{s.n}:{s.m}" if isinstance(s, _sparsity.NM) else f"{float(s):.0%}"
-            parts.append(f"{type(self.pruner).__name__.lower()} {amount}")
-        if self.quantizer is not None:
-            spec = self.quantizer.spec
-            grid = f"int{spec.bits}" if isinstance(spec, _quant.QuantSpec) else type(spec).__name__.lower()
-            granularity = getattr(spec, "granularity", None)
-            if isinstance(granularity, _quant.Group):
-                grid += f" g{granularity.size}"
-            parts.append(f"{type(self.quantizer).__name__.lower()} {grid}")
-        return " + ".join(parts) or "dense"
+        return " + ".join(m.describe() for m in self.methods) or "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,19 +354,19 @@ class Recipe:
         """
         plans = self.plans(params)
         for path, plan in self._planned(params, plans):
-            for method in (plan.pruner, plan.quantizer):
-                if method is not None and not isinstance(method, (Magnitude, RTN)):
+            for method in plan.methods:
+                if method.needs_hessian:
                     raise ValueError(f"{path}: {type(method).__name__} needs calibration data; "
                                      "use jb.oneshot.compress(model, params, batches, recipe)")
 
         def one(path: str, w: Any, plan: Plan) -> Any:
             keep = None
             if plan.pruner is not None:
-                keep = _prune_masks({"w": w}, plan.pruner.sparsity)["w"]
+                keep = plan.pruner.data_free().keep(w, path)
                 w = _sparsity.apply_masks({"w": w}, {"w": keep})["w"]
             if plan.quantizer is None:
                 return w
-            q = _quant.quantize(w, plan.quantizer.spec, path=path)
+            q = _quant.quantize(w, plan.quantizer.data_free().spec, path=path)
             if keep is not None and getattr(q, "bits", None) == 8:  # one leaf: mask bits + kept int8 codes + scales
                 return _sparsity.pack_array(q, keep)
             return q
@@ -271,9 +406,9 @@ class Recipe:
         quant: dict[Any, list[str]] = {}
         for path, plan in self._planned(params):
             if plan.pruner is not None:
-                groups.setdefault(plan.pruner.sparsity, []).append(path)
+                groups.setdefault(plan.pruner.data_free().sparsity, []).append(path)
             if plan.quantizer is not None:
-                quant.setdefault(plan.quantizer.spec, []).append(path)
+                quant.setdefault(plan.quantizer.data_free().spec, []).append(path)
         for target, paths in groups.items():
             structure = target if isinstance(target, _sparsity.NM) else _sparsity.Unstructured()
             fraction = 1.0 - target.n / target.m if isinstance(target, _sparsity.NM) else float(target)
@@ -293,12 +428,6 @@ def _only(paths: Sequence[str]) -> Callable[[str, Any], bool]:
     """A ``where`` that selects exactly these leaf paths."""
     chosen = frozenset(paths)
     return lambda path, leaf: path in chosen
-
-
-def _prune_masks(tree: Any, target: Sparsity) -> Any:
-    if isinstance(target, _sparsity.NM):
-        return _sparsity.make_masks(_sparsity.magnitude(tree), None, where=".*", structure=target)
-    return _sparsity.make_masks(_sparsity.magnitude(tree), float(target), where=".*")
 
 
 def _group128(bits: int) -> _quant.QuantSpec:
@@ -337,8 +466,6 @@ def preset(name: str) -> Recipe:
 
 
 _RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
-_QUANT_KEYS = {"bits", "symmetric", "granularity", "group", "calibration", "method", "act_order", "damp"}
-_PRUNERS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
 _GRANULARITIES: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
 _CALIBRATIONS: dict[str, Callable[[], _quant.Calibration]] = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax,
                                                               "mse": _quant.MSE}
@@ -373,8 +500,9 @@ def load(path: str | Any) -> Recipe:
     Keys of a rule: ``pattern`` (regex), ``sparsity`` (a fraction or ``"2:4"``), ``prune``
     (``magnitude`` | ``wanda`` | ``sparsegpt``), ``required`` (bool) and a ``[rule.quant]`` table with
     ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
-    ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (``rtn`` | ``gptq``), ``act_order``,
-    ``damp``. A key left out means what it means in Python: ``[rule.quant]`` defaults to
+    ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (a quantizer's
+    name: ``rtn`` | ``gptq``) and that method's options (GPTQ: ``act_order``, ``block_size``,
+    ``damp``). A key left out means what it means in Python: ``[rule.quant]`` defaults to
     ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``) and ``method = "rtn"``, so
     ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
     ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
@@ -449,15 +577,16 @@ def _sparsity_of(table: dict[str, Any]) -> Any:
         if "prune" in table:
             raise _BadKey("prune", "'prune' needs a 'sparsity'")
         return None
-    if method not in _PRUNERS:
-        raise _BadKey("prune", f"prune must be one of {', '.join(_PRUNERS)}, got {method!r}")
+    pruners = Pruner.named()
+    if method not in pruners:
+        raise _BadKey("prune", f"prune must be one of {', '.join(pruners)}, got {method!r}")
     with _about("sparsity"):
         if isinstance(value, str):
             n, _, m = value.partition(":")
             if not (n.isdigit() and m.isdigit()):
                 raise ValueError(f"sparsity must be a fraction or 'n:m', got {value!r}")
             value = _sparsity.NM(int(n), int(m))
-        return _PRUNERS[method](value)
+        return pruners[method](value)  # type: ignore[call-arg]  # a Pruner takes its sparsity first
 
 
 def _named(key: str, choices: dict[str, Any], value: Any) -> Any:
@@ -476,14 +605,24 @@ _SPEC_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+def _options(method: type[Method]) -> list[str]:
+    """The fields of a quantizer a recipe file may set besides its spec (GPTQ's act_order, damp, ...)."""
+    return [f.name for f in dataclasses.fields(method) if f.name != "spec"]  # type: ignore[arg-type]
+
+
+def _quant_keys() -> set[str]:
+    return {*_SPEC_KEYS, "method", *(k for m in Quantizer.named().values() for k in _options(m))}
+
+
 def _quant_of(table: Any) -> Any:
     if table is None:
         return None
     if not isinstance(table, dict):
         raise _BadKey("quant", f"quant must be a [rule.quant] table, got {table!r}")
+    known = _quant_keys()
     for key in table:
-        if key not in _QUANT_KEYS:
-            raise _BadKey(key, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(_QUANT_KEYS))})")
+        if key not in known:
+            raise _BadKey(key, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(known))})")
     if "granularity" in table and "group" in table:
         raise _BadKey("group", "give granularity or group, not both")
     spec = _quant.QuantSpec()  # a key left out keeps QuantSpec's default
@@ -492,15 +631,15 @@ def _quant_of(table: Any) -> Any:
             with _about(key):
                 spec = dataclasses.replace(spec, **{field: read(table[key])})
     with _about("method"):
-        method = _named("method", {"rtn": RTN, "gptq": GPTQ}, table.get("method", "rtn"))
-    if method is RTN:
-        for key in ("act_order", "damp"):
-            if key in table:
-                raise _BadKey(key, "act_order and damp are GPTQ options: set method = 'gptq'")
-        return RTN(spec)
-    quantizer = GPTQ(spec)
-    for key in ("act_order", "damp"):
-        if key in table:
-            with _about(key):
-                quantizer = dataclasses.replace(quantizer, **{key: table[key]})
+        method = _named("method", Quantizer.named(), table.get("method", "rtn"))
+    options = {k: table[k] for k in known - {*_SPEC_KEYS, "method"} if k in table}
+    for key in options:
+        if key not in _options(method):
+            owners = [m.name for m in Quantizer.named().values() if key in _options(m)]
+            raise _BadKey(key, f"{key} is not an option of method {method.name!r}: it is one of the "
+                               f"{'/'.join(o.upper() for o in owners)} options: set method = {owners[0]!r}")
+    quantizer = method(spec)  # type: ignore[call-arg]  # a Quantizer takes its spec first
+    for key, value in options.items():
+        with _about(key):
+            quantizer = dataclasses.replace(quantizer, **{key: value})  # type: ignore[type-var]
     return quantizer

@@ -1,10 +1,14 @@
 """The block-wise one-shot engine: equality with the per-layer solvers on numpy statistics, every
 method, linen/nnx/scanned (nnx.scan and nn.scan)/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
 
+import dataclasses
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -419,6 +423,41 @@ def test_a_hessian_that_is_not_positive_definite_names_the_layer():
                  np.float32)
     with pytest.raises(ValueError, match="layer_7/mlp: the input Hessian is not positive definite"):
         _solve.solve("layer_7/mlp", jnp.ones((4, 4)), jnp.asarray(h), jb.Plan(quant=jb.GPTQ(INT4)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quiet(jb.recipe.Pruner):
+    """A method written outside the library: zeroes the kernel rows of the inputs with least energy."""
+
+    sparsity: float
+    name: ClassVar[str] = "quiet"
+    needs_hessian: ClassVar[bool] = True
+
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        if self.sparsity > 0.5:
+            raise ValueError(f"{path}: quiet prunes at most half of the inputs, got {self.sparsity}")
+        return w.at[jnp.argsort(jnp.diagonal(hessian))[:round(self.sparsity * w.shape[0])]].set(0.0)
+
+
+def test_a_method_is_one_class_every_consumer_reads_through_its_protocol(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=Quiet(0.25), quant=jb.quant.QuantSpec(bits=8)))])
+    out, report = jb.oneshot.compress(MLPNet(), params, [x], recipe, progress=False)
+    quiet = np.argsort(np.sum(x.astype(np.float64) ** 2, axis=0))[:2]   # layer_0/up reads x itself
+    want = np.asarray(params["layer_0"]["up"]["kernel"]).copy()
+    want[quiet] = 0.0
+    np.testing.assert_array_equal(np.asarray(out["layer_0"]["up"]["kernel"].dense()),
+                                  np.asarray(jb.quant.QuantSpec(bits=8).fake_quant(jnp.asarray(want))))
+    assert report.rows[0].method == "quiet 25% + rtn int8"
+    with pytest.raises(ValueError, match="layer_0/down/kernel: Quiet needs calibration data"):
+        recipe.apply(params)
+    tx, _ = recipe.for_training(optax.sgd(0.0), lambda p, x: x, params)   # trains as magnitude pruning
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(np.mean(np.asarray(optax.apply_updates(params, updates)["layer_1"]["up"]["kernel"]) == 0)) == 0.25
+    # an error of the method names the real layer (no message text is edited on the way)
+    bad = jb.Recipe([Rule(".*", jb.Plan(sparsity=Quiet(0.75)))])
+    with pytest.raises(ValueError, match=r"^layer_0/up: quiet prunes at most half of the inputs, got 0.75"):
+        jb.oneshot.compress(MLPNet(), params, [x], bad, progress=False)
 
 
 # --- a model without repeated blocks is one block: the whole model ----------------------------

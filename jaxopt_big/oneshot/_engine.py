@@ -426,15 +426,14 @@ def _assemble(path: str, leaf: Any, pieces: dict[int | None, _Piece]) -> Any:
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         dense = jax.device_put(dense, sharding)
+    quantizer = ps[0].plan.quantizer
+    if quantizer is None:
+        return dense.astype(leaf.dtype)
     first = ps[0].solved
-    if first.quant is not None:
-        scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])
-        zero = None if first.quant.zero_point is None else stack(
-            [p.view.scale_layout(p.solved.quant.zero_point, path) for p in ps])
-        quantizer = ps[0].plan.quantizer
-        assert quantizer is not None  # a quantized piece was planned with a quantizer
-        q = quantizer.spec.quantize(dense, scale, zero, path=path)
-        return q.replace(dense_dtype=np.dtype(leaf.dtype))
-    if first.fmt is not None:
-        return first.fmt.quantize(dense.astype(leaf.dtype), path=path)
-    return dense.astype(leaf.dtype)
+    if first.quant is None:  # a format without solver-chosen scales (float8, binary...): its own layout
+        return quantizer.spec.quantize(dense.astype(leaf.dtype), path=path)
+    scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])
+    zero = None if first.quant.zero_point is None else stack(
+        [p.view.scale_layout(p.solved.quant.zero_point, path) for p in ps])
+    q = quantizer.spec.quantize(dense, scale, zero, path=path)
+    return q.replace(dense_dtype=np.dtype(leaf.dtype))
