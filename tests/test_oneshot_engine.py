@@ -409,6 +409,15 @@ def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
         jb.oneshot.compress(model, model.init(jax.random.key(0), x)["params"], x, recipe, progress=False)
 
 
+def test_calibration_batches_may_be_any_iterable_read_once(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=jb.SparseGPT(0.5)))])
+    want, _ = jb.oneshot.compress(MLPNet(), params, [x[:8], x[8:]], recipe, progress=False)
+    got, _ = jb.oneshot.compress(MLPNet(), params, (b for b in [x[:8], x[8:]]), recipe, progress=False,
+                                 row_mask=lambda b: np.ones(len(b)))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_nan_activations_name_the_layers_that_saw_them(small):
     x, params = small
     bad = x.copy()
