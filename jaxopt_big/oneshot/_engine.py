@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import recipe as _recipe
+from jaxopt_big import report as _report
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear, _model, _solve
 
@@ -81,27 +82,21 @@ class Report:
         """The rows as plain dicts (for JSON)."""
         return [dataclasses.asdict(r) for r in self.rows]
 
-    def _cells(self) -> list[tuple[str, ...]]:
-        head = ("layer", "method", "shape", "sparsity", "bits", "rel. error")
-        body = [(r.path, r.method, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.3f}",
-                 "-" if r.bits is None else str(r.bits), f"{r.error:.3g}") for r in self.rows]
-        return [head, *body]
+    def table(self) -> _report.Table:
+        """The rows as a :class:`jaxopt_big.report.Table`, with a summary line under it."""
+        body = tuple((r.path, r.method, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.3f}",
+                      "-" if r.bits is None else str(r.bits), f"{r.error:.3g}") for r in self.rows)
+        note = (f"{len(self.rows)} layers in {self.blocks} blocks; {self.block_passes:g} block passes over "
+                f"the calibration set; {self.seconds:.1f} s")
+        return _report.Table(("layer", "method", "shape", "sparsity", "bits", "rel. error"), body,
+                             right=(False, False, True, True, True, True), note=note)
 
     def __str__(self) -> str:
-        cells = self._cells()
-        widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.rows)} layers in {self.blocks} blocks; {self.block_passes:g} block passes over "
-                     f"the calibration set; {self.seconds:.1f} s")
-        return "\n".join(lines)
+        return str(self.table())
 
     def to_markdown(self) -> str:
         """The table as markdown."""
-        cells = self._cells()
-        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-        lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-        return "\n".join(lines)
+        return self.table().to_markdown()
 
 
 # ---------------------------------------------------------------- what a block calls, traced
