@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_big import leaves as _leaves
@@ -98,12 +99,21 @@ def _dtype(dtype: Any) -> Any:
     return dtype if _is_key(dtype) else np.dtype(dtype)
 
 
+def _concrete(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
 def _describe(x: Any) -> _leaves.Description:
     if _leaves.is_compressed(x):
-        return x.describe()
+        d = x.describe()
+        if d.nonzero is None and all(_concrete(v) for v in jax.tree.leaves(x)):
+            # counted on the dense value: a zero code (of a pruned, then quantized kernel) that
+            # dequantizes to exactly 0 is a zero
+            d = dataclasses.replace(d, nonzero=float(jnp.count_nonzero(x.dense())) / max(math.prod(d.shape), 1))
+        return d
     shape, dtype = tuple(np.shape(x)), _dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     nonzero = None
-    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) and not _is_key(dtype):
+    if _concrete(x) and not _is_key(dtype):
         nonzero = float(np.count_nonzero(np.asarray(x))) / max(math.prod(shape), 1)
     return _leaves.Description(kind="dense", shape=shape, dtype=dtype, bits=8.0 * dtype.itemsize, nonzero=nonzero)
 

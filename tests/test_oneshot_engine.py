@@ -427,6 +427,15 @@ def test_nan_activations_name_the_layers_that_saw_them(small):
                             progress=False)
 
 
+@pytest.mark.parametrize("plan", [jb.Plan(quant=jb.quant.QuantSpec(bits=8)), jb.Plan(quant=jb.GPTQ(INT4))])
+def test_a_nan_weight_is_named_not_blamed_on_the_calibration_data(small, plan):
+    x, params = small
+    params = jax.tree.map(lambda v: v, params)
+    params["layer_1"]["down"]["kernel"] = params["layer_1"]["down"]["kernel"].at[2, 3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"^layer_1/down/kernel: the weights hold NaN or inf \(1 of 64 values\)"):
+        jb.oneshot.compress(MLPNet(), params, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+
+
 def test_a_hessian_that_is_not_positive_definite_names_the_layer():
     h = np.array([[1.0, 2.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
                  np.float32)

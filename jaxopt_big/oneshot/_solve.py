@@ -68,17 +68,19 @@ def _solve(w: jax.Array, hessian: jax.Array, plan: _recipe.Plan, name: _Name):
     finite = jnp.all(jnp.isfinite(new))
     for method in plan.methods:
         finite &= method.well_posed(hessian)
-    return new, quant, relative_error(w, new, hessian), finite
+    return new, quant, relative_error(w, new, hessian), finite, jnp.sum(~jnp.isfinite(w))
 
 
 def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> Solved:
     """Applies ``plan`` to the float32 view ``w`` with input Hessian ``hessian``.
 
     Raises:
-      ValueError: the plan does not fit the layer, or its Hessian is not positive definite after
-        damping (the solver produced NaN); the message names ``path``.
+      ValueError: the plan does not fit the layer, its kernel holds NaN/inf, or its Hessian is not
+        positive definite after damping (the solver produced NaN); the message names ``path``.
     """
-    new, quant, error, finite = _solve(w, hessian, plan, _Name(path))
+    new, quant, error, finite, bad_weights = _solve(w, hessian, plan, _Name(path))
+    if int(bad_weights):  # the weight itself, not the calibration data
+        raise ValueError(f"{path}/kernel: the weights hold NaN or inf ({int(bad_weights)} of {w.size} values)")
     if not bool(finite):
         raise ValueError(f"{path}: the input Hessian is not positive definite after damping (or holds NaN/inf); "
                          "raise the method's damp or check the calibration data")
