@@ -11,12 +11,61 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
-__all__ = ["Row", "Report", "summary", "MemoryEstimate", "training_memory"]
+__all__ = ["Table", "Row", "Report", "summary", "MemoryEstimate", "training_memory"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """Rows of text cells as a table: ``str()`` aligns them, ``to_markdown()`` writes markdown.
+
+    Every report of the library prints through this one formatter.
+
+    Attributes:
+      header: the column names.
+      rows: the cells, one tuple per row.
+      right: per column, whether it is right-aligned (numbers); empty: all left-aligned.
+      footer: how many last rows (totals) a rule sets off from the body.
+      note: a line printed under the table (not in markdown).
+
+    Examples:
+      >>> print(Table(("layer", "bits"), (("up", "4"), ("down", "8")), right=(False, True)))
+      layer  bits
+      -----------
+      up        4
+      down      8
+      >>> print(Table(("layer", "bits"), (("up", "4"),)).to_markdown())
+      | layer | bits |
+      |---|---|
+      | up | 4 |
+    """
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    right: tuple[bool, ...] = ()
+    footer: int = 0
+    note: str = ""
+
+    def __str__(self) -> str:
+        cells = [self.header, *self.rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(self.header))]
+        right = self.right or (False,) * len(widths)
+        lines = ["  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+                 for row in cells]
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        lines.insert(1, rule)
+        if self.footer:
+            lines.insert(len(lines) - self.footer, rule)
+        return "\n".join(lines + ([self.note] if self.note else []))
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +99,21 @@ def _dtype(dtype: Any) -> Any:
     return dtype if _is_key(dtype) else np.dtype(dtype)
 
 
+def _concrete(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
 def _describe(x: Any) -> _leaves.Description:
     if _leaves.is_compressed(x):
-        return x.describe()
+        d = x.describe()
+        if d.nonzero is None and all(_concrete(v) for v in jax.tree.leaves(x)):
+            # counted on the dense value: a zero code (of a pruned, then quantized kernel) that
+            # dequantizes to exactly 0 is a zero
+            d = dataclasses.replace(d, nonzero=float(jnp.count_nonzero(x.dense())) / max(math.prod(d.shape), 1))
+        return d
     shape, dtype = tuple(np.shape(x)), _dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     nonzero = None
-    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) and not _is_key(dtype):
+    if _concrete(x) and not _is_key(dtype):
         nonzero = float(np.count_nonzero(np.asarray(x))) / max(math.prod(shape), 1)
     return _leaves.Description(kind="dense", shape=shape, dtype=dtype, bits=8.0 * dtype.itemsize, nonzero=nonzero)
 
@@ -92,13 +150,11 @@ class Report:
             "flops": sum(r.flops or 0 for r in self.rows),
         }
 
-    @property
-    def _header(self) -> tuple[str, ...]:
-        base = ("path", "shape", "dtype", "kind", "params", "nonzero", "bits", "bytes", "ratio", "flops")
-        return base + ("planned",) if any(r.planned for r in self.rows) else base
-
-    def _cells(self) -> list[tuple[str, ...]]:
-        planned = len(self._header) > 10
+    def table(self) -> Table:
+        """The rows and a totals row as a :class:`Table` (a "planned" column when a plan was given)."""
+        planned = any(r.planned for r in self.rows)
+        header: tuple[str, ...] = ("path", "shape", "dtype", "kind", "params", "nonzero", "bits", "bytes", "ratio",
+                                   "flops")
 
         def fmt(r: Row) -> tuple[str, ...]:
             nz = "-" if r.nonzero is None else f"{r.nonzero:.3f}"
@@ -110,16 +166,12 @@ class Report:
         bits = 8 * t["nbytes"] / max(t["params"], 1)
         total = ("total", "", "", "", f"{t['params']:,}", nz, f"{bits:.2f}", f"{t['nbytes']:,}",
                  f"{t['ratio']:.2f}x", f"{t['flops']:,}")
-        return [fmt(r) for r in self.rows] + [total + ("",) if planned else total]
+        rows = tuple(fmt(r) for r in self.rows) + (total + ("",) if planned else total,)
+        header += ("planned",) if planned else ()
+        return Table(header, rows, right=tuple(i >= 4 for i in range(len(header))), footer=1)
 
     def __str__(self) -> str:
-        cells = [self._header, *self._cells()]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(self._header))]
-        lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in cells]
-        lines.insert(1, "-" * len(lines[0]))
-        lines.insert(len(lines) - 1, "-" * len(lines[0]))
-        return "\n".join(lines)
+        return str(self.table())
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """The rows as JSON-ready dicts (saved next to a checkpoint; see :meth:`from_dicts`)."""
@@ -138,10 +190,7 @@ class Report:
         return cls(tuple(Row(**{**d, "shape": tuple(d["shape"])}) for d in rows))
 
     def to_markdown(self) -> str:
-        rows = [self._header, *self._cells()]
-        out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        return "\n".join(out)
+        return self.table().to_markdown()
 
 
 def summary(tree: Any, *, plan: Any = None) -> Report:

@@ -1,10 +1,14 @@
 """The block-wise one-shot engine: equality with the per-layer solvers on numpy statistics, every
 method, linen/nnx/scanned (nnx.scan and nn.scan)/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
 
+import dataclasses
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -405,6 +409,15 @@ def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
         jb.oneshot.compress(model, model.init(jax.random.key(0), x)["params"], x, recipe, progress=False)
 
 
+def test_calibration_batches_may_be_any_iterable_read_once(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=jb.SparseGPT(0.5)))])
+    want, _ = jb.oneshot.compress(MLPNet(), params, [x[:8], x[8:]], recipe, progress=False)
+    got, _ = jb.oneshot.compress(MLPNet(), params, (b for b in [x[:8], x[8:]]), recipe, progress=False,
+                                 row_mask=lambda b: np.ones(len(b)))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_nan_activations_name_the_layers_that_saw_them(small):
     x, params = small
     bad = x.copy()
@@ -414,11 +427,55 @@ def test_nan_activations_name_the_layers_that_saw_them(small):
                             progress=False)
 
 
+@pytest.mark.parametrize("plan", [jb.Plan(quant=jb.quant.QuantSpec(bits=8)), jb.Plan(quant=jb.GPTQ(INT4))])
+def test_a_nan_weight_is_named_not_blamed_on_the_calibration_data(small, plan):
+    x, params = small
+    params = jax.tree.map(lambda v: v, params)
+    params["layer_1"]["down"]["kernel"] = params["layer_1"]["down"]["kernel"].at[2, 3].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"^layer_1/down/kernel: the weights hold NaN or inf \(1 of 64 values\)"):
+        jb.oneshot.compress(MLPNet(), params, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+
+
 def test_a_hessian_that_is_not_positive_definite_names_the_layer():
     h = np.array([[1.0, 2.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
                  np.float32)
     with pytest.raises(ValueError, match="layer_7/mlp: the input Hessian is not positive definite"):
         _solve.solve("layer_7/mlp", jnp.ones((4, 4)), jnp.asarray(h), jb.Plan(quant=jb.GPTQ(INT4)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quiet(jb.recipe.Pruner):
+    """A method written outside the library: zeroes the kernel rows of the inputs with least energy."""
+
+    sparsity: float
+    name: ClassVar[str] = "quiet"
+    needs_hessian: ClassVar[bool] = True
+
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        if self.sparsity > 0.5:
+            raise ValueError(f"{path}: quiet prunes at most half of the inputs, got {self.sparsity}")
+        return w.at[jnp.argsort(jnp.diagonal(hessian))[:round(self.sparsity * w.shape[0])]].set(0.0)
+
+
+def test_a_method_is_one_class_every_consumer_reads_through_its_protocol(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=Quiet(0.25), quant=jb.quant.QuantSpec(bits=8)))])
+    out, report = jb.oneshot.compress(MLPNet(), params, [x], recipe, progress=False)
+    quiet = np.argsort(np.sum(x.astype(np.float64) ** 2, axis=0))[:2]   # layer_0/up reads x itself
+    want = np.asarray(params["layer_0"]["up"]["kernel"]).copy()
+    want[quiet] = 0.0
+    np.testing.assert_array_equal(np.asarray(out["layer_0"]["up"]["kernel"].dense()),
+                                  np.asarray(jb.quant.QuantSpec(bits=8).fake_quant(jnp.asarray(want))))
+    assert report.rows[0].method == "quiet 25% + rtn int8"
+    with pytest.raises(ValueError, match="layer_0/down/kernel: Quiet needs calibration data"):
+        recipe.apply(params)
+    tx, _ = recipe.for_training(optax.sgd(0.0), lambda p, x: x, params)   # trains as magnitude pruning
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    assert float(np.mean(np.asarray(optax.apply_updates(params, updates)["layer_1"]["up"]["kernel"]) == 0)) == 0.25
+    # an error of the method names the real layer (no message text is edited on the way)
+    bad = jb.Recipe([Rule(".*", jb.Plan(sparsity=Quiet(0.75)))])
+    with pytest.raises(ValueError, match=r"^layer_0/up: quiet prunes at most half of the inputs, got 0.75"):
+        jb.oneshot.compress(MLPNet(), params, [x], bad, progress=False)
 
 
 # --- a model without repeated blocks is one block: the whole model ----------------------------

@@ -72,3 +72,16 @@ def test_summary_and_training_memory_of_a_prune_state_with_its_key():
     state = jb.train.TrainState.create(params, tx)
     assert jb.report.summary(state).totals["nbytes"] == _bytes(state)
     assert jb.report.training_memory(params, tx).opt_state == _bytes(tx.init(params))
+
+
+def test_a_pruned_then_quantized_kernel_counts_its_zeros():
+    key_mask, key_w = jax.random.split(jax.random.key(0))
+    keep = np.asarray(jax.random.bernoulli(key_mask, 0.5, (16, 8)))
+    big = np.asarray(jax.random.uniform(key_w, (16, 8), minval=0.5, maxval=1.0))   # no survivor rounds to 0
+    params = {"d": {"kernel": jnp.asarray(np.where(keep, big, 0.0)), "bias": jnp.ones(8)}}
+    recipe = jb.Recipe([jb.Rule("d/kernel", jb.Plan(quant=jb.quant.QuantSpec(bits=4)))])
+    report = jb.report.summary(recipe.apply(params))
+    row = {r.path: r for r in report.rows}["d/kernel"]
+    assert row.kind.startswith("int4") and row.nonzero == keep.mean()
+    assert report.totals["nonzero"] == (keep.sum() + 8) / (16 * 8 + 8)
+    assert f"{keep.mean():.3f}" in str(report).splitlines()[3]

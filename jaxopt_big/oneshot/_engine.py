@@ -1,6 +1,9 @@
 """The block-wise one-shot engine: ``compress(model, params, batches, recipe)``.
 
-For each block (a repeated submodule, or one layer of a scanned stack), in order:
+A pipeline of named steps: prepare the batches and the blocks, with each block shape's layout
+traced once (:func:`_prepare`), then for each block (a repeated submodule, or one layer of a
+scanned stack), in order, calibrate (:func:`_calibrate`), solve (:func:`_solve_group`) and
+propagate (:func:`_propagate`); finally assemble the compressed leaves (:func:`_assemble`):
 
 1. its inputs for every calibration batch are already on hand (the first block's are captured once,
    running only what precedes it; each later block's are the previous block's outputs);
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import recipe as _recipe
+from jaxopt_big import report as _report
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear, _model, _solve
 
@@ -78,27 +82,21 @@ class Report:
         """The rows as plain dicts (for JSON)."""
         return [dataclasses.asdict(r) for r in self.rows]
 
-    def _cells(self) -> list[tuple[str, ...]]:
-        head = ("layer", "method", "shape", "sparsity", "bits", "rel. error")
-        body = [(r.path, r.method, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.3f}",
-                 "-" if r.bits is None else str(r.bits), f"{r.error:.3g}") for r in self.rows]
-        return [head, *body]
+    def table(self) -> _report.Table:
+        """The rows as a :class:`jaxopt_big.report.Table`, with a summary line under it."""
+        body = tuple((r.path, r.method, f"{r.shape[0]}x{r.shape[1]}", f"{r.sparsity:.3f}",
+                      "-" if r.bits is None else str(r.bits), f"{r.error:.3g}") for r in self.rows)
+        note = (f"{len(self.rows)} layers in {self.blocks} blocks; {self.block_passes:g} block passes over "
+                f"the calibration set; {self.seconds:.1f} s")
+        return _report.Table(("layer", "method", "shape", "sparsity", "bits", "rel. error"), body,
+                             right=(False, False, True, True, True, True), note=note)
 
     def __str__(self) -> str:
-        cells = self._cells()
-        widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"{len(self.rows)} layers in {self.blocks} blocks; {self.block_passes:g} block passes over "
-                     f"the calibration set; {self.seconds:.1f} s")
-        return "\n".join(lines)
+        return str(self.table())
 
     def to_markdown(self) -> str:
         """The table as markdown."""
-        cells = self._cells()
-        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-        lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-        return "\n".join(lines)
+        return self.table().to_markdown()
 
 
 # ---------------------------------------------------------------- what a block calls, traced
@@ -193,11 +191,6 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
-def _overridden(base: Any, new: dict[str, jax.Array]) -> Any:
-    """``base`` with the leaves named in ``new`` replaced."""
-    return _tree.map_with_path(lambda p, x: new.get(p, x), base)
-
-
 def _check_batches(batches: list[tuple[tuple, dict]]) -> None:
     if not batches:
         raise ValueError("compress needs at least one calibration batch")
@@ -231,22 +224,45 @@ def _replicated(x: jax.Array, mesh: Any) -> jax.Array:
     return x if mesh is None else jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P()))
 
 
-# ---------------------------------------------------------------- the engine
+# ---------------------------------------------------------------- the pipeline's values
 
 @dataclasses.dataclass
-class _Piece:
+class _Data:
+    """The calibration set as the current block sees it: its array arguments per batch (the
+    non-array part is ``static``, the same for every block), and each batch's row mask."""
+
+    static: _model.Static
+    inputs: list[list]
+    masks: list[jax.Array | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """One block, how it runs alone, and its targeted layers grouped by shared input (its layout)."""
+
+    block: _model.Block
+    runner: Any
+    rest: Any
+    groups: list[_Group]
+
+    def targets(self) -> list[str]:
+        """The model paths of the targeted kernels, in call order."""
+        return [self.block.param(f"{rel}/kernel") for g in self.groups for rel in g.paths]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    """One solved layer (one layer of a stacked kernel)."""
+
+    param: str  # the kernel's path in the model
+    index: int | None  # its layer in a stacked kernel
+    name: str  # its name in messages and the report
     solved: _solve.Solved
     view: _linear.View
     plan: _recipe.Plan
 
 
-def _plans(model: _model.Model, recipe: _recipe.Recipe, targets: set[str]) -> dict[str, _recipe.Plan]:
-    chosen = dict(zip(model.flat(), jax.tree.leaves(_tree.select(model.params, recipe.where))))
-    values = _tree.assign(model.params, list(recipe.rules), where=lambda p, x: p in targets and chosen.get(p, False),
-                          what="recipe")
-    return {p: v for p, v in zip(model.flat(), jax.tree.leaves(values, is_leaf=lambda v: v is None or isinstance(
-        v, _recipe.Plan))) if isinstance(v, _recipe.Plan)}
-
+# ---------------------------------------------------------------- the engine
 
 def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
              blocks: str | None = None, mesh: Any = None, progress: bool = True,
@@ -314,77 +330,137 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     start = time.perf_counter()
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress needs a jb.Recipe, got {type(recipe).__name__}")
+    model = _model.wrap(model_or_apply, params)
+    working = _leaves.densify(model.params)
+    data, steps = _prepare(model, working, calibration_batches, blocks, row_mask, mesh, data_axis)
+    plans = _plans(model, recipe, {param for step in steps for param in step.targets()})
+    work = _up_to_last_planned(steps, plans)
+    layers: list[_Layer] = []
+    runs = 0
+    for step in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
+        current, passes = _compress_block(model, working, step, data, plans, layers, sequential=sequential,
+                                          mesh=mesh)
+        if not step.block.whole:  # the whole model feeds no next block
+            data, passes = _propagate(step, data, current), passes + 1
+        runs += passes
+    compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers)))
+    return compressed, Report(rows=tuple(_row(layer) for layer in layers), blocks=len(steps),
+                              block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start)
+
+
+def _plans(model: _model.Model, recipe: _recipe.Recipe, targets: set[str]) -> dict[str, _recipe.Plan]:
+    """The plan of each targeted kernel (by its path in the model) that the recipe plans."""
+    chosen = dict(zip(model.flat(), jax.tree.leaves(_tree.select(model.params, recipe.where))))
+    values = _tree.assign(model.params, list(recipe.rules), where=lambda p, x: p in targets and chosen.get(p, False),
+                          what="recipe")
+    return {p: v for p, v in zip(model.flat(), jax.tree.leaves(values, is_leaf=lambda v: v is None or isinstance(
+        v, _recipe.Plan))) if isinstance(v, _recipe.Plan)}
+
+
+def _prepare(model: _model.Model, working: Any, calibration_batches: Iterable[Any], blocks: str | None,
+             row_mask: Callable[[Any], jax.typing.ArrayLike] | None, mesh: Any, data_axis: str
+             ) -> tuple[_Data, list[_Step]]:
+    """Prepare batches (read once: any iterable), find the blocks, capture the first block's inputs,
+    and lay out each block shape once."""
     shape = np.shape(calibration_batches) if isinstance(calibration_batches, (np.ndarray, jax.Array)) else None
     hint = "" if shape is None else (f" (calibration_batches is one array, read as {shape[0]} batches of shape "
                                      f"{shape[1:]}; pass [x] for one batch)")
-    model = _model.wrap(model_or_apply, params)
-    raw = [_as_call(b) for b in calibration_batches]
+    given = list(calibration_batches)
+    raw = [_as_call(b) for b in given]
     _check_batches(raw)
-    masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in calibration_batches]
+    masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in given]
     batches = [_place(b, mesh, data_axis) for b in raw]
     block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
-    working = _leaves.densify(model.params)
     first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
                        ("" if block_list[0].whole else f" up to {block_list[0].name}") + hint)
     static, first_arrays = _model.Static.split(*first)
     inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
                                for b in batches[1:]]
-    runners = model.runners(block_list, *batches[0])
-    layouts = {}
-    targets: set[str] = set()
-    for block, (runner, rest) in zip(block_list, runners):
-        if runner not in layouts:
-            layouts[runner] = _layout(runner, static, model.block_params(working, block), rest, inputs[0])
-        targets.update(block.param(f"{p}/kernel") for g in layouts[runner] for p in g.paths)
-    plans = _plans(model, recipe, targets)
+    data = _Data(static, inputs, masks)
+    return data, _block_layouts(model, working, block_list, batches[0], data)
 
-    pieces: dict[str, dict[int | None, _Piece]] = {}
-    rows: list[LayerRow] = []
-    runs = 0
-    work = list(zip(block_list, runners))
-    planned_blocks = [i for i, (b, (runner, _)) in enumerate(work)
-                      if any(b.param(f"{p}/kernel") in plans for g in layouts[runner] for p in g.paths)]
-    work = work[:max(planned_blocks, default=-1) + 1]  # blocks after the last planned one need no inputs
-    for block, (runner, rest) in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
-        groups = layouts[runner]
-        base = model.block_params(working, block)
-        planned = [g for g, group in enumerate(groups)
-                   if any(block.param(f"{p}/kernel") in plans for p in group.paths)]
-        stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
-        new: dict[str, jax.Array] = {}
-        for stage in stages:
-            current = _overridden(base, new)
-            stats = None
-            for arrays, mask in zip(inputs, masks):
-                got = _stage_hessians(runner, static, tuple(stage), current, rest, arrays, mask)
-                stats = got if stats is None else jax.tree.map(jnp.add, stats, got)
-            runs += 1
-            assert stats is not None  # _check_batches: at least one batch
-            for g, (hessian, _) in zip(stage, stats):
-                group = groups[g]
-                names = [block.label(p) for p in group.paths]
-                if not bool(jnp.all(jnp.isfinite(hessian))):
-                    raise ValueError(f"{', '.join(names)}: NaN or inf in the calibration inputs of these layers")
-                hessian = _replicated(hessian, mesh)
-                for rel, view, name in zip(group.paths, group.views, names):
-                    plan = plans.get(block.param(f"{rel}/kernel"))
-                    if plan is None:
-                        continue
-                    kernel = _model_kernel(base, rel)
-                    solved = _solve.solve(name, _replicated(view.matrix(kernel), mesh), hessian, plan)
-                    new[f"{rel}/kernel"] = view.unview(solved.matrix).astype(kernel.dtype)
-                    pieces.setdefault(block.param(f"{rel}/kernel"), {})[block.index] = _Piece(solved, view, plan)
-                    rows.append(_row(name, solved, view, plan))
-        if not block.whole:  # the whole model feeds no next block
-            current = _overridden(base, new)
-            inputs = [_next_inputs(block, arrays, _block_forward(runner, static, current, rest, arrays))
-                      for arrays in inputs]
-            runs += 1
-    compressed = _tree.map_with_path(lambda p, x: _assemble(p, x, pieces[p]) if p in pieces else x, model.params)
-    compressed = model.result(compressed)
-    report = Report(rows=tuple(rows), blocks=len(block_list), block_passes=runs / max(len(work), 1),
-                    seconds=time.perf_counter() - start)
-    return compressed, report
+
+def _block_layouts(model: _model.Model, working: Any, block_list: list[_model.Block], batch: tuple[tuple, dict],
+                   data: _Data) -> list[_Step]:
+    """Each block with its runner and layout; blocks of one shape share both (one abstract trace)."""
+    layouts: dict[Any, list[_Group]] = {}
+    steps = []
+    for block, (runner, rest) in zip(block_list, model.runners(block_list, *batch)):
+        if runner not in layouts:
+            layouts[runner] = _layout(runner, data.static, model.block_params(working, block), rest, data.inputs[0])
+        steps.append(_Step(block, runner, rest, layouts[runner]))
+    return steps
+
+
+def _up_to_last_planned(steps: list[_Step], plans: dict[str, _recipe.Plan]) -> list[_Step]:
+    """The blocks up to the last one with a planned layer: later blocks need no inputs."""
+    planned = [i for i, step in enumerate(steps) if any(param in plans for param in step.targets())]
+    return steps[:max(planned, default=-1) + 1]
+
+
+def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data, plans: dict[str, _recipe.Plan],
+                    layers: list[_Layer], *, sequential: bool, mesh: Any) -> tuple[Any, int]:
+    """Calibrate, then solve, the block's planned layers: every group from one block run, or one run
+    per group when ``sequential``. Appends each solved layer to ``layers``; returns the block's
+    parameters with its compressed kernels and the number of block runs."""
+    planned = [g for g, group in enumerate(step.groups)
+               if any(step.block.param(f"{p}/kernel") in plans for p in group.paths)]
+    stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
+    base = model.block_params(working, step.block)
+    new: dict[str, jax.Array] = {}
+    for stage in stages:
+        hessians = _calibrate(step, stage, model.with_kernels(base, new), data)
+        for g, hessian in zip(stage, hessians):
+            for rel, kernel, layer in _solve_group(model, working, step, step.groups[g], hessian, plans, mesh):
+                new[f"{rel}/kernel"] = kernel
+                layers.append(layer)
+    return model.with_kernels(base, new), len(stages)
+
+
+def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data) -> list[jax.Array]:
+    """The input Hessians ``X^T X`` of the groups in ``stage``, over all calibration batches (one block run)."""
+    stats = None
+    for arrays, mask in zip(data.inputs, data.masks):
+        got = _stage_hessians(step.runner, data.static, tuple(stage), params, step.rest, arrays, mask)
+        stats = got if stats is None else jax.tree.map(jnp.add, stats, got)
+    assert stats is not None  # _check_batches: at least one batch
+    return [hessian for hessian, _ in stats]
+
+
+def _solve_group(model: _model.Model, working: Any, step: _Step, group: _Group, hessian: jax.Array,
+                 plans: dict[str, _recipe.Plan], mesh: Any) -> list[tuple[str, jax.Array, _Layer]]:
+    """Solves the planned layers of one group on their shared Hessian: ``(path inside the block, new
+    kernel in its layout, solved layer)`` each."""
+    names = [step.block.label(p) for p in group.paths]
+    if not bool(jnp.all(jnp.isfinite(hessian))):
+        raise ValueError(f"{', '.join(names)}: NaN or inf in the calibration inputs of these layers")
+    hessian = _replicated(hessian, mesh)
+    out = []
+    for rel, view, name in zip(group.paths, group.views, names):
+        param = step.block.param(f"{rel}/kernel")
+        plan = plans.get(param)
+        if plan is None:
+            continue
+        kernel = model.kernel(working, step.block, rel)
+        solved = _solve.solve(name, _replicated(view.matrix(kernel), mesh), hessian, plan)
+        out.append((rel, view.unview(solved.matrix).astype(kernel.dtype),
+                    _Layer(param, step.block.index, name, solved, view, plan)))
+    return out
+
+
+def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
+    """The block's outputs on its compressed parameters: the next block's inputs."""
+    return dataclasses.replace(data, inputs=[
+        _next_inputs(step.block, arrays, _block_forward(step.runner, data.static, params, step.rest, arrays))
+        for arrays in data.inputs])
+
+
+def _assemble(flat: dict[str, Any], layers: list[_Layer]) -> dict[str, Any]:
+    """The compressed leaf of each solved kernel (by its path), from its layers."""
+    by_param: dict[str, dict[int | None, _Layer]] = {}
+    for layer in layers:
+        by_param.setdefault(layer.param, {})[layer.index] = layer
+    return {p: _leaf(p, flat[p], pieces) for p, pieces in by_param.items()}
 
 
 def _on_batch0(run: Callable[[], Any], where: str) -> Any:
@@ -395,13 +471,6 @@ def _on_batch0(run: Callable[[], Any], where: str) -> Any:
         raise ValueError(f"calibration batch 0 does not run through the model{where}: {type(e).__name__}: {e}") from e
 
 
-def _model_kernel(block_params: Any, rel: str) -> jax.Array:
-    node = block_params
-    for part in rel.split("/"):
-        node = node[part] if _model._has_key(node, part) else node[int(part)]
-    return jnp.asarray(node["kernel"] if _model._has_key(node, "kernel") else node)
-
-
 def _next_inputs(block: _model.Block, arrays: list, out: Any) -> list:
     x = _first(out)
     if np.shape(x) != np.shape(arrays[0]) or x.dtype != arrays[0].dtype:
@@ -410,14 +479,14 @@ def _next_inputs(block: _model.Block, arrays: list, out: Any) -> list:
     return [x, *arrays[1:]]
 
 
-def _row(name: str, solved: _solve.Solved, view: _linear.View, plan: _recipe.Plan) -> LayerRow:
-    q = plan.quantizer
+def _row(layer: _Layer) -> LayerRow:
+    q = layer.plan.quantizer
     bits = getattr(q.spec, "bits", None) if q is not None else None
-    return LayerRow(path=name, method=plan.describe(), shape=(view.d_in, view.d_out),
-                    sparsity=float(np.mean(np.asarray(solved.matrix) == 0)), bits=bits, error=solved.error)
+    return LayerRow(path=layer.name, method=layer.plan.describe(), shape=(layer.view.d_in, layer.view.d_out),
+                    sparsity=float(np.mean(np.asarray(layer.solved.matrix) == 0)), bits=bits, error=layer.solved.error)
 
 
-def _assemble(path: str, leaf: Any, pieces: dict[int | None, _Piece]) -> Any:
+def _leaf(path: str, leaf: Any, pieces: dict[int | None, _Layer]) -> Any:
     """The compressed leaf from its per-layer pieces (one, or one per layer of a stack)."""
     order = [None] if None in pieces else list(range(len(pieces)))
     ps = [pieces[i] for i in order]
@@ -426,15 +495,14 @@ def _assemble(path: str, leaf: Any, pieces: dict[int | None, _Piece]) -> Any:
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         dense = jax.device_put(dense, sharding)
+    quantizer = ps[0].plan.quantizer
+    if quantizer is None:
+        return dense.astype(leaf.dtype)
     first = ps[0].solved
-    if first.quant is not None:
-        scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])
-        zero = None if first.quant.zero_point is None else stack(
-            [p.view.scale_layout(p.solved.quant.zero_point, path) for p in ps])
-        quantizer = ps[0].plan.quantizer
-        assert quantizer is not None  # a quantized piece was planned with a quantizer
-        q = quantizer.spec.quantize(dense, scale, zero, path=path)
-        return q.replace(dense_dtype=np.dtype(leaf.dtype))
-    if first.fmt is not None:
-        return first.fmt.quantize(dense.astype(leaf.dtype), path=path)
-    return dense.astype(leaf.dtype)
+    if first.quant is None:  # a format without solver-chosen scales (float8, binary...): its own layout
+        return quantizer.spec.quantize(dense.astype(leaf.dtype), path=path)
+    scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])
+    zero = None if first.quant.zero_point is None else stack(
+        [p.view.scale_layout(p.solved.quant.zero_point, path) for p in ps])
+    q = quantizer.spec.quantize(dense, scale, zero, path=path)
+    return q.replace(dense_dtype=np.dtype(leaf.dtype))

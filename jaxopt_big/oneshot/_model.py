@@ -220,6 +220,18 @@ class Model:
             node = node[part] if _has_key(node, part) else node[int(part)]
         return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
 
+    def kernel(self, params: Any, block: Block, rel: str) -> jax.Array:
+        """The kernel of layer ``rel`` (a module path inside ``block``) in ``params``: the block's
+        layer of it when the block is one layer of a stack."""
+        node = params
+        for part in block.param(f"{rel}/kernel").split("/"):
+            node = node[part] if _has_key(node, part) else node[int(part)]
+        return jnp.asarray(node if block.index is None else node[block.index])
+
+    def with_kernels(self, params: Any, kernels: dict[str, Any]) -> Any:
+        """``params`` (the model's or a block's) with the leaves at the paths of ``kernels`` replaced."""
+        return _tree.map_with_path(lambda p, x: kernels.get(p, x), params)
+
     def capture(self, params: Any, first: Block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments of the first block's call; only what comes before it is computed.
 

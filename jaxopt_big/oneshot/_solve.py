@@ -1,9 +1,8 @@
-"""One layer's plan on its 2-d view: prune (magnitude, Wanda, SparseGPT), then quantize (RTN, GPTQ).
+"""One layer's plan on its 2-d view: its methods in order (prune, then quantize), through their protocol.
 
-The solvers are the library's tested per-layer ones (``sparsity.wanda_kernel``,
-``sparsity.sparsegpt_kernel``, ``quant.gptq_kernel``); this module only chooses and chains them.
-SparseGPT then GPTQ quantizes the survivors with error feedback while the pruned weights stay zero
-(the joint mode of the SparseGPT paper).
+The solvers are the methods' own (:class:`jaxopt_big.recipe.Method`); this module only chains them,
+measures the error and checks the result. SparseGPT then GPTQ quantizes the survivors with error
+feedback while the pruned weights stay zero (the joint mode of the SparseGPT paper).
 """
 
 from __future__ import annotations
@@ -15,11 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxopt_big import calibration as _calibration
+from jaxopt_big import leaves as _leaves
 from jaxopt_big import recipe as _recipe
-from jaxopt_big.quant import _gptq
-from jaxopt_big.quant import _spec as _qspec
-from jaxopt_big.sparsity import _masks, _oneshot
 
 __all__ = ["Solved", "solve"]
 
@@ -30,38 +26,13 @@ class Solved:
 
     Attributes:
       matrix: the dense float32 value the layer computes with from now on.
-      quant: the 2-d ``QArray`` when an integer grid quantized it (scales per view row group), else None.
-      fmt: a non-integer format (float8, binary...) to store the kernel in, applied in its own layout.
+      quant: the 2-d ``QArray`` when a method chose an integer grid (scales per view row group), else None.
       error: relative output error ``||X W' - X W||^2 / ||X W||^2`` on the calibration rows.
     """
 
     matrix: jax.Array
     quant: Any
-    fmt: Any
     error: float
-
-
-def _structure(sparsity: Any) -> tuple[float, Any]:
-    """``(fraction, structure)`` as the per-layer solvers take them."""
-    return (0.0, sparsity) if isinstance(sparsity, _masks.NM) else (float(sparsity), None)
-
-
-def _prune(path: str, w: jax.Array, hessian: jax.Array, pruner: Any) -> jax.Array:
-    if isinstance(pruner, _recipe.Magnitude):
-        return jnp.where(_recipe._prune_masks({"w": w}, pruner.sparsity)["w"], w, 0.0)
-    fraction, structure = _structure(pruner.sparsity)
-    if isinstance(pruner, _recipe.Wanda):
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
-        return _oneshot.wanda_kernel(w, norms, fraction, structure=structure, path=path)
-    return _oneshot.sparsegpt_kernel(w, hessian, fraction, structure=structure, block_size=pruner.block_size,
-                                     damp=pruner.damp, path=path)
-
-
-def _quantize(path: str, w: jax.Array, hessian: jax.Array, quantizer: Any, pruned: jax.Array | None) -> Any:
-    if isinstance(quantizer, _recipe.GPTQ):
-        return _gptq.gptq_kernel(w, hessian, quantizer.spec, block_size=quantizer.block_size, damp=quantizer.damp,
-                                 act_order=quantizer.act_order, pruned=pruned, path=path)
-    return quantizer.spec.quantize(w, path=path)
 
 
 def relative_error(w: jax.Array, new: jax.Array, hessian: jax.Array) -> jax.Array:
@@ -70,42 +41,47 @@ def relative_error(w: jax.Array, new: jax.Array, hessian: jax.Array) -> jax.Arra
     return jnp.sum(d * (hessian @ d)) / jnp.maximum(jnp.sum(w * (hessian @ w)), jnp.finfo(jnp.float32).tiny)
 
 
-@functools.partial(jax.jit, static_argnames=("plan",))
-def _solve(w: jax.Array, hessian: jax.Array, plan: _recipe.Plan):
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Name:
+    """A layer's name as a static jit argument that does not key the compile cache (one compile per
+    plan and shape): it only names the layer in errors raised while tracing, and a trace that raises
+    is not cached, so every failing layer is traced, and named, itself."""
+
+    path: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Name)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "name"))
+def _solve(w: jax.Array, hessian: jax.Array, plan: _recipe.Plan, name: _Name):
     """The plan on one view, compiled once per (plan, shape)."""
-    pruner, quantizer = plan.pruner, plan.quantizer
-    new, quant = w, None
-    if pruner is not None:
-        new = _prune("kernel", w, hessian, pruner)
-    if quantizer is not None:
-        pruned = new == 0 if pruner is not None else None  # zeros stay zero through GPTQ's updates
-        if isinstance(quantizer, _recipe.RTN) and not isinstance(quantizer.spec, _qspec.QuantSpec):
-            new = quantizer.spec.fake_quant(new)
-        else:
-            quant = _quantize("kernel", new, hessian, quantizer, pruned)
-            new = quant.dense().astype(jnp.float32)
+    new, quant, pruned = w, None, None
+    for method in plan.methods:
+        out = method.solve(new, hessian, pruned=pruned, path=name.path)
+        quant = out if _leaves.is_compressed(out) else None
+        new = out.dense().astype(jnp.float32) if quant is not None else out
+        pruned = new == 0  # zeros stay zero through the later methods' updates
     finite = jnp.all(jnp.isfinite(new))
-    for method in (pruner, quantizer):  # the solvers' own damped inverse (XLA computes it once)
-        if isinstance(method, (_recipe.SparseGPT, _recipe.GPTQ)):
-            finite &= jnp.all(jnp.isfinite(_calibration.inverse_hessian(hessian, damp=method.damp)[0]))
-    return new, quant, relative_error(w, new, hessian), finite
+    for method in plan.methods:
+        finite &= method.well_posed(hessian)
+    return new, quant, relative_error(w, new, hessian), finite, jnp.sum(~jnp.isfinite(w))
 
 
 def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> Solved:
     """Applies ``plan`` to the float32 view ``w`` with input Hessian ``hessian``.
 
     Raises:
-      ValueError: the plan does not fit the layer, or its Hessian is not positive definite after
-        damping (the solver produced NaN); the message names ``path``.
+      ValueError: the plan does not fit the layer, its kernel holds NaN/inf, or its Hessian is not
+        positive definite after damping (the solver produced NaN); the message names ``path``.
     """
-    try:
-        new, quant, error, finite = _solve(w, hessian, plan)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"{path}: {str(e).removeprefix('kernel: ')}") from None
+    new, quant, error, finite, bad_weights = _solve(w, hessian, plan, _Name(path))
+    if int(bad_weights):  # the weight itself, not the calibration data
+        raise ValueError(f"{path}/kernel: the weights hold NaN or inf ({int(bad_weights)} of {w.size} values)")
     if not bool(finite):
         raise ValueError(f"{path}: the input Hessian is not positive definite after damping (or holds NaN/inf); "
                          "raise the method's damp or check the calibration data")
-    quantizer = plan.quantizer
-    fmt = quantizer.spec if isinstance(quantizer, _recipe.RTN) and not isinstance(
-        quantizer.spec, _qspec.QuantSpec) else None
-    return Solved(matrix=new, quant=quant, fmt=fmt, error=float(error))
+    return Solved(matrix=new, quant=quant, error=float(error))

@@ -1,0 +1,49 @@
+"""Named recipes for decoder and encoder checkpoints (``jaxopt-big compress --recipe NAME``).
+
+:data:`PRESETS` is a plain dict ``name -> (Plan, description)``: a new preset is one entry.
+"""
+
+from __future__ import annotations
+
+from jaxopt_big import quant as _quant
+from jaxopt_big import sparsity as _sparsity
+from jaxopt_big import tree as _tree
+from jaxopt_big.recipe._methods import GPTQ, SparseGPT, Wanda
+from jaxopt_big.recipe._plan import Plan, Recipe
+
+__all__ = ["PRESETS", "preset"]
+
+
+def _group128(bits: int) -> _quant.QuantSpec:
+    return _quant.QuantSpec(bits=bits, granularity=_quant.Group(128), calibration=_quant.MSE())
+
+
+# Kernels of decoder and encoder linears; the output head and embeddings stay dense in every preset.
+_HEAD = _tree.Rule(r"(.*/)?(lm_head|embed_tokens|embeddings?|wte|pooler)(/.*)?", None, required=False)
+PRESETS: dict[str, tuple[Plan, str]] = {
+    "gptq-int4": (Plan(quant=GPTQ(_group128(4))), "GPTQ int4, groups of 128, MSE grid"),
+    "gptq-int3": (Plan(quant=GPTQ(_group128(3))), "GPTQ int3, groups of 128, MSE grid"),
+    "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
+    "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
+    "wanda-50": (Plan(sparsity=Wanda(0.5)), "Wanda 50% unstructured"),
+    "sparsegpt-50": (Plan(sparsity=SparseGPT(0.5)), "SparseGPT 50% unstructured"),
+    "sparsegpt-2:4": (Plan(sparsity=SparseGPT(_sparsity.NM(2, 4))), "SparseGPT 2:4"),
+    "sparsegpt-50+gptq-int4": (Plan(sparsity=SparseGPT(0.5), quant=GPTQ(_group128(4))),
+                               "SparseGPT 50%, then GPTQ int4 g128 on the survivors"),
+}
+
+
+def preset(name: str) -> Recipe:
+    """A named recipe for decoder/encoder checkpoints (every linear but the head and embeddings).
+
+    Examples:
+      >>> preset("gptq-int4").rules[1].value.describe()
+      'gptq int4 g128'
+      >>> preset("gptq-int5")
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown recipe preset 'gptq-int5'; presets: gptq-int4, gptq-int3, rtn-int4, int8, ...
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown recipe preset {name!r}; presets: {', '.join(PRESETS)}")
+    return Recipe([_HEAD, _tree.Rule(".*", PRESETS[name][0])])

@@ -1,0 +1,200 @@
+"""Recipe files: TOML ``[[rule]]`` tables read into a typed :class:`Recipe`, errors naming file, line and key."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from jaxopt_big import _checks
+from jaxopt_big import quant as _quant
+from jaxopt_big import sparsity as _sparsity
+from jaxopt_big import tree as _tree
+from jaxopt_big.recipe._methods import Method, Pruner, Quantizer
+from jaxopt_big.recipe._plan import Plan, Recipe
+
+__all__ = ["load", "RecipeFileError"]
+
+
+_RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
+_GRANULARITIES: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
+_CALIBRATIONS: dict[str, Callable[[], _quant.Calibration]] = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax,
+                                                              "mse": _quant.MSE}
+
+
+class RecipeFileError(ValueError):
+    """A recipe file that does not parse into a typed :class:`Recipe`; the message names file, line and key."""
+
+    __module__ = "jaxopt_big.recipe"  # raised and caught under its public name
+
+
+class _BadKey(ValueError):
+    """A bad value of the file key ``key`` (the file error points at that key's line)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@contextlib.contextmanager
+def _about(key: str) -> Iterator[None]:
+    """Blames the key ``key`` for a ``TypeError``/``ValueError`` raised inside."""
+    try:
+        yield
+    except _BadKey:
+        raise
+    except (TypeError, ValueError) as e:
+        raise _BadKey(key, str(e)) from None
+
+
+def load(path: str | Any) -> Recipe:
+    """Reads a TOML recipe: ``[[rule]]`` tables of ``pattern`` -> plan, first match wins.
+
+    Keys of a rule: ``pattern`` (regex), ``sparsity`` (a fraction or ``"2:4"``), ``prune``
+    (``magnitude`` | ``wanda`` | ``sparsegpt``), ``required`` (bool) and a ``[rule.quant]`` table with
+    ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
+    ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (a quantizer's
+    name: ``rtn`` | ``gptq``) and that method's options (GPTQ: ``act_order``, ``block_size``,
+    ``damp``). A key left out means what it means in Python: ``[rule.quant]`` defaults to
+    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``) and ``method = "rtn"``, so
+    ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
+    ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
+    :class:`RecipeFileError` naming the file, the line of the offending key and the key.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> f = pathlib.Path(tempfile.mkdtemp()) / "r.toml"
+      >>> _ = f.write_text('[[rule]]\\npattern = "layers/.*/mlp/.*"\\nsparsity = "2:4"\\nprune = "sparsegpt"\\n'
+      ...                  '[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "gptq"\\n')
+      >>> load(f).rules[0].value.describe()
+      'sparsegpt 2:4 + gptq int4 g128'
+      >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\nsparsty = 0.5\\n')
+      >>> load(f)
+      Traceback (most recent call last):
+      ...
+      jaxopt_big.recipe.RecipeFileError: ...r.toml:3: unknown key 'sparsty' in [[rule]] (known: ...)
+    """
+    import pathlib
+    import tomllib
+
+    path = pathlib.Path(path)
+    text = path.read_text()
+    lines = text.splitlines()
+
+    def where(key: str, start: int) -> int:
+        # the key as written: `key =`, `"key" =`, in an inline table `{ a = 1, key = 2 }` or dotted `quant.key =`
+        written = re.compile(rf'(?:^|[\s{{,."]){re.escape(key)}"?\s*=')
+        for i in range(start, len(lines)):
+            if written.search(lines[i].split("#", 1)[0]):
+                return i + 1
+        return start + 1
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeFileError(f"{path}: {e}") from None
+    extra = set(doc) - {"rule"}
+    if extra or not isinstance(doc.get("rule"), list) or not doc["rule"]:
+        raise RecipeFileError(f"{path}: a recipe file holds [[rule]] tables only"
+                              + (f"; unknown top-level keys {sorted(extra)}" if extra else ""))
+    # each [[rule]] header as TOML allows it (spaces inside the brackets, a comment after); a rule
+    # whose header is not found here is still read, its errors then point at its first key
+    header = re.compile(r"^\s*\[\[\s*rule\s*\]\]\s*(#.*)?$")
+    starts = [i for i, line in enumerate(lines) if header.match(line)]
+    rules = []
+    for n, table in enumerate(doc["rule"]):
+        start = starts[n] if n < len(starts) else 0
+        try:
+            rules.append(_rule_of(table))
+        except _BadKey as e:
+            raise RecipeFileError(f"{path}:{where(e.key, start)}: {e}") from None
+    return Recipe(rules)
+
+
+def _rule_of(table: dict[str, Any]) -> _tree.Rule:
+    for key in table:
+        if key not in _RULE_KEYS:
+            raise _BadKey(key, f"unknown key {key!r} in [[rule]] (known: {', '.join(sorted(_RULE_KEYS))})")
+    if "pattern" not in table:
+        raise _BadKey("[[rule]]", "a [[rule]] needs a pattern")
+    plan = Plan(sparsity=_sparsity_of(table), quant=_quant_of(table.get("quant")))
+    with _about("required"):
+        required = _checks.flag("required", table.get("required", True))
+    with _about("pattern"):
+        return _tree.Rule(table["pattern"], plan, required=required)
+
+
+def _sparsity_of(table: dict[str, Any]) -> Any:
+    value, method = table.get("sparsity"), table.get("prune", "magnitude")
+    if value is None:
+        if "prune" in table:
+            raise _BadKey("prune", "'prune' needs a 'sparsity'")
+        return None
+    pruners = Pruner.named()
+    if method not in pruners:
+        raise _BadKey("prune", f"prune must be one of {', '.join(pruners)}, got {method!r}")
+    with _about("sparsity"):
+        if isinstance(value, str):
+            n, _, m = value.partition(":")
+            if not (n.isdigit() and m.isdigit()):
+                raise ValueError(f"sparsity must be a fraction or 'n:m', got {value!r}")
+            value = _sparsity.NM(int(n), int(m))
+        return pruners[method](value)  # type: ignore[call-arg]  # a Pruner takes its sparsity first
+
+
+def _named(key: str, choices: dict[str, Any], value: Any) -> Any:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return choices[value]
+
+
+# [rule.quant] keys that set a QuantSpec field: key -> (field, value of the field from the file's value).
+_SPEC_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "bits": ("bits", lambda v: v),
+    "symmetric": ("symmetric", lambda v: v),
+    "granularity": ("granularity", lambda v: _named("granularity", _GRANULARITIES, v)),
+    "group": ("granularity", lambda v: _quant.Group(v)),
+    "calibration": ("calibration", lambda v: _named("calibration", _CALIBRATIONS, v)()),
+}
+
+
+def _options(method: type[Method]) -> list[str]:
+    """The fields of a quantizer a recipe file may set besides its spec (GPTQ's act_order, damp, ...)."""
+    return [f.name for f in dataclasses.fields(method) if f.name != "spec"]  # type: ignore[arg-type]
+
+
+def _quant_keys() -> set[str]:
+    return {*_SPEC_KEYS, "method", *(k for m in Quantizer.named().values() for k in _options(m))}
+
+
+def _quant_of(table: Any) -> Any:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise _BadKey("quant", f"quant must be a [rule.quant] table, got {table!r}")
+    known = _quant_keys()
+    for key in table:
+        if key not in known:
+            raise _BadKey(key, f"unknown key {key!r} in [rule.quant] (known: {', '.join(sorted(known))})")
+    if "granularity" in table and "group" in table:
+        raise _BadKey("group", "give granularity or group, not both")
+    spec = _quant.QuantSpec()  # a key left out keeps QuantSpec's default
+    for key, (field, read) in _SPEC_KEYS.items():
+        if key in table:
+            with _about(key):
+                spec = dataclasses.replace(spec, **{field: read(table[key])})
+    with _about("method"):
+        method = _named("method", Quantizer.named(), table.get("method", "rtn"))
+    options = {k: table[k] for k in known - {*_SPEC_KEYS, "method"} if k in table}
+    for key in options:
+        if key not in _options(method):
+            owners = [m.name for m in Quantizer.named().values() if key in _options(m)]
+            raise _BadKey(key, f"{key} is not an option of method {method.name!r}: it is one of the "
+                               f"{'/'.join(o.upper() for o in owners)} options: set method = {owners[0]!r}")
+    quantizer = method(spec)  # type: ignore[call-arg]  # a Quantizer takes its spec first
+    for key, value in options.items():
+        with _about(key):
+            quantizer = dataclasses.replace(quantizer, **{key: value})  # type: ignore[type-var]
+    return quantizer
