@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_big import _checks
+from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear
@@ -280,15 +281,8 @@ class _Linen(Model):
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
         """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``."""
-        paths = {b.path for b in blocks}
-
-        def interceptor(next_fun, a, k, context):
-            module = context.module
-            if context.method_name != "__call__" or "/".join(module.scope.path) not in paths:
-                return next_fun(*a, **k)
-            return handler(module, a, k, lambda: next_fun(*a, **k))
-        with nn.intercept_methods(interceptor):
-            return self.apply({"params": params, **(self.extra or {})}, *args, **kwargs)
+        return _routed(lambda: self.apply({"params": params, **(self.extra or {})}, *args, **kwargs),
+                       blocks, handler, nn.Module)()
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The outermost ``nn.scan`` body over stacked parameters, found from one abstract run.
@@ -301,18 +295,16 @@ class _Linen(Model):
         seen: dict[str, dict[str, tuple]] = {}
         stored: dict[str, tuple] = {}
 
-        def record(next_fun, a, k, context):
-            out = next_fun(*a, **k)
-            path = "/".join(context.module.scope.path)
-            if context.method_name == "__call__" and path and a and _carries(a[0], out):
-                seen.setdefault(path, _shapes(context.module.variables.get("params", {}), path))
+        def record(call, original):
+            out = original()
+            if call.path and call.args and _carries(call.args[0], out):
+                seen.setdefault(call.path, _shapes(call.module.variables.get("params", {}), call.path))
             return out
 
         def run(params, args, kwargs):
             dense = _leaves.densify(params)
             stored.update(_shapes(dense, ""))
-            with nn.intercept_methods(record):
-                self.call(dense, args, kwargs)
+            _intercept.route(lambda: self.call(dense, args, kwargs), None, record, kinds=(nn.Module,))()
         jax.eval_shape(run, self.params, args, kwargs)
         for path in sorted(seen, key=lambda p: p.count("/")):
             inner, outer = seen[path], {p: s for p, s in stored.items() if _under(p, path)}
@@ -333,6 +325,17 @@ class _Linen(Model):
             return original()
         jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
         return [(_LinenRunner(found[b.path]), {}) for b in blocks]
+
+
+def _routed(fn: Any, blocks: Sequence[Block], handler: Callable | None, kind: type) -> Any:
+    """``fn`` with the calls of ``blocks`` going to ``handler(module, args, kwargs, original)``."""
+    if not blocks:
+        return fn
+    paths = {b.path for b in blocks}
+    assert handler is not None  # blocks are routed to a handler
+    return _intercept.route(fn, lambda path, module: path in paths,
+                            lambda call, original: handler(call.module, call.args, call.kwargs, original),
+                            kinds=(kind,))
 
 
 def _carries(x: Any, out: Any) -> bool:
@@ -368,28 +371,10 @@ class _Nnx(Model):
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
-        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``.
-
-        Block calls are routed by a class-level patch of the block class (undone on exit), which also
-        reaches the module copies ``nnx.scan`` makes of a stacked block.
-        """
+        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``
+        (also the calls of the copies a scan makes of a stacked block)."""
         model = nnx.merge(self.graphdef, params, self.others)
-        if not blocks:
-            return model(*args, **kwargs)
-        modules = _modules(model)
-        cls: Any = type(modules[blocks[0].path])  # Any: its __call__ is swapped for the call below
-        original = cls.__call__
-        ids = None if blocks[0].index is not None else {id(modules[b.path]) for b in blocks}
-
-        def patched(module, *a, **k):
-            if ids is not None and id(module) not in ids:
-                return original(module, *a, **k)
-            return handler(module, a, k, lambda: original(module, *a, **k))
-        cls.__call__ = patched
-        try:
-            return model(*args, **kwargs)
-        finally:
-            cls.__call__ = original
+        return _routed(model, blocks, handler, nnx.Module)(*args, **kwargs)
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The top module whose every parameter has one leading axis over a stacked linear's layers."""
