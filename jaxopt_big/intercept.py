@@ -19,7 +19,6 @@ anywhere an interception is active (:func:`run_compressed`, :func:`capture`, :fu
 
 import contextlib
 import contextvars
-import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -165,39 +164,24 @@ class Record(NamedTuple):
 
 
 class _Selector:
-    """Module-path selection with the `tree` conventions; remembers what it saw for error messages."""
+    """Module-path selection with the `tree` conventions (:class:`jaxopt_big.tree.Patterns`) or a callable."""
 
     def __init__(self, where: str | Sequence[str] | Callable[[str, Any], bool] | None):
         self.where = where
-        self.patterns: list[re.Pattern[str]] | None
-        if isinstance(where, str):
-            where = [where]
-        if isinstance(where, (list, tuple)):
-            try:
-                self.patterns = [re.compile(w) for w in where]
-            except re.error as e:
-                raise ValueError(f"invalid module-path regex in {self.where!r}: {e}") from None
-        elif where is None or callable(where):
-            self.patterns = None
-        else:
+        self.patterns: _tree.Patterns | None = None
+        if isinstance(where, (str, list, tuple)):
+            self.patterns = _tree.Patterns(where, what="where")
+        elif where is not None and not callable(where):
             raise TypeError(f"where must be a regex, a list of regexes or a callable, got {where!r}")
-        self.seen: list[str] = []
-        self.hit = [False] * len(self.patterns or [])
 
     def __call__(self, path: str, module: Any) -> bool:
-        self.seen.append(path)
-        if self.patterns is None:
-            return bool(self.where(path, module)) if callable(self.where) else True  # None: every layer
-        found = False
-        for i, p in enumerate(self.patterns):
-            if _tree.matches(p.pattern, path):
-                self.hit[i] = found = True
-        return found
+        if self.patterns is not None:
+            return self.patterns(path)
+        return bool(self.where(path, module)) if callable(self.where) else True  # None: every layer
 
     def check(self) -> None:
-        for p, h in zip(self.patterns or [], self.hit):
-            if not h:
-                raise _tree.no_match_error("where", p.pattern, sorted(set(self.seen)))
+        if self.patterns is not None:
+            self.patterns.check()
 
 
 def _linen_run(module: nn.Module):

@@ -49,8 +49,10 @@ def test_capture_selects_by_module_path_regex():
     assert sorted(seen) == ["Dense_0", "Dense_1"]
     with pytest.raises(ValueError, match=r"^where: pattern .Dense_9. matches no leaf; available paths: \[.*Conv_0"):
         jb.intercept.capture(model.apply, "Dense_9")(variables, X)
-    with pytest.raises(ValueError, match="invalid module-path regex"):
+    with pytest.raises(ValueError, match=r"^where: invalid regex '\(': "):  # jb.tree's one compiler, not re.error
         jb.intercept.capture(model.apply, "(")
+    with pytest.raises(ValueError, match=r"^where: invalid regex '\[': "):
+        jb.calibration.layer_order(model.apply, variables, X, where="[")
 
 
 def test_capture_transformer_dense_general_and_nested_paths():

@@ -390,6 +390,15 @@ def test_a_rule_that_claims_no_targeted_layer_is_an_error(small):
             sparsity=0.5))]), progress=False)
 
 
+def test_a_bad_blocks_pattern_is_a_value_error_naming_it(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))])
+    with pytest.raises(ValueError, match=r"^blocks: invalid regex '\(': "):  # was a raw re.error
+        jb.oneshot.compress(MLPNet(), params, [x], recipe, blocks="(", progress=False)
+    with pytest.raises(ValueError, match=r"^blocks: pattern 'layer_9' matches no leaf; available paths: \[layer_0"):
+        jb.oneshot.compress(MLPNet(), params, [x], recipe, blocks="layer_9", progress=False)
+
+
 def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
     x, params = small
     recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))])

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 from typing import Any
 from collections.abc import Callable, Sequence
 
@@ -125,8 +124,14 @@ class _NnxRunner:
 
 
 def _numbered(name: str) -> tuple[str, int] | None:
-    m = re.fullmatch(r"(.*?)(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else None
+    """``("layer_", 3)`` for ``"layer_3"``; None for a name that does not end in digits."""
+    stem = name.rstrip("0123456789")
+    return (stem, int(name[len(stem):])) if stem != name else None
+
+
+def _natural(path: str) -> list[tuple[str, int]]:
+    """A sort key that orders ``layer_2`` before ``layer_10``."""
+    return [(stem, n) for stem, n in (_numbered(part) or (part, -1) for part in path.split("/"))]
 
 
 def _module_paths(paths: list[str]) -> set[str]:
@@ -185,11 +190,8 @@ class Model:
                 return [Block(stacked, i) for i in range(_depth(flat, stacked))]
             found = _repeated(flat, lambda p: p.endswith("/kernel") or p.endswith("/weight"))
             return [Block(m) for m in found] if found else [Block("")]
-        if not isinstance(pattern, str):
-            raise TypeError(f"blocks must be a regex str of block module paths, got {pattern!r}")
-        compiled = re.compile(pattern)
-        modules = sorted((m for m in _module_paths(list(flat)) if compiled.fullmatch(m)),
-                         key=lambda m: [(int(t) if t.isdigit() else t) for t in re.split(r"(\d+)", m)])
+        compiled = _tree.compile_pattern(pattern, what="blocks")
+        modules = sorted((m for m in _module_paths(list(flat)) if compiled.fullmatch(m)), key=_natural)
         if not modules:
             raise _tree.no_match_error("blocks", pattern, sorted(_module_paths(list(flat))))
         if stacked is not None and modules == [stacked]:
