@@ -112,6 +112,42 @@ def test_each_block_equals_its_solver_on_numpy_statistics_of_compressed_inputs(c
     assert out["layer_4"]["dense"]["bias"] is params["layer_4"]["dense"]["bias"]
 
 
+class Ordered(nn.Module):  # two residual blocks, called in the order given (a block may be called twice)
+    order: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        layers = [Res(name=f"layer_{i}") for i in range(2)]
+        for i in self.order:
+            x = layers[i](x)
+        return x
+
+
+def test_blocks_are_compressed_in_the_order_the_model_calls_them():
+    # the engine took blocks in module order: layer_1, called first, was solved on layer_0's output
+    x = _data()
+    params = Ordered((1, 0)).init(jax.random.key(1), x)["params"]
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, report = jb.oneshot.compress(Ordered((1, 0)), params, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    assert [r.path for r in report.rows] == ["layer_1/dense", "layer_0/dense"]
+    h = x
+    for i in (1, 0):
+        layer = params[f"layer_{i}"]["dense"]
+        ref = _reference(np.asarray(layer["kernel"]), _hessian(h), plan)
+        np.testing.assert_allclose(np.asarray(out[f"layer_{i}"]["dense"]["kernel"]), ref, atol=1e-5)
+        h = h + h @ ref + np.asarray(layer["bias"])
+
+
+def test_a_block_called_twice_is_refused_naming_its_calls():
+    # it was calibrated on its first call only, and the block after it on the wrong input
+    x = _data(8)
+    params = Ordered((0, 1, 0)).init(jax.random.key(1), x)["params"]
+    with pytest.raises(ValueError, match=r"^layer_0: the model calls this block 2 times \(block calls in order: "
+                                         r"\['layer_0', 'layer_1', 'layer_0'\]\)"):
+        jb.oneshot.compress(Ordered((0, 1, 0)), params, [x], jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))]),
+                            progress=False)
+
+
 def test_sparsegpt_then_gptq_keeps_the_pruned_weights_at_zero(chain):
     _, params, out, _ = chain
     q = out["layer_0"]["dense"]["kernel"]

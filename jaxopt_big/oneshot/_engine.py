@@ -323,6 +323,7 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in calibration_batches]
     batches = [_place(b, mesh, data_axis) for b in raw]
     block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
+    block_list = _model.in_call_order(block_list, _on_batch0(lambda: model.call_order(block_list, *batches[0]), hint))
     working = _leaves.densify(model.params)
     first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
                        ("" if block_list[0].whole else f" up to {block_list[0].name}") + hint)

@@ -7,9 +7,11 @@ whose call sees each of its parameters without the leading axis it is stored wit
 neither (an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
 Assumptions, checked where they can be:
 
-- blocks are called through ``__call__`` in index order, block *i+1*'s first positional argument
-  is block *i*'s output (the first element when it returns a tuple), and every other argument is the
-  same for all blocks (attention masks, positions; for a linen ``nn.scan``: ``in_axes=nn.broadcast``);
+- each block is called once, through ``__call__`` (checked: blocks are taken in the order the model
+  calls them, found in an abstract run, and a block called twice is refused); the *i+1*-th block
+  called gets the *i*-th one's output as its first positional argument (the first element when it
+  returns a tuple), and every other argument is the same for all blocks (attention masks, positions;
+  for a linen ``nn.scan``: ``in_axes=nn.broadcast``);
 - a block's parameters are the subtree under its module path (for a stacked block: index ``i`` of
   the leading axis of every leaf under it).
 
@@ -38,7 +40,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear
 
-__all__ = ["Block", "Model", "wrap", "Static"]
+__all__ = ["Block", "Model", "wrap", "Static", "in_call_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +182,8 @@ class Model:
         return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
 
     def blocks(self, pattern: str | None, stacked: str | None) -> list[Block]:
-        """The blocks in call order: found automatically, or the module paths ``pattern`` fully matches.
+        """The blocks in module order (:func:`in_call_order` puts them in call order): found
+        automatically, or the module paths ``pattern`` fully matches.
 
         ``stacked``: what :meth:`stacked` found.
         """
@@ -197,6 +200,19 @@ class Model:
         if stacked is not None and modules == [stacked]:
             return [Block(stacked, i) for i in range(_depth(flat, stacked))]
         return [Block(m) for m in modules]
+
+    def call_order(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[str]:
+        """The paths of ``blocks`` in the order the model calls them, once per call (one abstract run on
+        ``args, kwargs``); the blocks of a stack or the whole model: as given."""
+        if blocks[0].whole or blocks[0].index is not None:
+            return [b.path for b in blocks]
+        calls: list[str] = []
+
+        def note(call, original):
+            calls.append(call.path)
+            return original()
+        jax.eval_shape(lambda p, a, k: self.call(_leaves.densify(p), a, k, blocks, note), self.params, args, kwargs)
+        return calls
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The module path of a stacked block, or None; ``args, kwargs``: one batch, for a model whose
@@ -233,10 +249,10 @@ class Model:
         if first.whole:
             return args, kwargs
         if first.index is not None:
-            def stop(module, a, k, original):
-                if any(_checks.is_traced(x) for x in jax.tree.leaves((a, k))):
+            def stop(call, original):
+                if any(_checks.is_traced(x) for x in jax.tree.leaves((call.args, call.kwargs))):
                     return original()  # linen's scan traces its body once before its loop
-                raise _Stop(a, k)
+                raise _Stop(call.args, call.kwargs)
             try:
                 with jax.disable_jit():
                     self.call(params, args, kwargs, [first], stop)
@@ -246,8 +262,8 @@ class Model:
         if first.path not in self._captures:
             found: dict[str, Any] = {}
 
-            def grab(module, a, k, original):
-                found.setdefault("call", Static.split(a, k))
+            def grab(call, original):
+                found.setdefault("call", Static.split(call.args, call.kwargs))
                 return original()
 
             def run(params, args, kwargs):
@@ -259,6 +275,24 @@ class Model:
         found, run = self._captures[first.path]
         arrays = run(params, args, kwargs)
         return found["call"][0].join(arrays)
+
+
+def in_call_order(blocks: list[Block], calls: list[str]) -> list[Block]:
+    """``blocks`` in the order of ``calls`` (:meth:`Model.call_order`).
+
+    Raises:
+      ValueError: a block called more than once (the engine would calibrate it on its first call only)
+        or never (it would be calibrated on another block's output).
+    """
+    if blocks[0].whole or blocks[0].index is not None:
+        return blocks
+    by_path = {b.path: b for b in blocks}
+    for b in blocks:
+        n = calls.count(b.path)
+        if n != 1:
+            raise ValueError(f"{b.name}: the model calls this block {n} times (block calls in order: {calls}); "
+                             "block-wise compression needs each block called once: name other blocks with blocks=")
+    return [by_path[p] for p in calls]
 
 
 def _depth(flat: dict[str, Any], module: str) -> int:
@@ -282,7 +316,7 @@ class _Linen(Model):
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
-        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``."""
+        """The model on ``params``; calls of ``blocks`` go to ``handler(call, original)``."""
         return _routed(lambda: self.apply({"params": params, **(self.extra or {})}, *args, **kwargs),
                        blocks, handler, nn.Module)()
 
@@ -322,21 +356,21 @@ class _Linen(Model):
             return [(_ApplyRunner(self.apply), self.extra or {})]
         found = {}
 
-        def grab(module, a, k, original):
-            found["/".join(module.scope.path)] = module.clone(parent=None, name=None)
+        def grab(call, original):
+            found[call.path] = call.module.clone(parent=None, name=None)
             return original()
         jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
         return [(_LinenRunner(found[b.path]), {}) for b in blocks]
 
 
 def _routed(fn: Any, blocks: Sequence[Block], handler: Callable | None, kind: type) -> Any:
-    """``fn`` with the calls of ``blocks`` going to ``handler(module, args, kwargs, original)``."""
+    """``fn`` with the calls of ``blocks`` going to ``handler(call, original)`` (an ``intercept.Call``)."""
     if not blocks:
         return fn
     paths = {b.path for b in blocks}
     assert handler is not None  # blocks are routed to a handler
     return _intercept.route(fn, lambda path, module: path in paths,
-                            lambda call, original: handler(call.module, call.args, call.kwargs, original),
+                            handler,
                             kinds=(kind,))
 
 
@@ -373,7 +407,7 @@ class _Nnx(Model):
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
-        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``
+        """The model on ``params``; calls of ``blocks`` go to ``handler(call, original)``
         (also the calls of the copies a scan makes of a stacked block)."""
         model = nnx.merge(self.graphdef, params, self.others)
         return _routed(model, blocks, handler, nnx.Module)(*args, **kwargs)
