@@ -503,7 +503,7 @@ def test_a_model_without_blocks_is_compressed_whole_each_layer_by_its_solver(seq
         h = np.maximum(h, 0) * (0.5 if i == 0 else 1.0)
 
 
-def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
+def test_an_nnx_model_without_blocks_compresses_whole():
     x = _data(32)
     model = PlainNnx(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
@@ -513,11 +513,18 @@ def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
     for name in ("up", "out"):
         assert float(np.mean(np.asarray(out[name]["kernel"][...]) == 0)) == 0.5
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+
+
+def test_a_one_layer_decoder_is_one_block_and_its_lm_head_stays_as_given():
+    # layers/0 alone was no "repeated" block: the whole model was, and a ".*" rule quantized lm_head
     c = jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
     ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
-    out, report = jb.oneshot.compress(jb.zoo.Llama(c, rngs=nnx.Rngs(0)), None, [ids],
-                                      jb.Recipe([Rule(r"layers/.*", jb.Plan(quant=jb.GPTQ(INT4)))]), progress=False)
-    assert len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)
+    model = jb.zoo.Llama(c, rngs=nnx.Rngs(0))
+    out, report = jb.oneshot.compress(model, None, [ids], jb.Recipe([Rule(r".*", jb.Plan(quant=jb.GPTQ(INT4)))]),
+                                      progress=False)
+    assert report.blocks == 1 and len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)
+    np.testing.assert_array_equal(out["lm_head"]["kernel"][...], model.lm_head.kernel[...])
+    assert isinstance(out["layers"][0]["mlp"]["up_proj"]["kernel"].get_value(), jb.quant.QArray)
 
 
 def test_an_nnx_models_whole_state_comes_back_whole_with_the_parameters_compressed():

@@ -3,8 +3,9 @@
 A *block* is a repeated submodule (``layer_0`` ... ``layer_N`` in linen, ``layers/0`` ... in nnx) or
 one layer of a stacked submodule: an ``nnx.scan``-stacked one (the top module over a stacked
 linear's layers) or the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}`` (the module
-whose call sees each of its parameters without the leading axis it is stored with). A model with
-neither (an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
+whose call sees each of its parameters without the leading axis it is stored with), or the one
+numbered submodule that holds layers (a one-layer decoder's ``layers/0``). A model with none of these
+(an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
 Assumptions, checked where they can be:
 
 - each block is called once, through ``__call__`` (checked: blocks are taken in the order the model
@@ -153,7 +154,9 @@ def _signature(flat: dict[str, Any], module: str) -> tuple:
 
 
 def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[str]:
-    """The largest group of numbered sibling modules with identical parameter shapes that hold kernels."""
+    """The largest group of numbered sibling modules with identical parameter shapes that hold kernels;
+    else the one numbered module that holds layers (not a kernel of its own): a one-layer decoder's
+    ``layers/0``, a block whose head outside stays as given."""
     groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for module in _module_paths(list(flat)):
         parent, _, name = module.rpartition("/")
@@ -161,15 +164,20 @@ def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[st
         if numbered is not None:
             groups.setdefault((parent, numbered[0]), []).append((numbered[1], module))
     best: list[str] = []
+    singles: list[str] = []
     for _, numbered_members in sorted(groups.items(), key=lambda kv: kv[0][0].count("/")):
         members = [m for _, m in sorted(numbered_members)]
-        if len(members) < 2 or len({_signature(flat, m) for m in members}) != 1:
+        if len({_signature(flat, m) for m in members}) != 1:
             continue
-        if not any(is_kernel(p) and _under(p, members[0]) for p in flat):
+        kernels = [p for p in flat if is_kernel(p) and _under(p, members[0])]
+        if not kernels:
             continue
-        if len(members) > len(best):
+        if len(members) == 1:
+            if all(p.count("/") > members[0].count("/") + 1 for p in kernels):
+                singles.append(members[0])
+        elif len(members) > len(best):
             best = members
-    return best
+    return best or (singles if len(singles) == 1 else [])
 
 
 class Model:
