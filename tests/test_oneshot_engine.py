@@ -527,6 +527,40 @@ def test_a_one_layer_decoder_is_one_block_and_its_lm_head_stays_as_given():
     assert isinstance(out["layers"][0]["mlp"]["up_proj"]["kernel"].get_value(), jb.quant.QArray)
 
 
+class NormRes(nn.Module):  # a residual block with BatchNorm: it reads the batch_stats collection
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(D, name="dense")(nn.BatchNorm(use_running_average=True, name="bn")(x))
+
+
+class NormChain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = NormRes(name=f"layer_{i}")(x)
+        return x
+
+
+def test_linen_blocks_get_their_non_parameter_collections():
+    # full variables {"params", "batch_stats"}: the block runners got only params (ScopeCollectionNotFound)
+    x = _data()
+    variables = NormChain().init(jax.random.key(1), x)
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, _ = jb.oneshot.compress(NormChain(), variables, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    assert out["batch_stats"] is stats
+    h = x
+    for i in range(2):
+        p, st = variables["params"][f"layer_{i}"], stats[f"layer_{i}"]["bn"]
+        normed = (h - np.asarray(st["mean"])) / np.sqrt(np.asarray(st["var"]) + 1e-5) * np.asarray(p["bn"]["scale"]) \
+            + np.asarray(p["bn"]["bias"])
+        ref = _reference(np.asarray(p["dense"]["kernel"]), _hessian(normed), plan)
+        np.testing.assert_allclose(np.asarray(out["params"][f"layer_{i}"]["dense"]["kernel"]), ref, atol=1e-4)
+        h = h + normed @ ref + np.asarray(p["dense"]["bias"])
+    np.testing.assert_allclose(NormChain().apply(out, x), h, atol=1e-4)
+
+
 def test_an_nnx_models_whole_state_comes_back_whole_with_the_parameters_compressed():
     class Net(nnx.Module):
         def __init__(self, rngs):

@@ -368,7 +368,17 @@ class _Linen(Model):
             found[call.path] = call.module.clone(parent=None, name=None)
             return original()
         jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
-        return [(_LinenRunner(found[b.path]), {}) for b in blocks]
+        return [(_LinenRunner(found[b.path]), self._collections(b)) for b in blocks]
+
+    def _collections(self, block: Block) -> dict[str, Any]:
+        """The block's part of every non-parameter collection (batch statistics...) the caller gave."""
+        out = {}
+        for name, tree in (self.extra or {}).items():
+            try:
+                out[name] = self.block_params(tree, block)
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue  # a collection with nothing under this block
+        return out
 
 
 def _routed(fn: Any, blocks: Sequence[Block], handler: Callable | None, kind: type) -> Any:
