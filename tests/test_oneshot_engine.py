@@ -527,6 +527,38 @@ def test_a_one_layer_decoder_is_one_block_and_its_lm_head_stays_as_given():
     assert isinstance(out["layers"][0]["mlp"]["up_proj"]["kernel"].get_value(), jb.quant.QArray)
 
 
+class DropBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.dense, self.drop = nnx.Linear(D, D, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.dense(self.drop(x))
+
+
+class DropNet(nnx.Module):  # built in train mode: Dropout active
+    def __init__(self, rngs):
+        self.layers = nnx.List([DropBlock(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_nnx_model_in_train_mode_is_calibrated_in_eval_mode_and_left_in_its_mode():
+    # Dropout drew random bits inside the engine's traces: TraceContextError
+    model, x = DropNet(nnx.Rngs(0)), _data()
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, _ = jb.oneshot.compress(model, None, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    h = x
+    for i in range(2):  # eval mode: dropout is the identity
+        dense = model.layers[i].dense
+        ref = _reference(np.asarray(dense.kernel[...]), _hessian(h), plan)
+        np.testing.assert_allclose(np.asarray(out["layers"][i]["dense"]["kernel"][...]), ref, atol=1e-5)
+        h = h + h @ ref + np.asarray(dense.bias[...])
+    assert model.layers[0].drop.deterministic is False   # the caller's model keeps its mode
+
+
 class NormRes(nn.Module):  # a residual block with BatchNorm: it reads the batch_stats collection
     @nn.compact
     def __call__(self, x):

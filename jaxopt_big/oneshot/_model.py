@@ -407,6 +407,9 @@ def _shapes(params: Any, prefix: str) -> dict[str, tuple]:
 
 class _Nnx(Model):
     def __init__(self, module: nnx.Module, params: Any):
+        # calibrate in eval mode (Dropout off, BatchNorm on its running statistics), on a view: the
+        # caller's module keeps its own mode
+        module = nnx.view(module, deterministic=True, use_running_average=True, raise_if_not_found=False)
         self.graphdef, state = nnx.split(module)
         self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
         self.full = False  # the caller gave the whole state (parameters and other variables)
