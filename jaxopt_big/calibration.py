@@ -16,7 +16,6 @@ and calls the same per-layer solvers and :func:`inverse_hessian`.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,13 +50,6 @@ class LayerStats:
         return jnp.sqrt(jnp.maximum(jnp.diagonal(self.hessian), 0.0))
 
 
-def _dense_selector(where: str | Sequence[str] | None) -> Callable[[str, Any], bool]:
-    """Linen ``nn.Dense`` layers whose module path a pattern of ``where`` matches (as in :mod:`jaxopt_big.tree`)."""
-    patterns = None if where is None else [where] if isinstance(where, str) else list(where)
-    return lambda path, module: isinstance(module, nn.Dense) and (
-        patterns is None or any(_tree.matches(p, path) for p in patterns))
-
-
 def _args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
@@ -73,20 +65,19 @@ def layer_order(apply_fn: Callable, variables: Any, batch: Any, *,
       >>> layer_order(model.apply, variables, jnp.ones((1, 4)))
       ['layers_0', 'layers_2']
     """
-    dense_layers, called = _dense_selector(None), []
+    pick = None if where is None else _tree.Patterns(where, what="where")  # a bad pattern fails before the run
+    called = []
 
     def record(path: str, module: Any) -> bool:  # the selector sees calls in order; result dicts are sorted
-        if dense_layers(path, module):
+        if isinstance(module, nn.Dense):
             called.append(path)
         return False
 
     jax.eval_shape(_intercept.capture(apply_fn, record), variables, *_args(batch))
     dense = list(dict.fromkeys(called))
-    patterns = [] if where is None else [where] if isinstance(where, str) else list(where)
-    for w in patterns:
-        if not any(_tree.matches(w, p) for p in dense):
-            raise _tree.no_match_error("where", w, dense)
-    paths = [p for p in dense if not patterns or any(_tree.matches(w, p) for w in patterns)]
+    paths = dense if pick is None else [p for p in dense if pick(p)]
+    if pick is not None:
+        pick.check()
     if not paths:
         raise ValueError(f"where={where!r} selects no Dense layer of the model")
     return paths
@@ -94,7 +85,8 @@ def layer_order(apply_fn: Callable, variables: Any, batch: Any, *,
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "path"))
 def _batch_stats(apply_fn, path, variables, args, row_mask):
-    _, records = _intercept.capture(apply_fn, _dense_selector(re.escape(path)))(variables, *args)
+    _, records = _intercept.capture(apply_fn, lambda p, module: p == path and isinstance(module, nn.Dense))(
+        variables, *args)
     hessian, count = 0.0, 0.0
     for record in records.values():  # several entries when the layer is called more than once
         x = record.inputs.reshape(-1, record.inputs.shape[-1]).astype(jnp.float32)

@@ -1,8 +1,11 @@
 """One mechanism to observe or replace what Flax Dense/DenseGeneral/Conv/Einsum layers compute.
 
 Works for linen (through ``flax.linen.intercept_methods``) and nnx (the selected layer objects are
-given an intercepting subclass for the duration of the call). Layers are selected by *module path*:
-``Dense_0`` or ``Block_1/Dense_0`` for linen, ``l1`` or ``layers/0`` for nnx.
+given an intercepting subclass for the duration of the call; the copies a scanned stack makes of them
+share it). Layers are selected by *module path*: ``Dense_0`` or ``Block_1/Dense_0`` for linen, ``l1``
+or ``layers/0`` for nnx; a stacked (scanned) layer by its stack's path, ``layers/mlp/up_proj``.
+This is the one place that patches or wraps Flax modules: :func:`capture`, :func:`replace`,
+:func:`run_compressed`, ``quant.qat`` and the one-shot engine (:func:`route`) all go through it.
 
 Every technique that touches activations builds on this module: activation quantization,
 factorized execution of ``LowRank`` kernels, distillation feature capture and one-shot calibration.
@@ -16,7 +19,6 @@ anywhere an interception is active (:func:`run_compressed`, :func:`capture`, :fu
 
 import contextlib
 import contextvars
-import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -30,7 +32,7 @@ from jax import lax
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 
-__all__ = ["Call", "Record", "capture", "replace", "run_compressed", "LINEN_LAYERS", "NNX_LAYERS"]
+__all__ = ["Call", "Record", "capture", "replace", "route", "run_compressed", "LINEN_LAYERS", "NNX_LAYERS"]
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
@@ -39,8 +41,8 @@ _CONV_LAYERS = (nn.Conv, nnx.Conv)
 
 # Set while a layer is re-run on substituted parameters, so that run does not intercept itself.
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxopt_big_intercept_bypass", default=False)
-# id(nnx layer) -> handler, for the nnx layers currently intercepted.
-_NNX_HANDLERS: contextvars.ContextVar[Mapping[int, Callable]] = contextvars.ContextVar(
+# intercepting subclass -> handler, for the nnx modules currently intercepted.
+_NNX_HANDLERS: contextvars.ContextVar[Mapping[type, Callable]] = contextvars.ContextVar(
     "jaxopt_big_nnx", default=types.MappingProxyType({}))
 
 
@@ -72,7 +74,7 @@ def _one_feature(module: Any) -> dict[str, Any]:
 
 
 class Call:
-    """One intercepted layer call.
+    """One intercepted layer (or, through :func:`route`, module) call.
 
     Attributes:
       path: module path ("Dense_0", "layers/0").
@@ -89,6 +91,16 @@ class Call:
     @property
     def inputs(self) -> jax.Array:
         return self._args[0]
+
+    @property
+    def args(self) -> tuple:
+        """The call's positional arguments."""
+        return self._args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The call's keyword arguments."""
+        return self._kwargs
 
     @property
     def kernel(self) -> Any:
@@ -152,39 +164,24 @@ class Record(NamedTuple):
 
 
 class _Selector:
-    """Module-path selection with the `tree` conventions; remembers what it saw for error messages."""
+    """Module-path selection with the `tree` conventions (:class:`jaxopt_big.tree.Patterns`) or a callable."""
 
     def __init__(self, where: str | Sequence[str] | Callable[[str, Any], bool] | None):
         self.where = where
-        self.patterns: list[re.Pattern[str]] | None
-        if isinstance(where, str):
-            where = [where]
-        if isinstance(where, (list, tuple)):
-            try:
-                self.patterns = [re.compile(w) for w in where]
-            except re.error as e:
-                raise ValueError(f"invalid module-path regex in {self.where!r}: {e}") from None
-        elif where is None or callable(where):
-            self.patterns = None
-        else:
+        self.patterns: _tree.Patterns | None = None
+        if isinstance(where, (str, list, tuple)):
+            self.patterns = _tree.Patterns(where, what="where")
+        elif where is not None and not callable(where):
             raise TypeError(f"where must be a regex, a list of regexes or a callable, got {where!r}")
-        self.seen: list[str] = []
-        self.hit = [False] * len(self.patterns or [])
 
     def __call__(self, path: str, module: Any) -> bool:
-        self.seen.append(path)
-        if self.patterns is None:
-            return bool(self.where(path, module)) if callable(self.where) else True  # None: every layer
-        found = False
-        for i, p in enumerate(self.patterns):
-            if _tree.matches(p.pattern, path):
-                self.hit[i] = found = True
-        return found
+        if self.patterns is not None:
+            return self.patterns(path)
+        return bool(self.where(path, module)) if callable(self.where) else True  # None: every layer
 
     def check(self) -> None:
-        for p, h in zip(self.patterns or [], self.hit):
-            if not h:
-                raise _tree.no_match_error("where", p.pattern, sorted(set(self.seen)))
+        if self.patterns is not None:
+            self.patterns.check()
 
 
 def _linen_run(module: nn.Module):
@@ -212,87 +209,113 @@ class _Proxy:
 
 
 def _nnx_run(module: nnx.Module):
-    base = next(c for c in type(module).__mro__ if c in NNX_LAYERS)
-
     def run(params, args, kwargs, attrs):
+        base = next((c for c in type(module).__mro__ if c in NNX_LAYERS), None)
+        if base is None:
+            raise TypeError(f"{type(module).__name__} is not a Dense/Conv/Einsum layer: Call.run cannot run it")
         over = {**attrs, **{k: nnx.Param(v) for k, v in params.items()}}
         return base.__call__(_Proxy(module, over), *args, **kwargs)
     return run
 
 
-_SUBCLASSES: dict[type, type] = {}
+# (layer class, module path, nesting depth) -> its intercepting subclass; reused across calls so that a
+# model's graphdef (which names the class) stays the same from one intercepted call to the next.
+_SUBCLASSES: dict[tuple[type, str, int], type] = {}
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("jaxopt_big_intercept_depth", default=0)
 
 
-def _intercepting_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
+def _intercepting_class(base: type, path: str, depth: int) -> type:
+    """A subclass of ``base`` for one selected nnx module: its class, not its identity, says it is selected.
+
+    nnx keeps a module's class in its graphdef, so the copies ``nnx.merge`` makes of a selected module
+    (the layers of a scanned stack, rebuilt from a split state on every step of ``jax.lax.scan`` or
+    ``nnx.scan``) are of this class too, and route to the same handler.
+    """
+    key = (base, path, depth)
+    if key not in _SUBCLASSES:
         def __call__(self, *args, **kwargs):
-            handlers = _NNX_HANDLERS.get()
-            handler = handlers.get(id(self))
-            if handler is None and handlers and not _BYPASS.get():
-                # a copy of a selected layer, made while intercepting: nnx.scan / nnx.vmap over a split
-                # state (a scanned stack) rebuilds its layers, which would run as if not selected
-                raise ValueError(f"a selected {cls.__name__} layer ran as a copy of the model's module (a "
-                                 "scanned or vmapped stack, e.g. Llama(scan_layers=True)); interception "
-                                 "cannot follow it: build the model unrolled (scan_layers=False)")
+            handler = _NNX_HANDLERS.get().get(type(self))
             if handler is None or _BYPASS.get():
-                return cls.__call__(self, *args, **kwargs)
+                return base.__call__(self, *args, **kwargs)
             return handler(self, args, kwargs)
-        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-    return _SUBCLASSES[cls]
+        _SUBCLASSES[key] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                                          "__qualname__": base.__qualname__})
+    return _SUBCLASSES[key]
+
+
+def _nnx_handler(path: str, base: type, on_call: Callable[[Call, Callable], Any]) -> Callable:
+    def handler(m, args, kwargs):
+        call = Call(path, m, args, kwargs, _nnx_params(m), _nnx_run(m))
+        return on_call(call, lambda: base.__call__(m, *args, **kwargs))
+    return handler
 
 
 @contextlib.contextmanager
-def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Callable], Any]):
-    """Routes every selected layer call to ``on_call(call, original)`` while active."""
-    if isinstance(target, nnx.Module):
-        swapped, handlers = [], dict(_NNX_HANDLERS.get())
-        for key_path, mod in nnx.iter_graph(target):
-            if not isinstance(mod, NNX_LAYERS) or id(mod) in handlers:
-                continue
-            path = "/".join(str(p) for p in key_path)
-            if not selector(path, mod):
-                continue
-            base = type(mod)
+def _intercepting_nnx(target: nnx.Module, selector: _Selector, on_call: Callable[[Call, Callable], Any],
+                      kinds: tuple[type, ...]):
+    handlers, swapped = dict(_NNX_HANDLERS.get()), []
+    depth = _DEPTH.get()
+    for key_path, mod in nnx.iter_graph(target):
+        if not isinstance(mod, kinds) or type(mod) in handlers:  # a module an outer interception has
+            continue
+        path = "/".join(str(p) for p in key_path)
+        if not selector(path, mod):
+            continue
+        base = type(mod)
+        sub = _intercepting_class(base, path, depth)
+        handlers[sub] = _nnx_handler(path, base, on_call)
+        swapped.append((mod, base))
+        object.__setattr__(mod, "__class__", sub)
+    tokens = _NNX_HANDLERS.set(handlers), _DEPTH.set(depth + 1)
+    try:
+        yield
+    finally:
+        _NNX_HANDLERS.reset(tokens[0])
+        _DEPTH.reset(tokens[1])
+        for mod, base in swapped:
+            object.__setattr__(mod, "__class__", base)
 
-            def handler(m, args, kwargs, path=path, base=base):
-                call = Call(path, m, args, kwargs, _nnx_params(m), _nnx_run(m))
-                return on_call(call, lambda: base.__call__(m, *args, **kwargs))
-            handlers[id(mod)] = handler
-            swapped.append((mod, base))
-            object.__setattr__(mod, "__class__", _intercepting_class(base))
-        token = _NNX_HANDLERS.set(handlers)
-        try:
-            yield
-        finally:
-            _NNX_HANDLERS.reset(token)
-            for mod, base in swapped:
-                object.__setattr__(mod, "__class__", base)
-    else:
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            if (_BYPASS.get() or context.method_name != "__call__" or not isinstance(module, LINEN_LAYERS)):
-                return next_fun(*args, **kwargs)
-            path = "/".join(module.scope.path)
-            if not selector(path, module):
-                return next_fun(*args, **kwargs)
-            params = dict(module.variables.get("params", {}))
-            call = Call(path, module, args, kwargs, params, _linen_run(module))
-            return on_call(call, lambda: next_fun(*args, **kwargs))
-        with nn.intercept_methods(interceptor):
-            yield
+
+@contextlib.contextmanager
+def _intercepting_linen(selector: _Selector, on_call: Callable[[Call, Callable], Any], kinds: tuple[type, ...]):
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if _BYPASS.get() or context.method_name != "__call__" or not isinstance(module, kinds):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.scope.path)
+        if not selector(path, module):
+            return next_fun(*args, **kwargs)
+        params = dict(module.variables.get("params", {}))
+        call = Call(path, module, args, kwargs, params, _linen_run(module))
+        return on_call(call, lambda: next_fun(*args, **kwargs))
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _intercepting(target: Any, selector: _Selector, on_call: Callable[[Call, Callable], Any],
+                  kinds: tuple[type, ...]):
+    """Routes every call of a selected module (of one of ``kinds``) to ``on_call(call, original)`` while active.
+
+    This and :func:`_intercepting_class` are the one place where Flax modules are patched or wrapped.
+    """
+    if isinstance(target, nnx.Module):
+        return _intercepting_nnx(target, selector, on_call, kinds)
+    return _intercepting_linen(selector, on_call, kinds)
 
 
 def _default(call: Call, original: Callable) -> Any:
     return call.run() if _leaves.has_compressed(call.params) else original()
 
 
-def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Callable[[], Any] | None):
+def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Callable[[], Any] | None, *,
+          kinds: tuple[type, ...] = LINEN_LAYERS + NNX_LAYERS, python_loops: bool = False):
     _Selector(where)  # bad patterns fail here, not at the first call
 
     def wrapped(*args, **kwargs):
         selector = _Selector(where)
         try:
-            with _intercepting(fn, selector, on_call):
+            with _intercepting(fn, selector, on_call, kinds), \
+                    jax.disable_jit() if python_loops else contextlib.nullcontext():
                 out = fn(*args, **kwargs)
             selector.check()
         except BaseException:
@@ -301,6 +324,31 @@ def _wrap(fn: Any, where, on_call: Callable[[Call, Callable], Any], collect: Cal
             raise
         return out if collect is None else (out, collect())
     return wrapped
+
+
+def route(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | None,
+          on_call: Callable[[Call, Callable[[], Any]], Any], *, kinds: tuple[type, ...] | None = None):
+    """Wraps ``fn`` so that every call of a selected module goes to ``on_call(call, original)``.
+
+    The mechanism under :func:`capture`, :func:`replace` and the one-shot engine, for any module:
+    ``kinds`` are the module classes that may be selected (default: the Dense/Conv/Einsum layers,
+    :data:`LINEN_LAYERS` and :data:`NNX_LAYERS`; ``(nn.Module, nnx.Module)`` for every module).
+    ``original()`` runs the call as it would have run. Calls of nnx modules rebuilt from a selected
+    one (the layers of a scanned stack) are routed too, under the selected module's path.
+
+    Examples:
+      >>> import jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> seen = []
+      >>> def log(call, original):
+      ...     seen.append(call.path)
+      ...     return original()
+      >>> _ = route(model.apply, None, log, kinds=(nn.Module,))(variables, jnp.ones((1, 4)))
+      >>> seen
+      ['', 'layers_0', 'layers_2']
+    """
+    return _wrap(fn, where, on_call, None, kinds=LINEN_LAYERS + NNX_LAYERS if kinds is None else tuple(kinds))
 
 
 def capture(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | None = None):
@@ -315,7 +363,10 @@ def capture(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | N
 
     Returns:
       A function with ``fn``'s arguments returning ``(outputs, {path: Record(inputs, outputs, kernel)})``.
-      A layer called more than once gets ``path``, ``path@1``, ``path@2``...
+      A layer called more than once gets ``path``, ``path@1``, ``path@2``...; so does each layer of a
+      scanned stack (``layers/mlp/up_proj@1`` is layer 1's, its ``kernel`` that layer's slice): ``fn``
+      runs with ``jax.disable_jit()``, so a scan loops in Python and every record is a value of the
+      wrapped call (jit the wrapper to compile the whole).
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -342,7 +393,7 @@ def capture(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | N
         records.clear()
         return result
 
-    return _wrap(fn, where, on_call, collect)
+    return _wrap(fn, where, on_call, collect, python_loops=True)
 
 
 def run_compressed(fn: Any, where: str | Sequence[str] | Callable[[str, Any], bool] | None = None):

@@ -45,7 +45,8 @@ from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 
 __all__ = ["paths", "path_str", "select", "Rule", "is_rules", "assign", "map_assigned", "rules", "no_match_error",
-           "PathRules", "assigned", "as_rules", "matches", "map_with_path", "map_selected", "KERNELS", "Where"]
+           "compile_pattern", "Patterns", "PathRules", "assigned", "as_rules", "matches", "map_with_path",
+           "map_selected", "KERNELS", "Where"]
 
 Where = str | Sequence[str] | Callable[[str, Any], bool] | Any
 
@@ -142,13 +143,28 @@ def map_float_kernels(fn: Callable[[str, Any, Any], Any], params: Any, values: A
     return map_assigned(one, params, values, where=where, what=what)
 
 
-def _compile(pattern: str) -> re.Pattern:
+def compile_pattern(pattern: str, *, what: str = "pattern") -> re.Pattern:
+    """The one regex compiler for paths: every pattern a user gives (rules, ``where=``, block paths, layer
+    selections) is compiled here.
+
+    Raises:
+      TypeError: ``pattern`` is not a str.
+      ValueError: ``pattern`` is not a valid regex; the message names ``what`` and the pattern.
+
+    Examples:
+      >>> bool(compile_pattern(r"layer_\\d+").fullmatch("layer_3"))
+      True
+      >>> compile_pattern("(", what="blocks")
+      Traceback (most recent call last):
+      ...
+      ValueError: blocks: invalid regex '(': missing ), unterminated subpattern at position 0
+    """
     if not isinstance(pattern, str):
-        raise TypeError(f"selection pattern must be a str regex, got {pattern!r} ({type(pattern).__name__})")
+        raise TypeError(f"{what}: selection pattern must be a str regex, got {pattern!r} ({type(pattern).__name__})")
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+        raise ValueError(f"{what}: invalid regex {pattern!r}: {e}") from None
 
 
 def _module_paths(path: str) -> list[str]:
@@ -168,13 +184,52 @@ def matches(pattern: str, path: str) -> bool:
       >>> matches("layer_0/mlp", "layer_0/mlp/up/kernel"), matches("layer_0/mlp", "layer_0/mlp_norm/scale")
       (True, False)
     """
-    return _matches(_compile(pattern), path)
+    return _matches(compile_pattern(pattern), path)
 
 
 def no_match_error(what: str, pattern: str, available: Sequence[str]) -> ValueError:
     """The one error for a pattern or rule that claims no leaf, listing what it could have claimed."""
     shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
     return ValueError(f"{what}: pattern {pattern!r} matches no leaf; available paths: [{shown}]")
+
+
+class Patterns:
+    """Regexes met with paths one at a time, each of which must match one of them.
+
+    Calling it with a path says whether any pattern matches it (:func:`matches` semantics: the path or
+    a module path above it); :meth:`check` then raises :func:`no_match_error` for the first pattern
+    that matched none of the paths seen.
+
+    Examples:
+      >>> pick = Patterns(["attn", "mlp"], what="where")
+      >>> pick("attn/query"), pick("norm")
+      (True, False)
+      >>> pick.check()
+      Traceback (most recent call last):
+      ...
+      ValueError: where: pattern 'mlp' matches no leaf; available paths: [attn/query, norm]
+    """
+
+    def __init__(self, patterns: str | Sequence[str], *, what: str = "where"):
+        self.what = what
+        self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        self.compiled = [compile_pattern(p, what=what) for p in self.patterns]
+        self.hit = [False] * len(self.patterns)
+        self.seen: list[str] = []
+
+    def __call__(self, path: str) -> bool:
+        self.seen.append(path)
+        found = False
+        for i, c in enumerate(self.compiled):
+            if _matches(c, path):
+                self.hit[i] = found = True
+        return found
+
+    def check(self) -> None:
+        """Raises for the first pattern that matched none of the paths seen so far."""
+        for p, h in zip(self.patterns, self.hit):
+            if not h:
+                raise no_match_error(self.what, p, list(dict.fromkeys(self.seen)))
 
 
 T = TypeVar("T")
@@ -201,7 +256,7 @@ class Rule(Generic[T]):
     required: bool = dataclasses.field(default=True, kw_only=True)
 
     def __post_init__(self):
-        _compile(self.pattern)
+        compile_pattern(self.pattern, what="Rule")
         _checks.flag(f"Rule({self.pattern!r}).required", self.required)
 
     def matches(self, path: str) -> bool:
@@ -261,13 +316,9 @@ def select(tree: Any, where: Where = KERNELS) -> Any:
     available = [p for p, _ in flat]
     if isinstance(where, str) or (isinstance(where, (list, tuple)) and where
                                   and all(isinstance(w, str) for w in where)):
-        patterns = [where] if isinstance(where, str) else list(where)
-        compiled = [_compile(w) for w in patterns]
-        hits = [[_matches(c, p) for p in available] for c in compiled]
-        for w, h in zip(patterns, hits):
-            if not any(h):
-                raise no_match_error("where", w, available)
-        chosen = [any(col) for col in zip(*hits)] if available else []
+        pick = Patterns(where, what="where")
+        chosen = [pick(p) for p in available]
+        pick.check()
     elif callable(where):
         chosen = [bool(where(p, x)) for p, x in flat]
     else:
@@ -305,7 +356,7 @@ class PathRules:
         self.single = not (is_rules(value) or _is_pairs(value))
         self.value = value
         self.rules = [] if self.single else as_rules(value, what)
-        self.compiled = [_compile(r.pattern) for r in self.rules]
+        self.compiled = [compile_pattern(r.pattern, what=what) for r in self.rules]
         self.used = [False] * len(self.rules)
         self.seen: list[str] = []
 

@@ -49,8 +49,10 @@ def test_capture_selects_by_module_path_regex():
     assert sorted(seen) == ["Dense_0", "Dense_1"]
     with pytest.raises(ValueError, match=r"^where: pattern .Dense_9. matches no leaf; available paths: \[.*Conv_0"):
         jb.intercept.capture(model.apply, "Dense_9")(variables, X)
-    with pytest.raises(ValueError, match="invalid module-path regex"):
+    with pytest.raises(ValueError, match=r"^where: invalid regex '\(': "):  # jb.tree's one compiler, not re.error
         jb.intercept.capture(model.apply, "(")
+    with pytest.raises(ValueError, match=r"^where: invalid regex '\[': "):
+        jb.calibration.layer_order(model.apply, variables, X, where="[")
 
 
 def test_capture_transformer_dense_general_and_nested_paths():
@@ -125,18 +127,36 @@ def test_repeated_layer_calls_are_numbered():
     np.testing.assert_array_equal(seen["Dense_0@1"].inputs, seen["Dense_0"].outputs)
 
 
-def test_a_scanned_stack_is_named_not_run_as_if_unselected():
-    # nnx.scan rebuilds the stacked layers from a split state: hooks on the model's modules never see
-    # them, so capture reported only the head and qat left every block in float
+def _llama_pair():
+    """An unrolled and a scanned Llama with the same weights (the scanned ones: the layers stacked)."""
     config = jb.zoo.LlamaConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
                                 intermediate_size=32)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    scanned = jb.zoo.Llama(config, rngs=nnx.Rngs(0), scan_layers=True)
-    for run in (lambda: jb.intercept.capture(scanned)(ids),
-                lambda: jb.quant.qat(scanned, weights=jb.quant.QuantSpec(bits=4))(ids)):
-        with pytest.raises(ValueError, match=r"selected Linear layer ran as a copy .*unrolled \(scan_layers=False\)"):
-            run()
-    _, seen = jb.intercept.capture(scanned, "lm_head")(ids)  # layers outside the stack are still followed
-    assert list(seen) == ["lm_head"]
     unrolled = jb.zoo.Llama(config, rngs=nnx.Rngs(0))
-    assert len(jb.intercept.capture(unrolled)(ids)[1]) == 2 * 7 + 1
+    scanned = jb.zoo.Llama(config, rngs=nnx.Rngs(1), scan_layers=True)
+    params = nnx.state(unrolled, nnx.Param)
+    flat = dict(zip(jb.tree.paths(params), jax.tree.leaves(params)))
+    nnx.update(scanned, jb.tree.map_with_path(
+        lambda p, x: jnp.stack([flat[p.replace("layers/", f"layers/{i}/")] for i in range(2)])
+        if p.startswith("layers/") else flat[p], nnx.state(scanned, nnx.Param)))
+    return unrolled, scanned
+
+
+def test_capture_and_qat_follow_a_scanned_stack_as_the_unrolled_model():
+    # nnx rebuilds a scanned stack's layers from a split state on every step: hooks on the model's own
+    # modules never saw them (capture reported only the head, qat left every block in float)
+    unrolled, scanned = _llama_pair()
+    ids = jax.random.randint(jax.random.key(3), (2, 4), 0, 32)
+    _, want = jb.intercept.capture(unrolled)(ids)
+    _, got = jax.jit(jb.intercept.capture(scanned))(ids)
+    assert len(got) == len(want) == 2 * 7 + 1
+    for path, rec in want.items():  # layers/i/mlp/up_proj is the stack's layers/mlp/up_proj, call i
+        layer = path.split("/")[1] if path.startswith("layers/") else "0"
+        mine = path.replace(f"layers/{layer}/", "layers/") + ("@1" if layer == "1" else "")
+        for a, b in zip(got[mine], rec):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    spec = jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)
+    q_unrolled = jb.quant.qat(unrolled, weights=spec, activations=jb.quant.QuantSpec())(ids)
+    q_scanned = jb.quant.qat(scanned, weights=spec, activations=jb.quant.QuantSpec())(ids)
+    np.testing.assert_allclose(q_scanned, q_unrolled, atol=1e-5)
+    assert np.abs(q_scanned - scanned(ids)).max() > 1e-2  # the blocks really ran quantized
+    assert type(scanned.layers) is jb.zoo.DecoderLayer and type(scanned.layers.mlp.up_proj) is nnx.Linear

@@ -116,6 +116,42 @@ def test_each_block_equals_its_solver_on_numpy_statistics_of_compressed_inputs(c
     assert out["layer_4"]["dense"]["bias"] is params["layer_4"]["dense"]["bias"]
 
 
+class Ordered(nn.Module):  # two residual blocks, called in the order given (a block may be called twice)
+    order: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        layers = [Res(name=f"layer_{i}") for i in range(2)]
+        for i in self.order:
+            x = layers[i](x)
+        return x
+
+
+def test_blocks_are_compressed_in_the_order_the_model_calls_them():
+    # the engine took blocks in module order: layer_1, called first, was solved on layer_0's output
+    x = _data()
+    params = Ordered((1, 0)).init(jax.random.key(1), x)["params"]
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, report = jb.oneshot.compress(Ordered((1, 0)), params, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    assert [r.path for r in report.rows] == ["layer_1/dense", "layer_0/dense"]
+    h = x
+    for i in (1, 0):
+        layer = params[f"layer_{i}"]["dense"]
+        ref = _reference(np.asarray(layer["kernel"]), _hessian(h), plan)
+        np.testing.assert_allclose(np.asarray(out[f"layer_{i}"]["dense"]["kernel"]), ref, atol=1e-5)
+        h = h + h @ ref + np.asarray(layer["bias"])
+
+
+def test_a_block_called_twice_is_refused_naming_its_calls():
+    # it was calibrated on its first call only, and the block after it on the wrong input
+    x = _data(8)
+    params = Ordered((0, 1, 0)).init(jax.random.key(1), x)["params"]
+    with pytest.raises(ValueError, match=r"^layer_0: the model calls this block 2 times \(block calls in order: "
+                                         r"\['layer_0', 'layer_1', 'layer_0'\]\)"):
+        jb.oneshot.compress(Ordered((0, 1, 0)), params, [x], jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))]),
+                            progress=False)
+
+
 def test_sparsegpt_then_gptq_keeps_the_pruned_weights_at_zero(chain):
     _, params, out, _ = chain
     q = out["layer_0"]["dense"]["kernel"]
@@ -394,6 +430,15 @@ def test_a_rule_that_claims_no_targeted_layer_is_an_error(small):
             sparsity=0.5))]), progress=False)
 
 
+def test_a_bad_blocks_pattern_is_a_value_error_naming_it(small):
+    x, params = small
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))])
+    with pytest.raises(ValueError, match=r"^blocks: invalid regex '\(': "):  # was a raw re.error
+        jb.oneshot.compress(MLPNet(), params, [x], recipe, blocks="(", progress=False)
+    with pytest.raises(ValueError, match=r"^blocks: pattern 'layer_9' matches no leaf; available paths: \[layer_0"):
+        jb.oneshot.compress(MLPNet(), params, [x], recipe, blocks="layer_9", progress=False)
+
+
 def test_calibration_batches_of_another_shape_or_dtype_are_errors(small):
     x, params = small
     recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=0.5))])
@@ -515,7 +560,7 @@ def test_a_model_without_blocks_is_compressed_whole_each_layer_by_its_solver(seq
         h = np.maximum(h, 0) * (0.5 if i == 0 else 1.0)
 
 
-def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
+def test_an_nnx_model_without_blocks_compresses_whole():
     x = _data(32)
     model = PlainNnx(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
@@ -525,11 +570,84 @@ def test_an_nnx_model_without_blocks_and_a_one_layer_llama_compress_whole():
     for name in ("up", "out"):
         assert float(np.mean(np.asarray(out[name]["kernel"][...]) == 0)) == 0.5
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
+
+
+def test_a_one_layer_decoder_is_one_block_and_its_lm_head_stays_as_given():
+    # layers/0 alone was no "repeated" block: the whole model was, and a ".*" rule quantized lm_head
     c = jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
     ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
-    out, report = jb.oneshot.compress(jb.zoo.Llama(c, rngs=nnx.Rngs(0)), None, [ids],
-                                      jb.Recipe([Rule(r"layers/.*", jb.Plan(quant=jb.GPTQ(INT4)))]), progress=False)
-    assert len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)
+    model = jb.zoo.Llama(c, rngs=nnx.Rngs(0))
+    out, report = jb.oneshot.compress(model, None, [ids], jb.Recipe([Rule(r".*", jb.Plan(quant=jb.GPTQ(INT4)))]),
+                                      progress=False)
+    assert report.blocks == 1 and len(report.rows) == 7 and all(r.path.startswith("layers/0/") for r in report.rows)
+    np.testing.assert_array_equal(out["lm_head"]["kernel"][...], model.lm_head.kernel[...])
+    assert isinstance(out["layers"][0]["mlp"]["up_proj"]["kernel"].get_value(), jb.quant.QArray)
+
+
+class DropBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.dense, self.drop = nnx.Linear(D, D, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.dense(self.drop(x))
+
+
+class DropNet(nnx.Module):  # built in train mode: Dropout active
+    def __init__(self, rngs):
+        self.layers = nnx.List([DropBlock(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_an_nnx_model_in_train_mode_is_calibrated_in_eval_mode_and_left_in_its_mode():
+    # Dropout drew random bits inside the engine's traces: TraceContextError
+    model, x = DropNet(nnx.Rngs(0)), _data()
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, _ = jb.oneshot.compress(model, None, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    h = x
+    for i in range(2):  # eval mode: dropout is the identity
+        dense = model.layers[i].dense
+        ref = _reference(np.asarray(dense.kernel[...]), _hessian(h), plan)
+        np.testing.assert_allclose(np.asarray(out["layers"][i]["dense"]["kernel"][...]), ref, atol=1e-5)
+        h = h + h @ ref + np.asarray(dense.bias[...])
+    assert model.layers[0].drop.deterministic is False   # the caller's model keeps its mode
+
+
+class NormRes(nn.Module):  # a residual block with BatchNorm: it reads the batch_stats collection
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(D, name="dense")(nn.BatchNorm(use_running_average=True, name="bn")(x))
+
+
+class NormChain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = NormRes(name=f"layer_{i}")(x)
+        return x
+
+
+def test_linen_blocks_get_their_non_parameter_collections():
+    # full variables {"params", "batch_stats"}: the block runners got only params (ScopeCollectionNotFound)
+    x = _data()
+    variables = NormChain().init(jax.random.key(1), x)
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    plan = jb.Plan(sparsity=jb.SparseGPT(0.5))
+    out, _ = jb.oneshot.compress(NormChain(), variables, [x], jb.Recipe([Rule(".*", plan)]), progress=False)
+    assert out["batch_stats"] is stats
+    h = x
+    for i in range(2):
+        p, st = variables["params"][f"layer_{i}"], stats[f"layer_{i}"]["bn"]
+        normed = (h - np.asarray(st["mean"])) / np.sqrt(np.asarray(st["var"]) + 1e-5) * np.asarray(p["bn"]["scale"]) \
+            + np.asarray(p["bn"]["bias"])
+        ref = _reference(np.asarray(p["dense"]["kernel"]), _hessian(normed), plan)
+        np.testing.assert_allclose(np.asarray(out["params"][f"layer_{i}"]["dense"]["kernel"]), ref, atol=1e-4)
+        h = h + normed @ ref + np.asarray(p["dense"]["bias"])
+    np.testing.assert_allclose(NormChain().apply(out, x), h, atol=1e-4)
 
 
 def test_an_nnx_models_whole_state_comes_back_whole_with_the_parameters_compressed():

@@ -60,6 +60,25 @@ def test_select_invalid_regex_named():
         jb.tree.select(PARAMS, "(unclosed")
 
 
+def test_every_pattern_is_compiled_by_one_compiler_that_names_its_option():
+    with pytest.raises(ValueError, match=r"^blocks: invalid regex '\(': missing \)"):
+        jb.tree.compile_pattern("(", what="blocks")
+    with pytest.raises(TypeError, match=r"^blocks: selection pattern must be a str regex, got 3"):
+        jb.tree.compile_pattern(3, what="blocks")
+    with pytest.raises(ValueError, match=r"^Rule: invalid regex '\['"):
+        jb.tree.Rule("[", 4)
+
+
+def test_patterns_each_must_match_a_path_seen():
+    pick = jb.tree.Patterns([r"layer_\d+/mlp", "head"], what="where")
+    assert [pick(p) for p in ("layer_0/mlp/up", "layer_0/mlp_norm", "head")] == [True, False, True]
+    pick.check()
+    missing = jb.tree.Patterns(["head", "tail"], what="where")
+    missing("head")
+    with pytest.raises(ValueError, match=r"^where: pattern 'tail' matches no leaf; available paths: \[head\]$"):
+        missing.check()
+
+
 def test_select_bool_tree_of_other_structure():
     with pytest.raises(ValueError, match="structure"):
         jb.tree.select(PARAMS, {"params": {"Dense_0": {"kernel": True}}})

@@ -7,7 +7,6 @@ there is no other capture mechanism.
 """
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -57,10 +56,7 @@ class Feature:
         for side in ("student", "teacher"):
             if not isinstance(getattr(self, side), str):
                 raise TypeError(f"Feature.{side} must be a module-path regex str, got {getattr(self, side)!r}")
-            try:
-                re.compile(getattr(self, side))
-            except re.error as e:
-                raise ValueError(f"Feature.{side}: invalid regex {getattr(self, side)!r}: {e}") from None
+            _tree.compile_pattern(getattr(self, side), what=f"Feature.{side}")
         if not isinstance(self.kind, FeatureLoss):
             raise TypeError(f"Feature.kind must be a FeatureLoss, got {self.kind!r}")
         _checks.number("Feature.weight", self.weight, low=0)

@@ -371,6 +371,7 @@ def _prepare(model: _model.Model, working: Any, calibration_batches: Iterable[An
     masks = [None if row_mask is None else jnp.asarray(row_mask(b)) for b in given]
     batches = [_place(b, mesh, data_axis) for b in raw]
     block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
+    block_list = _model.in_call_order(block_list, _on_batch0(lambda: model.call_order(block_list, *batches[0]), hint))
     first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
                        ("" if block_list[0].whole else f" up to {block_list[0].name}") + hint)
     static, first_arrays = _model.Static.split(*first)

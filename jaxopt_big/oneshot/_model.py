@@ -3,13 +3,16 @@
 A *block* is a repeated submodule (``layer_0`` ... ``layer_N`` in linen, ``layers/0`` ... in nnx) or
 one layer of a stacked submodule: an ``nnx.scan``-stacked one (the top module over a stacked
 linear's layers) or the body of a linen ``nn.scan`` with ``variable_axes={"params": 0}`` (the module
-whose call sees each of its parameters without the leading axis it is stored with). A model with
-neither (an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
+whose call sees each of its parameters without the leading axis it is stored with), or the one
+numbered submodule that holds layers (a one-layer decoder's ``layers/0``). A model with none of these
+(an MLP, a small CNN) is one block: the whole model, run on the calibration batches as given.
 Assumptions, checked where they can be:
 
-- blocks are called through ``__call__`` in index order, block *i+1*'s first positional argument
-  is block *i*'s output (the first element when it returns a tuple), and every other argument is the
-  same for all blocks (attention masks, positions; for a linen ``nn.scan``: ``in_axes=nn.broadcast``);
+- each block is called once, through ``__call__`` (checked: blocks are taken in the order the model
+  calls them, found in an abstract run, and a block called twice is refused); the *i+1*-th block
+  called gets the *i*-th one's output as its first positional argument (the first element when it
+  returns a tuple), and every other argument is the same for all blocks (attention masks, positions;
+  for a linen ``nn.scan``: ``in_axes=nn.broadcast``);
 - a block's parameters are the subtree under its module path (for a stacked block: index ``i`` of
   the leading axis of every leaf under it).
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 from typing import Any
 from collections.abc import Callable, Sequence
 
@@ -34,11 +36,12 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_big import _checks
+from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear
 
-__all__ = ["Block", "Model", "wrap", "Static"]
+__all__ = ["Block", "Model", "wrap", "Static", "in_call_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +127,14 @@ class _NnxRunner:
 
 
 def _numbered(name: str) -> tuple[str, int] | None:
-    m = re.fullmatch(r"(.*?)(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else None
+    """``("layer_", 3)`` for ``"layer_3"``; None for a name that does not end in digits."""
+    stem = name.rstrip("0123456789")
+    return (stem, int(name[len(stem):])) if stem != name else None
+
+
+def _natural(path: str) -> list[tuple[str, int]]:
+    """A sort key that orders ``layer_2`` before ``layer_10``."""
+    return [(stem, n) for stem, n in (_numbered(part) or (part, -1) for part in path.split("/"))]
 
 
 def _module_paths(paths: list[str]) -> set[str]:
@@ -145,7 +154,9 @@ def _signature(flat: dict[str, Any], module: str) -> tuple:
 
 
 def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[str]:
-    """The largest group of numbered sibling modules with identical parameter shapes that hold kernels."""
+    """The largest group of numbered sibling modules with identical parameter shapes that hold kernels;
+    else the one numbered module that holds layers (not a kernel of its own): a one-layer decoder's
+    ``layers/0``, a block whose head outside stays as given."""
     groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for module in _module_paths(list(flat)):
         parent, _, name = module.rpartition("/")
@@ -153,15 +164,20 @@ def _repeated(flat: dict[str, Any], is_kernel: Callable[[str], bool]) -> list[st
         if numbered is not None:
             groups.setdefault((parent, numbered[0]), []).append((numbered[1], module))
     best: list[str] = []
+    singles: list[str] = []
     for _, numbered_members in sorted(groups.items(), key=lambda kv: kv[0][0].count("/")):
         members = [m for _, m in sorted(numbered_members)]
-        if len(members) < 2 or len({_signature(flat, m) for m in members}) != 1:
+        if len({_signature(flat, m) for m in members}) != 1:
             continue
-        if not any(is_kernel(p) and _under(p, members[0]) for p in flat):
+        kernels = [p for p in flat if is_kernel(p) and _under(p, members[0])]
+        if not kernels:
             continue
-        if len(members) > len(best):
+        if len(members) == 1:
+            if all(p.count("/") > members[0].count("/") + 1 for p in kernels):
+                singles.append(members[0])
+        elif len(members) > len(best):
             best = members
-    return best
+    return best or (singles if len(singles) == 1 else [])
 
 
 class Model:
@@ -174,7 +190,8 @@ class Model:
         return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
 
     def blocks(self, pattern: str | None, stacked: str | None) -> list[Block]:
-        """The blocks in call order: found automatically, or the module paths ``pattern`` fully matches.
+        """The blocks in module order (:func:`in_call_order` puts them in call order): found
+        automatically, or the module paths ``pattern`` fully matches.
 
         ``stacked``: what :meth:`stacked` found.
         """
@@ -184,16 +201,26 @@ class Model:
                 return [Block(stacked, i) for i in range(_depth(flat, stacked))]
             found = _repeated(flat, lambda p: p.endswith("/kernel") or p.endswith("/weight"))
             return [Block(m) for m in found] if found else [Block("")]
-        if not isinstance(pattern, str):
-            raise TypeError(f"blocks must be a regex str of block module paths, got {pattern!r}")
-        compiled = re.compile(pattern)
-        modules = sorted((m for m in _module_paths(list(flat)) if compiled.fullmatch(m)),
-                         key=lambda m: [(int(t) if t.isdigit() else t) for t in re.split(r"(\d+)", m)])
+        compiled = _tree.compile_pattern(pattern, what="blocks")
+        modules = sorted((m for m in _module_paths(list(flat)) if compiled.fullmatch(m)), key=_natural)
         if not modules:
             raise _tree.no_match_error("blocks", pattern, sorted(_module_paths(list(flat))))
         if stacked is not None and modules == [stacked]:
             return [Block(stacked, i) for i in range(_depth(flat, stacked))]
         return [Block(m) for m in modules]
+
+    def call_order(self, blocks: list[Block], args: tuple, kwargs: dict) -> list[str]:
+        """The paths of ``blocks`` in the order the model calls them, once per call (one abstract run on
+        ``args, kwargs``); the blocks of a stack or the whole model: as given."""
+        if blocks[0].whole or blocks[0].index is not None:
+            return [b.path for b in blocks]
+        calls: list[str] = []
+
+        def note(call, original):
+            calls.append(call.path)
+            return original()
+        jax.eval_shape(lambda p, a, k: self.call(_leaves.densify(p), a, k, blocks, note), self.params, args, kwargs)
+        return calls
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The module path of a stacked block, or None; ``args, kwargs``: one batch, for a model whose
@@ -242,10 +269,10 @@ class Model:
         if first.whole:
             return args, kwargs
         if first.index is not None:
-            def stop(module, a, k, original):
-                if any(_checks.is_traced(x) for x in jax.tree.leaves((a, k))):
+            def stop(call, original):
+                if any(_checks.is_traced(x) for x in jax.tree.leaves((call.args, call.kwargs))):
                     return original()  # linen's scan traces its body once before its loop
-                raise _Stop(a, k)
+                raise _Stop(call.args, call.kwargs)
             try:
                 with jax.disable_jit():
                     self.call(params, args, kwargs, [first], stop)
@@ -255,8 +282,8 @@ class Model:
         if first.path not in self._captures:
             found: dict[str, Any] = {}
 
-            def grab(module, a, k, original):
-                found.setdefault("call", Static.split(a, k))
+            def grab(call, original):
+                found.setdefault("call", Static.split(call.args, call.kwargs))
                 return original()
 
             def run(params, args, kwargs):
@@ -268,6 +295,24 @@ class Model:
         found, run = self._captures[first.path]
         arrays = run(params, args, kwargs)
         return found["call"][0].join(arrays)
+
+
+def in_call_order(blocks: list[Block], calls: list[str]) -> list[Block]:
+    """``blocks`` in the order of ``calls`` (:meth:`Model.call_order`).
+
+    Raises:
+      ValueError: a block called more than once (the engine would calibrate it on its first call only)
+        or never (it would be calibrated on another block's output).
+    """
+    if blocks[0].whole or blocks[0].index is not None:
+        return blocks
+    by_path = {b.path: b for b in blocks}
+    for b in blocks:
+        n = calls.count(b.path)
+        if n != 1:
+            raise ValueError(f"{b.name}: the model calls this block {n} times (block calls in order: {calls}); "
+                             "block-wise compression needs each block called once: name other blocks with blocks=")
+    return [by_path[p] for p in calls]
 
 
 def _depth(flat: dict[str, Any], module: str) -> int:
@@ -291,16 +336,9 @@ class _Linen(Model):
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
-        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``."""
-        paths = {b.path for b in blocks}
-
-        def interceptor(next_fun, a, k, context):
-            module = context.module
-            if context.method_name != "__call__" or "/".join(module.scope.path) not in paths:
-                return next_fun(*a, **k)
-            return handler(module, a, k, lambda: next_fun(*a, **k))
-        with nn.intercept_methods(interceptor):
-            return self.apply({"params": params, **(self.extra or {})}, *args, **kwargs)
+        """The model on ``params``; calls of ``blocks`` go to ``handler(call, original)``."""
+        return _routed(lambda: self.apply({"params": params, **(self.extra or {})}, *args, **kwargs),
+                       blocks, handler, nn.Module)()
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The outermost ``nn.scan`` body over stacked parameters, found from one abstract run.
@@ -313,18 +351,16 @@ class _Linen(Model):
         seen: dict[str, dict[str, tuple]] = {}
         stored: dict[str, tuple] = {}
 
-        def record(next_fun, a, k, context):
-            out = next_fun(*a, **k)
-            path = "/".join(context.module.scope.path)
-            if context.method_name == "__call__" and path and a and _carries(a[0], out):
-                seen.setdefault(path, _shapes(context.module.variables.get("params", {}), path))
+        def record(call, original):
+            out = original()
+            if call.path and call.args and _carries(call.args[0], out):
+                seen.setdefault(call.path, _shapes(call.module.variables.get("params", {}), call.path))
             return out
 
         def run(params, args, kwargs):
             dense = _leaves.densify(params)
             stored.update(_shapes(dense, ""))
-            with nn.intercept_methods(record):
-                self.call(dense, args, kwargs)
+            _intercept.route(lambda: self.call(dense, args, kwargs), None, record, kinds=(nn.Module,))()
         jax.eval_shape(run, self.params, args, kwargs)
         for path in sorted(seen, key=lambda p: p.count("/")):
             inner, outer = seen[path], {p: s for p, s in stored.items() if _under(p, path)}
@@ -340,11 +376,32 @@ class _Linen(Model):
             return [(_ApplyRunner(self.apply), self.extra or {})]
         found = {}
 
-        def grab(module, a, k, original):
-            found["/".join(module.scope.path)] = module.clone(parent=None, name=None)
+        def grab(call, original):
+            found[call.path] = call.module.clone(parent=None, name=None)
             return original()
         jax.eval_shape(lambda p, a, k: self.call(p, a, k, blocks, grab), self.params, args, kwargs)
-        return [(_LinenRunner(found[b.path]), {}) for b in blocks]
+        return [(_LinenRunner(found[b.path]), self._collections(b)) for b in blocks]
+
+    def _collections(self, block: Block) -> dict[str, Any]:
+        """The block's part of every non-parameter collection (batch statistics...) the caller gave."""
+        out = {}
+        for name, tree in (self.extra or {}).items():
+            try:
+                out[name] = self.block_params(tree, block)
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue  # a collection with nothing under this block
+        return out
+
+
+def _routed(fn: Any, blocks: Sequence[Block], handler: Callable | None, kind: type) -> Any:
+    """``fn`` with the calls of ``blocks`` going to ``handler(call, original)`` (an ``intercept.Call``)."""
+    if not blocks:
+        return fn
+    paths = {b.path for b in blocks}
+    assert handler is not None  # blocks are routed to a handler
+    return _intercept.route(fn, lambda path, module: path in paths,
+                            handler,
+                            kinds=(kind,))
 
 
 def _carries(x: Any, out: Any) -> bool:
@@ -362,6 +419,9 @@ def _shapes(params: Any, prefix: str) -> dict[str, tuple]:
 
 class _Nnx(Model):
     def __init__(self, module: nnx.Module, params: Any):
+        # calibrate in eval mode (Dropout off, BatchNorm on its running statistics), on a view: the
+        # caller's module keeps its own mode
+        module = nnx.view(module, deterministic=True, use_running_average=True, raise_if_not_found=False)
         self.graphdef, state = nnx.split(module)
         self.others = nnx.state(module, lambda path, x: not isinstance(x, nnx.Param))
         self.full = False  # the caller gave the whole state (parameters and other variables)
@@ -380,28 +440,10 @@ class _Nnx(Model):
 
     def call(self, params: Any, args: tuple, kwargs: dict, blocks: Sequence[Block] = (),
              handler: Callable | None = None) -> Any:
-        """The model on ``params``; calls of ``blocks`` go to ``handler(module, args, kwargs, original)``.
-
-        Block calls are routed by a class-level patch of the block class (undone on exit), which also
-        reaches the module copies ``nnx.scan`` makes of a stacked block.
-        """
+        """The model on ``params``; calls of ``blocks`` go to ``handler(call, original)``
+        (also the calls of the copies a scan makes of a stacked block)."""
         model = nnx.merge(self.graphdef, params, self.others)
-        if not blocks:
-            return model(*args, **kwargs)
-        modules = _modules(model)
-        cls: Any = type(modules[blocks[0].path])  # Any: its __call__ is swapped for the call below
-        original = cls.__call__
-        ids = None if blocks[0].index is not None else {id(modules[b.path]) for b in blocks}
-
-        def patched(module, *a, **k):
-            if ids is not None and id(module) not in ids:
-                return original(module, *a, **k)
-            return handler(module, a, k, lambda: original(module, *a, **k))
-        cls.__call__ = patched
-        try:
-            return model(*args, **kwargs)
-        finally:
-            cls.__call__ = original
+        return _routed(model, blocks, handler, nnx.Module)(*args, **kwargs)
 
     def stacked(self, args: tuple, kwargs: dict) -> str | None:
         """The top module whose every parameter has one leading axis over a stacked linear's layers."""

@@ -14,9 +14,9 @@ Face tensor name, so rules, interception and quantization select them by name::
 With ``scan_layers=True`` the blocks are one :class:`DecoderLayer` whose parameters carry a leading
 layer axis (``layers/self_attn/q_proj/kernel`` has shape ``(num_layers, hidden, heads * head_dim)``),
 run by ``jax.lax.scan``: one compiled block however deep the model, as MaxText and Levanter do.
-``jb.oneshot.compress`` takes it as it is; ``jb.intercept`` and ``jb.quant.qat`` cannot follow layers
-that the scan rebuilds and raise: use the unrolled model there (``save_llama`` / ``load_llama``
-convert between the two).
+``jb.oneshot.compress``, ``jb.intercept`` and ``jb.quant.qat`` take it as it is (a stacked layer is
+named by its stack's path, ``layers/mlp/up_proj``); ``save_llama`` / ``load_llama`` convert between
+the two.
 """
 
 from __future__ import annotations
