@@ -174,3 +174,19 @@ def test_sharded_bert_loads_like_the_single_file(bert, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json: required field 'num_attention_heads' is missing"):
         zoo.load_bert(tmp_path)
+
+
+def test_tensors_without_a_place_in_the_model_are_refused(bert, tmp_path):
+    path, *_ = bert
+    tensors = load_file(str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))   # would drop layer 1
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.1\..*have no place in the model"):
+        zoo.load_bert(tmp_path)
+    head = {"classifier.weight": np.ones((2, 32), np.float32), "pooler.dense.bias": np.ones(32, np.float32),
+            "embeddings.position_ids": np.arange(16, dtype=np.int64)[None]}
+    save_file({**tensors, **head}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"\['classifier\.weight'\] have no place"):   # pooler, position_ids: known
+        zoo.load_bert(tmp_path)

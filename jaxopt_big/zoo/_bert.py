@@ -234,6 +234,7 @@ def load_bert(directory: str | pathlib.Path) -> tuple[Bert, dict[str, Any]]:
             raise ValueError(f"{path}: tensor {name!r} has shape {value.shape}, "
                              f"expected {expected[path].shape} (transposed: {transpose})")
         flat[path] = jnp.asarray(value, jnp.float32)
+    checkpoint.check_all_used()
     return model, _nest(flat)
 
 
