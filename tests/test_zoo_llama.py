@@ -270,3 +270,21 @@ def test_integer_tensor_in_a_float_slot_is_refused(tmp_path):
     tensors[name] = np.ones(tensors[name].shape, np.int32)
     with pytest.raises(ValueError, match=rf"{name}' \(for layers/0/mlp/up_proj/kernel\) has dtype int32"):
         zoo.load_llama(write_checkpoint(tmp_path, cfg, tensors))
+
+
+def test_save_over_a_sharded_checkpoint_leaves_one_model(tmp_path):
+    cfg = CONFIGS["llama"]
+    old, new = hf_tensors(cfg, seed=0), hf_tensors(cfg, seed=1)
+    write_sharded(tmp_path, cfg, old)
+    (tmp_path / "tokenizer.json").write_text("{}")                  # not the checkpoint's: stays
+    zoo.save_llama(tmp_path, zoo.load_llama(write_checkpoint(tmp_path / "new", cfg, new)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "new", "tokenizer.json"]
+    assert np.abs(np.asarray(zoo.load_llama(tmp_path)(jnp.asarray(IDS))) - numpy_llama(new, cfg, IDS)).max() <= 1e-4
+
+
+def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
+    cfg = CONFIGS["llama"]
+    old, new = hf_tensors(cfg, seed=0), hf_tensors(cfg, seed=1)
+    write_sharded(tmp_path, cfg, old)
+    save_file(new, str(tmp_path / "model.safetensors"))
+    assert np.abs(np.asarray(zoo.load_llama(tmp_path)(jnp.asarray(IDS))) - numpy_llama(new, cfg, IDS)).max() <= 1e-4

@@ -241,12 +241,10 @@ def load_bert(directory: str | pathlib.Path) -> tuple[Bert, dict[str, Any]]:
 def save_bert(directory: str | pathlib.Path, config: BertConfig, params: dict[str, Any]) -> None:
     """Writes ``params`` of a :class:`Bert` as Hugging Face ``config.json`` + ``model.safetensors``.
 
+    A sharded checkpoint already in ``directory`` (its index and the shards it lists) is removed.
     The inverse of :func:`load_bert` (see its example).
     """
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     flat = dict(zip(_tree.paths(params), jax.tree.leaves(_leaves.densify(params))))
     tensors = {}
     for path, (name, transpose) in _hf_names(config).items():
@@ -254,7 +252,7 @@ def save_bert(directory: str | pathlib.Path, config: BertConfig, params: dict[st
             raise ValueError(f"save_bert: params have no leaf {path}; got {sorted(flat)[:8]}...")
         value = np.asarray(flat[path], np.float32)
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-    save_file(tensors, str(directory / "model.safetensors"))
+    _safetensors.write(directory, tensors)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
 
 

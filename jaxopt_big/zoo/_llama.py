@@ -422,15 +422,13 @@ def save_llama(directory: str | pathlib.Path, model: Llama) -> None:
 
     Compressed kernels (``QArray``...) are written as their dense values; stacked (scanned) blocks are
     written one tensor per layer, so the directory is the same whether the model was scanned or not.
-    The inverse of :func:`load_llama` (see its example).
+    A sharded checkpoint already in ``directory`` (its index and the shards it lists) is removed, so
+    the folder holds one model. The inverse of :func:`load_llama` (see its example).
     """
-    from safetensors.numpy import save_file
-
     if not isinstance(model, Llama):
         raise TypeError(f"save_llama expects a jaxopt_big.zoo.Llama, got {type(model).__name__}")
     config = model.config
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     pure = _leaves.densify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     for path, value in zip(_tree.paths(pure), jax.tree.leaves(pure)):
@@ -439,5 +437,5 @@ def save_llama(directory: str | pathlib.Path, model: Llama) -> None:
         for layer_path, v in zip(layers, value) if layers is not None else [(path, value)]:
             name, transpose = _hf_name(layer_path)
             tensors[name] = np.ascontiguousarray(v.T if transpose else v)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _safetensors.write(directory, tensors)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
