@@ -375,7 +375,8 @@ def load(path: str | Any) -> Recipe:
     ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
     ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (``rtn`` | ``gptq``), ``act_order``,
     ``damp``. A key left out means what it means in Python: ``[rule.quant]`` defaults to
-    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``) and ``method = "rtn"``, so
+    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``)
+    and ``method = "rtn"``, so
     ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
     ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
     :class:`RecipeFileError` naming the file, the line of the offending key and the key.
@@ -491,6 +492,8 @@ def _quant_of(table: Any) -> Any:
         if key in table:
             with _about(key):
                 spec = dataclasses.replace(spec, **{field: read(table[key])})
+    if "calibration" not in table:  # QuantSpec's default for the grid the file asks for (minmax when affine)
+        spec = dataclasses.replace(spec, calibration=None)
     with _about("method"):
         method = _named("method", {"rtn": RTN, "gptq": GPTQ}, table.get("method", "rtn"))
     if method is RTN:

@@ -476,3 +476,15 @@ def test_a_group_longer_than_its_axis_quantizes_as_one_group_and_presets_fit_nar
     out, report = jb.oneshot.compress(model, params, [x], jb.recipe.preset("gptq-int4"), progress=False)
     assert [r.bits for r in report.rows] == [4, 4]
     assert out["Dense_0"]["kernel"].scale.shape[-2:] == (1, 24)
+
+
+def test_affine_default_calibration_is_min_max():
+    # An affine grid fits [min, max] by default (GPTQ's reference does the same); symmetric ones use absmax.
+    x = np.random.default_rng(0).normal(0.5, 1.0, (16, 6)).astype(np.float32) + np.arange(6, dtype=np.float32)
+    scale, zero = jb.quant.calibrate(x, QuantSpec(bits=4, symmetric=False, granularity=PER_CHANNEL))
+    lo, hi = np.minimum(x.min(0), 0), np.maximum(x.max(0), 0)
+    ref_scale = (hi - lo) / 15
+    np.testing.assert_allclose(np.asarray(scale)[0], ref_scale, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(zero)[0], np.clip(np.round(-8 - lo / ref_scale), -8, 7))
+    sym, _ = jb.quant.calibrate(x, QuantSpec(bits=4, granularity=PER_CHANNEL))
+    np.testing.assert_allclose(np.asarray(sym)[0], np.abs(x).max(0) / 7, rtol=1e-6)

@@ -68,12 +68,18 @@ Granularity = PerTensor | PerChannel | PerToken | Group
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AbsMax:
-    """Range from the largest magnitude (symmetric) or ``[-absmax, absmax]`` (affine)."""
+    """Range from the largest magnitude (symmetric) or ``[-absmax, absmax]`` (affine).
+
+    The default calibration of symmetric grids (``QuantSpec(symmetric=True)``).
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MinMax:
-    """Range ``[min(x, 0), max(x, 0)]`` (affine); the same as AbsMax for symmetric grids."""
+    """Range ``[min(x, 0), max(x, 0)]`` (affine); the same as AbsMax for symmetric grids.
+
+    The default calibration of affine grids (``QuantSpec(symmetric=False)``), as in GPTQ's reference.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +160,7 @@ class IntegerGrid(Protocol):
     def axis(self) -> int: ...
 
     @property
-    def calibration(self) -> Calibration: ...
+    def calibration(self) -> Calibration | None: ...  # never None once a QuantSpec is built
 
     @property
     def full_range(self) -> bool: ...
