@@ -40,8 +40,9 @@ class Group:
     """One scale per channel (``QuantSpec.axis``) and per block of ``size`` consecutive entries along ``along``.
 
     ``along`` defaults to -2, the input axis of a Dense ``(in, out)`` or Conv ``(..., in, out)`` kernel.
-    An axis no longer than ``size`` is one group (as GPTQ's reference groups a narrow layer), so one
-    spec such as ``Group(128)`` fits a model whose narrow layers have fewer inputs.
+    An axis no longer than ``size`` is one group (as GPTQ's reference groups a narrow layer), and a
+    ``size`` that does not divide the axis leaves a shorter last group (``Group(128)`` on 176 inputs:
+    128 and 48), so one spec such as ``Group(128)`` fits every layer of a real checkpoint.
 
     Examples:
       >>> Group(128).span(64), Group(128).span(512)
