@@ -222,9 +222,8 @@ def test_bad_input_errors():
         Percentile(0)
     with pytest.raises(TypeError, match="granularity"):
         QuantSpec(granularity="per_channel")
-    p = {"Dense_0": {"kernel": jnp.ones((6, 4))}}
-    with pytest.raises(ValueError, match=r"Dense_0/kernel: group size 4 does not divide axis 0 of size 6"):
-        jb.quant.quantize_params(p, QuantSpec(granularity=Group(4)))
+    p = {"Dense_0": {"kernel": jnp.ones((6, 4))}}   # a group that does not divide 6 inputs: a shorter last one
+    assert jb.quant.quantize_params(p, QuantSpec(granularity=Group(4)))["Dense_0"]["kernel"].scale.shape == (2, 4)
     p = {"Dense_0": {"kernel": jnp.ones((6, 4)).at[1, 1].set(jnp.nan)}}
     with pytest.raises(ValueError, match=r"Dense_0/kernel: values to quantize contain NaN or Inf \(1 of 24"):
         jb.quant.quantize_params(p, QuantSpec())
@@ -476,3 +475,47 @@ def test_a_group_longer_than_its_axis_quantizes_as_one_group_and_presets_fit_nar
     out, report = jb.oneshot.compress(model, params, [x], jb.recipe.preset("gptq-int4"), progress=False)
     assert [r.bits for r in report.rows] == [4, 4]
     assert out["Dense_0"]["kernel"].scale.shape[-2:] == (1, 24)
+
+
+def test_affine_default_calibration_is_min_max():
+    # An affine grid fits [min, max] by default (GPTQ's reference does the same); symmetric ones use absmax.
+    x = np.random.default_rng(0).normal(0.5, 1.0, (16, 6)).astype(np.float32) + np.arange(6, dtype=np.float32)
+    scale, zero = jb.quant.calibrate(x, QuantSpec(bits=4, symmetric=False, granularity=PER_CHANNEL))
+    lo, hi = np.minimum(x.min(0), 0), np.maximum(x.max(0), 0)
+    ref_scale = (hi - lo) / 15
+    np.testing.assert_allclose(np.asarray(scale)[0], ref_scale, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(zero)[0], np.clip(np.round(-8 - lo / ref_scale), -8, 7))
+    sym, _ = jb.quant.calibrate(x, QuantSpec(bits=4, granularity=PER_CHANNEL))
+    np.testing.assert_allclose(np.asarray(sym)[0], np.abs(x).max(0) / 7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_that_does_not_divide_the_inputs_leaves_a_shorter_last_group(symmetric):
+    # Group(128) on 176 inputs (an intermediate_size real checkpoints have): groups [0, 128) and [128, 176)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(0.3, 1.0, (176, 6)) * np.where(np.arange(176) < 128, 1.0, 5.0)[:, None]).astype(np.float32)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=Group(128))
+    parts = (x[:128], x[128:])
+    if symmetric:
+        ref_scale, ref_zero = np.stack([np.abs(p).max(0) / 7 for p in parts]), None
+    else:
+        lo, hi = (np.stack([f(p, 0) for p in parts]) for f in (lambda p, a: np.minimum(p.min(a), 0),
+                                                              lambda p, a: np.maximum(p.max(a), 0)))
+        ref_scale = (hi - lo) / 15
+        ref_zero = np.clip(np.round(-8 - lo / ref_scale), -8, 7)
+    q = jb.quant.quantize(x, spec)
+    assert q.scale.shape == (2, 6) and q.group_size == 128
+    np.testing.assert_allclose(q.scale, ref_scale, rtol=1e-6)
+    if not symmetric:
+        np.testing.assert_array_equal(q.zero_point, ref_zero)
+    rows = np.repeat(np.arange(2), [128, 48])                           # scale row of each input
+    zero = 0.0 if ref_zero is None else ref_zero[rows]
+    dense = (np.asarray(q.int_values(), np.float64) - zero) * ref_scale[rows]
+    np.testing.assert_allclose(q.dense(), dense, rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(dense - x) <= ref_scale[rows] / 2 * (1 + 1e-5) + 1e-6)    # half a step
+    np.testing.assert_allclose(jb.quant.fake_quant(x, spec), dense, rtol=1e-6, atol=1e-6)
+    assert q.nbytes == 176 * 6 // 2 + (1 if symmetric else 2) * 2 * 6 * 4     # int4 codes + the 2 true scale rows
+    assert q.describe().bits == pytest.approx(8 * q.nbytes / x.size)
+    a = rng.normal(size=(3, 176)).astype(np.float32)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    np.testing.assert_allclose(jb.leaves.contract(q, jnp.asarray(a), c), a @ dense, rtol=1e-4, atol=1e-4)

@@ -155,3 +155,38 @@ def test_calibrating_bert_skips_padding_and_sparsegpt_beats_magnitude(bert):
     base = model.apply(variables, ids, mask)
     cos = lambda v: float((model.apply(v, ids, mask) * base).sum(-1).mean())  # noqa: E731
     assert cos(pruned) > cos({"params": magnitude}), (cos(pruned), cos({"params": magnitude}))
+
+
+def test_sharded_bert_loads_like_the_single_file(bert, tmp_path):
+    path, _, params, _, _ = bert
+    tensors = load_file(str(path / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        save_file({k: tensors[k] for k in members}, str(tmp_path / shard))
+    weight_map = {k: shard for shard, members in shards.items() for k in members}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    _, loaded = zoo.load_bert(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    config = json.loads((path / "config.json").read_text())
+    del config["num_attention_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: required field 'num_attention_heads' is missing"):
+        zoo.load_bert(tmp_path)
+
+
+def test_tensors_without_a_place_in_the_model_are_refused(bert, tmp_path):
+    path, *_ = bert
+    tensors = load_file(str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))   # would drop layer 1
+    with pytest.raises(ValueError, match=r"'encoder\.layer\.1\..*have no place in the model"):
+        zoo.load_bert(tmp_path)
+    head = {"classifier.weight": np.ones((2, 32), np.float32), "pooler.dense.bias": np.ones(32, np.float32),
+            "embeddings.position_ids": np.arange(16, dtype=np.int64)[None]}
+    save_file({**tensors, **head}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"\['classifier\.weight'\] have no place"):   # pooler, position_ids: known
+        zoo.load_bert(tmp_path)

@@ -195,3 +195,96 @@ def test_from_hf_names_unsupported_fields(change, field):
         zoo.LlamaConfig.from_hf({**CONFIGS["qwen2"], "use_sliding_window": True})
     with pytest.raises(ValueError, match="num_kv_heads=3"):
         zoo.LlamaConfig.from_hf({**CONFIGS["llama"], "num_key_value_heads": 3})
+
+
+def write_sharded(directory, cfg, tensors, shards=2):
+    """``tensors`` split over ``shards`` files with a ``model.safetensors.index.json``, as transformers writes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    files = {f"model-{i + 1:05d}-of-{shards:05d}.safetensors": names[i::shards] for i in range(shards)}
+    for shard, members in files.items():
+        save_file({k: tensors[k] for k in members}, str(directory / shard))
+    weight_map = {k: shard for shard, members in files.items() for k in members}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def _replace_file(directory, name, data):
+    (directory / name).write_bytes(data)
+    return directory
+
+
+@pytest.mark.parametrize("damage, file", [
+    (lambda b: b[: len(b) // 2], "model.safetensors"),          # truncated
+    (lambda b: b"", "model.safetensors"),                         # empty
+    (lambda b: bytes(range(256)) * 4, "model.safetensors"),      # random bytes
+])
+def test_unreadable_safetensors_is_one_value_error_naming_the_file(tmp_path, damage, file):
+    cfg = CONFIGS["llama"]
+    src = write_checkpoint(tmp_path, cfg, hf_tensors(cfg))
+    _replace_file(src, file, damage((src / file).read_bytes()))
+    with pytest.raises(ValueError, match=f"{file}: not a readable safetensors file") as e:
+        zoo.load_llama(src)
+    assert "\n" not in str(e.value)
+
+
+def test_damaged_sharded_checkpoints_are_value_errors_naming_the_file(tmp_path):
+    cfg = CONFIGS["llama"]
+    tensors = hf_tensors(cfg)
+    shard = "model-00002-of-00002.safetensors"
+    src = write_sharded(tmp_path / "truncated", cfg, tensors)
+    _replace_file(src, shard, (src / shard).read_bytes()[:-7])
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file"):
+        zoo.load_llama(src)
+    src = write_sharded(tmp_path / "wrong", cfg, tensors)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    moved = sorted(index["weight_map"])[0]       # listed in the wrong shard
+    index["weight_map"][moved] = shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"index.json: places \[{moved!r}\] in {shard}, which does not hold them"):
+        zoo.load_llama(src)
+    src = write_sharded(tmp_path / "no_map", cfg, tensors)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="index.json: no 'weight_map'"):
+        zoo.load_llama(src)
+    (src / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not valid JSON"):
+        zoo.load_llama(src)
+
+
+def test_config_without_a_required_field_names_it(tmp_path):
+    cfg = {k: v for k, v in CONFIGS["llama"].items() if k != "num_attention_heads"}
+    src = write_checkpoint(tmp_path, cfg, hf_tensors(CONFIGS["llama"]))
+    with pytest.raises(ValueError, match="config.json: required field 'num_attention_heads' is missing"):
+        zoo.load_llama(src)
+    (src / "config.json").write_text("{")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        zoo.load_llama(src)
+
+
+def test_integer_tensor_in_a_float_slot_is_refused(tmp_path):
+    cfg = CONFIGS["llama"]
+    tensors = hf_tensors(cfg)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = np.ones(tensors[name].shape, np.int32)
+    with pytest.raises(ValueError, match=rf"{name}' \(for layers/0/mlp/up_proj/kernel\) has dtype int32"):
+        zoo.load_llama(write_checkpoint(tmp_path, cfg, tensors))
+
+
+def test_save_over_a_sharded_checkpoint_leaves_one_model(tmp_path):
+    cfg = CONFIGS["llama"]
+    old, new = hf_tensors(cfg, seed=0), hf_tensors(cfg, seed=1)
+    write_sharded(tmp_path, cfg, old)
+    (tmp_path / "tokenizer.json").write_text("{}")                  # not the checkpoint's: stays
+    zoo.save_llama(tmp_path, zoo.load_llama(write_checkpoint(tmp_path / "new", cfg, new)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "new", "tokenizer.json"]
+    assert np.abs(np.asarray(zoo.load_llama(tmp_path)(jnp.asarray(IDS))) - numpy_llama(new, cfg, IDS)).max() <= 1e-4
+
+
+def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
+    cfg = CONFIGS["llama"]
+    old, new = hf_tensors(cfg, seed=0), hf_tensors(cfg, seed=1)
+    write_sharded(tmp_path, cfg, old)
+    save_file(new, str(tmp_path / "model.safetensors"))
+    assert np.abs(np.asarray(zoo.load_llama(tmp_path)(jnp.asarray(IDS))) - numpy_llama(new, cfg, IDS)).max() <= 1e-4

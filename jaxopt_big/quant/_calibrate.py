@@ -1,8 +1,9 @@
 """Calibration: the scale (and zero point) of an integer grid from data, plus the grid arithmetic.
 
 Scales keep ``x.ndim`` dimensions: size 1 along reduced axes, the channel count along the channel
-axis and ``n / size`` along a grouped axis, so they broadcast (after :func:`expand`) against ``x`` and
-shard like it.
+axis and ``ceil(n / size)`` along a grouped axis, so they broadcast (after :func:`expand`) against ``x``
+and shard like it. When ``size`` does not divide ``n`` the last group is shorter, as in GPTQ's
+reference (an ``intermediate_size`` of 176 with ``Group(128)``: groups of 128 and 48).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from jaxopt_big import _checks
 from jaxopt_big.quant import _options
 
-__all__ = ["calibrate", "expand"]
+__all__ = ["calibrate", "expand", "group_size"]
 
 
 # Half a step (the farthest rounding moves a value) plus the float32 error of ``x / scale + zero_point``
@@ -96,15 +97,40 @@ def check_layout(shape: tuple[int, ...], spec: _options.IntegerGrid, path: str =
     along = _axis("Group.along", g.along, len(shape), path)
     if along == axis:
         raise ValueError(f"{_where(path)}Group.along={g.along} is the channel axis={spec.axis}")
-    if shape[along] % g.span(shape[along]):
-        raise ValueError(f"{_where(path)}group size {g.size} does not divide axis {along} of size {shape[along]} "
-                         f"(shape {tuple(shape)})")
     return axis, along
+
+
+def group_size(shape: tuple[int, ...], spec: _options.IntegerGrid) -> int | None:
+    """Entries per scale along the grouped axis of ``shape`` (the last group may be shorter); None if
+    ``spec`` is not grouped.
+
+    Examples:
+      >>> from jaxopt_big.quant._spec import QuantSpec, Group
+      >>> spec = QuantSpec(granularity=Group(128))
+      >>> group_size((176, 8), spec), group_size((64, 8), spec)
+      (128, 64)
+    """
+    g = spec.granularity
+    if not isinstance(g, _options.Group):
+        return None
+    return g.span(shape[g.along % len(shape)])
+
+
+def _whole_groups(shape: tuple[int, ...], spec: _options.IntegerGrid) -> tuple[int, int] | None:
+    """``(along, entries in whole groups)`` when the last group along ``along`` is shorter, else None."""
+    g, size = spec.granularity, group_size(shape, spec)
+    if not isinstance(g, _options.Group) or size is None or not shape[g.along % len(shape)] % size:
+        return None
+    along = g.along % len(shape)
+    return along, shape[along] // size * size
 
 
 def blocked(x: jax.Array, spec: _options.IntegerGrid
             ) -> tuple[jax.Array, tuple[int, ...], Callable[[jax.Array], jax.Array]]:
-    """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back."""
+    """``x`` laid out so one scale covers the reduced ``axes``; ``unblock`` maps a keepdims reduction back.
+
+    A grouped ``x`` must hold whole groups (:func:`_integer_calibrate` splits off a shorter last one).
+    """
     g = spec.granularity
     layout = check_layout(x.shape, spec)
     if isinstance(g, _options.PerTensor):
@@ -117,21 +143,31 @@ def blocked(x: jax.Array, spec: _options.IntegerGrid
         return x, tuple(d for d in range(x.ndim) if d != axis), lambda s: s
     n = x.shape[along]
     size = g.span(n)
+    assert n % size == 0, (x.shape, g)
     xb = x.reshape(*x.shape[:along], n // size, size, *x.shape[along + 1:])
     keep = {along, axis + (axis > along)}
     return xb, tuple(d for d in range(xb.ndim) if d not in keep), lambda s: s.squeeze(along + 1)
 
 
-def expand(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def expand(scale: jax.Array, shape: tuple[int, ...], group: int | None = None) -> jax.Array:
     """Broadcastable form of a per-tensor/channel/group ``scale`` (or zero point) for ``shape``.
+
+    ``group``: entries per scale along the grouped axis (see :func:`group_size`); needed only when the
+    last group is shorter, else ``n / scale rows``.
 
     Examples:
       >>> expand(jnp.array([[1.0], [2.0]]), (4, 1)).ravel().tolist()
       [1.0, 1.0, 2.0, 2.0]
+      >>> expand(jnp.array([[1.0], [2.0]]), (5, 1), group=3).ravel().tolist()
+      [1.0, 1.0, 1.0, 2.0, 2.0]
     """
     for d, (s, n) in enumerate(zip(scale.shape, shape)):
         if s not in (1, n):  # a repeated axis keeps its mesh axes (explicit sharding must be told so)
-            scale = jnp.repeat(scale, n // s, axis=d, out_sharding=_explicit_sharding(scale))
+            size = n // s if group is None else group
+            if s != -(-n // size):
+                raise ValueError(f"scale of shape {scale.shape} does not fit shape {tuple(shape)} with groups "
+                                 f"of {size} along axis {d}")
+            scale = jnp.repeat(scale, size, axis=d, total_repeat_length=n, out_sharding=_explicit_sharding(scale))
     return scale
 
 
@@ -266,6 +302,11 @@ def calibrate_checked(x: jax.Array, spec: _options.IntegerGrid, path: str = ""):
 # compiled each of its ops on its own for every new shape. The path-naming checks run before.
 @functools.partial(jax.jit, static_argnums=1)
 def _integer_calibrate(x: jax.Array, spec: _options.IntegerGrid):
+    split = _whole_groups(x.shape, spec)
+    if split is not None:  # the whole groups, then the shorter last one, each calibrated on its own values
+        along, whole = split
+        parts = [_integer_calibrate(part, spec) for part in jnp.split(x, [whole], axis=along)]
+        return tuple(None if p[0] is None else jnp.concatenate(p, axis=along) for p in zip(*parts))
     xb, axes, unblock = blocked(x.astype(jnp.float32), spec)
     lo, hi = _range(xb, axes, spec)
     if isinstance(spec.calibration, _options.MSE):

@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxopt_big.quant._calibrate import calibrate_checked, check_grid, check_input, expand, from_int, to_int, unclipped
+from jaxopt_big.quant._calibrate import (calibrate_checked, check_grid, check_input, expand, from_int, group_size,
+                                         to_int, unclipped)
 from jaxopt_big.quant import _options
 
 __all__ = ["fake_quant", "ste"]
@@ -39,8 +40,9 @@ def integer_fake_quant(x, spec: _options.IntegerGrid, scale=None, zero_point=Non
 
 @functools.partial(jax.jit, static_argnums=3)  # one program per (shape, spec), not one per op
 def _integer_fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None, spec: _options.IntegerGrid):
-    s = expand(scale, x.shape)
-    z = None if zero_point is None else expand(zero_point, x.shape)
+    group = group_size(x.shape, spec)
+    s = expand(scale, x.shape, group)
+    z = None if zero_point is None else expand(zero_point, x.shape, group)
     xf = x.astype(jnp.float32)
     value = from_int(to_int(xf, spec, s, z), s, z)
     return ste(xf, value, unclipped(xf / s if z is None else xf / s + z, spec)).astype(x.dtype)

@@ -4,7 +4,8 @@ Inputs (rows of a Dense kernel ``(d_in, d_out)``) are quantized one at a time; e
 error is spread over the not-yet-quantized inputs through the inverse Hessian ``(X^T X + λI)^-1``
 (Frantar et al., 2023). Updates to later blocks of ``block_size`` inputs are applied lazily, once
 per block. With ``Group(size)`` granularity each group's scale is set from the (already updated)
-weights when the group is reached; with ``act_order`` inputs are visited by decreasing Hessian
+weights when the group is reached (a size that does not divide the inputs leaves a shorter last
+group, as in the reference); with ``act_order`` inputs are visited by decreasing Hessian
 diagonal and group scales are fixed up front from the original weights ("static groups"), so the
 groups stay contiguous and the result is an ordinary :class:`~jaxopt_big.quant.QArray`.
 
@@ -34,18 +35,27 @@ __all__ = ["gptq_params", "gptq_kernel", "gptq"]
 @functools.partial(jax.jit, static_argnames=("spec", "group", "dynamic"))
 def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
     """One block of inputs of ``W`` (rows = outputs). ``groups[i]``: scale row of block column i;
-    ``pruned1``: weights that stay zero (their rounding error is their whole value)."""
+    ``pruned1``: weights that stay zero (their rounding error is their whole value). Blocks start at
+    a group boundary; the last block may end with a shorter group."""
     rows, cols = w1.shape
+    short = cols % group  # width of a shorter last group, 0 if none
 
     def body(i, carry):
         w1, err1, scale, zero = carry
         g = groups[i]
         if dynamic:  # a group starts here: its scale comes from the updated weights (only then: MSE is costly)
-            def recalibrate(scale, zero):
-                s, z = spec.calibrate(jax.lax.dynamic_slice(w1, (0, i), (rows, group)).T)
-                return scale.at[g].set(s[0]), None if zero is None else zero.at[g].set(z[0])
+            def recalibrate(width):
+                def set_row(scale, zero):
+                    s, z = spec.calibrate(jax.lax.dynamic_slice(w1, (0, i), (rows, width)).T)
+                    return scale.at[g].set(s[0]), None if zero is None else zero.at[g].set(z[0])
+                return set_row
 
-            scale, zero = jax.lax.cond(i % group == 0, recalibrate, lambda s, z: (s, z), scale, zero)
+            # branch 0 keeps the scales; the others start a whole group, or the shorter last one
+            widths = ([group] if cols >= group else []) + ([short] if short else [])
+            last = jnp.where(i == cols - short, len(widths), 1) if short else 1
+            branch = jnp.where(i % group == 0, last, 0)
+            branches = [lambda s, z: (s, z)] + [recalibrate(width) for width in widths]
+            scale, zero = jax.lax.switch(branch, branches, scale, zero)
         w = w1[:, i]
         q = spec.fake_quant(w[None, :], scale[g][None], None if zero is None else zero[g][None])[0]
         q = jnp.where(pruned1[:, i], 0.0, q)
@@ -69,9 +79,7 @@ def _granularity(spec: _spec.QuantSpec, d_in: int, path: str) -> int | None:
         raise ValueError(f"{path}: GPTQ needs per-tensor, per-channel or group scales, got {g!r}")
     if g.along not in (-2, 0):
         raise ValueError(f"{path}: GPTQ groups run along the input axis (along=-2), got along={g.along}")
-    if d_in % g.span(d_in):
-        raise ValueError(f"{path}: group size {g.size} does not divide the input axis {d_in}")
-    return g.span(d_in)
+    return g.span(d_in)  # a shorter last group when it does not divide d_in
 
 
 def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spec: _spec.QuantSpec, *,
@@ -93,7 +101,8 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
 
     Examples:
       >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
-      >>> x = jax.random.normal(jax.random.key(0), (256, 16)) * jnp.linspace(0.1, 3.0, 16)
+      >>> mix = jnp.eye(16) + 0.5 * jax.random.normal(jax.random.key(2), (16, 16))  # correlated inputs
+      >>> x = jax.random.normal(jax.random.key(0), (256, 16)) @ mix
       >>> w = jax.random.normal(jax.random.key(1), (16, 8))
       >>> spec = QuantSpec(bits=3, symmetric=False, granularity=PER_CHANNEL)
       >>> q = gptq_kernel(w, x.T @ x, spec)
@@ -124,7 +133,7 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.asarray(pruned, bool).T[:, perm]
     dynamic = group is not None and not act_order
     if group is not None and dynamic:  # filled group by group from the updated weights
-        scale = jnp.ones((d_in // group, d_out), jnp.float32)
+        scale = jnp.ones((-(-d_in // group), d_out), jnp.float32)
         zero = None if spec.symmetric else jnp.zeros_like(scale)
     else:
         scale, zero = spec.calibrate(kernel.astype(jnp.float32), path=path)

@@ -29,7 +29,7 @@ import numpy as np
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.quant import _spec
-from jaxopt_big.quant._calibrate import check_grid, check_input, expand, unclipped
+from jaxopt_big.quant._calibrate import check_grid, check_input, expand, group_size, unclipped
 
 __all__ = ["LSQ", "Learned", "lsq", "lsq_export"]
 
@@ -82,8 +82,9 @@ class LSQ(_spec.Format):
                              f"{'None for a symmetric' if self.spec.symmetric else 'given for an affine'} grid, "
                              f"got {zero_point!r}")
         g = 1.0 / np.sqrt(x.size / max(scale.size, 1) * self.spec.qmax)
-        s = expand(_scale_grad(scale, g), x.shape)
-        beta = 0.0 if zero_point is None else expand(_scale_grad(zero_point, g), x.shape)
+        group = group_size(x.shape, self.spec)
+        s = expand(_scale_grad(scale, g), x.shape, group)
+        beta = 0.0 if zero_point is None else expand(_scale_grad(zero_point, g), x.shape, group)
         v = (x.astype(jnp.float32) - beta) / s
         qmin, qmax = self.spec.qmin, self.spec.qmax
         v = jnp.where(unclipped(v, self.spec), v, jnp.clip(v, qmin, qmax))  # clipped: constant in x
@@ -99,7 +100,9 @@ class LSQ(_spec.Format):
             return self.spec.quantize(x, scale, path=path)
         # QArray's zero point is in grid units: beta = -zero_point * step (need not be an integer).
         zp = -jnp.asarray(zero_point, jnp.float32) / scale
-        codes = jnp.clip(jnp.round(x.astype(jnp.float32) / expand(scale, x.shape) + expand(zp, x.shape)),
+        group = group_size(x.shape, self.spec)
+        codes = jnp.clip(jnp.round(x.astype(jnp.float32) / expand(scale, x.shape, group)
+                                   + expand(zp, x.shape, group)),
                          self.spec.qmin, self.spec.qmax)
         # The codes are integers already: store them with a unit scale, then attach the learned grid.
         q = self.spec.quantize(codes.astype(x.dtype), jnp.ones_like(scale), jnp.zeros_like(scale), path=path)

@@ -40,8 +40,9 @@ class Group:
     """One scale per channel (``QuantSpec.axis``) and per block of ``size`` consecutive entries along ``along``.
 
     ``along`` defaults to -2, the input axis of a Dense ``(in, out)`` or Conv ``(..., in, out)`` kernel.
-    An axis no longer than ``size`` is one group (as GPTQ's reference groups a narrow layer), so one
-    spec such as ``Group(128)`` fits a model whose narrow layers have fewer inputs.
+    An axis no longer than ``size`` is one group (as GPTQ's reference groups a narrow layer), and a
+    ``size`` that does not divide the axis leaves a shorter last group (``Group(128)`` on 176 inputs:
+    128 and 48), so one spec such as ``Group(128)`` fits every layer of a real checkpoint.
 
     Examples:
       >>> Group(128).span(64), Group(128).span(512)
@@ -68,12 +69,18 @@ Granularity = PerTensor | PerChannel | PerToken | Group
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AbsMax:
-    """Range from the largest magnitude (symmetric) or ``[-absmax, absmax]`` (affine)."""
+    """Range from the largest magnitude (symmetric) or ``[-absmax, absmax]`` (affine).
+
+    The default calibration of symmetric grids (``QuantSpec(symmetric=True)``).
+    """
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MinMax:
-    """Range ``[min(x, 0), max(x, 0)]`` (affine); the same as AbsMax for symmetric grids."""
+    """Range ``[min(x, 0), max(x, 0)]`` (affine); the same as AbsMax for symmetric grids.
+
+    The default calibration of affine grids (``QuantSpec(symmetric=False)``), as in GPTQ's reference.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +161,7 @@ class IntegerGrid(Protocol):
     def axis(self) -> int: ...
 
     @property
-    def calibration(self) -> Calibration: ...
+    def calibration(self) -> Calibration | None: ...  # never None once a QuantSpec is built
 
     @property
     def full_range(self) -> bool: ...

@@ -17,7 +17,7 @@ from flax import struct
 
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
-from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, to_int
+from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, group_size, to_int
 from jaxopt_big.quant import _options
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
@@ -63,6 +63,9 @@ class QArray(_leaves.Compressed):
       bits: integer width (static).
       axis: channel axis of per-channel/group scales, None for per-tensor (static).
       dense_shape, dense_dtype: shape and dtype of the dense value (static).
+      group_size: entries per scale along the grouped axis of group scales, None otherwise (static).
+        The last group is shorter when it does not divide the axis: ``Group(128)`` on 176 inputs
+        stores two scale rows, for inputs ``[0, 128)`` and ``[128, 176)``.
     """
 
     values: Any
@@ -72,6 +75,7 @@ class QArray(_leaves.Compressed):
     axis: int | None = struct.field(pytree_node=False)
     dense_shape: tuple[int, ...] = struct.field(pytree_node=False)
     dense_dtype: Any = struct.field(pytree_node=False)
+    group_size: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def kind(self) -> str:
@@ -108,8 +112,9 @@ class QArray(_leaves.Compressed):
 @jax.jit  # one program per leaf layout when called eagerly, not one per op
 def _dense(leaf: QArray) -> jax.Array:
     q = leaf.int_values().astype(jnp.float32)
-    zp = None if leaf.zero_point is None else expand(leaf.zero_point, leaf.dense_shape)
-    return from_int(q, expand(leaf.scale, leaf.dense_shape), zp).astype(leaf.dense_dtype)
+    shape, group = leaf.dense_shape, leaf.group_size
+    zp = None if leaf.zero_point is None else expand(leaf.zero_point, shape, group)
+    return from_int(q, expand(leaf.scale, shape, group), zp).astype(leaf.dense_dtype)
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
@@ -140,14 +145,16 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
     axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
     out = QArray(values=_codes(x, scale, zp, spec), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
-                 dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype))
+                 dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype), group_size=group_size(x.shape, spec))
     return _leaves.place_like(out, x)
 
 
 @functools.partial(jax.jit, static_argnums=3)  # one program per (shape, spec), not one per op
 def _codes(x: jax.Array, scale: jax.Array, zp: jax.Array | None, spec: _options.IntegerGrid) -> jax.Array:
     """The packed integer codes of ``x`` on ``spec``'s grid with the given scale and zero point."""
-    q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape), None if zp is None else expand(zp, x.shape))
+    group = group_size(x.shape, spec)
+    q = to_int(x.astype(jnp.float32), spec, expand(scale, x.shape, group),
+               None if zp is None else expand(zp, x.shape, group))
     return _pack(q, spec.bits)
 
 

@@ -33,7 +33,9 @@ class QuantSpec(Format):
       granularity: ``PER_TENSOR``, ``PER_CHANNEL`` (one scale per index of ``axis``), ``PER_TOKEN`` (one
         scale per vector along the last axis, for dynamic activation scales) or ``Group(size)``.
       axis: channel axis for per-channel and per-group scales (-1: output features of a kernel).
-      calibration: ``AbsMax()``, ``MinMax()``, ``Percentile(q)`` or ``MSE()``.
+      calibration: ``AbsMax()``, ``MinMax()``, ``Percentile(q)`` or ``MSE()``; None (default): ``AbsMax()``
+        on symmetric grids and ``MinMax()`` on affine ones, whose zero point exists to fit a range that
+        is not symmetric (AbsMax would put ``[-absmax, absmax]`` on the affine grid and waste codes).
       narrow: symmetric grids only. True: the narrow codes (int2 ``{-1, 0, 1}``, int8 ``[-127, 127]``);
         False: the full range (int2 ``{-2, -1, 0, 1}``), with the smallest absmax/min-max scale that
         clips neither the minimum (at ``-2^(b-1)``) nor the maximum (at ``2^(b-1)-1``); None (default):
@@ -43,6 +45,8 @@ class QuantSpec(Format):
     Examples:
       >>> QuantSpec(bits=4, granularity=PER_CHANNEL).qmax
       7
+      >>> QuantSpec().calibration, QuantSpec(symmetric=False).calibration
+      (AbsMax(), MinMax())
       >>> QuantSpec(bits=9)
       Traceback (most recent call last):
       ...
@@ -53,7 +57,7 @@ class QuantSpec(Format):
     symmetric: bool = True
     granularity: Granularity = PER_TENSOR
     axis: int = -1
-    calibration: Calibration = AbsMax()
+    calibration: Calibration | None = None
     narrow: bool | None = None
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class QuantSpec(Format):
             raise TypeError(f"QuantSpec.granularity must be PER_TENSOR, PER_CHANNEL, PER_TOKEN or Group(size), "
                             f"got {self.granularity!r}")
         _checks.store(self, axis=_checks.integer("QuantSpec.axis", self.axis))
+        if self.calibration is None:
+            _checks.store(self, calibration=AbsMax() if self.symmetric else MinMax())
         if not isinstance(self.calibration, (AbsMax, MinMax, Percentile, MSE)):
             raise TypeError(f"QuantSpec.calibration must be AbsMax(), MinMax(), Percentile(q) or MSE(), "
                             f"got {self.calibration!r}")

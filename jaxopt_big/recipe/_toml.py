@@ -58,7 +58,8 @@ def load(path: str | Any) -> Recipe:
     ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (a quantizer's
     name: ``rtn`` | ``gptq``) and that method's options (GPTQ: ``act_order``, ``block_size``,
     ``damp``). A key left out means what it means in Python: ``[rule.quant]`` defaults to
-    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``) and ``method = "rtn"``, so
+    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``)
+    and ``method = "rtn"``, so
     ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
     ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
     :class:`RecipeFileError` naming the file, the line of the offending key and the key.
@@ -185,6 +186,8 @@ def _quant_of(table: Any) -> Any:
         if key in table:
             with _about(key):
                 spec = dataclasses.replace(spec, **{field: read(table[key])})
+    if "calibration" not in table:  # QuantSpec's default for the grid the file asks for (minmax when affine)
+        spec = dataclasses.replace(spec, calibration=None)
     with _about("method"):
         method = _named("method", Quantizer.named(), table.get("method", "rtn"))
     options = {k: table[k] for k in known - {*_SPEC_KEYS, "method"} if k in table}

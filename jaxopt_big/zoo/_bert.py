@@ -14,6 +14,7 @@ Weights come from Hugging Face style ``model.safetensors`` + ``config.json`` dir
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -29,6 +30,7 @@ import numpy as np
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
+from jaxopt_big.zoo import _safetensors
 
 __all__ = ["BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm",
            "MINILM_PACKAGE"]
@@ -77,9 +79,10 @@ class BertConfig:
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"config.json: position_embedding_type={config['position_embedding_type']!r} "
                              "is not supported (only 'absolute')")
-        return cls(vocab_size=config["vocab_size"], hidden=config["hidden_size"], layers=config["num_hidden_layers"],
-                   heads=config["num_attention_heads"], intermediate=config["intermediate_size"],
-                   max_positions=config["max_position_embeddings"], type_vocab_size=config["type_vocab_size"],
+        need = functools.partial(_safetensors.required, config)
+        return cls(vocab_size=need("vocab_size"), hidden=need("hidden_size"), layers=need("num_hidden_layers"),
+                   heads=need("num_attention_heads"), intermediate=need("intermediate_size"),
+                   max_positions=need("max_position_embeddings"), type_vocab_size=need("type_vocab_size"),
                    eps=config.get("layer_norm_eps", 1e-12))
 
     def to_hf(self) -> dict[str, Any]:
@@ -172,6 +175,11 @@ def _hf_names(config: BertConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
+# Tensors of BERT checkpoints that the sentence encoder does not use: the pooler head (it pools by
+# mean instead) and the position_ids buffer (it computes positions).
+_UNUSED = (r"pooler\..*", r"embeddings\.position_ids")
+
+
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, value in flat.items():
@@ -184,14 +192,20 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_bert(directory: str | pathlib.Path) -> tuple[Bert, dict[str, Any]]:
-    """Reads ``config.json`` and ``model.safetensors`` (Hugging Face BERT names) from ``directory``.
+    """Reads ``config.json`` and the weights (Hugging Face BERT names) from ``directory``.
+
+    The weights are ``model.safetensors`` or a sharded ``model.safetensors.index.json`` with its
+    shards, read by the same reader as :func:`~jaxopt_big.zoo.load_llama`.
 
     Returns:
       ``(model, params)``; ``params`` is the linen ``params`` collection (pass ``{"params": params}``
       to ``model.apply``). The unused pooler head and ``position_ids`` buffer are ignored.
 
     Raises:
-      FileNotFoundError: a file is missing. ValueError: a tensor is missing or has the wrong shape.
+      FileNotFoundError: a file is missing. ValueError (one line naming the file, field or tensor):
+        a missing config field, an unreadable safetensors file or index, a tensor that is missing,
+        misshaped or not floating point, or a tensor the model has no place for (a classifier head,
+        more layers than ``config.json`` says).
 
     Examples:
       >>> import tempfile
@@ -205,36 +219,32 @@ def load_bert(directory: str | pathlib.Path) -> tuple[Bert, dict[str, Any]]:
       >>> bool(jnp.array_equal(kernel(loaded), kernel(params)))
       True
     """
-    from safetensors.numpy import load_file
-
     directory = pathlib.Path(directory)
-    config = BertConfig.from_hf(json.loads((directory / "config.json").read_text()))
-    tensors = load_file(str(directory / "model.safetensors"))
+    config = BertConfig.from_hf(_safetensors.read_config(directory))
+    checkpoint = _safetensors.Checkpoint(directory, ignored=_UNUSED)
     model = Bert(config)
     dummy = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), dummy, dummy)["params"]
     expected = dict(zip(_tree.paths(shapes), jax.tree.leaves(shapes)))
     flat = {}
     for path, (name, transpose) in _hf_names(config).items():
-        if name not in tensors:
-            raise ValueError(f"{directory / 'model.safetensors'}: tensor {name!r} (for {path}) is missing")
-        value = tensors[name].T if transpose else tensors[name]
+        value = checkpoint.get(name, path)
+        value = value.T if transpose else value
         if value.shape != expected[path].shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
+            raise ValueError(f"{path}: tensor {name!r} has shape {value.shape}, "
                              f"expected {expected[path].shape} (transposed: {transpose})")
         flat[path] = jnp.asarray(value, jnp.float32)
+    checkpoint.check_all_used()
     return model, _nest(flat)
 
 
 def save_bert(directory: str | pathlib.Path, config: BertConfig, params: dict[str, Any]) -> None:
     """Writes ``params`` of a :class:`Bert` as Hugging Face ``config.json`` + ``model.safetensors``.
 
+    A sharded checkpoint already in ``directory`` (its index and the shards it lists) is removed.
     The inverse of :func:`load_bert` (see its example).
     """
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     flat = dict(zip(_tree.paths(params), jax.tree.leaves(_leaves.densify(params))))
     tensors = {}
     for path, (name, transpose) in _hf_names(config).items():
@@ -242,7 +252,7 @@ def save_bert(directory: str | pathlib.Path, config: BertConfig, params: dict[st
             raise ValueError(f"save_bert: params have no leaf {path}; got {sorted(flat)[:8]}...")
         value = np.asarray(flat[path], np.float32)
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-    save_file(tensors, str(directory / "model.safetensors"))
+    _safetensors.write(directory, tensors)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
 
 

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import re
 from typing import Any
 
 import jax
@@ -36,7 +35,7 @@ from flax import nnx
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
-from jaxopt_big.zoo import _families
+from jaxopt_big.zoo import _families, _safetensors
 
 __all__ = ["LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
 
@@ -142,11 +141,12 @@ class LlamaConfig:
                 raise ValueError(f"config.json: rope_parameters.rope_type={rope['rope_type']!r} is not supported "
                                  "(only 'default')")
             theta = rope.get("rope_theta", theta)
-        heads = config["num_attention_heads"]
-        return cls(vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-                   num_layers=config["num_hidden_layers"], num_heads=heads,
+        need = functools.partial(_safetensors.required, config)
+        heads = need("num_attention_heads")
+        return cls(vocab_size=need("vocab_size"), hidden_size=need("hidden_size"),
+                   num_layers=need("num_hidden_layers"), num_heads=heads,
                    num_kv_heads=config.get("num_key_value_heads") or heads,
-                   intermediate_size=config["intermediate_size"], rope_theta=float(theta),
+                   intermediate_size=need("intermediate_size"), rope_theta=float(theta),
                    rms_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
                    attention_bias=kind == "qwen2", max_positions=config.get("max_position_embeddings", 2048),
                    sliding_window=config.get("sliding_window") if kind == "mistral" else None,
@@ -344,7 +344,7 @@ class Llama(nnx.Module):
 # Hugging Face checkpoints
 
 # Tensors a checkpoint may hold that the model recomputes (older Llama checkpoints store RoPE tables).
-_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_DERIVED = r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
 
 
 def _hf_name(path: str) -> tuple[str, bool]:
@@ -365,49 +365,18 @@ def _layer_paths(path: str, config: LlamaConfig, scanned: bool) -> list[str] | N
     return None
 
 
-class _Checkpoint:
-    """Tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists, read lazily."""
-
-    def __init__(self, directory: pathlib.Path):
-        single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / shard for name, shard in weight_map.items()}
-        elif single.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="numpy") as f:
-                self.files = {name: single for name in f.keys()}
-        else:
-            raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
-        self.used: set[str] = set()
-
-    def get(self, name: str, path: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        if name not in self.files:
-            raise ValueError(f"{path}: tensor {name!r} is missing from the checkpoint")
-        self.used.add(name)
-        with safe_open(str(self.files[name]), framework="numpy") as f:
-            return f.get_tensor(name)
-
-    def check_all_used(self, ignored: set[str]) -> None:
-        left = sorted(n for n in set(self.files) - self.used - ignored if not _DERIVED.fullmatch(n))
-        if left:
-            raise ValueError(f"checkpoint tensors {left[:8]}{'...' if len(left) > 8 else ''} have no place "
-                             "in the model (another architecture?)")
-
-
 def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtype: Any = jnp.float32) -> Llama:
     """Reads a Hugging Face Llama / Qwen2 / Mistral checkpoint into an nnx :class:`Llama`.
 
     ``directory`` holds ``config.json`` and either ``model.safetensors`` or a sharded
-    ``model.safetensors.index.json`` with its shards; tensors are read one at a time and cast to
-    ``dtype``. A tied model may also store ``lm_head.weight`` (ignored).
+    ``model.safetensors.index.json`` with its shards (the single file wins when both are there, as in
+    ``transformers``); tensors are read one at a time and cast to ``dtype``. A tied model may also
+    store ``lm_head.weight`` (ignored).
 
     Raises:
-      FileNotFoundError: a file is missing. ValueError: an unsupported config field, a missing or
-        misshaped tensor (naming its model path), or a tensor the model has no place for.
+      FileNotFoundError: a file is missing. ValueError (one line naming the file, field or tensor): an
+        unsupported or missing config field, an unreadable safetensors file or index, a missing,
+        misshaped or non-floating tensor (naming its model path), or a tensor the model has no place for.
 
     Examples:
       >>> import tempfile
@@ -422,8 +391,9 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
       True
     """
     directory = pathlib.Path(directory)
-    config = LlamaConfig.from_hf(json.loads((directory / "config.json").read_text()))
-    checkpoint = _Checkpoint(directory)
+    config = LlamaConfig.from_hf(_safetensors.read_config(directory))
+    checkpoint = _safetensors.Checkpoint(directory, ignored=[_DERIVED, "lm_head.weight"] if config.tie_embeddings
+                                         else [_DERIVED])
     graphdef, state = nnx.split(_abstract(config, scan_layers, dtype))
 
     def tensor(path: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -442,7 +412,7 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
         return jnp.asarray(np.stack([tensor(p, tuple(like.shape[1:])) for p in layers]), dtype)
 
     pure = _tree.map_with_path(read, nnx.to_pure_dict(state))
-    checkpoint.check_all_used({"lm_head.weight"} if config.tie_embeddings else set())
+    checkpoint.check_all_used()
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -452,15 +422,13 @@ def save_llama(directory: str | pathlib.Path, model: Llama) -> None:
 
     Compressed kernels (``QArray``...) are written as their dense values; stacked (scanned) blocks are
     written one tensor per layer, so the directory is the same whether the model was scanned or not.
-    The inverse of :func:`load_llama` (see its example).
+    A sharded checkpoint already in ``directory`` (its index and the shards it lists) is removed, so
+    the folder holds one model. The inverse of :func:`load_llama` (see its example).
     """
-    from safetensors.numpy import save_file
-
     if not isinstance(model, Llama):
         raise TypeError(f"save_llama expects a jaxopt_big.zoo.Llama, got {type(model).__name__}")
     config = model.config
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     pure = _leaves.densify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = {}
     for path, value in zip(_tree.paths(pure), jax.tree.leaves(pure)):
@@ -469,5 +437,5 @@ def save_llama(directory: str | pathlib.Path, model: Llama) -> None:
         for layer_path, v in zip(layers, value) if layers is not None else [(path, value)]:
             name, transpose = _hf_name(layer_path)
             tensors[name] = np.ascontiguousarray(v.T if transpose else v)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _safetensors.write(directory, tensors)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
