@@ -15,6 +15,6 @@ from jaxopt_big.recipe import GPTQ, RTN, Magnitude, Plan, Recipe, SparseGPT, Wan
 from jaxopt_big.tree import Rule
 
 __version__ = "0.1.0"
-__all__ = ["calibration", "checkpoint", "data", "distill", "export", "hf", "intercept", "leaves", "lowrank", "models", "oneshot",
-           "parallel", "quant", "recipe", "report", "sparsity", "train", "tree", "zoo",
+__all__ = ["calibration", "checkpoint", "data", "distill", "export", "hf", "intercept", "leaves", "lowrank", "models",
+           "oneshot", "parallel", "quant", "recipe", "report", "sparsity", "train", "tree", "zoo",
            "Rule", "Recipe", "Plan", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxopt_big import checkpoint as _checkpoint
 from jaxopt_big import data as _data
+from jaxopt_big import export as _export
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import oneshot as _oneshot
 from jaxopt_big import recipe as _recipe
@@ -195,8 +196,8 @@ def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False) -> pa
 
 def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe: _recipe.Recipe, *,
                         calibration: str | pathlib.Path | None = None, samples: int = 128, length: int = 128,
-                        export_hf: bool = False, overwrite: bool = False, mesh: Any = None, progress: bool = True,
-                        print_fn: Callable[[str], None] = print) -> Outcome:
+                        export_hf: bool = False, export: str | None = None, overwrite: bool = False,
+                        mesh: Any = None, progress: bool = True, print_fn: Callable[[str], None] = print) -> Outcome:
     """Loads, calibrates, compresses, evaluates and writes one checkpoint (see the module docstring).
 
     Args:
@@ -210,6 +211,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         tokens give the same perplexity within 0.3%, but 32 short sentences were too few on MiniLM
         (SparseGPT 50% did not beat Wanda; with 128 it does).
       export_hf: also write the dequantized model in the source layout to ``dst/hf``.
+      export: also write a format serving engines load (``"gguf"``: ``dst/model.gguf``;
+        ``"compressed-tensors"``: ``dst/compressed-tensors/``; see :mod:`jaxopt_big.export`), decoders only.
       overwrite: replace an existing ``dst`` (only once the new one is complete).
       mesh: a mesh with a ``data`` axis to shard the calibration batches over.
       progress: progress bars; print_fn: where the summary lines go.
@@ -223,6 +226,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
     job = _prepare(src, kind, _texts(calibration), samples, length)
+    if export is not None:  # a spec the format cannot hold fails now, not after the compression
+        _export.check(export, job.params, recipe)
     params, metric = job.params, job.metric
     before = job.evaluate(params)
     compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
@@ -246,6 +251,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
             for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
                 if (src / name).exists():
                     shutil.copy(src / name, tmp / "hf" / name)
+        if export is not None:
+            _export.write(export, tmp, job.model, compressed, source=src)
         _place_result(tmp, dst)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

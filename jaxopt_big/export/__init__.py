@@ -26,6 +26,6 @@ Examples:
 
 from jaxopt_big.export._compressed_tensors import compressed_tensors
 from jaxopt_big.export._gguf import gguf
-from jaxopt_big.export._write import FORMATS, write
+from jaxopt_big.export._write import FORMATS, check, write
 
-__all__ = ["gguf", "compressed_tensors", "FORMATS", "write"]
+__all__ = ["gguf", "compressed_tensors", "FORMATS", "write", "check"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxopt_big import quant as _quant
 from jaxopt_big.export import _layout
 
 __all__ = ["gguf"]
@@ -25,12 +26,29 @@ _INSTEAD = ("GGUF holds symmetric int4 (Q4_0) or int8 (Q8_0) codes with one floa
             "scale_dtype='float16'))")
 
 # tokenizer.json pre-tokenizer regexes -> llama.cpp's name for the same pre-tokenizer (llama-vocab.cpp)
-_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-}
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_PRE = {_CONTRACTIONS + r"\p{N}{1,3}" + _REST: "llama-bpe", _CONTRACTIONS + r"\p{N}" + _REST: "qwen2"}
+
+
+def check_spec(path: str, spec: Any, shape: tuple[int, ...]) -> None:
+    """Raises the ValueError :func:`gguf` would raise for a ``(in, out)`` kernel quantized on ``spec``,
+    before any quantization runs (the command line checks a recipe so, ahead of minutes of compression)."""
+    g = getattr(spec, "granularity", None)
+    if not isinstance(spec, _quant.QuantSpec) or isinstance(g, _quant.PerToken) or len(shape) != 2:
+        problem = f"{spec!r} is not an integer grid GGUF stores"
+    elif not spec.symmetric:
+        problem = "an affine grid (zero points) has no exact GGUF type"
+    elif spec.scale_dtype != np.float16:
+        problem = "scales are not float16 numbers (set scale_dtype='float16')"
+    else:
+        span = g.span(shape[0]) if isinstance(g, _quant.Group) else shape[0]
+        along = g.along % 2 if isinstance(g, _quant.Group) else 0
+        if span % 32 or along != 0 or spec.axis % 2 != 1:
+            problem = f"scales per {span} of {shape[0]} inputs do not cover whole blocks of 32"
+        else:
+            return
+    raise ValueError(f"{path}: {problem}; {_INSTEAD}")
 
 
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -129,7 +147,8 @@ def _vocabulary(tokenizer: pathlib.Path, vocab_size: int) -> tuple[list[str], li
 def _special_ids(tokenizer: pathlib.Path) -> dict[str, Any]:
     """bos/eos ids from the ``config.json`` beside the tokenizer, ``add_bos_token`` from ``tokenizer_config.json``."""
     out: dict[str, Any] = {}
-    for name, keys in (("config.json", ("bos_token_id", "eos_token_id")), ("tokenizer_config.json", ("add_bos_token",))):
+    sources = (("config.json", ("bos_token_id", "eos_token_id")), ("tokenizer_config.json", ("add_bos_token",)))
+    for name, keys in sources:
         file = tokenizer.with_name(name)
         if file.is_file():
             config = json.loads(file.read_text())

@@ -6,13 +6,37 @@ import os
 import pathlib
 from typing import Any
 
-from jaxopt_big.export._compressed_tensors import compressed_tensors
-from jaxopt_big.export._gguf import gguf
+import jax
 
-__all__ = ["FORMATS", "write"]
+from jaxopt_big import leaves as _leaves
+from jaxopt_big import tree as _tree
+from jaxopt_big.export._compressed_tensors import compressed_tensors
+from jaxopt_big.export._gguf import check_spec, gguf
+
+__all__ = ["FORMATS", "write", "check"]
 
 # format name -> what it becomes inside the output folder
 FORMATS = {"gguf": "model.gguf", "compressed-tensors": "compressed-tensors"}
+
+
+def _known(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def check(fmt: str, params: Any, recipe: Any) -> None:
+    """Raises, before compressing, the ValueError that exporting ``params`` compressed by ``recipe``
+    (a ``jb.Recipe``) to ``fmt`` would raise for a quantization spec the format cannot hold exactly.
+
+    Only GGUF restricts specs ahead of time; a layer's kernel is still checked when it is written.
+    """
+    _known(fmt)
+    if fmt != "gguf":
+        return
+    plans = jax.tree.leaves(recipe.plans(params), is_leaf=lambda v: v is None)
+    for path, leaf, plan in zip(_tree.paths(params), jax.tree.leaves(params, is_leaf=_leaves.is_compressed), plans):
+        if plan is not None and plan.quantizer is not None:
+            check_spec(path, plan.quantizer.spec, tuple(leaf.shape))
 
 
 def write(fmt: str, directory: str | os.PathLike[str], model: Any, params: Any, *,
@@ -24,8 +48,7 @@ def write(fmt: str, directory: str | os.PathLike[str], model: Any, params: Any, 
     Raises:
       ValueError: an unknown format, or a kernel the format cannot hold exactly.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; formats: {', '.join(FORMATS)}")
+    _known(fmt)
     out = pathlib.Path(directory) / FORMATS[fmt]
     tokenizer = None
     if source is not None and (pathlib.Path(source) / "tokenizer.json").is_file():
