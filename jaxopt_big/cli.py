@@ -104,7 +104,8 @@ def _compress(args: argparse.Namespace) -> int:
         if args.mesh:
             mesh = parallel.make_mesh(**args.mesh)
         hf.compress_checkpoint(args.src, args.out, recipe, calibration=args.calibration, samples=args.samples,
-                               length=args.length, export_hf=args.export_hf, overwrite=args.overwrite, mesh=mesh)
+                               length=args.length, export_hf=args.export_hf, export=args.export,
+                               overwrite=args.overwrite, mesh=mesh)
     except (OSError, ValueError, TypeError) as e:
         print(f"jaxopt-big: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -144,6 +145,9 @@ def _add_compress(sub: Any) -> None:
                       help="calibration (and held-out) sequences (default 128)")
     comp.add_argument("--length", type=_at_least(2), default=128, help="tokens per sequence (default 128)")
     comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
+    comp.add_argument("--export", choices=("gguf", "compressed-tensors"), default=None,
+                      help="also write OUT/model.gguf (llama.cpp; recipe gptq-q4_0 or q8_0) or OUT/compressed-tensors "
+                      "(vLLM, transformers)")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
     comp.set_defaults(run=_compress)

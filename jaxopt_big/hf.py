@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxopt_big import checkpoint as _checkpoint
 from jaxopt_big import data as _data
+from jaxopt_big import export as _export
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import oneshot as _oneshot
 from jaxopt_big import recipe as _recipe
@@ -386,8 +387,8 @@ def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False,
 
 def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe: _recipe.Recipe, *,
                         calibration: str | pathlib.Path | None = None, samples: int = 128, length: int = 128,
-                        export_hf: bool = False, overwrite: bool = False, mesh: Any = None, progress: bool = True,
-                        print_fn: Callable[[str], None] = print) -> Outcome:
+                        export_hf: bool = False, export: str | None = None, overwrite: bool = False,
+                        mesh: Any = None, progress: bool = True, print_fn: Callable[[str], None] = print) -> Outcome:
     """Loads, calibrates, compresses, evaluates and writes one checkpoint (see the module docstring).
 
     Args:
@@ -401,6 +402,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         tokens give the same perplexity within 0.3%, but 32 short sentences were too few on MiniLM
         (SparseGPT 50% did not beat Wanda; with 128 it does).
       export_hf: also write the dequantized model in the source layout to ``dst/hf``.
+      export: also write a format serving engines load (``"gguf"``: ``dst/model.gguf``;
+        ``"compressed-tensors"``: ``dst/compressed-tensors/``; see :mod:`jaxopt_big.export`), decoders only.
       overwrite: replace an existing ``dst`` (only once the new one is complete).
       mesh: a mesh with a ``data`` axis to shard the calibration batches over.
       progress: progress bars; print_fn: where the summary lines go.
@@ -417,6 +420,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
     job = _prepare(src, kind, _texts(calibration), samples, length)
     stored_bytes, stored_dtype = _stored(src)
+    if export is not None:  # a spec the format cannot hold fails now, not after the compression
+        _export.check(export, job.params, recipe)
     params, metric = job.params, job.metric
     _check_finite(src, params)
     before = job.evaluate(params)
@@ -439,6 +444,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report))
         if export_hf:
             _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
+        if export is not None:
+            _export.write(export, tmp, job.model, compressed, source=src)
         _place_result(tmp, dst)
     except OSError as e:
         _remove(tmp)

@@ -318,7 +318,20 @@ def _integer_calibrate(x: jax.Array, spec: _options.IntegerGrid):
     else:  # a max or min over a group is NaN or infinite exactly when the group holds NaN or Inf
         scale = jnp.where(jnp.isfinite(lo) & jnp.isfinite(hi), scale, jnp.nan)
     zp = None if zp is None else jnp.where(jnp.isnan(scale), jnp.nan, zp)
-    return unblock(scale), None if zp is None else unblock(zp)
+    return unblock(_rounded(scale, spec)), None if zp is None else unblock(zp)
+
+
+def _rounded(scale: jax.Array, spec: _options.IntegerGrid) -> jax.Array:
+    """``scale`` rounded to ``spec.scale_dtype`` (if set), kept inside its positive finite range.
+
+    Rounding moves a scale by at most 2^-9 of itself (bfloat16), so ``qmax * scale`` still rounds to
+    ``qmax``: no value that fitted the grid is clipped.
+    """
+    dtype = getattr(spec, "scale_dtype", None)
+    if dtype is None:
+        return scale
+    info = jnp.finfo(dtype)
+    return jnp.clip(scale, info.smallest_subnormal, info.max).astype(dtype).astype(jnp.float32)
 
 
 def calibrate(x: jax.typing.ArrayLike, spec: _options.Format, *, path: str = "") -> tuple[jax.Array, jax.Array | None]:

@@ -9,6 +9,10 @@ accepts a ``QuantSpec`` accepts any ``Format``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
 
 from jaxopt_big import _checks
 from jaxopt_big.quant._calibrate import check_grid, integer_calibrate
@@ -41,6 +45,9 @@ class QuantSpec(Format):
         clips neither the minimum (at ``-2^(b-1)``) nor the maximum (at ``2^(b-1)-1``); None (default):
         full range with ``MSE()`` calibration, which then picks per scale the better grid (see
         :class:`MSE`), narrow otherwise.
+      scale_dtype: None (float32 scales), or ``float16`` / ``bfloat16``: calibrated scales are rounded
+        to that format (and held in float32), so a file format that stores them so (GGUF ``Q4_0`` and
+        ``Q8_0`` keep one float16 scale per block of 32) holds the quantized values exactly.
 
     Examples:
       >>> QuantSpec(bits=4, granularity=PER_CHANNEL).qmax
@@ -59,6 +66,7 @@ class QuantSpec(Format):
     axis: int = -1
     calibration: Calibration | None = None
     narrow: bool | None = None
+    scale_dtype: Any = None
 
     def __post_init__(self):
         _checks.store(self, bits=_checks.integer("QuantSpec.bits", self.bits, low=2, high=8),
@@ -73,6 +81,8 @@ class QuantSpec(Format):
         _checks.store(self, axis=_checks.integer("QuantSpec.axis", self.axis))
         if self.calibration is None:
             _checks.store(self, calibration=AbsMax() if self.symmetric else MinMax())
+        if self.scale_dtype is not None:
+            _checks.store(self, scale_dtype=_scale_dtype(self.scale_dtype))
         if not isinstance(self.calibration, (AbsMax, MinMax, Percentile, MSE)):
             raise TypeError(f"QuantSpec.calibration must be AbsMax(), MinMax(), Percentile(q) or MSE(), "
                             f"got {self.calibration!r}")
@@ -107,3 +117,14 @@ class QuantSpec(Format):
         if scale is not None:  # integer_quantize (in _qarray) trusts what it is given
             scale, zero_point = check_grid(scale, zero_point, path)
         return integer_quantize(x, self, scale, zero_point, path=path)
+
+
+def _scale_dtype(value: Any) -> np.dtype:
+    """``value`` as the NumPy dtype float16 or bfloat16, else ``ValueError``."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in ("float16", "bfloat16"):
+        raise ValueError(f"QuantSpec.scale_dtype must be None, float16 or bfloat16, got {value!r}")
+    return dtype

@@ -18,6 +18,12 @@ def _group128(bits: int) -> _quant.QuantSpec:
     return _quant.QuantSpec(bits=bits, granularity=_quant.Group(128), calibration=_quant.MSE())
 
 
+# GGUF's Q4_0 / Q8_0 grids: symmetric codes (int4 full range -8..7), one float16 scale per 32 inputs,
+# so jb.export.gguf writes them exactly.
+_Q4_0 = _quant.QuantSpec(bits=4, granularity=_quant.Group(32), calibration=_quant.MSE(), scale_dtype="float16")
+_Q8_0 = _quant.QuantSpec(bits=8, granularity=_quant.Group(32), scale_dtype="float16")
+
+
 # Kernels of decoder and encoder linears; the output head and embeddings stay dense in every preset.
 _HEAD = _tree.Rule(r"(.*/)?(lm_head|embed_tokens|embeddings?|wte|pooler)(/.*)?", None, required=False)
 PRESETS: dict[str, tuple[Plan, str]] = {
@@ -25,6 +31,8 @@ PRESETS: dict[str, tuple[Plan, str]] = {
     "gptq-int3": (Plan(quant=GPTQ(_group128(3))), "GPTQ int3, groups of 128, MSE grid"),
     "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
     "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
+    "gptq-q4_0": (Plan(quant=GPTQ(_Q4_0)), "GPTQ int4, groups of 32, float16 scales: GGUF Q4_0 exactly"),
+    "q8_0": (Plan(quant=_Q8_0), "round to nearest int8, groups of 32, float16 scales: GGUF Q8_0 exactly"),
     "wanda-50": (Plan(sparsity=Wanda(0.5)), "Wanda 50% unstructured"),
     "sparsegpt-50": (Plan(sparsity=SparseGPT(0.5)), "SparseGPT 50% unstructured"),
     "sparsegpt-2:4": (Plan(sparsity=SparseGPT(_sparsity.NM(2, 4))), "SparseGPT 2:4"),
