@@ -4,8 +4,9 @@
 :mod:`jaxopt_big.hf`); ``jaxopt-big demo`` trains the reference CNN on the embedded digits data,
 compresses it every way the library supports and prints one table (see :mod:`jaxopt_big.demo`);
 ``jaxopt-big report DIR`` prints the per-layer table of a saved checkpoint, read back and rebuilt
-from its files. Bad input (options, directories, recipes, an unwritable ``--out``, an unreadable
-checkpoint) exits with status 2 and a one-line message.
+from its files; ``jaxopt-big generate DIR --prompt TEXT`` continues a prompt with a compressed
+(or Hugging Face-layout) decoder and prints the text and its speed. Bad input (options, directories,
+recipes, an unwritable ``--out``, an unreadable checkpoint) exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -112,6 +113,41 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from jaxopt_big import checkpoint, data, hf, zoo
+
+    directory = pathlib.Path(args.dir)
+    try:
+        if hf.model_type(directory) not in hf.DECODERS:
+            raise ValueError(f"{directory}: generate needs a decoder ({', '.join(hf.DECODERS)})")
+        if (directory / "checkpoint").is_dir():  # written by `jaxopt-big compress`
+            model, params = hf.load_compressed(directory)
+            with checkpoint.Manager(directory / "checkpoint") as manager:
+                source = pathlib.Path(manager.extra(0).get("source", directory))
+        else:
+            model, params, source = zoo.load_llama(directory), None, directory
+        encode: Callable[[str], Any]
+        decode: Callable[[list[int]], str]
+        found = [d / "tokenizer.json" for d in (directory, directory / "hf", source) if (d / "tokenizer.json").exists()]
+        if found:
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(found[0]))
+            encode, decode = (lambda t: tokenizer.encode(t).ids), (lambda ids: tokenizer.decode(ids))
+        elif model.config.vocab_size >= data.VOCAB_SIZE:  # no tokenizer: byte-level ids, as `compress` reads text
+            encode, decode = data.encode, data.decode
+        else:
+            raise ValueError(f"{directory}: no tokenizer.json, and a vocabulary of {model.config.vocab_size} is "
+                             "too small for byte-level ids")
+        out = zoo.generate(model, params, [encode(args.prompt)], max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"jaxopt-big: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(args.prompt + decode([int(t) for t in out.tokens[0]]))
+    print(f"{out.tokens.shape[1]} new tokens: {out.tokens_per_second:.1f} tokens/s decoding "
+          f"(prefill {out.prefill_seconds:.2f} s, compile {out.compile_seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
     parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
@@ -138,8 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--export-hf", action="store_true", help="also write dequantized safetensors to OUT/hf")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
+    gen = sub.add_parser("generate", help="continue a prompt with a compressed or Hugging Face-layout decoder")
+    gen.add_argument("dir", help="a folder written by `jaxopt-big compress`, or config.json + safetensors")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate (default 64)")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "report": _report, "compress": _compress}[args.command](args)
+    return {"demo": _demo, "report": _report, "compress": _compress, "generate": _generate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
+from jaxopt_big import cli
 from jaxopt_big.quant import PER_CHANNEL, Group, QuantSpec
 from jaxopt_big.zoo import CacheFormat
 
@@ -165,3 +166,49 @@ def test_bad_input_names_the_argument(model, kwargs, error, words):
     args = {"prompt_ids": [[1, 2, 3, 4]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(error, match=words):
         jb.zoo.generate(model, None, args.pop("prompt_ids"), **args)
+
+
+BYTES = jb.zoo.LlamaConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64, max_positions=128)
+
+
+def _cli(capsys, *argv):
+    code = cli.main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generates_from_a_compressed_folder_what_generate_does(tmp_path, capsys):
+    model = jb.zoo.Llama(BYTES, rngs=nnx.Rngs(1))
+    jb.zoo.save_llama(tmp_path / "src", model)
+    dst = tmp_path / "int8"
+    assert cli.main(["compress", str(tmp_path / "src"), "--out", str(dst), "--recipe", "int8",
+                        "--samples", "2", "--length", "16"]) == 0
+    capsys.readouterr()
+    code, out, err = _cli(capsys, str(dst), "--prompt", "def f(x):", "--max-new-tokens", "5")
+    assert code == 0, err
+    skeleton, params = jb.hf.load_compressed(dst)
+    assert jb.leaves.has_compressed(params)
+    want = jb.zoo.generate(skeleton, params, jb.data.encode("def f(x):"), max_new_tokens=5).tokens[0]
+    assert out == "def f(x):" + jb.data.decode(want) + "\n"
+    assert "tokens/s" in err
+
+
+def test_cli_reads_an_hf_folder_with_its_tokenizer_and_refuses_bad_folders(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(CONFIG.vocab_size)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(0))
+    jb.zoo.save_llama(tmp_path, model)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    code, out, err = _cli(capsys, str(tmp_path), "--prompt", "w3 w9 w27", "--max-new-tokens", "4")
+    assert code == 0, err
+    want = jb.zoo.generate(model, None, [3, 9, 27], max_new_tokens=4).tokens[0]
+    assert out == "w3 w9 w27" + tokenizer.decode([int(t) for t in want]) + "\n"
+    code, out, err = _cli(capsys, str(tmp_path / "nope"), "--prompt", "w1")
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err
+    (tmp_path / "tokenizer.json").unlink()
+    code, out, err = _cli(capsys, str(tmp_path), "--prompt", "w1")
+    assert code == 2 and "no tokenizer.json" in err and "vocabulary of 64" in err
