@@ -212,3 +212,23 @@ def test_cli_reads_an_hf_folder_with_its_tokenizer_and_refuses_bad_folders(tmp_p
     (tmp_path / "tokenizer.json").unlink()
     code, out, err = _cli(capsys, str(tmp_path), "--prompt", "w1")
     assert code == 2 and "no tokenizer.json" in err and "vocabulary of 64" in err
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity=PER_CHANNEL), QuantSpec(bits=8),
+                                  QuantSpec(bits=4, granularity=Group(128)), QuantSpec(bits=4, granularity=Group(32)),
+                                  QuantSpec(bits=4, granularity=Group(256), symmetric=False),
+                                  QuantSpec(bits=3, granularity=PER_CHANNEL)], ids=str)
+def test_decode_step_kernels_give_the_dense_matmul_without_a_float_copy_of_the_kernel(spec):
+    k, n = 1024, 384
+    w = jax.random.normal(jax.random.key(0), (k, n))
+    q = jb.quant.quantize(w, spec)
+    dense = np.asarray(q.dense(), np.float64)
+    layer = nnx.Linear(k, n, use_bias=False, rngs=nnx.Rngs(0))
+    layer.kernel.set_value(q)
+    run = jax.jit(lambda x: jb.intercept.run_compressed(layer)(x))
+    for shape in [(1, k), (2, 3, k)]:  # one decode row; a batch of a few
+        x = jax.random.normal(jax.random.key(1), shape)
+        y = np.asarray(run(x))
+        np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
+    memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < k * n  # a float32 kernel would be 4 * k * n bytes
