@@ -8,8 +8,9 @@
   prefill), each candidate's median over the rounds. Every linear and the LM head are quantized.
 * Memory: the compiled temporaries of one decode step per candidate (``memory_analysis()``): the
   packed kernels are unpacked tile by tile, never as a float copy of a layer's weights.
-* Quality, on the small trained decoder (``benchmarks/train_decoder.py``; its ``--quick`` variant with
-  ``--quick``): validation perplexity with the int8 KV cache against the model-dtype cache, and the
+* Quality, on the small trained decoder of ``benchmarks/train_decoder.py`` (its full run when saved,
+  else its ``--quick`` variant, trained on a quarter of the text, which this script trains if missing):
+  validation perplexity with the int8 KV cache against the model-dtype cache, and the
   share of the first 64 greedy tokens that int8 (per-channel) weights generate as float32 does.
 
 Run: ``python benchmarks/decode.py [--quick]``.
@@ -34,7 +35,7 @@ import jaxopt_big as jb  # noqa: E402
 from common import write  # noqa: E402
 from jaxopt_big.quant import PER_CHANNEL, Group, QuantSpec  # noqa: E402
 from jaxopt_big.zoo import CacheFormat  # noqa: E402
-from train_decoder import ARTIFACT, LENGTH, trained_decoder  # noqa: E402
+from train_decoder import ARTIFACT, LENGTH, train  # noqa: E402
 
 LINEARS = r".*_proj/kernel|lm_head/kernel"
 INT8 = QuantSpec(bits=8, granularity=PER_CHANNEL)
@@ -98,8 +99,10 @@ def speed(blocks: int, new: int, rounds: int) -> dict:
 
 
 def quality(quick: bool) -> dict:
-    directory = ARTIFACT.with_name("decoder_quick") if quick else ARTIFACT
-    model = trained_decoder(directory)
+    directory = ARTIFACT if (ARTIFACT / "training.json").exists() else ARTIFACT.with_name("decoder_quick")
+    if not (directory / "training.json").exists():
+        train(directory, fraction=0.25)
+    model = jb.zoo.load_llama(directory)
     c = model.config
     windows = jb.data.windows(jb.data.docs_corpus().validation, LENGTH)[:16 if quick else 64]
 
@@ -151,5 +154,5 @@ def main(quick: bool) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="64 new tokens, one round, the quick decoder")
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, one round, fewer validation windows")
     main(parser.parse_args().quick)
