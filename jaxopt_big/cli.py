@@ -4,9 +4,11 @@
 :mod:`jaxopt_big.hf`); ``jaxopt-big demo`` trains the reference CNN on the embedded digits data,
 compresses it every way the library supports and prints one table (see :mod:`jaxopt_big.demo`);
 ``jaxopt-big report DIR`` prints the per-layer table of a saved checkpoint, read back and rebuilt
-from its files. Bad input (options, directories, recipes, an unwritable ``--out``, an unreadable
-checkpoint) exits with status 2 and a one-line message; an interrupt (Ctrl-C) exits with 130 and one
-line. A subcommand is one ``_add_*`` function that declares its options and the function that runs it.
+from its files; ``jaxopt-big generate DIR --prompt TEXT`` continues a prompt with a compressed
+(or Hugging Face-layout) decoder and prints the text and its speed. Bad input (options, directories,
+recipes, an unwritable ``--out``, an unreadable checkpoint) exits with status 2 and a one-line message;
+an interrupt (Ctrl-C) exits with 130 and one line. A subcommand is one ``_add_*`` function that declares
+its options and the function that runs it.
 """
 
 from __future__ import annotations
@@ -112,6 +114,38 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from jaxopt_big import checkpoint, hf, zoo
+
+    directory = pathlib.Path(args.dir)
+    try:
+        if hf.model_type(directory) not in hf.DECODERS:
+            raise ValueError(f"{directory}: generate needs a decoder ({', '.join(hf.DECODERS)})")
+        if (directory / "checkpoint").is_dir():  # written by `jaxopt-big compress`
+            model, params = hf.load_compressed(directory)
+            with checkpoint.Manager(directory / "checkpoint") as manager:
+                source = pathlib.Path(manager.extra(0).get("source", directory))
+        else:
+            model, params, source = zoo.load_llama(directory), None, directory
+        encode: Callable[[str], Any]
+        decode: Callable[[list[int]], str]
+        found = [d / "tokenizer.json" for d in (directory, directory / "hf", source) if (d / "tokenizer.json").exists()]
+        if found:
+            from tokenizers import Tokenizer
+            tokenizer = Tokenizer.from_file(str(found[0]))
+            encode, decode = (lambda t: tokenizer.encode(t).ids), (lambda ids: tokenizer.decode(ids))
+        else:  # as `compress`: text is never read as byte ids behind the user's back
+            raise ValueError(f"{directory}: no tokenizer.json here, in hf/ or in the source folder {source}")
+        out = zoo.generate(model, params, [encode(args.prompt)], max_new_tokens=args.max_new_tokens)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"jaxopt-big: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(args.prompt + decode([int(t) for t in out.tokens[0]]))
+    print(f"{out.tokens.shape[1]} new tokens: {out.tokens_per_second:.1f} tokens/s decoding "
+          f"(prefill {out.prefill_seconds:.2f} s, compile {out.compile_seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="train on the embedded digits data and compress it every way")
     demo.add_argument("--quick", action="store_true", help="a shorter run (CI size)")
@@ -153,11 +187,19 @@ def _add_compress(sub: Any) -> None:
     comp.set_defaults(run=_compress)
 
 
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with a compressed or Hugging Face-layout decoder")
+    gen.add_argument("dir", help="a folder written by `jaxopt-big compress`, or config.json + safetensors")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate (default 64)")
+    gen.set_defaults(run=_generate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``jaxopt-big`` command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
     parser = _Parser(prog="jaxopt-big", description="Compress JAX models: prune, quantize, factorize, distill.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_demo, _add_report, _add_compress):
+    for add in (_add_demo, _add_report, _add_compress, _add_generate):
         add(sub)
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,7 @@ from flax import struct
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, group_size, to_int
-from jaxopt_big.quant import _options
+from jaxopt_big.quant import _matmul, _options
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
 
@@ -102,7 +102,14 @@ class QArray(_leaves.Compressed):
 
     def contract(self, x: jax.Array, c: _leaves.Contraction) -> jax.Array:
         """Integer execution where the scales allow it (see :func:`integer_contract`), else the
-        contraction with the dense value; the gradient is always that of the dense contraction."""
+        contraction with the dense value; the gradient is always that of the dense contraction.
+
+        A Dense layer on a few rows (a decode step) streams the packed codes tile by tile instead
+        (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel."""
+        if not _leaves.is_compressed(self.values):
+            y = _matmul.streamed_matmul(c, x, self.values, self.bits, self.scale, self.zero_point)
+            if y is not None:
+                return y
         y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale)
         if y is None:
             return c(x, self.dense())

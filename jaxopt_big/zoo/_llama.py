@@ -36,6 +36,7 @@ from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.zoo import _families, _safetensors
+from jaxopt_big.zoo._kvcache import KVCache
 
 __all__ = ["LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
 
@@ -175,10 +176,10 @@ def _head_dim(config: LlamaConfig) -> int:
     return config.head_dim
 
 
-def _rotary(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin ``(length, head_dim)`` of Hugging Face Llama's rotary embedding (halves, not pairs)."""
+def _rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin ``(len(positions), head_dim)`` of Hugging Face Llama's rotary embedding (halves, not pairs)."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -205,6 +206,17 @@ def _mask_bias(config: LlamaConfig, length: int, attention_mask: jax.Array | Non
     return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
 
 
+def _cache_bias(config: LlamaConfig, cache: KVCache, positions: jax.Array) -> jax.Array:
+    """``_mask_bias`` for queries at ``positions`` over the cache's slots: causal, windowed, valid slots only."""
+    q = positions[:, None]
+    k = jnp.arange(cache.length)[None, :]
+    keep = k <= q
+    if config.sliding_window is not None:
+        keep &= k > q - config.sliding_window
+    keep = keep[None] & cache.valid[:, None, :]
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings (``q_proj k_proj v_proj o_proj``)."""
 
@@ -217,7 +229,10 @@ class Attention(nnx.Module):
         self.o_proj = linear(c.num_heads * d, c.hidden_size, use_bias=False)
         self.config = config
 
-    def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, cos: jax.Array, sin: jax.Array, cache: KVCache | None = None,
+                 layer: int | jax.Array = 0) -> Any:
+        """The attention output; with a ``cache``, ``(output, cache)``: this call's keys and values are
+        written to layer ``layer``'s slots from ``cache.index`` on and the queries attend to every slot."""
         c, d = self.config, _head_dim(self.config)
         b, n, _ = x.shape
         kv, groups = c.num_kv_heads, c.num_heads // c.num_kv_heads
@@ -228,12 +243,22 @@ class Attention(nnx.Module):
         q = q.reshape(b, n, kv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * n, d)
         k = _rotate(self.k_proj(x).reshape(b, n, kv, d), cos, sin).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, n, kv, d).transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32).reshape(b, kv, groups, n, n) + bias
+        k_scale = v_scale = None
+        if cache is not None:
+            cache = cache.write(layer, k, v)
+            k, v, k_scale, v_scale = cache.read(layer)
+        s = k.shape[2]
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype)).astype(jnp.float32)
+        if k_scale is not None:  # int8 keys: (q . codes) * scale of each key vector
+            scores = scores * k_scale[:, :, None, :]
+        scores = scores.reshape(b, kv, groups, n, s) + bias
         # softmax with the normalization applied to the (smaller) output instead of the probabilities
-        e = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(b, kv, groups * n, n)
-        ctx = jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v) / e.sum(-1, keepdims=True)
+        e = jnp.exp(scores - scores.max(-1, keepdims=True)).reshape(b, kv, groups * n, s)
+        weights = e if v_scale is None else e * v_scale[:, :, None, :]  # int8 values: scale each slot's weight
+        ctx = jnp.einsum("bkqs,bksd->bkqd", weights.astype(x.dtype), v.astype(x.dtype)) / e.sum(-1, keepdims=True)
         ctx = ctx.astype(x.dtype).reshape(b, kv, groups, n, d).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(ctx.reshape(b, n, c.num_heads * d))
+        out = self.o_proj(ctx.reshape(b, n, c.num_heads * d))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
@@ -265,12 +290,25 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
         self.config = config
 
-    def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, attention_mask: jax.Array | None = None, *, cache: KVCache | None = None,
+                 layer: int | jax.Array = 0) -> Any:
+        """Hidden states; with a ``cache``, ``(hidden states, cache)``.
+
+        With a cache, ``x`` holds the tokens at positions ``cache.index, cache.index + 1, ...``, they
+        attend to the cache's valid slots (``attention_mask`` is ignored: :meth:`KVCache.mark` records
+        it), and their keys and values go to the cache's layer ``layer``.
+        """
         c = self.config
-        cos, sin = _rotary(x.shape[1], _head_dim(c), c.rope_theta)
-        bias = _mask_bias(c, x.shape[1], attention_mask)
-        x = x + self.self_attn(self.input_layernorm(x), bias, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if cache is None:
+            cos, sin = _rotary(jnp.arange(x.shape[1]), _head_dim(c), c.rope_theta)
+            bias = _mask_bias(c, x.shape[1], attention_mask)
+            x = x + self.self_attn(self.input_layernorm(x), bias, cos, sin)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        positions = cache.index + jnp.arange(x.shape[1])
+        cos, sin = _rotary(positions, _head_dim(c), c.rope_theta)
+        h, cache = self.self_attn(self.input_layernorm(x), _cache_bias(c, cache, positions), cos, sin, cache, layer)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class Llama(nnx.Module):
@@ -278,6 +316,10 @@ class Llama(nnx.Module):
 
     ``model(input_ids, attention_mask=None)`` returns logits ``(batch, length, vocab_size)``;
     ``attention_mask`` (1 = real token) masks padded keys. Positions are ``0..length-1``.
+    ``model(input_ids, attention_mask, cache=cache)`` (a :class:`KVCache`) reads and extends a
+    key/value cache instead, at positions ``cache.index...``, and returns ``(logits, cache)``: what
+    :func:`jaxopt_big.zoo.generate` runs. Rotary embeddings depend only on distances, so left padding
+    leaves the logits of real tokens as they are without it.
 
     Args:
       config: the sizes and variant.
@@ -318,26 +360,50 @@ class Llama(nnx.Module):
         self.lm_head = None if config.tie_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, param_dtype=dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 cache: KVCache | None = None) -> Any:
         length = input_ids.shape[-1]
-        if length > self.config.max_positions:
-            raise ValueError(f"Llama: sequence length {length} exceeds max_positions={self.config.max_positions}")
+        limit = length if cache is None else cache.length
+        if limit > self.config.max_positions:
+            raise ValueError(f"Llama: sequence length {limit} exceeds max_positions={self.config.max_positions}")
         x = self.embed_tokens(input_ids)
-        if isinstance(self.layers, nnx.List):
+        if cache is not None:
+            x, cache = self._cached(x, cache.mark(attention_mask, length))
+            cache = dataclasses.replace(cache, index=cache.index + length)
+        elif isinstance(self.layers, nnx.List):
             for layer in self.layers:
                 x = layer(x, attention_mask)
         else:  # scan_layers: one layer whose parameters are stacked along a leading axis
-            graphdef, state = nnx.split(self.layers)
-            if _leaves.has_compressed(state):
-                raise ValueError("Llama(scan_layers=True) holds compressed block kernels, which a scan cannot "
-                                 "slice layer by layer: run jb.leaves.densify(state), or the unrolled model "
-                                 "(save_llama, then load_llama without scan_layers)")
+            graphdef, state = self._stacked()
 
             def body(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, attention_mask), None
             x, _ = jax.lax.scan(body, x, state)
         x = self.norm(x)
-        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits if cache is None else (logits, cache)
+
+    def _stacked(self) -> tuple[Any, Any]:
+        graphdef, state = nnx.split(self.layers)
+        if _leaves.has_compressed(state):
+            raise ValueError("Llama(scan_layers=True) holds compressed block kernels, which a scan cannot "
+                             "slice layer by layer: run jb.leaves.densify(state), or the unrolled model "
+                             "(save_llama, then load_llama without scan_layers)")
+        return graphdef, state
+
+    def _cached(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The blocks over ``x`` with the cache: layer ``i`` reads and writes the cache's layer ``i``."""
+        if isinstance(self.layers, nnx.List):
+            for i, layer in enumerate(self.layers):
+                x, cache = layer(x, cache=cache, layer=i)
+            return x, cache
+        graphdef, state = self._stacked()
+
+        def body(carry, inputs):
+            layer_state, i = inputs
+            return nnx.merge(graphdef, layer_state)(carry[0], cache=carry[1], layer=i), None
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(self.config.num_layers)))
+        return x, cache
 
 
 # ---------------------------------------------------------------------------------------------------------
