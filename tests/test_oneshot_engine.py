@@ -172,6 +172,26 @@ def test_report_lists_every_layer_with_its_output_error(chain):
     assert "layer_3/dense" in str(report) and "gptq int4 g4" in report.to_markdown()
 
 
+@pytest.mark.parametrize("blocks", [None, r"layer_\d+"])
+def test_blocks_run_in_numeric_order_past_ten(blocks):
+    """layer_10 follows layer_9 (not layer_1, as string order has it): each block is pruned on the
+    outputs of the pruned block before it (numpy Wanda: keep the top half of |w| x input norm)."""
+    depth, x = 12, _data()
+    params = Chain(depth).init(jax.random.key(3), x)["params"]
+    recipe = jb.Recipe([Rule(r"layer_\d+/dense", jb.Plan(sparsity=jb.Wanda(0.5)))])
+    out, report = jb.oneshot.compress(Chain(depth), params, [x], recipe, blocks=blocks, progress=False)
+    assert [r.path for r in report.rows] == [f"layer_{i}/dense" for i in range(depth)]
+    h = np.asarray(x, np.float64)
+    for i in range(depth):
+        layer = params[f"layer_{i}"]["dense"]
+        w = np.asarray(layer["kernel"], np.float64)
+        score = np.abs(w) * np.linalg.norm(h, axis=0)[:, None]
+        keep = score > np.median(score, axis=0)  # 4 of the 8 inputs of each output
+        got = np.asarray(out[f"layer_{i}"]["dense"]["kernel"])
+        np.testing.assert_array_equal(got != 0, keep, err_msg=f"layer_{i}")
+        h = h + h @ np.where(keep, w, 0.0) + np.asarray(layer["bias"])
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_later_layers_of_a_block_see_the_compressed_earlier_ones_only_when_sequential(sequential):
     x = _data()

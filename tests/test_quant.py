@@ -50,6 +50,35 @@ def test_int8_symmetric_per_channel_absmax_matches_numpy():
     assert q.values.dtype == jnp.int8
 
 
+@pytest.mark.parametrize("bits", [3, 8])
+@pytest.mark.parametrize("symmetric,narrow,calibration", [(False, None, AbsMax()), (False, None, MinMax()),
+                                                          (True, None, AbsMax()), (True, None, MinMax()),
+                                                          (True, False, AbsMax()), (True, False, MinMax())],
+                         ids=["affine-absmax", "affine-minmax", "narrow-absmax", "narrow-minmax", "full-absmax",
+                              "full-minmax"])
+def test_absmax_and_minmax_grids_match_numpy(bits, symmetric, narrow, calibration):
+    """Affine: AbsMax spans ``[-absmax, absmax]``, MinMax ``[min(x, 0), max(x, 0)]`` on all 2^b codes.
+    Symmetric (both): the smallest scale whose codes hold the minimum and the maximum."""
+    rng = np.random.default_rng(0)  # all-positive, all-negative and mixed channels, either end the larger
+    x = rng.normal(size=(32, 6)) * [1.0, 1.0, 1.0, 1.0, 0.5, 2.0] + [3.0, -3.0, -0.5, 0.5, 0.0, 1.0]
+    x = x.astype(np.float32)
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=PER_CHANNEL, calibration=calibration, narrow=narrow)
+    scale, zero_point = (None if v is None else np.asarray(v, np.float64).ravel() for v in jb.quant.calibrate(x, spec))
+    lo, hi = np.minimum(x.min(axis=0), 0).astype(np.float64), np.maximum(x.max(axis=0), 0).astype(np.float64)
+    half = 2 ** (bits - 1)
+    if symmetric:
+        qmin = -half if narrow is False else -(half - 1)
+        np.testing.assert_allclose(scale, np.maximum(lo / qmin, hi / (half - 1)), rtol=1e-6)
+        assert zero_point is None
+    else:
+        if isinstance(calibration, AbsMax):
+            lo, hi = -np.maximum(-lo, hi), np.maximum(-lo, hi)
+        np.testing.assert_allclose(scale, (hi - lo) / (2 ** bits - 1), rtol=1e-6)
+        # an integer zero point (rounded, so up to half a code) that puts lo at the lowest code
+        assert np.all(zero_point == np.round(zero_point))
+        assert np.abs(zero_point - (-half - lo / scale)).max() <= 0.5 + 1e-4
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("calibration", [AbsMax(), MinMax(), Percentile(99.0), MSE(steps=8)])
 @pytest.mark.parametrize("value", [0.0, 3.0, -2.0])

@@ -1,5 +1,7 @@
 """Recipes: one per-layer plan read by post-training compression, training and the report."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,62 @@ def test_presets_leave_the_head_dense_and_quantize_every_other_kernel():
     assert plans["layers"]["0"]["mlp"]["up_proj"]["kernel"].quant.bits == 8
     for name in jb.recipe.PRESETS:
         assert jb.recipe.preset(name).plans(params)["lm_head"]["kernel"] is None
+
+
+_PRUNERS = {"magnitude": jb.Magnitude, "wanda": jb.Wanda, "sparsegpt": jb.SparseGPT}
+
+
+def _expected_pruner(part, description):
+    """``wanda-50`` -> Wanda(0.5) (the description says "unstructured"), ``sparsegpt-2:4`` -> NM(2, 4)."""
+    m = re.fullmatch(r"(magnitude|wanda|sparsegpt)-(\d+)(?::(\d+))?", part)
+    if m is None:
+        return None
+    method, a, b = m.groups()
+    if b is not None:
+        assert f"{a}:{b}" in description
+        return method, jb.sparsity.NM(int(a), int(b))
+    assert f"{a}%" in description
+    return method, int(a) / 100
+
+
+def _expected_quant(part, description):
+    """``gptq-int3`` -> GPTQ, 3 bits; granularity and calibration as the description states them."""
+    m = re.fullmatch(r"(?:(gptq|rtn)-)?int(\d)", part)
+    if m is None:
+        return None
+    method, bits = m.group(1) or "rtn", int(m.group(2))
+    assert f"int{bits}" in description
+    group = re.search(r"groups of (\d+)|\bg(\d+)\b", description)
+    if group:
+        granularity = jb.quant.Group(int(group.group(1) or group.group(2)))
+    else:
+        assert "per output channel" in description, description
+        granularity = PER_CHANNEL
+    calibration = jb.quant.MSE() if "MSE" in description else QuantSpec(bits=bits).calibration
+    return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration)
+
+
+@pytest.mark.parametrize("name", list(jb.recipe.PRESETS))
+def test_every_preset_is_what_its_name_and_description_say(name):
+    _, description = jb.recipe.PRESETS[name]
+    params = {"layers": {"0": {"mlp": {"kernel": jnp.ones((256, 8))}}}}
+    plan = jb.recipe.preset(name).plans(params)["layers"]["0"]["mlp"]["kernel"]
+    pruner = quant = None
+    for part in name.split("+"):
+        # a part named like a preset ("...+gptq-int4") is also what that preset's description says
+        said = " ".join([description, jb.recipe.PRESETS[part][1] if part in jb.recipe.PRESETS else ""])
+        pruner = pruner or _expected_pruner(part, said)
+        quant = quant or _expected_quant(part, said)
+        assert _expected_pruner(part, said) or _expected_quant(part, said), f"unread part {part!r} of {name!r}"
+    if pruner is None:
+        assert plan.pruner is None
+    else:
+        assert isinstance(plan.pruner, _PRUNERS[pruner[0]]) and plan.pruner.sparsity == pruner[1], plan.pruner
+    if quant is None:
+        assert plan.quantizer is None
+    else:
+        assert isinstance(plan.quantizer, {"gptq": jb.GPTQ, "rtn": jb.RTN}[quant[0]]), plan.quantizer
+        assert plan.quantizer.spec == quant[1], (plan.quantizer.spec, quant[1])
 
 
 def test_recipe_file_parses_into_the_typed_recipe(tmp_path):

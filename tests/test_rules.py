@@ -55,6 +55,31 @@ def test_a_rule_that_claims_nothing_raises_the_same_error_in_every_technique(nam
     assert "layer_0/mlp/up/kernel" in str(err.value)
 
 
+SIBLINGS = {"layer_1": {"mlp": {"kernel": jnp.ones((8, 8))}, "mlp_gate": {"kernel": jnp.ones((8, 8))},
+                       "mlp_norm": {"scale": jnp.ones(8)}},
+            "layer_10": {"mlp": {"kernel": jnp.ones((8, 8))}}}
+
+
+def test_a_pattern_matches_whole_path_segments_not_a_longer_sibling():
+    """``layer_1/mlp`` is the module ``mlp`` of ``layer_1``: not ``mlp_gate``, ``mlp_norm`` or ``layer_10``."""
+    for pattern, path, expected in [("layer_1/mlp", "layer_1/mlp/kernel", True),
+                                    ("layer_1/mlp", "layer_1/mlp_gate/kernel", False),
+                                    ("layer_1/mlp", "layer_1/mlp_norm/scale", False),
+                                    ("layer_1", "layer_10/mlp/kernel", False),
+                                    ("mlp", "layer_1/mlp/kernel", False)]:   # anchored at the start too
+        assert jb.tree.matches(pattern, path) is expected, (pattern, path)
+        assert Rule(pattern, 4).matches(path) is expected, (pattern, path)
+    selected = jb.tree.select(SIBLINGS, ["layer_1/mlp", "layer_1"])
+    assert {p for p, x in zip(jb.tree.paths(SIBLINGS), jax.tree.leaves(selected)) if x} == {
+        "layer_1/mlp/kernel", "layer_1/mlp_gate/kernel", "layer_1/mlp_norm/scale"}
+    assert jax.tree.leaves(jb.tree.select(SIBLINGS, "layer_1/mlp")) == [True, False, False, False]
+    out = jb.quant.quantize_params(SIBLINGS, [Rule("layer_1/mlp", jb.quant.QuantSpec(bits=4))])
+    leaves = jax.tree.leaves(out, is_leaf=jb.leaves.is_compressed)
+    assert {p: isinstance(x, jb.quant.QArray) for p, x in zip(jb.tree.paths(SIBLINGS), leaves)} == {
+        "layer_1/mlp/kernel": True, "layer_1/mlp_gate/kernel": False, "layer_1/mlp_norm/scale": False,
+        "layer_10/mlp/kernel": False}
+
+
 def test_where_picks_candidates_and_rules_assign_among_them():
     rules = [Rule("layer_0", jb.quant.QuantSpec(bits=4)), Rule(".*", jb.quant.QuantSpec(bits=8))]
     out = jb.quant.quantize_params(PARAMS, rules, where=r".*/mlp/.*")

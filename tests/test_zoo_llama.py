@@ -149,6 +149,20 @@ def test_save_load_round_trip_and_scanned_equals_unrolled(kind, tmp_path):
         assert zoo.LlamaConfig.from_hf(json.loads((tmp_path / name / "config.json").read_text())) == model.config
 
 
+def test_scanned_layers_apply_a_right_padded_mask_as_numpy_does(tmp_path):
+    """The scan passes the attention mask to every layer: padded queries see only the real keys
+    (the unrolled model with a mask is checked in test_forward_equals_numpy)."""
+    cfg = CONFIGS["mistral"]
+    tensors = hf_tensors(cfg)
+    src = write_checkpoint(tmp_path, cfg, tensors)
+    mask = np.ones_like(IDS)
+    mask[1, 7:] = 0  # each padded query still sees a real key inside the window of 4
+    ref = numpy_llama(tensors, cfg, IDS, mask)
+    assert np.abs(ref - numpy_llama(tensors, cfg, IDS)).max() > 0.1  # the padding changes the padded rows
+    ours = np.asarray(zoo.load_llama(src, scan_layers=True)(jnp.asarray(IDS), jnp.asarray(mask)))
+    assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
+
+
 def test_sharded_index(tmp_path):
     cfg = CONFIGS["llama"]
     tensors = hf_tensors(cfg)
