@@ -137,7 +137,7 @@ def hadamard_transform(x: jax.typing.ArrayLike, *, path: str = "") -> jax.Array:
         h *= 2
     y = y.reshape(*batch, power, n // power)
     if paley.shape[0] > 1:
-        y = y @ jnp.asarray(paley, jnp.float32)
+        y = jnp.matmul(y, jnp.asarray(paley, jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (y.reshape(x.shape) / np.sqrt(n)).astype(x.dtype)
 
 

@@ -12,6 +12,7 @@ imported. Nothing is ever downloaded.
 from jaxopt_big.zoo._bert import (MINILM_PACKAGE, Bert, BertConfig, load_bert, load_tokenizer, minilm, save_bert,
                                   tokenize)
 from jaxopt_big.zoo._llama import DecoderLayer, Llama, LlamaConfig, load_llama, save_llama
+from jaxopt_big.zoo._rotate import rotate
 
 __all__ = ["BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm", "MINILM_PACKAGE",
-           "LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
+           "LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama", "rotate"]
