@@ -34,6 +34,7 @@ from flax import nnx
 
 from jaxopt_big import _checks
 from jaxopt_big import leaves as _leaves
+from jaxopt_big import quant as _quant
 from jaxopt_big import tree as _tree
 from jaxopt_big.zoo import _families, _safetensors
 from jaxopt_big.zoo._kvcache import KVCache
@@ -262,16 +263,22 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+
+    ``online_hadamard`` (set by :func:`jaxopt_big.zoo.rotate`, which folds ``H^T`` into ``down_proj``)
+    multiplies the product by the Hadamard matrix before ``down_proj``, so down_proj sees rotated inputs.
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
         linear = functools.partial(nnx.Linear, use_bias=False, param_dtype=dtype, rngs=rngs)
         self.gate_proj = linear(config.hidden_size, config.intermediate_size)
         self.up_proj = linear(config.hidden_size, config.intermediate_size)
         self.down_proj = linear(config.intermediate_size, config.hidden_size)
+        self.online_hadamard = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(_quant.hadamard_transform(h) if self.online_hadamard else h)
 
 
 class DecoderLayer(nnx.Module):
