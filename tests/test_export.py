@@ -159,6 +159,20 @@ def test_gguf_refuses_what_it_cannot_hold_exactly_and_leaves_nothing(tmp_path, s
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_shorter_last_group_is_refused_by_both_formats(tmp_path):
+    model = jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(1))
+    d_in = nnx.state(model, nnx.Param)["layers"][0]["mlp"]["down_proj"]["kernel"].shape[0]
+    size = 64 if d_in % 64 else 128 if d_in % 128 else None
+    assert size is not None and d_in > size, d_in                       # a group that leaves a shorter last one
+    spec = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(size), scale_dtype="float16")
+    params = jb.Recipe([jb.Rule(r".*/mlp/down_proj/.*", jb.Plan(quant=spec))]).apply(nnx.state(model, nnx.Param))
+    with pytest.raises(ValueError, match=r"^layers/0/mlp/down_proj/kernel: its last group of inputs is shorter"):
+        jb.export.gguf(tmp_path / "m.gguf", model, params)
+    with pytest.raises(ValueError, match=r"^layers/0/mlp/down_proj/kernel: its last group of inputs is shorter"):
+        jb.export.compressed_tensors(tmp_path / "ct", model, params)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_bad_spec_or_format_exits_2_in_one_line_and_writes_nothing(src, tmp_path, capsys):
     dst = tmp_path / "out"
     argv = ["compress", str(src), "--out", str(dst), "--recipe", "rtn-int4", "--samples", "8", "--length", "32"]

@@ -548,3 +548,29 @@ def test_group_that_does_not_divide_the_inputs_leaves_a_shorter_last_group(symme
     a = rng.normal(size=(3, 176)).astype(np.float32)
     c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
     np.testing.assert_allclose(jb.leaves.contract(q, jnp.asarray(a), c), a @ dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_decode_step_on_a_shorter_last_group_equals_the_dense_matmul(bits):
+    # 512 inputs in groups of 384: two scale rows that are not 256 inputs each, which a decode-size
+    # input (one row) would stream tile by tile as if they were
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(512, 16)).astype(np.float32) * np.where(np.arange(512) < 384, 1.0, 8.0)[:, None]
+    q = jb.quant.quantize(w, QuantSpec(bits=bits, granularity=Group(384)))
+    assert q.group_size == 384
+    x = rng.normal(size=(1, 512)).astype(np.float32)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    np.testing.assert_allclose(jb.leaves.contract(q, jnp.asarray(x), c), x @ np.asarray(q.dense()),
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_group_scales_of_a_multi_axis_kernel_given_in_its_layout_are_read_off_their_shape():
+    # an Einsum kernel (8, 2, 4) contracting (8, 2): scales of 4 groups of 4 inputs laid out as (4, 1, 4)
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(8, 2, 4)).astype(np.float32)
+    scale = np.abs(w.reshape(4, 2, 2, 4)).max((1, 2)) / 7                 # per 2 rows of axis 0 (4 inputs)
+    spec = QuantSpec(bits=4, granularity=Group(4))
+    given = spec.quantize(jnp.asarray(w), jnp.asarray(scale[:, None, :]), None)
+    assert given.group_size is None
+    np.testing.assert_allclose(given.dense(), np.clip(np.round(w / np.repeat(scale, 2, 0)[:, None, :]), -8, 7)
+                               * np.repeat(scale, 2, 0)[:, None, :], rtol=1e-6, atol=1e-6)

@@ -139,11 +139,12 @@ def _expected_pruner(part, description):
 
 
 def _expected_quant(part, description):
-    """``gptq-int3`` -> GPTQ, 3 bits; granularity and calibration as the description states them."""
-    m = re.fullmatch(r"(?:(gptq|rtn)-)?int(\d)", part)
+    """``gptq-int3`` -> GPTQ, 3 bits; ``gptq-q4_0`` -> GGUF's Q4_0 grid, 4 bits; granularity, calibration
+    and scale dtype as the description states them."""
+    m = re.fullmatch(r"(?:(gptq|rtn)-)?(?:int(\d)|q(\d)_0)", part)
     if m is None:
         return None
-    method, bits = m.group(1) or "rtn", int(m.group(2))
+    method, bits = m.group(1) or "rtn", int(m.group(2) or m.group(3))
     assert f"int{bits}" in description
     group = re.search(r"groups of (\d+)|\bg(\d+)\b", description)
     if group:
@@ -152,7 +153,8 @@ def _expected_quant(part, description):
         assert "per output channel" in description, description
         granularity = PER_CHANNEL
     calibration = jb.quant.MSE() if "MSE" in description else QuantSpec(bits=bits).calibration
-    return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration)
+    scale_dtype = "float16" if "float16 scales" in description else None
+    return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration, scale_dtype=scale_dtype)
 
 
 @pytest.mark.parametrize("name", list(jb.recipe.PRESETS))

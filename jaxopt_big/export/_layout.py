@@ -104,6 +104,9 @@ def codes(t: Tensor, *, instead: str) -> Codes | None:
                          f"{instead}")
     d_in, d_out = q.dense_shape
     s_in, s_out = q.scale.shape
+    if q.group_size is not None:
+        raise ValueError(f"{t.path}: its last group of inputs is shorter ({d_in} inputs in groups of {q.group_size}), "
+                         f"which the format cannot store; use a group size that divides {d_in}; {instead}")
     if s_out not in (1, d_out) or d_in % s_in:
         raise ValueError(f"{t.path}: scales of shape {q.scale.shape} do not run per output feature and per group "
                          f"of inputs of a ({d_in}, {d_out}) kernel; {instead}")

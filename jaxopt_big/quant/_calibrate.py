@@ -101,27 +101,30 @@ def check_layout(shape: tuple[int, ...], spec: _options.IntegerGrid, path: str =
 
 
 def group_size(shape: tuple[int, ...], spec: _options.IntegerGrid) -> int | None:
-    """Entries per scale along the grouped axis of ``shape`` (the last group may be shorter); None if
-    ``spec`` is not grouped.
+    """Entries per scale along the grouped axis of ``shape`` when the last group there is shorter,
+    else None: groups that divide the axis are read off the scale's shape (``n // rows``) by
+    :func:`expand`, in whatever layout the scale is given (a multi-axis kernel's included).
 
     Examples:
       >>> from jaxopt_big.quant._spec import QuantSpec, Group
       >>> spec = QuantSpec(granularity=Group(128))
-      >>> group_size((176, 8), spec), group_size((64, 8), spec)
-      (128, 64)
+      >>> group_size((176, 8), spec), group_size((256, 8), spec), group_size((64, 8), spec)
+      (128, None, None)
     """
     g = spec.granularity
     if not isinstance(g, _options.Group):
         return None
-    return g.span(shape[g.along % len(shape)])
+    n = shape[g.along % len(shape)]
+    size = g.span(n)
+    return size if n % size else None
 
 
 def _whole_groups(shape: tuple[int, ...], spec: _options.IntegerGrid) -> tuple[int, int] | None:
     """``(along, entries in whole groups)`` when the last group along ``along`` is shorter, else None."""
-    g, size = spec.granularity, group_size(shape, spec)
-    if not isinstance(g, _options.Group) or size is None or not shape[g.along % len(shape)] % size:
+    size = group_size(shape, spec)
+    if size is None:
         return None
-    along = g.along % len(shape)
+    along = spec.granularity.along % len(shape)  # type: ignore[union-attr]  # grouped: size is not None
     return along, shape[along] // size * size
 
 

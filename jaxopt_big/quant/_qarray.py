@@ -63,9 +63,9 @@ class QArray(_leaves.Compressed):
       bits: integer width (static).
       axis: channel axis of per-channel/group scales, None for per-tensor (static).
       dense_shape, dense_dtype: shape and dtype of the dense value (static).
-      group_size: entries per scale along the grouped axis of group scales, None otherwise (static).
-        The last group is shorter when it does not divide the axis: ``Group(128)`` on 176 inputs
-        stores two scale rows, for inputs ``[0, 128)`` and ``[128, 176)``.
+      group_size: entries per scale along the grouped axis when the last group is shorter, None
+        otherwise (static): ``Group(128)`` on 176 inputs stores two scale rows, for inputs
+        ``[0, 128)`` and ``[128, 176)``; equal groups are read off the scale's shape.
     """
 
     values: Any
@@ -106,7 +106,7 @@ class QArray(_leaves.Compressed):
 
         A Dense layer on a few rows (a decode step) streams the packed codes tile by tile instead
         (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel."""
-        if not _leaves.is_compressed(self.values):
+        if not _leaves.is_compressed(self.values) and self.group_size is None:  # tiles assume equal groups
             y = _matmul.streamed_matmul(c, x, self.values, self.bits, self.scale, self.zero_point)
             if y is not None:
                 return y

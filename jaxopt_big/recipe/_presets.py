@@ -31,7 +31,7 @@ PRESETS: dict[str, tuple[Plan, str]] = {
     "gptq-int3": (Plan(quant=GPTQ(_group128(3))), "GPTQ int3, groups of 128, MSE grid"),
     "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
     "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
-    "gptq-q4_0": (Plan(quant=GPTQ(_Q4_0)), "GPTQ int4, groups of 32, float16 scales: GGUF Q4_0 exactly"),
+    "gptq-q4_0": (Plan(quant=GPTQ(_Q4_0)), "GPTQ int4, groups of 32, MSE grid, float16 scales: GGUF Q4_0 exactly"),
     "q8_0": (Plan(quant=_Q8_0), "round to nearest int8, groups of 32, float16 scales: GGUF Q8_0 exactly"),
     "wanda-50": (Plan(sparsity=Wanda(0.5)), "Wanda 50% unstructured"),
     "sparsegpt-50": (Plan(sparsity=SparseGPT(0.5)), "SparseGPT 50% unstructured"),
