@@ -27,9 +27,9 @@ def _sharded(x, mesh, spec):
 # --- 7. explicit sharding, with and without jax.set_mesh --------------------------------------
 
 MASK_CASES = [(False, scope, structure, 0.5) for scope in sp.Scope
-              for structure in (sp.Unstructured(), sp.Block((2, 2)), sp.Channel(-1))] + [
+              for structure in (sp.Unstructured(), sp.Tile((2, 2)), sp.Channel(-1))] + [
     (False, sp.Scope.LAYER, sp.NM(2, 4), None), (True, sp.Scope.GLOBAL, sp.Unstructured(), 0.5),
-    (True, sp.Scope.LAYER, sp.Block((2, 2)), 0.5)]
+    (True, sp.Scope.LAYER, sp.Tile((2, 2)), 0.5)]
 
 
 @pytest.mark.parametrize("with_mesh,scope,structure,sparsity", MASK_CASES, ids=str)

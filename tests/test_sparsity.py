@@ -124,7 +124,7 @@ def test_nm_masks_are_valid(n, m_, rows, cols, seed):
 
 def test_block_and_channel_masks_prune_whole_groups_by_norm():
     w = jax.random.normal(jax.random.key(0), (8, 12))
-    m = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.5, structure=sp.Block((2, 3)))["d"]["kernel"])
+    m = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.5, structure=sp.Tile((2, 3)))["d"]["kernel"])
     blocks = m.reshape(4, 2, 4, 3)
     assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all() and (~blocks.any(axis=(1, 3))).sum() == 8
     norms = (np.asarray(w) ** 2).reshape(4, 2, 4, 3).sum((1, 3))
@@ -294,7 +294,7 @@ def test_masks_keep_parameter_sharding(axis_type):
     mesh, params = _mesh_params(axis_type)
     with jax.set_mesh(mesh):
         for kw in ({}, {"scope": sp.Scope.GLOBAL}, {"structure": sp.NM(2, 4)}, {"structure": sp.Channel(-1)},
-                   {"structure": sp.Block((4, 4))}):
+                   {"structure": sp.Tile((4, 4))}):
             masks = jax.jit(lambda p: sp.make_masks(sp.magnitude(p), None if "structure" in kw and
                                                     isinstance(kw["structure"], sp.NM) else 0.5, **kw))(params)
             for name in params:
@@ -339,8 +339,8 @@ def test_bad_input_is_loud():
         sp.make_masks(p, 0.5, where="nothing")
     with pytest.raises(ValueError, match="matches no leaf"):
         sp.prune(optax.sgd(1), sparsity=0.5, where=lambda path, x: False).init(p)
-    with pytest.raises(ValueError, match=r"d/kernel: shape \(6, 4\) is not divisible into blocks \(4, 4\)"):
-        sp.make_masks(p, 0.5, structure=sp.Block((4, 4)))
+    with pytest.raises(ValueError, match=r"d/kernel: shape \(6, 4\) is not divisible into tiles \(4, 4\)"):
+        sp.make_masks(p, 0.5, structure=sp.Tile((4, 4)))
     with pytest.raises(TypeError, match="Scope"):
         sp.make_masks(p, 0.5, scope="global")
     with pytest.raises(ValueError, match="needs the current params"):
@@ -445,3 +445,14 @@ def test_compressed_leaves_are_refused_when_selected_and_kept_otherwise():
     assert float(sp.global_threshold(mixed, 0.5, where="f/kernel")) == 16.0
     with pytest.raises(ValueError, match="mask tree does not match"):
         sp.apply_masks(p, {"f": {"kernel": None}})
+
+
+def test_old_names_block_and_one_shot_still_work_and_warn():
+    with pytest.warns(DeprecationWarning, match=r"jb\.sparsity\.Block is deprecated.*jb\.sparsity\.Tile"):
+        old_block = sp.Block
+    assert old_block is sp.Tile and "Block" not in sp.__all__
+    with pytest.warns(DeprecationWarning, match=r"jb\.sparsity\.one_shot is deprecated.*jb\.sparsity\.step_schedule"):
+        schedule = sp.one_shot(0.75, step=3)
+    assert [float(schedule(t)) for t in range(5)] == [0.0, 0.0, 0.0, 0.75, 0.75]
+    with pytest.raises(AttributeError, match="has no attribute 'Blocks'"):
+        sp.Blocks  # noqa: B018

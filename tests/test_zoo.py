@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 
 from jaxopt_big import calibration, zoo
-from jaxopt_big.sparsity import _oneshot as oneshot
+from jaxopt_big import sparsity as sp
 
 
 def numpy_bert(tensors, config, ids, mask):
@@ -147,7 +147,7 @@ def test_calibrating_bert_skips_padding_and_sparsegpt_beats_magnitude(bert):
                                atol=1e-3)
 
     def compress(path, kernel, s):
-        return oneshot.sparsegpt_kernel(kernel, s.hessian, 0.5, block_size=16, path=path)
+        return sp.sparsegpt_kernel(kernel, s.hessian, 0.5, block_size=16, path=path)
     pruned, _ = calibration.sequential(model.apply, variables, [(ids, mask)], compress, row_mask=lambda b: b[1])
     magnitude = jax.tree_util.tree_map_with_path(
         lambda p, w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w), axis=0), w, 0) if p[-1].key == "kernel" else w,
