@@ -93,11 +93,11 @@ def test_lsq_rules_and_bad_spec():
         lsq(p, [Rule("a/.*", "int4")])
 
 
-def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax():
+def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax(digits):
     # One step per layer, as in Esser et al. Per channel, both end within about a test sample of
     # float, so their order there is float rounding noise that changes with the CPU.
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     spec = QuantSpec(bits=2, granularity=PER_TENSOR)
     fixed = {k: spec.calibrate(v["kernel"])[0] for k, v in params.items()}
 

@@ -64,9 +64,9 @@ def test_layer_bytes_and_rules_feed_quantize_params():
     assert jb.leaves.nbytes(q) == sizes["a/kernel"][2] + sizes["b/kernel"][4]
 
 
-def test_sensitivity_allocation_beats_uniform_two_bit_and_random_allocations_on_digits():
+def test_sensitivity_allocation_beats_uniform_two_bit_and_random_allocations_on_digits(digits):
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     loss = jb.train.classifier_loss(apply)
     calib = (jnp.asarray(train.x[:512]), jnp.asarray(train.y[:512]))
     sens = sensitivity(loss, params, calib, bits=BITS)

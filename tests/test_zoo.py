@@ -17,6 +17,7 @@ from scipy.special import erf
 
 from jaxopt_big import calibration, zoo
 from jaxopt_big import sparsity as sp
+import jaxopt_big as jb
 
 
 def numpy_bert(tensors, config, ids, mask):
@@ -190,3 +191,12 @@ def test_tensors_without_a_place_in_the_model_are_refused(bert, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"\['classifier\.weight'\] have no place"):   # pooler, position_ids: known
         zoo.load_bert(tmp_path)
+
+
+def test_llama_config_names_a_bad_field_with_its_type():
+    with pytest.raises(TypeError, match=r"LlamaConfig.hidden_size must be an int, got 32.5"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32.5, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64)
+    with pytest.raises(TypeError, match=r"LlamaConfig.attention_bias must be a bool, got 'false'"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64, attention_bias="false")
