@@ -1,10 +1,10 @@
 """Fixtures shared by the test files (the 8 CPU devices are set up by the repository's conftest.py)."""
 
+import digits_util as du
 import jax
 import pytest
 from flax import nnx
 
-import digits_util as du
 import jaxopt_big as jb
 
 

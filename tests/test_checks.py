@@ -14,7 +14,6 @@ from jaxopt_big import _checks
 from jaxopt_big import quant as q
 from jaxopt_big import sparsity as sp
 
-
 BAD = [("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)]
 
 

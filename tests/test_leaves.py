@@ -4,10 +4,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jaxopt_big as jb
 import optax
 import pytest
+
+import jaxopt_big as jb
 from jaxopt_big import quant as q
 from jaxopt_big import sparsity as sp
 

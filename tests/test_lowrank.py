@@ -1,5 +1,6 @@
 """Truncated SVD factorization, its errors, report numbers, and factored execution (linen + nnx)."""
 
+import contextlib
 import re
 
 import flax.linen as nn
@@ -14,9 +15,8 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
-from jaxopt_big.tree import Rule
 from jaxopt_big import lowrank
-import contextlib
+from jaxopt_big.tree import Rule
 
 SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
 

@@ -1,5 +1,8 @@
 """LoRA adapters: init, factored forward, merge/unmerge round trip, frozen base under optax, QLoRA."""
 
+import contextlib
+import dataclasses
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -12,8 +15,6 @@ from flax import nnx
 
 import jaxopt_big as jb
 from jaxopt_big import lowrank
-import contextlib
-import dataclasses
 
 
 class _Net(nn.Module):

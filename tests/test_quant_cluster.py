@@ -1,7 +1,9 @@
 """Weight clustering: k-means, the Clustered leaf, centroid fine-tuning, digits end to end."""
 
+import contextlib
 import math
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,12 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.tree import Rule
-from jaxopt_big.quant._cluster import Clustered, cluster, codebooks, kmeans, with_codebooks
-import contextlib
 from jaxopt_big import quant as q
+from jaxopt_big.quant import Clustered, cluster, codebooks, kmeans, with_codebooks
+from jaxopt_big.tree import Rule
 
 
 @hypothesis.settings(max_examples=20, deadline=None)

@@ -1,7 +1,9 @@
 """Binary, ternary and float8 formats: values, packed bytes, STE, errors, ternary digits CNN."""
 
+import contextlib
 import math
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,13 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant._fake import fake_quant
-from jaxopt_big.quant._formats import Binary, F8, Float8, SubByteArray, Ternary
-from jaxopt_big.quant._ptq import fake_quant_params, quantize_params
-import contextlib
 from jaxopt_big import quant as q
+from jaxopt_big.quant import F8, Binary, Float8, SubByteArray, Ternary, fake_quant, fake_quant_params, quantize_params
 
 
 @hypothesis.settings(max_examples=15, deadline=None)

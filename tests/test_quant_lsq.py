@@ -1,16 +1,14 @@
 """LSQ / LSQ+: step-size and offset gradients against finite differences, export, 2-bit digits QAT."""
 
+import digits_util as du
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
+from jaxopt_big.quant import LSQ, PER_CHANNEL, PER_TENSOR, AbsMax, Learned, MinMax, QArray, QuantSpec, lsq, lsq_export
 from jaxopt_big.tree import Rule
-from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
-from jaxopt_big.quant._qarray import QArray
-from jaxopt_big.quant._spec import PER_CHANNEL, PER_TENSOR, AbsMax, MinMax, QuantSpec
 
 
 def _inside(v, qmin, qmax):

@@ -2,6 +2,7 @@
 
 import itertools
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -9,11 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
-from jaxopt_big.quant._ptq import quantize_params
-from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
+from jaxopt_big.quant import (PER_CHANNEL, QuantSpec, allocate_bits, allocation_rules, layer_bytes,
+                               quantize_params, sensitivity)
 
 BITS = (2, 3, 4, 8)
 

@@ -1,6 +1,7 @@
 """Training steps, fit options, K-fold splits and cross-validation."""
 
 import chex
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,7 +11,6 @@ import optax
 import pytest
 
 import jaxopt_big as jb
-import digits_util as du
 
 MLP = jb.models.MLP(features=(32,))
 

@@ -15,9 +15,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 
+import jaxopt_big as jb
 from jaxopt_big import calibration, zoo
 from jaxopt_big import sparsity as sp
-import jaxopt_big as jb
 
 
 def numpy_bert(tensors, config, ids, mask):
