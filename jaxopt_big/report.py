@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -82,7 +83,7 @@ class Row:
     nbytes: int
     dense_bytes: int
     flops: int | None
-    planned: str | None = None  # the recipe's plan for this leaf (see summary(tree, plan=...))
+    planned: str | None = None  # the recipe's plan for this leaf (see summary(tree, recipe=...))
 
     @property
     def ratio(self) -> float:
@@ -193,13 +194,14 @@ class Report:
         return self.table().to_markdown()
 
 
-def summary(tree: Any, *, plan: Any = None) -> Report:
+def summary(tree: Any, *, recipe: Any = None, plan: Any = None) -> Report:
     """Builds the per-leaf report of a parameter tree (dense arrays and compressed leaves).
 
     Args:
       tree: the parameters, compressed or not.
-      plan: a :class:`jaxopt_big.Recipe`; its plan for each leaf becomes a "planned" column beside
+      recipe: a :class:`jaxopt_big.Recipe`; its plan for each leaf becomes a "planned" column beside
         what the leaf achieves (kind, nonzero, bits).
+      plan: deprecated name of ``recipe`` (kept for one release).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -207,9 +209,15 @@ def summary(tree: Any, *, plan: Any = None) -> Report:
       >>> r.totals["params"], r.totals["nbytes"], r.totals["nonzero"]
       (10, 40, 0.2)
     """
+    if plan is not None:
+        if recipe is not None:
+            raise TypeError("summary: pass recipe=... only (plan= is its deprecated name), got both")
+        warnings.warn("jb.report.summary(plan=...) is deprecated and will be removed in the next release; "
+                      "use jb.report.summary(recipe=...)", DeprecationWarning, stacklevel=2)
+        recipe = plan
     leaves = jax.tree.leaves(tree, is_leaf=_leaves.is_compressed)
-    plans = ([None] * len(leaves) if plan is None
-             else [p and p.describe() for p in jax.tree.leaves(plan.plans(tree), is_leaf=lambda v: v is None)])
+    plans = ([None] * len(leaves) if recipe is None
+             else [p and p.describe() for p in jax.tree.leaves(recipe.plans(tree), is_leaf=lambda v: v is None)])
     return Report(tuple(_row(p, x, d) for p, x, d in zip(_tree.paths(tree), leaves, plans)))
 
 

@@ -1,5 +1,6 @@
 """Truncated SVD factorization, its errors, report numbers, and factored execution (linen + nnx)."""
 
+import contextlib
 import re
 
 import flax.linen as nn
@@ -14,8 +15,8 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
-from jaxopt_big.tree import Rule
 from jaxopt_big import lowrank
+from jaxopt_big.tree import Rule
 
 SETTINGS = hypothesis.settings(max_examples=20, deadline=None)
 
@@ -224,3 +225,33 @@ def test_randomized_must_be_a_bool(bad):
         lowrank.factorize_params(_params(), where="Dense_0/kernel", rank=1, randomized=bad, key=jax.random.key(0))
     with pytest.raises(TypeError, match="randomized must be a bool"):
         lowrank.factorize(jnp.ones((4, 4)), rank=1, randomized=bad, key=jax.random.key(0))
+
+
+def test_traced_non_finite_factorize_gives_nan_factors_only_for_that_leaf():
+    w = jax.random.normal(jax.random.key(0), (8, 4))
+    params = {"a": {"kernel": w.at[0, 0].set(jnp.inf)}, "b": {"kernel": w}}
+    out = jax.jit(lambda p: jb.lowrank.factorize_params(p, rank=2))(params)
+    assert np.isnan(np.asarray(out["a"]["kernel"].dense())).all()
+    np.testing.assert_allclose(out["b"]["kernel"].dense(), jb.lowrank.factorize(w, rank=2).dense(), rtol=1e-5, atol=1e-6)
+
+
+FACTORIZE_CASES = [{"rank": 3}, {"energy": 0.9}, {"rank": 3, "randomized": True, "key": jax.random.key(0)}]
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+@pytest.mark.parametrize("how", FACTORIZE_CASES, ids=lambda how: "-".join(how))
+def test_factorize_on_explicit_sharding_equals_unsharded(explicit_mesh, with_mesh, how):
+    w = jax.random.normal(jax.random.key(3), (8, 16))
+    params = {"d": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model"))), "bias": jnp.zeros(16)}}
+    want = jb.lowrank.factorize_params({"d": {"kernel": w, "bias": jnp.zeros(16)}}, **how)["d"]["kernel"]
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = jb.lowrank.factorize_params(params, **how)["d"]["kernel"]
+        dense = got.dense()  # u @ v contracts under the explicit_mesh
+        if "energy" not in how:  # energy= picks the rank on the host: not jittable
+            jitted = jax.jit(lambda w: jb.lowrank.factorize(w, **how))(params["d"]["kernel"])
+            np.testing.assert_array_equal(jitted.v, jb.lowrank.factorize(w, **how).v)
+    np.testing.assert_array_equal(got.u, want.u)
+    np.testing.assert_array_equal(got.v, want.v)
+    np.testing.assert_allclose(dense, want.dense(), atol=1e-6)
+    # u keeps the kernel's rows, v its columns; the rank axis both contract is whole
+    assert (got.u.sharding.spec, got.v.sharding.spec) == (jax.P("data", None), jax.P(None, "model"))

@@ -6,12 +6,12 @@ import optax
 
 import jaxopt_big as jb
 from jaxopt_big import lowrank
-from tests import digits_util as du
+import digits_util as du
 
 
-def test_mlp_factorized_to_half_the_parameters_and_fine_tuned_is_within_1_5_points():
+def test_mlp_factorized_to_half_the_parameters_and_fine_tuned_is_within_1_5_points(digits_flat):
     model, _, params, dense_acc = du.dense_mlp()
-    train, test = du.split(flat=True)
+    train, test = digits_flat
     hidden = ("Dense_0", "Dense_1")
     low = lowrank.factorize_params(
         params, [jb.tree.Rule(f"{n}/kernel", {"max_params": params[n]["kernel"].size // 2}) for n in hidden])
@@ -28,8 +28,8 @@ def test_mlp_factorized_to_half_the_parameters_and_fine_tuned_is_within_1_5_poin
     assert acc >= dense_acc - 0.015
 
 
-def test_lora_rank_4_adapts_to_unseen_classes_nearly_as_well_as_full_fine_tuning():
-    train, test = du.split(flat=True)
+def test_lora_rank_4_adapts_to_unseen_classes_nearly_as_well_as_full_fine_tuning(digits_flat):
+    train, test = digits_flat
     old, new = (lambda ds: ds.take(np.flatnonzero(ds.y < 5))), (lambda ds: ds.take(np.flatnonzero(ds.y >= 5)))
     model = jb.models.MLP(features=(512, 512))
     apply = lambda p, x: model.apply({"params": p}, x)

@@ -1,5 +1,8 @@
 """LoRA adapters: init, factored forward, merge/unmerge round trip, frozen base under optax, QLoRA."""
 
+import contextlib
+import dataclasses
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -169,3 +172,18 @@ def test_lora_over_a_non_float_kernel_is_refused_naming_the_path(dtype):
     quantized = {"Dense_0": {"kernel": jb.quant.quantize(jnp.ones((5, 3)), jb.quant.QuantSpec(bits=8))}}
     lora = lowrank.lora_init(quantized, jax.random.key(0), rank=1, alpha=1.0)["Dense_0"]["kernel"]
     assert lora.a.dtype == jnp.float32 and lora.dense().dtype == jnp.float32
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_lora_on_explicit_sharding_equals_unsharded(explicit_mesh, with_mesh):
+    w = jax.random.normal(jax.random.key(6), (8, 16))
+    params = {"d": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}}
+    want = jb.lowrank.lora_init({"d": {"kernel": w}}, jax.random.key(7), rank=2, alpha=4.0)["d"]["kernel"]
+    want = dataclasses.replace(want, b=jnp.ones_like(want.b))
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = jb.lowrank.lora_init(params, jax.random.key(7), rank=2, alpha=4.0)["d"]["kernel"]
+        got = dataclasses.replace(got, b=jnp.ones_like(got.b))  # a non-zero update: a @ b contracts
+        dense = got.dense()
+    np.testing.assert_array_equal(got.a, want.a)
+    np.testing.assert_allclose(dense, want.dense(), atol=1e-6)
+    assert (got.a.sharding.spec, got.b.sharding.spec) == (jax.P("data", None), jax.P(None, "model"))

@@ -11,9 +11,9 @@ W8 = QuantSpec(bits=8, granularity=PER_CHANNEL)
 A8 = QuantSpec(bits=8)
 
 
-def test_int8_ptq_weights_and_static_activations_within_half_a_point():
+def test_int8_ptq_weights_and_static_activations_within_half_a_point(digits):
     _, apply, params, float_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     qparams = jb.quant.quantize_params(params, W8)
     batches = [(params, train.x[i:i + 128]) for i in range(0, 8 * 128, 128)]  # N = 8 calibration batches
     scales = jb.quant.calibrate_activations(apply, batches, A8)
@@ -22,9 +22,9 @@ def test_int8_ptq_weights_and_static_activations_within_half_a_point():
     assert acc >= float_acc - 0.005
 
 
-def test_2bit_weight_only_ptq_mse_holds_where_absmax_collapses():
+def test_2bit_weight_only_ptq_mse_holds_where_absmax_collapses(digits):
     _, apply, params, float_acc = du.dense_cnn()
-    _, test = du.split()
+    _, test = digits
     acc = {}
     for cal in (MSE(), AbsMax()):
         # The 10-way classifier head (1280 of 38k weights) stays 8-bit, as is usual; every other kernel is 2-bit.
@@ -36,9 +36,9 @@ def test_2bit_weight_only_ptq_mse_holds_where_absmax_collapses():
     assert acc["AbsMax"] < acc["MSE"] - 0.1
 
 
-def test_2bit_weight_qat_within_one_and_a_half_points():
+def test_2bit_weight_qat_within_one_and_a_half_points(digits):
     _, apply, params, float_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     spec = QuantSpec(bits=2, granularity=PER_CHANNEL, calibration=MSE(steps=16))
     qat_apply = jb.quant.qat(apply, weights=spec)
     tuned = du.fit(qat_apply, params, train, epochs=4, lr=1e-3)

@@ -79,7 +79,7 @@ def test_apply_refuses_methods_that_need_data():
 
 
 def test_report_shows_planned_beside_achieved():
-    report = jb.report.summary(RECIPE.apply(PARAMS), plan=RECIPE)
+    report = jb.report.summary(RECIPE.apply(PARAMS), recipe=RECIPE)
     rows = {r.path: r for r in report.rows}
     assert rows["layer_0/mlp/kernel"].planned == "magnitude 2:4 + rtn int4"
     assert rows["layer_0/attn/kernel"].planned == "magnitude 25% + rtn int8"

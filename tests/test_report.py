@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import jaxopt_big as jb
@@ -85,3 +86,14 @@ def test_a_pruned_then_quantized_kernel_counts_its_zeros():
     assert row.kind.startswith("int4") and row.nonzero == keep.mean()
     assert report.totals["nonzero"] == (keep.sum() + 8) / (16 * 8 + 8)
     assert f"{keep.mean():.3f}" in str(report).splitlines()[3]
+
+
+def test_summary_plan_is_the_deprecated_name_of_recipe():
+    params = {"d": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}
+    recipe = jb.Recipe([jb.Rule("d/kernel", jb.Plan(quant=jb.quant.QuantSpec(bits=8)))])
+    with pytest.warns(DeprecationWarning, match=r"summary\(plan=...\) is deprecated.*summary\(recipe=...\)"):
+        old = jb.report.summary(params, plan=recipe)
+    assert {r.path: r.planned for r in old.rows} == {"d/bias": None, "d/kernel": "rtn int8"}
+    assert old == jb.report.summary(params, recipe=recipe)
+    with pytest.raises(TypeError, match="plan= is its deprecated name"):
+        jb.report.summary(params, recipe=recipe, plan=recipe)

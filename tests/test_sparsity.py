@@ -124,7 +124,7 @@ def test_nm_masks_are_valid(n, m_, rows, cols, seed):
 
 def test_block_and_channel_masks_prune_whole_groups_by_norm():
     w = jax.random.normal(jax.random.key(0), (8, 12))
-    m = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.5, structure=sp.Block((2, 3)))["d"]["kernel"])
+    m = np.asarray(sp.make_masks({"d": {"kernel": w}}, 0.5, structure=sp.Tile((2, 3)))["d"]["kernel"])
     blocks = m.reshape(4, 2, 4, 3)
     assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all() and (~blocks.any(axis=(1, 3))).sum() == 8
     norms = (np.asarray(w) ** 2).reshape(4, 2, 4, 3).sum((1, 3))
@@ -294,7 +294,7 @@ def test_masks_keep_parameter_sharding(axis_type):
     mesh, params = _mesh_params(axis_type)
     with jax.set_mesh(mesh):
         for kw in ({}, {"scope": sp.Scope.GLOBAL}, {"structure": sp.NM(2, 4)}, {"structure": sp.Channel(-1)},
-                   {"structure": sp.Block((4, 4))}):
+                   {"structure": sp.Tile((4, 4))}):
             masks = jax.jit(lambda p: sp.make_masks(sp.magnitude(p), None if "structure" in kw and
                                                     isinstance(kw["structure"], sp.NM) else 0.5, **kw))(params)
             for name in params:
@@ -339,8 +339,8 @@ def test_bad_input_is_loud():
         sp.make_masks(p, 0.5, where="nothing")
     with pytest.raises(ValueError, match="matches no leaf"):
         sp.prune(optax.sgd(1), sparsity=0.5, where=lambda path, x: False).init(p)
-    with pytest.raises(ValueError, match=r"d/kernel: shape \(6, 4\) is not divisible into blocks \(4, 4\)"):
-        sp.make_masks(p, 0.5, structure=sp.Block((4, 4)))
+    with pytest.raises(ValueError, match=r"d/kernel: shape \(6, 4\) is not divisible into tiles \(4, 4\)"):
+        sp.make_masks(p, 0.5, structure=sp.Tile((4, 4)))
     with pytest.raises(TypeError, match="Scope"):
         sp.make_masks(p, 0.5, scope="global")
     with pytest.raises(ValueError, match="needs the current params"):
@@ -445,3 +445,112 @@ def test_compressed_leaves_are_refused_when_selected_and_kept_otherwise():
     assert float(sp.global_threshold(mixed, 0.5, where="f/kernel")) == 16.0
     with pytest.raises(ValueError, match="mask tree does not match"):
         sp.apply_masks(p, {"f": {"kernel": None}})
+
+
+def test_old_names_block_and_one_shot_still_work_and_warn():
+    with pytest.warns(DeprecationWarning, match=r"jb\.sparsity\.Block is deprecated.*jb\.sparsity\.Tile"):
+        old_block = sp.Block
+    assert old_block is sp.Tile and "Block" not in sp.__all__
+    with pytest.warns(DeprecationWarning, match=r"jb\.sparsity\.one_shot is deprecated.*jb\.sparsity\.step_schedule"):
+        schedule = sp.one_shot(0.75, step=3)
+    assert [float(schedule(t)) for t in range(5)] == [0.0, 0.0, 0.0, 0.75, 0.75]
+    with pytest.raises(AttributeError, match="has no attribute 'Blocks'"):
+        sp.Blocks  # noqa: B018
+
+
+MASK_CASES = [(False, scope, structure, 0.5) for scope in sp.Scope
+              for structure in (sp.Unstructured(), sp.Tile((2, 2)), sp.Channel(-1))] + [
+    (False, sp.Scope.LAYER, sp.NM(2, 4), None), (True, sp.Scope.GLOBAL, sp.Unstructured(), 0.5),
+    (True, sp.Scope.LAYER, sp.Tile((2, 2)), 0.5)]
+
+
+@pytest.mark.parametrize("with_mesh,scope,structure,sparsity", MASK_CASES, ids=str)
+def test_masks_on_explicit_sharding_equal_unsharded(explicit_mesh, with_mesh, scope, structure, sparsity):
+    # Unstructured: over SORT_BELOW scores per leaf, so the sharded counting passes run (smaller ones are sorted)
+    w = jax.random.normal(jax.random.key(0), (256, 256) if structure == sp.Unstructured() else (8, 16))
+    scores = {"a": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}, "b": {"kernel": jax.device_put(w.T, jax.NamedSharding(explicit_mesh, jax.P()))}}
+    plain = {"a": {"kernel": w}, "b": {"kernel": w.T}}
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = sp.make_masks(scores, sparsity, scope=scope, structure=structure)
+        if not isinstance(structure, sp.NM):
+            t = sp.global_threshold(scores, 0.3)
+            assert float(t) == float(sp.global_threshold(plain, 0.3))
+    want = sp.make_masks(plain, sparsity, scope=scope, structure=structure)
+    np.testing.assert_array_equal(got["a"]["kernel"], want["a"]["kernel"])
+    np.testing.assert_array_equal(got["b"]["kernel"], want["b"]["kernel"])
+    assert got["a"]["kernel"].sharding.spec == jax.P("data", "model")
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_erk_prune_update_on_explicit_sharding_equals_unsharded(explicit_mesh, with_mesh):
+    w = jax.random.normal(jax.random.key(1), (8, 16))
+    params = {"a": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}, "b": {"kernel": jax.device_put(w[:, :8], jax.NamedSharding(explicit_mesh, jax.P()))}}
+    plain = jax.tree.map(np.asarray, params)
+    tx = sp.prune(optax.sgd(0.1), sparsity=0.5, distribution=sp.ERK())
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+        got = optax.apply_updates(params, updates)
+    want = optax.apply_updates(plain, tx.update(plain, tx.init(plain), plain)[0])
+    for k in "ab":
+        np.testing.assert_allclose(got[k]["kernel"], want[k]["kernel"], rtol=1e-6)
+    assert got["a"]["kernel"].sharding.spec == jax.P("data", "model")
+
+
+def test_nm_sparsity_given_as_a_numpy_scalar_is_checked_like_a_python_number():
+    scores = {"d": {"kernel": jnp.arange(32.0).reshape(8, 4)}}
+    for bad in (np.float32(0.3), jnp.float32(0.3), 0.3):
+        with pytest.raises(ValueError, match=r"NM\(2, 4\) prunes 0.5"):
+            sp.make_masks(scores, bad, structure=sp.NM(2, 4))
+        with pytest.raises(ValueError, match=r"NM\(2, 4\) prunes 0.5"):
+            sp.prune(optax.sgd(1.0), sparsity=bad, structure=sp.NM(2, 4))
+    np.testing.assert_array_equal(sp.make_masks(scores, np.float32(0.5), structure=sp.NM(2, 4))["d"]["kernel"],
+                                  sp.make_masks(scores, 0.5, structure=sp.NM(2, 4))["d"]["kernel"])
+    np.testing.assert_array_equal(sp.make_masks(scores, np.float64(0.25))["d"]["kernel"],
+                                  sp.make_masks(scores, 0.25)["d"]["kernel"])
+
+
+def _prune_setup():
+    w = jax.random.normal(jax.random.key(4), (8, 6))
+    g = jax.random.normal(jax.random.key(5), (8, 6))
+    return {"d": {"kernel": w}}, {"d": {"kernel": g}}
+
+
+def test_prune_masks_the_gradient_before_the_inner_optimizer():
+    params, grads = _prune_setup()
+    tx = sp.prune(optax.adam(1e-2), sparsity=0.5, update_every=1000)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    pruned = ~np.asarray(state.masks["d"]["kernel"])
+    adam = state.inner[0]
+    assert pruned.sum() == 24
+    assert not np.asarray(adam.mu["d"]["kernel"])[pruned].any() and not np.asarray(adam.nu["d"]["kernel"])[pruned].any()
+    assert np.asarray(adam.mu["d"]["kernel"])[~pruned].all()
+
+
+def test_prune_with_global_clipping_inside_matches_a_masked_reference():
+    params, grads = _prune_setup()
+    tx = sp.prune(optax.chain(optax.clip_by_global_norm(0.1), optax.sgd(1.0)), sparsity=0.5, update_every=1000)
+    updates, state = tx.update(grads, tx.init(params), params)
+    got = np.asarray(optax.apply_updates(params, updates)["d"]["kernel"])
+    w, g = np.asarray(params["d"]["kernel"]), np.asarray(grads["d"]["kernel"])
+    keep = np.abs(w) > np.median(np.abs(w))                                # 24 of 48, no ties
+    gm = np.where(keep, g, 0.0)
+    want = np.where(keep, w - gm * min(1.0, 0.1 / np.linalg.norm(gm)), 0.0)  # the norm of the masked gradient
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_packed_sparse_on_explicit_sharding_unpacks_to_the_pruned_kernel(explicit_mesh, with_mesh):
+    w = jax.random.normal(jax.random.key(8), (8, 16))
+    pruned = np.where(np.abs(np.asarray(w)) > 0.7, np.asarray(w), 0)
+    params = {"d": {"kernel": jax.device_put(pruned, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}}
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        packed = sp.pack_params(params)  # the running count over the mask refused its sharded axis
+        dense = jb.leaves.densify(packed)["d"]["kernel"]
+        jitted = jax.jit(lambda t: t["d"]["kernel"].dense())(packed)
+        fraction = sp.sparsity(packed)["d/kernel"]
+    np.testing.assert_array_equal(dense, pruned)
+    np.testing.assert_array_equal(jitted, pruned)
+    assert fraction == np.mean(pruned == 0)

@@ -47,9 +47,9 @@ def test_2_of_4_within_half_a_point_of_dense():
     assert acc >= dense_acc - 0.005
 
 
-def test_set_and_rigl_at_90_percent_within_1_5pt_of_dense():
+def test_set_and_rigl_at_90_percent_within_1_5pt_of_dense(digits_flat):
     model, _, _, _ = du.dense_mlp()
-    train, _ = du.split(flat=True)
+    train, _ = digits_flat
     epochs = 60
     steps = epochs * STEPS_PER_EPOCH
     for grow in (sp.set_, sp.rigl):

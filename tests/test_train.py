@@ -1,6 +1,7 @@
 """Training steps, fit options, K-fold splits and cross-validation."""
 
 import chex
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,7 +11,6 @@ import optax
 import pytest
 
 import jaxopt_big as jb
-from tests import digits_util
 
 MLP = jb.models.MLP(features=(32,))
 
@@ -20,7 +20,7 @@ def _mlp_state(tx, x):
 
 
 def _digits(n=128):
-    train, _ = digits_util.split(flat=True)
+    train, _ = du.split(flat=True)
     return train.x[:n], train.y[:n]
 
 
@@ -63,9 +63,9 @@ def test_bf16_compute_keeps_float32_master_weights():
     assert min(agree) > 0.9, agree
 
 
-def test_batch_norm_statistics_move_into_the_state():
+def test_batch_norm_statistics_move_into_the_state(digits):
     model = jb.models.CNN(features=(4,), hidden=8, batch_norm=True)
-    train, _ = digits_util.split()
+    train, _ = digits
     x, y = train.x[:32], train.y[:32]
     variables = model.init(jax.random.key(0), x[:1])
 
@@ -233,8 +233,8 @@ def test_kfold_partitions_and_stratifies(n, k, classes, seed):
         assert max(per_fold) - min(per_fold) <= 1, (c, per_fold)
 
 
-def test_cross_validate_digits_k5_and_vmap_equals_sequential():
-    train, _ = digits_util.split(flat=True)
+def test_cross_validate_digits_k5_and_vmap_equals_sequential(digits_flat):
+    train, _ = digits_flat
     ds = jb.data.Dataset(train.x, train.y)
     model = jb.models.MLP(features=(32,))
     init = lambda key: model.init(key, ds.x[:1])["params"]
@@ -387,3 +387,41 @@ def test_make_step_says_what_loss_fn_must_return():
 def test_flags_must_be_bools(make, match):
     with pytest.raises(TypeError, match=f"{match} must be a bool, got '(yes|no)'"):
         make()
+
+
+def test_evaluate_and_fit_refuse_inputs_and_labels_that_do_not_pair_up():
+    ds = jb.data.Dataset(np.ones((10, 3), np.float32), np.arange(7) % 3)
+    with pytest.raises(ValueError, match=r"evaluate.ds has 10 inputs \(x\) but 7 labels \(y\)"):
+        jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), ds)
+    tx = optax.sgd(0.1)
+    step = jb.train.make_step(jb.train.classifier_loss(lambda p, x: x @ p), tx)
+    with pytest.raises(ValueError, match=r"fit.train has 10 inputs \(x\) but 7 labels \(y\)"):
+        jb.train.fit(step, jb.train.TrainState.create(jnp.eye(3), tx), ds, epochs=1, batch_size=2,
+                     key=jax.random.key(0), progress=False)
+
+
+def test_evaluate_names_a_label_outside_the_classes():
+    x = np.eye(4, 3, dtype=np.float32)
+    for y, match in [(np.array([0, 1, 5, -1]), r"evaluate.ds.y\[2\] = 5 is not a class of the model's 3 logits "
+                                                 r"\(2 labels outside \[0, 3\)\)"),
+                     (np.array([0, -1, 1, 2]), r"evaluate.ds.y\[1\] = -1 ")]:
+        with pytest.raises(ValueError, match=match):
+            jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), jb.data.Dataset(x, y))
+    with pytest.raises(TypeError, match=r"evaluate.ds.y must hold integer class labels, got dtype float32"):
+        jb.train.evaluate(lambda p, x: x @ p, jnp.eye(3), jb.data.Dataset(x, np.zeros(4, np.float32)))
+
+
+def test_half_precision_logits_are_reduced_in_float32():
+    rng = np.random.default_rng(0)
+    s, t = (jnp.asarray(rng.normal(size=(64, 5)) * 4, jnp.bfloat16) for _ in range(2))
+    s32, t32 = (np.asarray(a, np.float64) for a in (s, t))
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    want = 4 * np.mean(np.sum(np.exp(log_softmax(t32 / 2)) * (log_softmax(t32 / 2) - log_softmax(s32 / 2)), -1))
+    np.testing.assert_allclose(float(jb.distill.kd_loss(s, t, 2.0)), want, rtol=1e-5)
+    y = rng.integers(0, 5, 64)
+    got = jb.train.evaluate(lambda p, x: x, None, jb.data.Dataset(s, y))["loss"]
+    np.testing.assert_allclose(got, np.mean(-log_softmax(s32)[np.arange(64), y]), rtol=1e-5)

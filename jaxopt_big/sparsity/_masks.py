@@ -26,7 +26,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.sparsity import _select
 
-__all__ = ["Scope", "Uniform", "ERK", "Unstructured", "NM", "Block", "Channel", "make_masks",
+__all__ = ["Scope", "Uniform", "ERK", "Unstructured", "NM", "Tile", "Channel", "make_masks",
            "global_threshold", "apply_masks", "sparsity", "erk_densities"]
 
 
@@ -76,15 +76,15 @@ class NM:
 
 
 @dataclasses.dataclass(frozen=True)
-class Block:
-    """Prune whole blocks of ``shape`` over the trailing dims, ranked by the L2 norm of their scores."""
+class Tile:
+    """Prune whole tiles (blocks) of ``shape`` over the trailing dims, ranked by the L2 norm of their scores."""
 
     shape: tuple[int, ...]
 
     def __post_init__(self):
         if not isinstance(self.shape, (tuple, list)) or not self.shape:
-            raise ValueError(f"Block shape must be a non-empty tuple of positive ints, got {self.shape!r}")
-        _checks.store(self, shape=tuple(_checks.integer("Block.shape", b, low=1) for b in self.shape))
+            raise ValueError(f"Tile shape must be a non-empty tuple of positive ints, got {self.shape!r}")
+        _checks.store(self, shape=tuple(_checks.integer("Tile.shape", b, low=1) for b in self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Channel:
         _checks.store(self, axis=_checks.integer("Channel.axis", self.axis))
 
 
-Structure = Unstructured | NM | Block | Channel
+Structure = Unstructured | NM | Tile | Channel
 Distribution = Uniform | ERK
 
 
@@ -132,10 +132,10 @@ def _check_structure(path: str, shape: tuple[int, ...], structure: Structure) ->
         raise ValueError(f"{path}: structure {structure} needs a leaf with ndim >= 2, got shape {shape}")
     if isinstance(structure, NM) and shape[-2] % structure.m:
         raise ValueError(f"{path}: input axis {shape[-2]} is not divisible by m={structure.m}")
-    if isinstance(structure, Block):
+    if isinstance(structure, Tile):
         b = structure.shape
         if len(b) > len(shape) or any(d % s for d, s in zip(shape[-len(b):], b)):
-            raise ValueError(f"{path}: shape {shape} is not divisible into blocks {b}")
+            raise ValueError(f"{path}: shape {shape} is not divisible into tiles {b}")
     if isinstance(structure, Channel) and not -len(shape) <= structure.axis < len(shape):
         raise ValueError(f"{path}: channel axis {structure.axis} out of range for shape {shape}")
 
@@ -158,7 +158,7 @@ def _block_scores(score: jax.Array, b: tuple[int, ...]) -> jax.Array:
 
 def _group_scores(score: jax.Array, structure: Structure) -> jax.Array:
     score = jnp.asarray(score, jnp.float32)
-    if isinstance(structure, Block):  # the block grid keeps the weight's dims, so its sharding too
+    if isinstance(structure, Tile):  # the block grid keeps the weight's dims, so its sharding too
         return _like_explicit(lambda s: _block_scores(s, structure.shape), score, score)
     if isinstance(structure, Channel):
         axis = structure.axis % score.ndim
@@ -172,11 +172,11 @@ def _expand(keep: jax.Array, x: jax.Array, structure: Structure) -> jax.Array:
         return keep
     # (|x| < 0) is always False, but makes the result elementwise in x for sharding propagation.
     expand = lambda k: _expand_groups(k, tuple(x.shape), structure)
-    return (_like_explicit(expand, x, keep) if isinstance(structure, Block) else expand(keep)) | (jnp.abs(x) < 0)
+    return (_like_explicit(expand, x, keep) if isinstance(structure, Tile) else expand(keep)) | (jnp.abs(x) < 0)
 
 
 def _expand_groups(keep: jax.Array, shape: tuple[int, ...], structure: Structure) -> jax.Array:
-    if isinstance(structure, Block):
+    if isinstance(structure, Tile):
         b = structure.shape
         lead = len(shape) - len(b)
         for i, s in enumerate(b):
@@ -267,7 +267,7 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
       scope: ``Scope.LAYER`` (exact count per leaf) or ``Scope.GLOBAL`` (exact count over all
         selected leaves, by :func:`global_threshold`).
       distribution: ``Uniform()`` or ``ERK()`` layer sparsities (``Scope.LAYER`` only).
-      structure: ``Unstructured()``, ``NM(n, m)``, ``Block(shape)`` or ``Channel(axis)``.
+      structure: ``Unstructured()``, ``NM(n, m)``, ``Tile(shape)`` or ``Channel(axis)``.
 
     Returns:
       A tree like ``scores``: a bool array (True = keep) at each selected leaf, None elsewhere.
@@ -287,8 +287,8 @@ def make_masks(scores: Any, sparsity: Any = None, *, where: Any = _tree.KERNELS,
         raise TypeError(f"scope must be a Scope, got {scope!r}")
     if not isinstance(distribution, (Uniform, ERK)):
         raise TypeError(f"distribution must be Uniform() or ERK(), got {distribution!r}")
-    if not isinstance(structure, (Unstructured, NM, Block, Channel)):
-        raise TypeError(f"structure must be Unstructured(), NM, Block or Channel, got {structure!r}")
+    if not isinstance(structure, (Unstructured, NM, Tile, Channel)):
+        raise TypeError(f"structure must be Unstructured(), NM, Tile or Channel, got {structure!r}")
     if sparsity is None and not isinstance(structure, NM):
         raise ValueError(f"sparsity is required for structure {structure}")
     flat = _layer_sparsities(scores, sparsity, where, scope, distribution, structure)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_big import _checks
+from jaxopt_big import _checks, _deprecation
 
-__all__ = ["polynomial_schedule", "constant_schedule", "one_shot"]
+__all__ = ["polynomial_schedule", "constant_schedule", "step_schedule", "one_shot"]
 
 
 def constant_schedule(sparsity: float) -> optax.Schedule:
@@ -22,16 +22,19 @@ def constant_schedule(sparsity: float) -> optax.Schedule:
     return lambda count: jnp.full([], s, jnp.float32)
 
 
-def one_shot(sparsity: float, *, step: int = 0) -> optax.Schedule:
+def step_schedule(sparsity: float, *, step: int = 0) -> optax.Schedule:
     """0 before ``step``, ``sparsity`` from ``step`` on (prune once, then keep the mask).
 
     Examples:
-      >>> f = one_shot(0.9, step=10)
+      >>> f = step_schedule(0.9, step=10)
       >>> float(f(9)), float(f(10))
       (0.0, 0.9)
     """
     s, at = float(_checks.fraction("sparsity", sparsity)), _checks.integer("step", step, low=0)
     return lambda count: jnp.where(jnp.asarray(count) >= at, jnp.float32(s), jnp.float32(0))
+
+
+one_shot = _deprecation.alias(step_schedule, "jb.sparsity.one_shot", "jb.sparsity.step_schedule")
 
 
 def polynomial_schedule(*, final_sparsity: float, begin_step: int, end_step: int, init_sparsity: float = 0.0,

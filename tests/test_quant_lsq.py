@@ -1,16 +1,14 @@
 """LSQ / LSQ+: step-size and offset gradients against finite differences, export, 2-bit digits QAT."""
 
+import digits_util as du
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
+from jaxopt_big.quant import LSQ, PER_CHANNEL, PER_TENSOR, AbsMax, Learned, MinMax, QArray, QuantSpec, lsq, lsq_export
 from jaxopt_big.tree import Rule
-from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
-from jaxopt_big.quant._qarray import QArray
-from jaxopt_big.quant._spec import PER_CHANNEL, PER_TENSOR, AbsMax, MinMax, QuantSpec
 
 
 def _inside(v, qmin, qmax):
@@ -93,11 +91,11 @@ def test_lsq_rules_and_bad_spec():
         lsq(p, [Rule("a/.*", "int4")])
 
 
-def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax():
+def test_two_bit_lsq_qat_on_digits_at_least_as_accurate_as_ste_with_fixed_absmax(digits):
     # One step per layer, as in Esser et al. Per channel, both end within about a test sample of
     # float, so their order there is float rounding noise that changes with the CPU.
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     spec = QuantSpec(bits=2, granularity=PER_TENSOR)
     fixed = {k: spec.calibrate(v["kernel"])[0] for k, v in params.items()}
 

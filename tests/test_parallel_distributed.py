@@ -21,7 +21,7 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 2)
     import numpy as np
     import jaxopt_big as jb
-    from tests.test_parallel_multiprocess import LOSS, TX, batch, params
+    from tests.test_parallel_distributed import LOSS, TX, batch, params
 
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jb.parallel.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -9,11 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
-from jaxopt_big.quant._ptq import quantize_params
-from jaxopt_big.quant._spec import PER_CHANNEL, QuantSpec
+from jaxopt_big.quant import (PER_CHANNEL, QuantSpec, allocate_bits, allocation_rules, layer_bytes,
+                               quantize_params, sensitivity)
 
 BITS = (2, 3, 4, 8)
 
@@ -64,9 +63,9 @@ def test_layer_bytes_and_rules_feed_quantize_params():
     assert jb.leaves.nbytes(q) == sizes["a/kernel"][2] + sizes["b/kernel"][4]
 
 
-def test_sensitivity_allocation_beats_uniform_two_bit_and_random_allocations_on_digits():
+def test_sensitivity_allocation_beats_uniform_two_bit_and_random_allocations_on_digits(digits):
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     loss = jb.train.classifier_loss(apply)
     calib = (jnp.asarray(train.x[:512]), jnp.asarray(train.y[:512]))
     sens = sensitivity(loss, params, calib, bits=BITS)

@@ -1,7 +1,9 @@
 """Binary, ternary and float8 formats: values, packed bytes, STE, errors, ternary digits CNN."""
 
+import contextlib
 import math
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,11 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
-from jaxopt_big.quant._fake import fake_quant
-from jaxopt_big.quant._formats import Binary, F8, Float8, SubByteArray, Ternary
-from jaxopt_big.quant._ptq import fake_quant_params, quantize_params
+from jaxopt_big import quant as q
+from jaxopt_big.quant import F8, Binary, Float8, SubByteArray, Ternary, fake_quant, fake_quant_params, quantize_params
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
@@ -94,9 +94,9 @@ def test_bad_format_options_fail_with_the_value():
         quantize_params({"k": {"kernel": jnp.ones((2, 2))}}, Binary(axis=3))
 
 
-def test_ternary_digits_cnn_trained_by_ste_within_two_points_of_float():
+def test_ternary_digits_cnn_trained_by_ste_within_two_points_of_float(digits):
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     tern_apply = lambda p, x: apply(fake_quant_params(p, Ternary()), x)
     trained = du.fit(tern_apply, params, train, epochs=3, lr=1e-3)
     acc = du.accuracy(tern_apply, trained, test)
@@ -105,3 +105,66 @@ def test_ternary_digits_cnn_trained_by_ste_within_two_points_of_float():
     print(f"digits CNN: float {dense_acc:.4f}, ternary (STE, 3 epochs from float) {acc:.4f}, "
           f"{jb.leaves.nbytes(stored)} vs {jb.leaves.nbytes(params)} bytes")
     assert acc >= dense_acc - 0.02
+
+
+@pytest.mark.parametrize("with_mesh,size", [(False, 2), (False, 8), (True, 4)])
+def test_group_quantization_along_a_sharded_axis_equals_unsharded(explicit_mesh, with_mesh, size):
+    w = jax.random.normal(jax.random.key(2), (8, 16))
+    params = {"d": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}}
+    spec = q.QuantSpec(bits=4, granularity=q.Group(size))
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = q.quantize_params(params, spec)["d"]["kernel"]
+        fake = q.fake_quant_params(params, spec)["d"]["kernel"]
+    want = q.quantize(w, spec)
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(got.dense(), want.dense())
+    np.testing.assert_array_equal(fake, want.dense())
+
+
+BAD = [("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)]
+
+
+@pytest.mark.parametrize("name,bad", BAD)
+@pytest.mark.parametrize("fmt", [q.QuantSpec(bits=4, granularity=q.PER_CHANNEL),
+                                 q.QuantSpec(bits=4, granularity=q.PER_CHANNEL, narrow=False),
+                                 q.QuantSpec(bits=4, symmetric=False, granularity=q.PER_CHANNEL),
+                                 q.QuantSpec(bits=4, symmetric=False, granularity=q.PER_CHANNEL, calibration=q.MSE(steps=4)),
+                                 q.QuantSpec(bits=4, granularity=q.PER_CHANNEL, calibration=q.Percentile(99.0)),
+                                 q.QuantSpec(bits=4, granularity=q.Group(4)), q.Binary(), q.Ternary()], ids=repr)
+def test_traced_non_finite_weight_poisons_only_its_own_channel(name, bad, fmt):
+    w = jax.random.normal(jax.random.key(0), (8, 4))
+    poisoned = w.at[2, 1].set(bad)
+    fake = jax.jit(fmt.fake_quant)(poisoned)
+    dense = jax.jit(lambda x: fmt.quantize(x).dense())(poisoned)
+    group = np.zeros((8, 4), bool)
+    group[(slice(0, 4) if isinstance(getattr(fmt, "granularity", None), q.Group) else slice(None)), 1] = True
+    for out in (fake, dense):
+        assert np.isnan(np.asarray(out)[group]).all()            # the poisoned group is NaN, visibly
+        np.testing.assert_allclose(np.asarray(out)[~group], np.asarray(fmt.fake_quant(w))[~group], rtol=1e-6)
+
+
+def test_float8_fake_quant_has_no_gradient_outside_a_fixed_range():
+    x = jnp.array([0.5, -1.0, 3.0, -7.5, 100.0])
+    scale = 4.0 / q.Float8().max                                               # range [-4, 4]
+    out = q.Float8().fake_quant(x, scale)
+    np.testing.assert_allclose(out[2:], [3.0, -4.0, 4.0], rtol=0.07)
+    grad = jax.grad(lambda x: q.Float8().fake_quant(x, scale).sum())(x)
+    np.testing.assert_array_equal(grad, [1.0, 1.0, 1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+@pytest.mark.parametrize("fmt", [q.Binary(), q.Ternary(), q.Binary(axis=None)], ids=str)
+def test_binary_and_ternary_on_explicit_sharding_equal_unsharded(explicit_mesh, with_mesh, fmt):
+    w = jax.random.normal(jax.random.key(6), (8, 16))
+    sharded = jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))
+    want = fmt.quantize(w)
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = q.quantize_params({"d": {"kernel": sharded}}, fmt)["d"]["kernel"]
+        dense = got.dense()
+        jitted = jax.jit(lambda w: q.quantize(w, fmt).dense())(sharded)
+        fake = q.fake_quant(sharded, fmt)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    # the scale is a mean over the sharded rows: summed shard by shard, so equal up to rounding
+    np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
+    for x in (dense, jitted, fake):
+        np.testing.assert_allclose(x, want.dense(), rtol=1e-6)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxopt_big import calibration
-from jaxopt_big.sparsity import _oneshot as oneshot
+from jaxopt_big import sparsity as sp
 
 from jaxopt_big.sparsity import NM  # noqa: E402
 
@@ -81,7 +81,7 @@ H = (X.T @ X).astype(np.float32)
 
 def test_wanda_matches_numpy_reference():
     norms = np.linalg.norm(X, axis=0)
-    ours = oneshot.wanda_kernel(W, norms, 0.5)
+    ours = sp.wanda_kernel(W, norms, 0.5)
     np.testing.assert_array_equal(np.asarray(ours), np_wanda(W, norms, 0.5))
 
 
@@ -92,8 +92,8 @@ def test_nm_structure_is_valid_for_wanda_and_sparsegpt(m, n, seed):
     rng = np.random.default_rng(seed)
     kernel = rng.normal(size=(24, 6)).astype(np.float32)  # fixed shapes: one compile per (n, m)
     x = rng.normal(size=(64, 24)).astype(np.float32)
-    for out in (oneshot.wanda_kernel(kernel, np.linalg.norm(x, axis=0), structure=NM(n, m)),
-                oneshot.sparsegpt_kernel(kernel, x.T @ x, structure=NM(n, m), block_size=24)):
+    for out in (sp.wanda_kernel(kernel, np.linalg.norm(x, axis=0), structure=NM(n, m)),
+                sp.sparsegpt_kernel(kernel, x.T @ x, structure=NM(n, m), block_size=24)):
         nonzero = (np.asarray(out) != 0).reshape(-1, m, 6).sum(axis=1)
         np.testing.assert_array_equal(nonzero, n)  # exactly n of every m kept (the data has no zeros)
 
@@ -102,7 +102,7 @@ def test_nm_structure_is_valid_for_wanda_and_sparsegpt(m, n, seed):
 
 @pytest.mark.parametrize("block", [16, 48])
 def test_sparsegpt_lazy_blocks_match_eager_numpy_reference(block):
-    ours = np.asarray(oneshot.sparsegpt_kernel(W, H, 0.5, block_size=block))
+    ours = np.asarray(sp.sparsegpt_kernel(W, H, 0.5, block_size=block))
     ref = np_sparsegpt(W, H, 0.5, block=block)
     np.testing.assert_array_equal(ours == 0, ref == 0)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=2e-3)
@@ -110,7 +110,7 @@ def test_sparsegpt_lazy_blocks_match_eager_numpy_reference(block):
 
 
 def test_sparsegpt_nm_matches_numpy_reference():
-    ours = np.asarray(oneshot.sparsegpt_kernel(W, H, structure=NM(2, 4), block_size=16))
+    ours = np.asarray(sp.sparsegpt_kernel(W, H, structure=NM(2, 4), block_size=16))
     ref = np_sparsegpt(W, H, None, nm=(2, 4), block=16)
     np.testing.assert_array_equal(ours == 0, ref == 0)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=2e-3)
@@ -119,7 +119,7 @@ def test_sparsegpt_nm_matches_numpy_reference():
 def test_dead_inputs_are_zeroed():
     x = X.copy()
     x[:, 3] = 0
-    out = np.asarray(oneshot.sparsegpt_kernel(W, x.T @ x, 0.25))
+    out = np.asarray(sp.sparsegpt_kernel(W, x.T @ x, 0.25))
     assert (out[3] == 0).all()
     assert np.isfinite(out).all()
 
@@ -128,8 +128,8 @@ def test_output_error_order_sparsegpt_wanda_magnitude():
     magnitude = np.where(np.abs(W) >= np.median(np.abs(W), axis=0, keepdims=True), W, 0)
     errors = {name: layer_error(X, W, k) for name, k in {
         "magnitude": magnitude,
-        "wanda": oneshot.wanda_kernel(W, np.linalg.norm(X, axis=0), 0.5),
-        "sparsegpt": oneshot.sparsegpt_kernel(W, H, 0.5)}.items()}
+        "wanda": sp.wanda_kernel(W, np.linalg.norm(X, axis=0), 0.5),
+        "sparsegpt": sp.sparsegpt_kernel(W, H, 0.5)}.items()}
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
@@ -158,7 +158,7 @@ def test_sequential_sparsegpt_on_mlp_matches_numpy_reference():
     rng = np.random.default_rng(3)
     batches = [rng.normal(size=(64, 16)).astype(np.float32) for _ in range(2)]
     variables = MLP().init(jax.random.key(0), batches[0])
-    compress = lambda path, kernel, stats: oneshot.sparsegpt_kernel(kernel, stats.hessian, 0.5, block_size=16)
+    compress = lambda path, kernel, stats: sp.sparsegpt_kernel(kernel, stats.hessian, 0.5, block_size=16)
     new, stats = calibration.sequential(MLP().apply, variables, batches, compress)
     assert list(stats) == ["Dense_0", "Dense_1", "Dense_2"]
 
@@ -184,7 +184,7 @@ def test_wanda_tree_with_calibration_norms_and_row_mask():
     assert list(stats) == ["Dense_0"] and float(stats["Dense_0"].count) == 14
     rows = np.asarray(x)[np.asarray(row_mask)]
     np.testing.assert_allclose(np.asarray(stats["Dense_0"].norms), np.linalg.norm(rows, axis=0), rtol=1e-5)
-    pruned = oneshot.wanda_params(variables, {p: s.norms for p, s in stats.items()}, 0.5)
+    pruned = sp.wanda_params(variables, {p: s.norms for p, s in stats.items()}, 0.5)
     kernel = np.asarray(variables["params"]["Dense_0"]["kernel"])
     np.testing.assert_array_equal(np.asarray(pruned["params"]["Dense_0"]["kernel"]),
                                   np_wanda(kernel, np.linalg.norm(rows, axis=0), 0.5))
@@ -195,15 +195,15 @@ def test_wanda_tree_with_calibration_norms_and_row_mask():
 
 def test_bad_inputs_raise_naming_the_layer():
     with pytest.raises(ValueError, match="sparsity must be in"):
-        oneshot.wanda_kernel(W, np.ones(48), 1.0, path="layer/kernel")
+        sp.wanda_kernel(W, np.ones(48), 1.0, path="layer/kernel")
     with pytest.raises(ValueError, match="layer/kernel: input axis 48 is not divisible by m=5"):
-        oneshot.sparsegpt_kernel(W, H, structure=NM(2, 5), path="layer/kernel")
+        sp.sparsegpt_kernel(W, H, structure=NM(2, 5), path="layer/kernel")
     with pytest.raises(TypeError, match="structure must be"):
-        oneshot.wanda_kernel(W, np.ones(48), structure="2:4")
+        sp.wanda_kernel(W, np.ones(48), structure="2:4")
     with pytest.raises(ValueError, match="hessian has shape"):
-        oneshot.sparsegpt_kernel(W, H[:4, :4])
+        sp.sparsegpt_kernel(W, H[:4, :4])
     with pytest.raises(ValueError, match="Dense_7: no kernel"):
-        oneshot.sparsegpt_params({"Dense_0": {"kernel": W}}, {"Dense_7": H})
+        sp.sparsegpt_params({"Dense_0": {"kernel": W}}, {"Dense_7": H})
     variables = MLP().init(jax.random.key(0), X[:2, :16])
     with pytest.raises(ValueError, match=r"where: pattern .Dense_9. matches no leaf; available paths: \[Dense_0, Dense_1"):
         calibration.sequential(MLP().apply, variables, [X[:4, :16]], where=["Dense_0", "Dense_9"])

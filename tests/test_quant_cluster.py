@@ -1,7 +1,9 @@
 """Weight clustering: k-means, the Clustered leaf, centroid fine-tuning, digits end to end."""
 
+import contextlib
 import math
 
+import digits_util as du
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -10,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-import digits_util as du
 import jaxopt_big as jb
+from jaxopt_big import quant as q
+from jaxopt_big.quant import Clustered, cluster, codebooks, kmeans, with_codebooks
 from jaxopt_big.tree import Rule
-from jaxopt_big.quant._cluster import Clustered, cluster, codebooks, kmeans, with_codebooks
 
 
 @hypothesis.settings(max_examples=20, deadline=None)
@@ -89,9 +91,9 @@ def test_bad_cluster_counts_name_path_and_value(k):
         cluster({"layer": {"kernel": jnp.ones((8, 5))}}, k, key=jax.random.key(0))
 
 
-def test_eight_cluster_sharing_on_digits_within_one_point_after_codebook_finetuning():
+def test_eight_cluster_sharing_on_digits_within_one_point_after_codebook_finetuning(digits):
     _, apply, params, dense_acc = du.dense_cnn()
-    train, test = du.split()
+    train, test = digits
     clustered = cluster(params, 8, key=jax.random.key(0))
     assert all(isinstance(clustered[k]["kernel"], Clustered) for k in params)
     one_shot = du.accuracy(apply, jb.leaves.densify(clustered), test)
@@ -126,3 +128,19 @@ def test_cluster_of_a_non_float_kernel_is_a_type_error_naming_it(dtype):
     assert out["layer"]["kernel"] is params["layer"]["kernel"] and out["dense"]["kernel"].kind == "clustered k=2"
     with pytest.raises(TypeError, match="x: clustering needs a float kernel"):
         kmeans(params["layer"]["kernel"], 2, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("with_mesh", [False, True])
+def test_cluster_on_explicit_sharding_equals_unsharded(explicit_mesh, with_mesh):
+    w = jax.random.normal(jax.random.key(4), (8, 16))
+    params = {"d": {"kernel": jax.device_put(w, jax.NamedSharding(explicit_mesh, jax.P("data", "model")))}}
+    key = jax.random.key(5)
+    want = q.cluster({"d": {"kernel": w}}, 4, key=key)["d"]["kernel"]
+    with jax.set_mesh(explicit_mesh) if with_mesh else contextlib.nullcontext():
+        got = q.cluster(params, 4, key=key)["d"]["kernel"]
+        dense = got.dense()
+        jitted = jax.jit(lambda p: q.cluster(p, 4, key=key)["d"]["kernel"].dense())(params)
+    np.testing.assert_array_equal(got.codebook, want.codebook)
+    np.testing.assert_array_equal(got.indices(), want.indices())
+    np.testing.assert_array_equal(dense, want.dense())
+    np.testing.assert_array_equal(jitted, want.dense())

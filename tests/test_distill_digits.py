@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 
-import digits_util
+import digits_util as du
 import jaxopt_big as jb
 from jaxopt_big import distill
 
@@ -37,8 +37,8 @@ def _train_kd(apply, params, train, labeled, teacher_logits, *, epochs, seed, al
 def transfer(seed: int, label_fraction: float, *, epochs: int = 10, alpha: float = 0.5,
              temperature: float = 4.0) -> dict[str, float]:
     """Test accuracy of the MLP student trained on the labeled rows alone vs with KD on all rows."""
-    train, test = digits_util.split()
-    _, t_apply, t_params, t_acc = digits_util.dense_cnn()
+    train, test = du.split()
+    _, t_apply, t_params, t_acc = du.dense_cnn()
     labeled = np.zeros(len(train), bool)
     labeled[np.random.default_rng(seed).permutation(len(train))[:round(label_fraction * len(train))]] = True
     model = jb.models.MLP()
@@ -47,11 +47,11 @@ def transfer(seed: int, label_fraction: float, *, epochs: int = 10, alpha: float
 
     only_labeled = train.take(np.flatnonzero(labeled))
     steps = epochs * (len(train) // BATCH)
-    base = digits_util.fit(apply, init, only_labeled, epochs=steps // (len(only_labeled) // BATCH), seed=seed)
+    base = du.fit(apply, init, only_labeled, epochs=steps // (len(only_labeled) // BATCH), seed=seed)
     targets = distill.precompute(lambda x: t_apply(t_params, x), train.x)
     kd = _train_kd(apply, init, train, labeled, targets.logits, epochs=epochs, seed=seed, alpha=alpha,
                    temperature=temperature)
-    return {"baseline": digits_util.accuracy(apply, base, test), "kd": digits_util.accuracy(apply, kd, test),
+    return {"baseline": du.accuracy(apply, base, test), "kd": du.accuracy(apply, kd, test),
             "teacher": t_acc}
 
 

@@ -1,8 +1,8 @@
+"""jb.data: the digits set, stratified hold-out splits and batching."""
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxopt_big as jb
 
@@ -42,21 +42,3 @@ def test_batches_cover_everything_once_and_shuffle_by_key():
     assert len(dropped) == 10 and all(len(b) == 10 for b in dropped)
     with pytest.raises(ValueError):
         next(jb.data.batches(ds, 0))
-
-
-@pytest.mark.parametrize("model", [jb.models.MLP(), jb.models.CNN(), jb.models.CNN(batch_norm=True),
-                                   jb.models.Transformer()])
-def test_linen_models_produce_logits(model):
-    x = jnp.zeros((3, 8, 8, 1))
-    variables = model.init(jax.random.key(0), x)
-    assert model.apply(variables, x).shape == (3, 10)
-    assert all(p.endswith(("kernel", "bias", "scale", "pos_embedding")) for p in jb.tree.paths(variables["params"]))
-
-
-def test_nnx_models_match_linen_layout():
-    x = jnp.ones((2, 8, 8, 1))
-    assert jb.models.NnxMLP(64, rngs=nnx.Rngs(0))(x).shape == (2, 10)
-    assert jb.models.NnxCNN(rngs=nnx.Rngs(0))(x).shape == (2, 10)
-    linen = jb.models.CNN().init(jax.random.key(0), x)["params"]
-    nnx_state = nnx.state(jb.models.NnxCNN(rngs=nnx.Rngs(0)), nnx.Param)
-    assert sorted(x.shape for x in jax.tree.leaves(linen)) == sorted(x.shape for x in jax.tree.leaves(nnx_state))

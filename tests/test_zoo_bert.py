@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from scipy.special import erf
 
+import jaxopt_big as jb
 from jaxopt_big import calibration, zoo
-from jaxopt_big.sparsity import _oneshot as oneshot
+from jaxopt_big import sparsity as sp
 
 
 def numpy_bert(tensors, config, ids, mask):
@@ -147,7 +148,7 @@ def test_calibrating_bert_skips_padding_and_sparsegpt_beats_magnitude(bert):
                                atol=1e-3)
 
     def compress(path, kernel, s):
-        return oneshot.sparsegpt_kernel(kernel, s.hessian, 0.5, block_size=16, path=path)
+        return sp.sparsegpt_kernel(kernel, s.hessian, 0.5, block_size=16, path=path)
     pruned, _ = calibration.sequential(model.apply, variables, [(ids, mask)], compress, row_mask=lambda b: b[1])
     magnitude = jax.tree_util.tree_map_with_path(
         lambda p, w: jnp.where(jnp.abs(w) >= jnp.median(jnp.abs(w), axis=0), w, 0) if p[-1].key == "kernel" else w,
@@ -190,3 +191,12 @@ def test_tensors_without_a_place_in_the_model_are_refused(bert, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"\['classifier\.weight'\] have no place"):   # pooler, position_ids: known
         zoo.load_bert(tmp_path)
+
+
+def test_llama_config_names_a_bad_field_with_its_type():
+    with pytest.raises(TypeError, match=r"LlamaConfig.hidden_size must be an int, got 32.5"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32.5, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64)
+    with pytest.raises(TypeError, match=r"LlamaConfig.attention_bias must be a bool, got 'false'"):
+        jb.zoo.LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           intermediate_size=64, attention_bias="false")
