@@ -20,3 +20,8 @@ from jaxopt_big.zoo._kvcache import CacheFormat, KVCache
 from jaxopt_big.zoo._llama import DecoderLayer, Llama, LlamaConfig, load_llama, save_llama
 from jaxopt_big.zoo._rotate import rotate
 
+
+__all__ = ["DECODERS", "ENCODERS",
+           "BertConfig", "Bert", "load_bert", "save_bert", "load_tokenizer", "tokenize", "minilm", "MINILM_PACKAGE",
+           "LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama", "generate", "Generation", "CacheFormat",
+           "KVCache", "rotate"]
