@@ -91,7 +91,7 @@ def test_awq_rejects_bad_input_naming_the_layer():
         jb.quant.awq_scales(w, h, spec, act_scale=-jnp.ones(8), path="q_proj")
     with pytest.raises(ValueError, match=r"qkv: AWQ needs 2-d kernels .* \[\(8, 4\), \(6, 4\)\]"):
         jb.quant.awq_scales([w, jnp.ones((6, 4))], h, spec, path="qkv")
-    with pytest.raises(ValueError, match="o_proj: group size 3 does not divide"):
-        jb.quant.awq_scales(w, h, QuantSpec(bits=4, granularity=Group(3)), path="o_proj")
+    short = jb.quant.awq_scales(w, h, QuantSpec(bits=4, granularity=Group(3)), path="o_proj")  # 3+3+2 inputs
+    assert short.scales.shape == (8,) and bool(jnp.all(jnp.isfinite(short.scales)))
     with pytest.raises(ValueError, match="down: AWQ inputs contain NaN"):
         jb.quant.awq_scales(w.at[0, 0].set(jnp.nan), h, spec, path="down")
