@@ -262,3 +262,48 @@ def test_compressed_tensors_w8a8_refuses_grouped_int4_and_leaves_nothing(tmp_pat
     with pytest.raises(ValueError, match="activations must be None or QuantSpec"):
         jb.export.compressed_tensors(tmp_path / "ct", model, params, activations=jb.quant.QuantSpec(bits=8))
     assert list(tmp_path.iterdir()) == []
+
+
+def _llama_cpp_logits(path, ids):
+    """Logits of the GGUF as llama.cpp's LLM_ARCH_LLAMA graph computes them, in numpy: tensors as stored
+    (q/k rows in its pair order) and RoPE rotating adjacent pairs (``LLAMA_ROPE_TYPE_NORM``)."""
+    reader = gguf.GGUFReader(path)
+    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+         for t in reader.tensors}
+    heads, kv, eps = (_field(reader, f"llama.{k}") for k in ("attention.head_count", "attention.head_count_kv",
+                                                              "attention.layer_norm_rms_epsilon"))
+    n, d = len(ids), w["blk.0.attn_q.weight"].shape[0] // heads
+    angle = np.arange(n)[:, None, None] * _field(reader, "llama.rope.freq_base") ** (-np.arange(0, d, 2) / d)
+
+    def rope(x):  # (n, heads, d): pairs (2i, 2i + 1) rotate by angle i
+        a, b, cos, sin = x[..., 0::2], x[..., 1::2], np.cos(angle), np.sin(angle)
+        return np.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(x.shape)
+
+    def norm(x, name):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w[name]
+
+    h = w["token_embd.weight"][ids]
+    for i in range(_field(reader, "llama.block_count")):
+        x = norm(h, f"blk.{i}.attn_norm.weight")
+        q, k, v = (x @ w[f"blk.{i}.attn_{p}.weight"].T for p in "qkv")
+        q, k = rope(q.reshape(n, heads, d)), np.repeat(rope(k.reshape(n, kv, d)), heads // kv, 1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + np.triu(np.full((n, n), -np.inf), 1)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        ctx = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), np.repeat(v.reshape(n, kv, d), heads // kv, 1))
+        h = h + ctx.reshape(n, -1) @ w[f"blk.{i}.attn_output.weight"].T
+        x = norm(h, f"blk.{i}.ffn_norm.weight")
+        gate, up = x @ w[f"blk.{i}.ffn_gate.weight"].T, x @ w[f"blk.{i}.ffn_up.weight"].T
+        h = h + (gate / (1 + np.exp(-gate)) * up) @ w[f"blk.{i}.ffn_down.weight"].T
+    return norm(h, "output_norm.weight") @ w["output.weight"].T
+
+
+def test_gguf_run_as_llama_cpp_runs_it_gives_our_logits(q4):
+    """The file's meaning, not only its bytes: a q/k row order that does not match llama.cpp's rotary pairs
+    reads back equal tensors but different logits (benchmarks/llama_cpp_check.py runs llama.cpp itself)."""
+    path, params = q4
+    model = jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(0))
+    nnx.update(model, jb.leaves.densify(params))
+    ids = [0, 5, 77, 200, 13, 299, 42, 8, 150, 3]
+    ours = np.asarray(model(np.asarray([ids]))[0])
+    theirs = _llama_cpp_logits(path, ids)
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
