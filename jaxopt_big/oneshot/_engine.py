@@ -187,13 +187,40 @@ def _accumulate(a: list[tuple], b: list[tuple]) -> list[tuple]:
             for (h1, n1, t1, s1), (h2, n2, t2, s2) in zip(a, b)]
 
 
-@functools.partial(jax.jit, static_argnames=("runner", "static"))
 def _probe(runner, static, params, rest, arrays):
     """The block's output leaves and each group's input rows (per input it reads), on one batch."""
     args, kwargs = static.join(arrays)
     out, calls = _record(runner, params, rest, args, kwargs)
     groups, inputs = _groups(calls)
     return jax.tree.leaves(out), [[inputs[k][1].rows(inputs[k][0], None)[0] for k in g.keys] for g in groups]
+
+
+@functools.partial(jax.jit, static_argnames=("runner", "static", "groups", "trials"))
+def _trials(runner, static, groups, trials, params, rest, arrays):
+    """Per trial ``(g, candidate)``: whether folding a random positive ``r`` into the candidate (÷ r)
+    and into group ``g``'s kernels (rows × r) divides the group's inputs by ``r`` and changes no other
+    input nor the block's output, up to float rounding. The block runs vmapped over the trials: one
+    compile per block shape."""
+    out, inputs = _probe(runner, static, params, rest, arrays)
+    r = {g: jax.random.uniform(jax.random.key(g), (groups[g].views[0].d_in,), minval=0.5, maxval=2.0)
+         for g, _ in trials}
+    want = [jax.tree.leaves((out, [[x / r[g] if h == g else x for x in xs] for h, xs in enumerate(inputs)]))
+            for g, _ in trials]
+    folded = [_with(params, _fold(params, candidate, groups[g], r[g])) for g, candidate in trials]
+
+    def exact(trial, want):
+        got = jax.tree.leaves(_probe(runner, static, trial, rest, arrays))
+        return functools.reduce(jnp.logical_and, [_close(a, b) for a, b in zip(got, want)], jnp.asarray(True))
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    return jax.vmap(exact)(stack(*folded), stack(*want))
+
+
+def _close(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Equal up to float rounding, relative to the largest value of ``b`` (traced bool)."""
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        return jnp.array_equal(a, b)
+    tol = max(1e-4, 4 * float(jnp.finfo(b.dtype).eps))
+    return jnp.max(jnp.abs(a - b), initial=0.0) <= tol * jnp.max(jnp.abs(b), initial=0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("runner", "static"))
@@ -521,7 +548,7 @@ def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migration
     """Every migrating group's scales from the float block's kernels and statistics, then all of them
     folded: ``(folded leaves by path inside the block, scales by group, report notes by group)``. A group
     whose input no module of the block produces alone is not migrated: it is noted ``(no fold)``."""
-    _find_producers(model, step, base, data, list(migrations))
+    _find_producers(step, base, data, list(migrations))
     scales: dict[int, jax.Array] = {}
     notes: dict[int, str] = {}
     for g, method in migrations.items():
@@ -536,13 +563,18 @@ def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migration
             scales[g] = jnp.asarray(s, jnp.float32)
     params, new = base, {}
     for g, s in scales.items():
-        fold = _fold(params, step.producers[g], step.groups[g], s)
-        params, new = model.with_kernels(params, fold), {**new, **fold}
+        fold = _fold(params, step.producers[g], step.groups[g], s)  # type: ignore[arg-type]  # has a producer
+        params, new = _with(params, fold), {**new, **fold}
     return new, scales, notes
 
 
 def _leaves_of(params: Any) -> dict[str, jax.Array]:
     return dict(zip(_tree.paths(params), jax.tree.leaves(params)))
+
+
+def _with(params: Any, new: dict[str, jax.Array]) -> Any:
+    """``params`` (a block's) with the leaves at the paths of ``new`` replaced."""
+    return _tree.map_with_path(lambda p, x: new.get(p, x), params)
 
 
 def _fold(params: Any, producer: _Producer, group: _Group, s: jax.Array) -> dict[str, jax.Array]:
@@ -586,35 +618,16 @@ def _candidates(step: _Step, params: Any, g: int) -> list[_Producer]:
     return out
 
 
-def _find_producers(model: _model.Model, step: _Step, params: Any, data: _Data, groups: list[int]) -> None:
+def _find_producers(step: _Step, params: Any, data: _Data, groups: list[int]) -> None:
     """Fills ``step.producers`` for ``groups`` (once per block shape), by trial on calibration batch 0:
-    a candidate module is the producer when folding a random positive ``r`` (module ÷ r, the group's
-    kernels' rows × r) divides the group's inputs by exactly ``r`` and leaves every other group's
-    inputs and the block's output unchanged."""
+    for each group, the first candidate module (:func:`_candidates`) that folds exactly
+    (:func:`_trials`), or None."""
     todo = [g for g in groups if g not in step.producers]
-    if not todo:
-        return
-    arrays = data.inputs[0]
-    out, inputs = _probe(step.runner, data.static, params, step.rest, arrays)
+    trials = tuple((g, candidate) for g in todo for candidate in _candidates(step, params, g))
+    exact = _trials(step.runner, data.static, tuple(step.groups), trials, params, step.rest,
+                    data.inputs[0]) if trials else []
     for g in todo:
-        d_in = step.groups[g].views[0].d_in
-        r = jax.random.uniform(jax.random.key(g), (d_in,), minval=0.5, maxval=2.0)
-        step.producers[g] = None
-        for candidate in _candidates(step, params, g):
-            trial = model.with_kernels(params, _fold(params, candidate, step.groups[g], r))
-            got_out, got_inputs = _probe(step.runner, data.static, trial, step.rest, arrays)
-            expected = [[x / r if h == g else x for x in xs] for h, xs in enumerate(inputs)]
-            if _close(got_out, out) and _close(got_inputs, expected):
-                step.producers[g] = candidate
-                break
-
-
-def _close(a: Any, b: Any) -> bool:
-    """Equal up to float rounding (relative to each array's largest value)."""
-    def one(x, y):
-        tol = max(1e-4, 4 * float(jnp.finfo(jnp.result_type(y)).eps)) if jnp.issubdtype(y.dtype, jnp.floating) else 0
-        return bool(jnp.max(jnp.abs(x - y), initial=0.0) <= tol * jnp.max(jnp.abs(y), initial=0.0))
-    return all(one(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        step.producers[g] = next((c for (h, c), ok in zip(trials, exact) if h == g and bool(ok)), None)
 
 
 def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, hessian: jax.Array,
