@@ -247,7 +247,22 @@ def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
     assert second == jb.RTN(QuantSpec(symmetric=False, granularity=jb.quant.Group(32)))
 
 
+def test_recipe_file_spells_migrations_before_their_quantizer(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\ngroup = 128\nmethod = "awq"\n\n'
+                    '[[rule]]\npattern = "b"\n[rule.quant]\nbits = 4\nmethod = "awq+gptq"\ngrid = 8\nact_order = true\n\n'
+                    '[[rule]]\npattern = "c"\n[rule.quant]\nbits = 8\ngranularity = "channel"\n'
+                    'method = "smoothquant"\nalpha = 0.75\n')
+    a, b, c = (r.value.quant for r in jb.recipe.load(path).rules)
+    assert a == jb.AWQ(QuantSpec(bits=4, granularity=jb.quant.Group(128)))
+    assert b == jb.AWQ(jb.GPTQ(QuantSpec(bits=4), act_order=True), grid=8)
+    assert c == jb.SmoothQuant(QuantSpec(bits=8, granularity=PER_CHANNEL), alpha=0.75)
+
+
 @pytest.mark.parametrize("body, line, message", [
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq+awq"\n', 4, "optionally after migrations"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq"\nalpha = 0.5\n', 5, "SMOOTHQUANT options"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "awq"\ngrid = 0\n', 5, "AWQ.grid"),
     ('[[rule]]\npattern = ".*"\nsparsty = 0.5\n', 3, "unknown key 'sparsty' in [[rule]]"),
     ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nmetod = "gptq"\n', 5, "unknown key 'metod' in [rule.quant]"),
     ('[[rule]]\npattern = ".*"\n\n[[rule]]\npattern = "a"\n[rule.quant]\nbits = 9\n', 7, "bits must be an int in"),
