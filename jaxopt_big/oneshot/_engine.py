@@ -538,7 +538,7 @@ def _migrations(step: _Step, planned: list[int], plans: dict[str, _recipe.Plan])
                               for rel, m in chosen.items())
             raise ValueError(f"layers that read one input share one migration of scales (folded into the op "
                              f"producing that input); give them one plan's migrating method, got: {names}")
-        out[g] = next(iter(chosen.values()))
+        out[g] = next(m for m in chosen.values() if m is not None)
     return out
 
 
@@ -561,7 +561,7 @@ def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migration
         s = method.input_scales(kernels, stats[g])
         if s is not None:
             scales[g] = jnp.asarray(s, jnp.float32)
-    params, new = base, {}
+    params, new = base, dict[str, jax.Array]()
     for g, s in scales.items():
         fold = _fold(params, step.producers[g], step.groups[g], s)  # type: ignore[arg-type]  # has a producer
         params, new = _with(params, fold), {**new, **fold}

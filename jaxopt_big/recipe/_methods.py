@@ -72,6 +72,7 @@ class Method:
     name: ClassVar[str]
     needs_hessian: ClassVar[bool]
     migrates: ClassVar[bool] = False
+    wraps: ClassVar[bool] = False  # takes an inner method first (``AWQ(GPTQ(...))``), not its own spec
 
     def solve(self, w: jax.Array, hessian: jax.Array, *, pruned: jax.Array | None = None,
               path: str = "kernel") -> Any:
@@ -128,13 +129,9 @@ class Pruner(Method):
 
 
 class Quantizer(Method):
-    """A method that puts a kernel on the grid of ``spec``, which also stores the result.
-
-    ``wraps``: the method takes an inner quantizer (``quant``) first instead of a spec (AWQ, SmoothQuant).
-    """
+    """A method that puts a kernel on the grid of ``spec``, which also stores the result."""
 
     spec: _quant.Format
-    wraps: ClassVar[bool] = False
 
     def data_free(self) -> RTN:
         return RTN(self.spec)
@@ -267,7 +264,7 @@ class _Migrating(Quantizer):
     """A quantizer that first migrates per-input-channel scales, then quantizes with an inner quantizer
     (``quant``: a :class:`Quantizer`, or a spec read as :class:`RTN`) on the scaled weights."""
 
-    quant: Quantizer
+    quant: Any  # the inner Quantizer, once __post_init__ has read a spec as RTN
     wraps: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = True
     migrates: ClassVar[bool] = True
@@ -287,11 +284,14 @@ class _Migrating(Quantizer):
     def well_posed(self, hessian: jax.Array) -> jax.Array:
         return self.quant.well_posed(hessian)
 
-    def data_free(self) -> Quantizer:
+    def data_free(self) -> RTN:
         return self.quant.data_free()
 
     def describe(self) -> str:
-        return f"{self.name} + {self.quant.describe()}"
+        return f"{self._label()} + {self.quant.describe()}"
+
+    def _label(self) -> str:
+        return self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,5 +360,5 @@ class SmoothQuant(_Migrating):
     def input_scales(self, kernels, stats):
         return _quant.smoothquant_scales(stats.absmax, kernels, alpha=self.alpha)
 
-    def describe(self) -> str:
-        return f"{self.name} {self.alpha:g} + {self.quant.describe()}"
+    def _label(self) -> str:
+        return f"{self.name} {self.alpha:g}"
