@@ -754,15 +754,19 @@ def _np_rtn(w, bits):
 
 def _np_migrated(params, x, scales_of, bits):
     """numpy: scales of up (input: the norm's output) and down (input: the ReLU's) from the float model,
-    both folded (norm / s_up; up rows * s_up, columns and bias / s_down; down rows * s_down), then RTN."""
+    both folded (norm / s_up; up rows * s_up, columns and bias / s_down; down rows * s_down), then RTN;
+    and each layer's relative output error ``|x' (W' - W_s)|^2 / |x' W_s|^2`` on its scaled inputs."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     h = _np_norm(p["norm"], np.asarray(x, np.float64))
     u = np.maximum(h @ p["up"]["kernel"] + p["up"]["bias"], 0.0)
     s_up, s_down = scales_of(h, p["up"]["kernel"]), scales_of(u, p["down"]["kernel"])
+    scaled = {"up": (h / s_up, p["up"]["kernel"] * s_up[:, None] / s_down), "down": (u / s_down, p["down"]["kernel"]
+                                                                                       * s_down[:, None])}
+    rounded = {name: _np_rtn(w, bits) for name, (_, w) in scaled.items()}
+    errors = [np.sum((xs @ (rounded[n] - w)) ** 2) / np.sum((xs @ w) ** 2) for n, (xs, w) in scaled.items()]
     return {"norm": {k: v / s_up for k, v in p["norm"].items()},
-            "up": {"kernel": _np_rtn(p["up"]["kernel"] * s_up[:, None] / s_down, bits),
-                   "bias": p["up"]["bias"] / s_down},
-            "down": {"kernel": _np_rtn(p["down"]["kernel"] * s_down[:, None], bits), "bias": p["down"]["bias"]}}
+            "up": {"kernel": rounded["up"], "bias": p["up"]["bias"] / s_down},
+            "down": {"kernel": rounded["down"], "bias": p["down"]["bias"]}}, errors
 
 
 def _np_awq_scales(x, w, bits=4, grid=20):
@@ -787,8 +791,9 @@ def test_awq_equals_a_numpy_awq_and_beats_round_to_nearest_on_outlier_channels()
     int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)
     awq, awq_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=jb.AWQ(int4)))]),
                                           progress=False)
-    want = _np_migrated(params, x, _np_awq_scales, bits=4)
+    want, errors = _np_migrated(params, x, _np_awq_scales, bits=4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(awq), want)
+    assert [r.error for r in awq_report.rows] == pytest.approx(errors, rel=1e-3)   # statistics of x / s
     rtn, rtn_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=int4))]),
                                           progress=False)
     assert [r.method for r in awq_report.rows] == ["awq + rtn int4"] * 2
@@ -814,8 +819,9 @@ def test_smoothquant_equals_a_numpy_smoothquant_and_helps_w8a8_on_outlier_channe
         return np.maximum(act ** alpha / weight ** (1 - alpha), 1e-5)
     sq, report = jb.oneshot.compress(NormMLP(nn.LayerNorm), params, [x],
                                      jb.Recipe([Rule(".*", jb.Plan(quant=jb.SmoothQuant(int8)))]), progress=False)
-    want = _np_migrated(params, x, np_scales, bits=8)
+    want, errors = _np_migrated(params, x, np_scales, bits=8)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(sq), want)
+    assert [r.error for r in report.rows] == pytest.approx(errors, rel=1e-3)
     assert report.rows[0].method == "smoothquant 0.5 + rtn int8"
     # W8A8 of the first layer: per-token int8 activations times int8 per-channel weights, in numpy
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
