@@ -854,3 +854,18 @@ def test_a_group_without_a_producer_in_its_block_gets_the_inner_method_and_says_
                                  progress=False)
     jax.tree.map(np.testing.assert_array_equal, _dense_tree(awq), _dense_tree(rtn))
     assert {r.method for r in report.rows} == {"awq + rtn int4 g4 (no fold)"}
+
+
+class TwoHeads(nn.Module):  # two linears read one normalized input: they share one migration
+    @nn.compact
+    def __call__(self, x):
+        h = nn.RMSNorm(name="norm")(x)
+        return nn.Dense(D, name="a")(h) + nn.Dense(D, name="b")(h)
+
+
+def test_layers_reading_one_input_with_different_migrations_are_refused_naming_them():
+    x = jax.random.normal(jax.random.key(0), (16, D))
+    params = TwoHeads().init(jax.random.key(1), x)["params"]
+    recipe = jb.Recipe([Rule("a", jb.Plan(quant=jb.AWQ(INT4))), Rule("b", jb.Plan(quant=INT4))])
+    with pytest.raises(ValueError, match=r"share one migration.*a \(awq \+ rtn int4 g4\), b \(none\)"):
+        jb.oneshot.compress(TwoHeads(), params, [x], recipe, progress=False)
