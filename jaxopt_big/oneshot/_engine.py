@@ -11,7 +11,13 @@ propagate (:func:`_propagate`); finally assemble the compressed leaves (:func:`_
    static), and accumulates ``X^T X`` of the inputs of every targeted linear; layers that read the
    same input (q/k/v, gate/up) share one Hessian; Wanda's norms are ``sqrt(diag(X^T X))``;
 3. each targeted layer's plan runs on its 2-d view (:mod:`._solve`), in the order the block calls
-   the layers;
+   the layers; when a plan's method migrates scales (AWQ, SmoothQuant: ``Method.input_scales``), all
+   of the block's scales come first, from the same run of the block on its float weights (plus
+   ``max|x|`` and ``mean|x|`` per input channel), and are folded before anything is solved: the
+   group's kernels' rows times ``s``, and the output channels of the module that produces their input
+   (a norm, or a linear before: found once per block shape by trying a random fold on calibration
+   batch 0) divided by ``s``; the group then solves on ``diag(s) W`` with the Hessian of ``x / s``. A
+   group without such a module gets its plan without the migration, reported as ``(no fold)``;
 4. the block runs again with the compressed weights: its outputs are the next block's inputs.
 
 By default the Hessians of all layers of a block come from one run of the block on its (already
@@ -490,7 +496,8 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
         runs += 1
         new, scales, notes = _migrate(model, step, base, data, migrations, stats, plans)
         for rel, value in new.items():
-            folded.setdefault(step.block.param(rel), {})[step.block.index] = value
+            if step.block.param(rel) not in plans:  # a planned kernel's solved layer holds its folded value
+                folded.setdefault(step.block.param(rel), {})[step.block.index] = value
         if not sequential:  # the inputs of a migrated group are now x / s: its Hessian, exactly
             given = {g: h if g not in scales else h / jnp.outer(scales[g], scales[g]) for g, h in zip(first, hessians)}
     for stage in stages:
