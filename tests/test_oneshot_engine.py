@@ -829,7 +829,8 @@ def test_smoothquant_equals_a_numpy_smoothquant_and_helps_w8a8_on_outlier_channe
     exact = _np_norm(p["norm"], xs) @ p["up"]["kernel"]
     plain = _np_per_token_int8(_np_norm(p["norm"], xs)) @ _np_rtn(p["up"]["kernel"], 8)
     got = _dense_tree(sq)   # the folded model: its activations are flatter
-    smooth = _np_per_token_int8(_np_norm(got["norm"], xs)) @ (got["up"]["kernel"] * (p["up"]["bias"] / got["up"]["bias"]))
+    undo = p["up"]["bias"] / got["up"]["bias"]   # s of the down fold: the up layer's outputs in their own units
+    smooth = _np_per_token_int8(_np_norm(got["norm"], xs)) @ (got["up"]["kernel"] * undo)
     assert np.sum((smooth - exact) ** 2) < 0.5 * np.sum((plain - exact) ** 2)
 
 

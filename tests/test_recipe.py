@@ -250,7 +250,8 @@ def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
 def test_recipe_file_spells_migrations_before_their_quantizer(tmp_path):
     path = tmp_path / "recipe.toml"
     path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\ngroup = 128\nmethod = "awq"\n\n'
-                    '[[rule]]\npattern = "b"\n[rule.quant]\nbits = 4\nmethod = "awq+gptq"\ngrid = 8\nact_order = true\n\n'
+                    '[[rule]]\npattern = "b"\n[rule.quant]\nbits = 4\nmethod = "awq+gptq"\ngrid = 8\n'
+                    'act_order = true\n\n'
                     '[[rule]]\npattern = "c"\n[rule.quant]\nbits = 8\ngranularity = "channel"\n'
                     'method = "smoothquant"\nalpha = 0.75\n')
     a, b, c = (r.value.quant for r in jb.recipe.load(path).rules)
