@@ -11,10 +11,10 @@ Examples:
 
 from jaxopt_big import (calibration, checkpoint, data, distill, export, hf, intercept, leaves, lowrank, models,
                         oneshot, parallel, quant, recipe, report, sparsity, train, tree, zoo)
-from jaxopt_big.recipe import GPTQ, RTN, Magnitude, Plan, Recipe, SparseGPT, Wanda
+from jaxopt_big.recipe import AWQ, GPTQ, RTN, Magnitude, Plan, Recipe, SmoothQuant, SparseGPT, Wanda
 from jaxopt_big.tree import Rule
 
 __version__ = "0.1.0"
 __all__ = ["calibration", "checkpoint", "data", "distill", "export", "hf", "intercept", "leaves", "lowrank", "models",
            "oneshot", "parallel", "quant", "recipe", "report", "sparsity", "train", "tree", "zoo",
-           "Rule", "Recipe", "Plan", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ"]
+           "Rule", "Recipe", "Plan", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "SmoothQuant"]

@@ -52,8 +52,9 @@ def _files(directory):
 
 @pytest.fixture(scope="module")
 def compressed(src, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("out") / "int4"
-    assert cli.main(["compress", str(src), "--out", str(dst), "--recipe", "gptq-int4", "--export-hf", *ARGS]) == 0
+    dst = tmp_path_factory.mktemp("out") / "int4"   # AWQ then GPTQ: folded norms as well as int4 kernels
+    assert cli.main(["compress", str(src), "--out", str(dst), "--recipe", "awq+gptq-int4", "--export-hf",
+                     "--export", "compressed-tensors", *ARGS]) == 0
     return dst
 
 
@@ -63,7 +64,7 @@ def test_writes_a_checkpoint_a_report_of_every_linear_and_the_config(compressed,
     for layer in range(CONFIG.num_layers):
         for linear in LINEARS:
             assert f"layers/{layer}/{linear}/kernel" in report, linear
-    assert "perplexity" in report and "gptq int4 g128" in report
+    assert "perplexity" in report and "awq + gptq int4 g128" in report
     assert not [p.name for p in compressed.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
@@ -79,6 +80,13 @@ def test_checkpoint_restores_and_hf_export_gives_the_dequantized_logits(compress
     ids = jnp.asarray(jb.data.encode("def f(x): return x * 2  # a test line of thirty-two")[None, :32])
     assert float(jnp.abs(exported(ids) - reference(ids)).max()) <= 1e-5
     assert np.array_equal(exported.layers[0].mlp.up_proj.kernel.get_value(), kernel.dense())
+    # AWQ folded 1/s into the norms (the source's are ones): both exports write the folded ones
+    norm = np.asarray(restored["layers"][1]["post_attention_layernorm"]["scale"].get_value())
+    assert not np.allclose(norm, 1.0)
+    np.testing.assert_array_equal(exported.layers[1].post_attention_layernorm.scale.get_value(), norm)
+    from safetensors.numpy import load_file
+    tensors = load_file(str(compressed / "compressed-tensors" / "model.safetensors"))
+    np.testing.assert_array_equal(tensors["model.layers.1.post_attention_layernorm.weight"], norm)
 
 
 def _fails(capsys, *argv):

@@ -687,3 +687,186 @@ def test_an_nnx_models_whole_state_comes_back_whole_with_the_parameters_compress
     for name in ("a", "b"):
         np.testing.assert_array_equal(whole[name]["kernel"][...], params_only[name]["kernel"][...])
     assert jax.tree.structure(whole) == jax.tree.structure(nnx.state(model))
+
+
+# --- migration of per-input-channel scales (AWQ, SmoothQuant): folded into the op producing the input ---
+
+@dataclasses.dataclass(frozen=True)
+class Spread(jb.recipe.Pruner):
+    """A migration alone, written outside the library: scales from the statistics, weights kept as they are."""
+
+    sparsity: float = 0.0
+    name: ClassVar[str] = "spread"
+    needs_hessian: ClassVar[bool] = True
+    migrates: ClassVar[bool] = True
+
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        return w
+
+    def input_scales(self, kernels, stats):
+        return 1.0 + 3.0 * stats.absmean + stats.absmax + jnp.diagonal(stats.hessian)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_migration_alone_folds_exactly_into_norms_and_linears(tiny_llama_config, scan):
+    model = jb.zoo.Llama(tiny_llama_config, rngs=nnx.Rngs(0), scan_layers=scan)
+    ids = jax.random.randint(jax.random.key(0), (4, 8), 0, tiny_llama_config.vocab_size)
+    before = _flat(nnx.state(model, nnx.Param))
+    recipe = jb.Recipe([Rule(".*", jb.Plan(sparsity=Spread()))])
+    new, report = jb.oneshot.compress(model, None, [ids[:2], ids[2:]], recipe, progress=False, sequential=scan)
+    changed = {p.replace("layers/0/", "layers/") for p, x in _flat(new).items() if not np.array_equal(x, before[p])}
+    # the norms and the up projection absorb 1/s; o_proj reads grouped-query attention (4 heads of 2 KV
+    # heads' values): no module of the block produces its input alone, so it is left as it is, and said so
+    assert {"layers/input_layernorm/scale", "layers/post_attention_layernorm/scale",
+            "layers/mlp/up_proj/kernel"} <= changed and not any("o_proj" in p for p in changed)
+    assert [r.method for r in report.rows[:4]] == ["spread 0%"] * 3 + ["spread 0% (no fold)"]
+    assert report.block_passes == (6.0 if scan else 2.0)   # sequential: one more run, of the float block
+    np.testing.assert_allclose(nnx.merge(nnx.graphdef(model), new)(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+class NormMLP(nn.Module):  # a norm, then two linears with a ReLU between (ReLU(z / r) = ReLU(z) / r)
+    norm: type = nn.RMSNorm
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(D, name="down")(jax.nn.relu(nn.Dense(16, name="up")(self.norm(name="norm")(x))))
+
+
+def _outlier_mlp(norm):
+    """A NormMLP whose norm scale plants outlier channels 2 and 5 (as in LLMs), its inputs, float64 params."""
+    x = jax.random.normal(jax.random.key(0), (64, D))
+    params = NormMLP(norm).init(jax.random.key(1), x)["params"]
+    params["norm"]["scale"] = params["norm"]["scale"].at[jnp.array([2, 5])].set(30.0)
+    params["up"]["bias"] = jax.random.normal(jax.random.key(2), (16,)) * 0.1
+    return x, params
+
+
+def _np_norm(p, x):
+    if "bias" in p:   # LayerNorm
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * p["scale"] + p["bias"]
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * p["scale"]
+
+
+def _np_rtn(w, bits):
+    step = np.abs(w).max(0) / (2 ** (bits - 1) - 1)
+    return np.clip(np.round(w / step), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) * step
+
+
+def _np_migrated(params, x, scales_of, bits):
+    """numpy: scales of up (input: the norm's output) and down (input: the ReLU's) from the float model,
+    both folded (norm / s_up; up rows * s_up, columns and bias / s_down; down rows * s_down), then RTN;
+    and each layer's relative output error ``|x' (W' - W_s)|^2 / |x' W_s|^2`` on its scaled inputs."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h = _np_norm(p["norm"], np.asarray(x, np.float64))
+    u = np.maximum(h @ p["up"]["kernel"] + p["up"]["bias"], 0.0)
+    s_up, s_down = scales_of(h, p["up"]["kernel"]), scales_of(u, p["down"]["kernel"])
+    scaled = {"up": (h / s_up, p["up"]["kernel"] * s_up[:, None] / s_down), "down": (u / s_down, p["down"]["kernel"]
+                                                                                       * s_down[:, None])}
+    rounded = {name: _np_rtn(w, bits) for name, (_, w) in scaled.items()}
+    errors = [np.sum((xs @ (rounded[n] - w)) ** 2) / np.sum((xs @ w) ** 2) for n, (xs, w) in scaled.items()]
+    return {"norm": {k: v / s_up for k, v in p["norm"].items()},
+            "up": {"kernel": rounded["up"], "bias": p["up"]["bias"] / s_down},
+            "down": {"kernel": rounded["down"], "bias": p["down"]["bias"]}}, errors
+
+
+def _np_awq_scales(x, w, bits=4, grid=20):
+    """AWQ's search: s = a^alpha / sqrt(max * min), alpha = i / grid, least tr(D^T X^T X D)."""
+    h, a, best = x.T @ x, np.abs(x).mean(0), None
+    for alpha in np.arange(grid) / grid:
+        s = np.maximum(a ** alpha, 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        d = _np_rtn(w * s[:, None], bits) / s[:, None] - w
+        error = np.sum(d * (h @ d))
+        if best is None or error < best[0]:
+            best = (error, s)
+    return best[1]
+
+
+def _dense_tree(tree):
+    return jax.tree.map(lambda x: np.asarray(jb.leaves.densify(x), np.float64), tree, is_leaf=jb.leaves.is_compressed)
+
+
+def test_awq_equals_a_numpy_awq_and_beats_round_to_nearest_on_outlier_channels():
+    x, params = _outlier_mlp(nn.RMSNorm)
+    int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)
+    awq, awq_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=jb.AWQ(int4)))]),
+                                          progress=False)
+    want, errors = _np_migrated(params, x, _np_awq_scales, bits=4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(awq), want)
+    assert [r.error for r in awq_report.rows] == pytest.approx(errors, rel=1e-3)   # statistics of x / s
+    rtn, rtn_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=int4))]),
+                                          progress=False)
+    assert [r.method for r in awq_report.rows] == ["awq + rtn int4"] * 2
+    assert awq_report.rows[0].error < 0.5 * rtn_report.rows[0].error
+
+    def error(tree):
+        return float(jnp.sum((NormMLP().apply({"params": jb.leaves.densify(tree)}, x) - NormMLP().apply(
+            {"params": params}, x)) ** 2))
+    assert error(awq) < error(rtn)
+
+
+def _np_per_token_int8(x):
+    step = np.abs(x).max(-1, keepdims=True) / 127
+    return np.clip(np.round(x / step), -127, 127) * step
+
+
+def test_smoothquant_equals_a_numpy_smoothquant_and_helps_w8a8_on_outlier_channels():
+    x, params = _outlier_mlp(nn.LayerNorm)
+    int8 = jb.quant.QuantSpec(bits=8, granularity=jb.quant.PER_CHANNEL)
+
+    def np_scales(x, w, alpha=0.5):
+        act, weight = np.maximum(np.abs(x).max(0), 1e-5), np.maximum(np.abs(w).max(1), 1e-5)
+        return np.maximum(act ** alpha / weight ** (1 - alpha), 1e-5)
+    sq, report = jb.oneshot.compress(NormMLP(nn.LayerNorm), params, [x],
+                                     jb.Recipe([Rule(".*", jb.Plan(quant=jb.SmoothQuant(int8)))]), progress=False)
+    want, errors = _np_migrated(params, x, np_scales, bits=8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(sq), want)
+    assert [r.error for r in report.rows] == pytest.approx(errors, rel=1e-3)
+    assert report.rows[0].method == "smoothquant 0.5 + rtn int8"
+    # W8A8 of the first layer: per-token int8 activations times int8 per-channel weights, in numpy
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64)
+    exact = _np_norm(p["norm"], xs) @ p["up"]["kernel"]
+    plain = _np_per_token_int8(_np_norm(p["norm"], xs)) @ _np_rtn(p["up"]["kernel"], 8)
+    got = _dense_tree(sq)   # the folded model: its activations are flatter
+    undo = p["up"]["bias"] / got["up"]["bias"]   # s of the down fold: the up layer's outputs in their own units
+    smooth = _np_per_token_int8(_np_norm(got["norm"], xs)) @ (got["up"]["kernel"] * undo)
+    assert np.sum((smooth - exact) ** 2) < 0.5 * np.sum((plain - exact) ** 2)
+
+
+class PostNorm(nn.Module):  # BERT-like: the linears read the block input (the norm before is another block's)
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(name="norm")(x + nn.Dense(D, name="out")(jax.nn.gelu(nn.Dense(16, name="inner")(x))))
+
+
+class PostNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return PostNorm(name="layer_1")(PostNorm(name="layer_0")(x))
+
+
+def test_a_group_without_a_producer_in_its_block_gets_the_inner_method_and_says_so():
+    x = jax.random.normal(jax.random.key(0), (32, D))
+    params = PostNormNet().init(jax.random.key(1), x)["params"]
+    awq, report = jb.oneshot.compress(PostNormNet(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=jb.AWQ(INT4)))]),
+                                      progress=False)
+    rtn, _ = jb.oneshot.compress(PostNormNet(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=INT4))]),
+                                 progress=False)
+    jax.tree.map(np.testing.assert_array_equal, _dense_tree(awq), _dense_tree(rtn))
+    assert {r.method for r in report.rows} == {"awq + rtn int4 g4 (no fold)"}
+
+
+class TwoHeads(nn.Module):  # two linears read one normalized input: they share one migration
+    @nn.compact
+    def __call__(self, x):
+        h = nn.RMSNorm(name="norm")(x)
+        return nn.Dense(D, name="a")(h) + nn.Dense(D, name="b")(h)
+
+
+def test_layers_reading_one_input_with_different_migrations_are_refused_naming_them():
+    x = jax.random.normal(jax.random.key(0), (16, D))
+    params = TwoHeads().init(jax.random.key(1), x)["params"]
+    recipe = jb.Recipe([Rule("a", jb.Plan(quant=jb.AWQ(INT4))), Rule("b", jb.Plan(quant=INT4))])
+    with pytest.raises(ValueError, match=r"share one migration.*a \(awq \+ rtn int4 g4\), b \(none\)"):
+        jb.oneshot.compress(TwoHeads(), params, [x], recipe, progress=False)

@@ -139,12 +139,13 @@ def _expected_pruner(part, description):
 
 
 def _expected_quant(part, description):
-    """``gptq-int3`` -> GPTQ, 3 bits; ``gptq-q4_0`` -> GGUF's Q4_0 grid, 4 bits; granularity, calibration
-    and scale dtype as the description states them."""
-    m = re.fullmatch(r"(?:(gptq|rtn)-)?(?:int(\d)|q(\d)_0)", part)
+    """``gptq-int3`` -> GPTQ, 3 bits; ``gptq-q4_0`` -> GGUF's Q4_0 grid, 4 bits; ``awq-int4`` -> RTN, 4 bits
+    (under AWQ); granularity, calibration and scale dtype as the description states them."""
+    m = re.fullmatch(r"(?:(gptq|rtn|awq|smoothquant)-)?(?:int(\d)|q(\d)_0)", part)
     if m is None:
         return None
-    method, bits = m.group(1) or "rtn", int(m.group(2) or m.group(3))
+    method = "rtn" if m.group(1) in (None, "awq", "smoothquant") else m.group(1)
+    bits = int(m.group(2) or m.group(3))
     assert f"int{bits}" in description
     group = re.search(r"groups of (\d+)|\bg(\d+)\b", description)
     if group:
@@ -157,18 +158,38 @@ def _expected_quant(part, description):
     return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration, scale_dtype=scale_dtype)
 
 
+def _expected_migration(part, description):
+    """``awq`` / ``awq-int4`` -> AWQ with the grid the description states; ``smoothquant-...`` -> its alpha."""
+    m = re.match(r"(awq|smoothquant)\b", part)
+    if m is None:
+        return None
+    if m.group(1) == "awq":
+        grid = re.search(r"AWQ scales \((\d+)-point grid", description)
+        assert grid, description
+        return jb.AWQ, "grid", int(grid.group(1))
+    alpha = re.search(r"SmoothQuant alpha ([\d.]+)", description)
+    assert alpha, description
+    return jb.SmoothQuant, "alpha", float(alpha.group(1))
+
+
 @pytest.mark.parametrize("name", list(jb.recipe.PRESETS))
 def test_every_preset_is_what_its_name_and_description_say(name):
     _, description = jb.recipe.PRESETS[name]
     params = {"layers": {"0": {"mlp": {"kernel": jnp.ones((256, 8))}}}}
     plan = jb.recipe.preset(name).plans(params)["layers"]["0"]["mlp"]["kernel"]
-    pruner = quant = None
+    pruner = quant = migration = None
     for part in name.split("+"):
         # a part named like a preset ("...+gptq-int4") is also what that preset's description says
         said = " ".join([description, jb.recipe.PRESETS[part][1] if part in jb.recipe.PRESETS else ""])
         pruner = pruner or _expected_pruner(part, said)
         quant = quant or _expected_quant(part, said)
-        assert _expected_pruner(part, said) or _expected_quant(part, said), f"unread part {part!r} of {name!r}"
+        migration = migration or _expected_migration(part, said)
+        assert _expected_pruner(part, said) or _expected_quant(part, said) or _expected_migration(part, said), \
+            f"unread part {part!r} of {name!r}"
+    if migration is not None:   # the migration wraps the quantizer the rest of the name says
+        cls, option, value = migration
+        assert isinstance(plan.quantizer, cls) and getattr(plan.quantizer, option) == value, plan.quantizer
+        plan = jb.Plan(sparsity=plan.sparsity, quant=plan.quantizer.quant)
     if pruner is None:
         assert plan.pruner is None
     else:
@@ -226,7 +247,23 @@ def test_recipe_file_quant_keys_left_out_mean_the_python_defaults(tmp_path):
     assert second == jb.RTN(QuantSpec(symmetric=False, granularity=jb.quant.Group(32)))
 
 
+def test_recipe_file_spells_migrations_before_their_quantizer(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\ngroup = 128\nmethod = "awq"\n\n'
+                    '[[rule]]\npattern = "b"\n[rule.quant]\nbits = 4\nmethod = "awq+gptq"\ngrid = 8\n'
+                    'act_order = true\n\n'
+                    '[[rule]]\npattern = "c"\n[rule.quant]\nbits = 8\ngranularity = "channel"\n'
+                    'method = "smoothquant"\nalpha = 0.75\n')
+    a, b, c = (r.value.quant for r in jb.recipe.load(path).rules)
+    assert a == jb.AWQ(QuantSpec(bits=4, granularity=jb.quant.Group(128)))
+    assert b == jb.AWQ(jb.GPTQ(QuantSpec(bits=4), act_order=True), grid=8)
+    assert c == jb.SmoothQuant(QuantSpec(bits=8, granularity=PER_CHANNEL), alpha=0.75)
+
+
 @pytest.mark.parametrize("body, line, message", [
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq+awq"\n', 4, "optionally after migrations"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "gptq"\nalpha = 0.5\n', 5, "SMOOTHQUANT options"),
+    ('[[rule]]\npattern = ".*"\n[rule.quant]\nmethod = "awq"\ngrid = 0\n', 5, "AWQ.grid"),
     ('[[rule]]\npattern = ".*"\nsparsty = 0.5\n', 3, "unknown key 'sparsty' in [[rule]]"),
     ('[[rule]]\npattern = ".*"\n[rule.quant]\nbits = 4\nmetod = "gptq"\n', 5, "unknown key 'metod' in [rule.quant]"),
     ('[[rule]]\npattern = ".*"\n\n[[rule]]\npattern = "a"\n[rule.quant]\nbits = 9\n', 7, "bits must be an int in"),

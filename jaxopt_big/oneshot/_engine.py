@@ -11,7 +11,13 @@ propagate (:func:`_propagate`); finally assemble the compressed leaves (:func:`_
    static), and accumulates ``X^T X`` of the inputs of every targeted linear; layers that read the
    same input (q/k/v, gate/up) share one Hessian; Wanda's norms are ``sqrt(diag(X^T X))``;
 3. each targeted layer's plan runs on its 2-d view (:mod:`._solve`), in the order the block calls
-   the layers;
+   the layers; when a plan's method migrates scales (AWQ, SmoothQuant: ``Method.input_scales``), all
+   of the block's scales come first, from the same run of the block on its float weights (plus
+   ``max|x|`` and ``mean|x|`` per input channel), and are folded before anything is solved: the
+   group's kernels' rows times ``s``, and the output channels of the module that produces their input
+   (a norm, or a linear before: found once per block shape by trying a random fold on calibration
+   batch 0) divided by ``s``; the group then solves on ``diag(s) W`` with the Hessian of ``x / s``. A
+   group without such a module gets its plan without the migration, reported as ``(no fold)``;
 4. the block runs again with the compressed weights: its outputs are the next block's inputs.
 
 By default the Hessians of all layers of a block come from one run of the block on its (already
@@ -40,6 +46,7 @@ from tqdm.auto import tqdm
 
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
+from jaxopt_big import quant as _quant
 from jaxopt_big import recipe as _recipe
 from jaxopt_big import report as _report
 from jaxopt_big import tree as _tree
@@ -154,21 +161,72 @@ def _layout(runner: Any, static: _model.Static, params: Any, rest: Any, arrays: 
     return found["groups"]
 
 
-@functools.partial(jax.jit, static_argnames=("runner", "static", "stage"))
-def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask):
-    """``[(X^T X, rows)]`` of the groups in ``stage``, on one batch."""
+@functools.partial(jax.jit, static_argnames=("runner", "static", "stage", "extra"))
+def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()):
+    """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
+    statistics only for the groups in ``extra`` (None for the others: no cost without migration)."""
     args, kwargs = static.join(arrays)
     groups, inputs = _groups(_record(runner, params, rest, args, kwargs)[1])
     out = []
     for g in stage:
-        h, n = 0.0, 0.0
+        h, n, top, total = 0.0, 0.0, None, None
         for k in groups[g].keys:
             x, view = inputs[k]
             rows, weights = view.rows(x, row_mask)
             h = h + (rows * weights[:, None]).T @ rows
             n = n + weights.sum()
-        out.append((h, n))
+            if g in extra:
+                a = jnp.abs(rows)
+                top = _maximum(top, jnp.max(jnp.where(weights[:, None] > 0, a, 0.0), axis=0))
+                total = (0.0 if total is None else total) + (a * weights[:, None]).sum(axis=0)
+        out.append((h, n, top, total))
     return out
+
+
+def _maximum(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    return b if a is None else a if b is None else jnp.maximum(a, b)
+
+
+def _accumulate(a: list[tuple], b: list[tuple]) -> list[tuple]:
+    """Per-batch statistics of :func:`_stage_hessians` summed (``max|x|``: maximum) over batches."""
+    return [(h1 + h2, n1 + n2, _maximum(t1, t2), None if s1 is None else s1 + s2)
+            for (h1, n1, t1, s1), (h2, n2, t2, s2) in zip(a, b)]
+
+
+def _probe(runner, static, params, rest, arrays):
+    """The block's output leaves and each group's input rows (per input it reads), on one batch."""
+    args, kwargs = static.join(arrays)
+    out, calls = _record(runner, params, rest, args, kwargs)
+    groups, inputs = _groups(calls)
+    return jax.tree.leaves(out), [[inputs[k][1].rows(inputs[k][0], None)[0] for k in g.keys] for g in groups]
+
+
+@functools.partial(jax.jit, static_argnames=("runner", "static", "groups", "trials"))
+def _trials(runner, static, groups, trials, params, rest, arrays):
+    """Per trial ``(g, candidate)``: whether folding a random positive ``r`` into the candidate (÷ r)
+    and into group ``g``'s kernels (rows × r) divides the group's inputs by ``r`` and changes no other
+    input nor the block's output, up to float rounding. The block runs vmapped over the trials: one
+    compile per block shape."""
+    out, inputs = _probe(runner, static, params, rest, arrays)
+    r = {g: jax.random.uniform(jax.random.key(g), (groups[g].views[0].d_in,), minval=0.5, maxval=2.0)
+         for g, _ in trials}
+    want = [jax.tree.leaves((out, [[x / r[g] if h == g else x for x in xs] for h, xs in enumerate(inputs)]))
+            for g, _ in trials]
+    folded = [_with(params, _fold(params, candidate, groups[g], r[g])) for g, candidate in trials]
+
+    def exact(trial, want):
+        got = jax.tree.leaves(_probe(runner, static, trial, rest, arrays))
+        return functools.reduce(jnp.logical_and, [_close(a, b) for a, b in zip(got, want)], jnp.asarray(True))
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    return jax.vmap(exact)(stack(*folded), stack(*want))
+
+
+def _close(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Equal up to float rounding, relative to the largest value of ``b`` (traced bool)."""
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        return jnp.array_equal(a, b)
+    tol = max(1e-4, 4 * float(jnp.finfo(b.dtype).eps))
+    return jnp.max(jnp.abs(a - b), initial=0.0) <= tol * jnp.max(jnp.abs(b), initial=0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("runner", "static"))
@@ -237,13 +295,26 @@ class _Data:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Producer:
+    """The module (a path inside the block) whose output channels are a group's input channels:
+    dividing its leaves along them by ``s`` divides the group's input by ``s`` and nothing else."""
+
+    module: str
+    view: _linear.View | None  # a targeted linear's kernel view (its output columns); None: no kernel
+
+
+@dataclasses.dataclass(frozen=True)
 class _Step:
-    """One block, how it runs alone, and its targeted layers grouped by shared input (its layout)."""
+    """One block, how it runs alone, and its targeted layers grouped by shared input (its layout).
+
+    ``producers``: the :class:`_Producer` (or None) of each group that migrates scales, found once per
+    block shape when first needed (shared by the blocks of one shape)."""
 
     block: _model.Block
     runner: Any
     rest: Any
     groups: list[_Group]
+    producers: dict[int, _Producer | None] = dataclasses.field(default_factory=dict)
 
     def targets(self) -> list[str]:
         """The model paths of the targeted kernels, in call order."""
@@ -260,6 +331,7 @@ class _Layer:
     solved: _solve.Solved
     view: _linear.View
     plan: _recipe.Plan
+    note: str = ""  # appended to the report's method text, e.g. " (no fold)"
 
 
 # ---------------------------------------------------------------- the engine
@@ -336,14 +408,15 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     plans = _plans(model, recipe, {param for step in steps for param in step.targets()})
     work = _up_to_last_planned(steps, plans)
     layers: list[_Layer] = []
+    folded: dict[str, dict[int | None, jax.Array]] = {}
     runs = 0
     for step in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
-        current, passes = _compress_block(model, working, step, data, plans, layers, sequential=sequential,
+        current, passes = _compress_block(model, working, step, data, plans, layers, folded, sequential=sequential,
                                           mesh=mesh)
         if not step.block.whole:  # the whole model feeds no next block
             data, passes = _propagate(step, data, current), passes + 1
         runs += passes
-    compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers)))
+    compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers, folded)))
     return compressed, Report(rows=tuple(_row(layer) for layer in layers), blocks=len(steps),
                               block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start)
 
@@ -384,12 +457,13 @@ def _prepare(model: _model.Model, working: Any, calibration_batches: Iterable[An
 def _block_layouts(model: _model.Model, working: Any, block_list: list[_model.Block], batch: tuple[tuple, dict],
                    data: _Data) -> list[_Step]:
     """Each block with its runner and layout; blocks of one shape share both (one abstract trace)."""
-    layouts: dict[Any, list[_Group]] = {}
+    layouts: dict[Any, tuple[list[_Group], dict]] = {}
     steps = []
     for block, (runner, rest) in zip(block_list, model.runners(block_list, *batch)):
         if runner not in layouts:
-            layouts[runner] = _layout(runner, data.static, model.block_params(working, block), rest, data.inputs[0])
-        steps.append(_Step(block, runner, rest, layouts[runner]))
+            layouts[runner] = (_layout(runner, data.static, model.block_params(working, block), rest,
+                                       data.inputs[0]), {})
+        steps.append(_Step(block, runner, rest, *layouts[runner]))
     return steps
 
 
@@ -400,38 +474,173 @@ def _up_to_last_planned(steps: list[_Step], plans: dict[str, _recipe.Plan]) -> l
 
 
 def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data, plans: dict[str, _recipe.Plan],
-                    layers: list[_Layer], *, sequential: bool, mesh: Any) -> tuple[Any, int]:
+                    layers: list[_Layer], folded: dict[str, dict[int | None, jax.Array]], *, sequential: bool,
+                    mesh: Any) -> tuple[Any, int]:
     """Calibrate, then solve, the block's planned layers: every group from one block run, or one run
-    per group when ``sequential``. Appends each solved layer to ``layers``; returns the block's
-    parameters with its compressed kernels and the number of block runs."""
+    per group when ``sequential``. Groups whose methods migrate scales first get them from one run of
+    the float block, all folded before anything is solved (:func:`_migrate`; the folded leaves are
+    recorded in ``folded`` by model path and layer). Appends each solved layer to ``layers``; returns
+    the block's parameters with its folded and compressed leaves and the number of block runs."""
     planned = [g for g, group in enumerate(step.groups)
                if any(step.block.param(f"{p}/kernel") in plans for p in group.paths)]
     stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
     base = model.block_params(working, step.block)
+    migrations = _migrations(step, planned, plans)
     new: dict[str, jax.Array] = {}
+    notes: dict[int, str] = {}
+    given: dict[int, jax.Array] | None = None
+    runs = 0
+    if migrations:
+        first = list(migrations) if sequential else planned
+        hessians, stats = _calibrate(step, first, base, data, extra=tuple(migrations))
+        runs += 1
+        new, scales, notes = _migrate(model, step, base, data, migrations, stats, plans)
+        for rel, value in new.items():
+            if step.block.param(rel) not in plans:  # a planned kernel's solved layer holds its folded value
+                folded.setdefault(step.block.param(rel), {})[step.block.index] = value
+        if not sequential:  # the inputs of a migrated group are now x / s: its Hessian, exactly
+            given = {g: h if g not in scales else h / jnp.outer(scales[g], scales[g]) for g, h in zip(first, hessians)}
     for stage in stages:
-        hessians = _calibrate(step, stage, model.with_kernels(base, new), data)
+        if given is None:
+            hessians = _calibrate(step, stage, model.with_kernels(base, new), data)[0]
+            runs += 1
+        else:
+            hessians = [given[g] for g in stage]
+        current = model.with_kernels(base, new)
         for g, hessian in zip(stage, hessians):
-            for rel, kernel, layer in _solve_group(model, working, step, step.groups[g], hessian, plans, mesh):
+            for rel, kernel, layer in _solve_group(model, current, step, step.groups[g], hessian, plans, mesh,
+                                                   notes.get(g, "")):
                 new[f"{rel}/kernel"] = kernel
                 layers.append(layer)
-    return model.with_kernels(base, new), len(stages)
+    return model.with_kernels(base, new), runs
 
 
-def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data) -> list[jax.Array]:
-    """The input Hessians ``X^T X`` of the groups in ``stage``, over all calibration batches (one block run)."""
+def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data, extra: tuple[int, ...] = ()
+               ) -> tuple[list[jax.Array], dict[int, _recipe.InputStats]]:
+    """The input Hessians ``X^T X`` of the groups in ``stage`` over all calibration batches (one block
+    run), and the full :class:`InputStats` of the groups in ``extra``."""
     stats = None
     for arrays, mask in zip(data.inputs, data.masks):
-        got = _stage_hessians(step.runner, data.static, tuple(stage), params, step.rest, arrays, mask)
-        stats = got if stats is None else jax.tree.map(jnp.add, stats, got)
+        got = _stage_hessians(step.runner, data.static, tuple(stage), params, step.rest, arrays, mask, extra)
+        stats = got if stats is None else _accumulate(stats, got)
     assert stats is not None  # _check_batches: at least one batch
-    return [hessian for hessian, _ in stats]
+    full = {g: _recipe.InputStats(h, top, total / jnp.maximum(n, 1.0))
+            for g, (h, n, top, total) in zip(stage, stats) if g in extra}
+    return [h for h, *_ in stats], full
 
 
-def _solve_group(model: _model.Model, working: Any, step: _Step, group: _Group, hessian: jax.Array,
-                 plans: dict[str, _recipe.Plan], mesh: Any) -> list[tuple[str, jax.Array, _Layer]]:
+# ---------------------------------------------------------------- migration (AWQ, SmoothQuant)
+
+def _migrations(step: _Step, planned: list[int], plans: dict[str, _recipe.Plan]) -> dict[int, _recipe.Method]:
+    """The method that migrates scales for each planned group that has one (its layers share it)."""
+    out = {}
+    for g in planned:
+        group = step.groups[g]
+        chosen = {rel: next((m for m in plan.methods if m.migrates), None) for rel in group.paths
+                  if (plan := plans.get(step.block.param(f"{rel}/kernel"))) is not None}
+        if not any(chosen.values()):
+            continue
+        if len(set(chosen.values())) > 1:
+            names = ", ".join(f"{step.block.label(rel)} ({'none' if m is None else m.describe()})"
+                              for rel, m in chosen.items())
+            raise ValueError(f"layers that read one input share one migration of scales (folded into the op "
+                             f"producing that input); give them one plan's migrating method, got: {names}")
+        out[g] = next(m for m in chosen.values() if m is not None)
+    return out
+
+
+def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migrations: dict[int, _recipe.Method],
+             stats: dict[int, _recipe.InputStats], plans: dict[str, _recipe.Plan]
+             ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str]]:
+    """Every migrating group's scales from the float block's kernels and statistics, then all of them
+    folded: ``(folded leaves by path inside the block, scales by group, report notes by group)``. A group
+    whose input no module of the block produces alone is not migrated: it is noted ``(no fold)``."""
+    _find_producers(step, base, data, list(migrations))
+    scales: dict[int, jax.Array] = {}
+    notes: dict[int, str] = {}
+    for g, method in migrations.items():
+        group = step.groups[g]
+        if step.producers[g] is None:
+            notes[g] = " (no fold)"
+            continue
+        kernels = tuple(view.matrix(model.kernel(base, _model.Block(""), rel)) for rel, view in
+                        zip(group.paths, group.views) if step.block.param(f"{rel}/kernel") in plans)
+        s = method.input_scales(kernels, stats[g])
+        if s is not None:
+            scales[g] = jnp.asarray(s, jnp.float32)
+    params, new = base, dict[str, jax.Array]()
+    for g, s in scales.items():
+        fold = _fold(params, step.producers[g], step.groups[g], s)  # type: ignore[arg-type]  # has a producer
+        params, new = _with(params, fold), {**new, **fold}
+    return new, scales, notes
+
+
+def _leaves_of(params: Any) -> dict[str, jax.Array]:
+    return dict(zip(_tree.paths(params), jax.tree.leaves(params)))
+
+
+def _with(params: Any, new: dict[str, jax.Array]) -> Any:
+    """``params`` (a block's) with the leaves at the paths of ``new`` replaced."""
+    return _tree.map_with_path(lambda p, x: new.get(p, x), params)
+
+
+def _fold(params: Any, producer: _Producer, group: _Group, s: jax.Array) -> dict[str, jax.Array]:
+    """The producer's leaves divided by ``s`` along its output channels, the group's kernels' rows times ``s``."""
+    flat = _leaves_of(params)
+    out = {}
+    for path, x in flat.items():
+        if path.rpartition("/")[0] != producer.module:
+            continue
+        if producer.view is not None and path == f"{producer.module}/kernel":
+            view = producer.view
+            out[path] = view.unview(_quant.unscale_output_channels(view.matrix(x), s, path=path)).astype(x.dtype)
+        else:  # a norm's scale or bias, a linear's bias: one value per output channel
+            out[path] = _quant.unscale_output_channels(jnp.reshape(x, -1), s.astype(x.dtype), path=path
+                                                       ).reshape(np.shape(x))
+    for rel, view in zip(group.paths, group.views):
+        path = f"{rel}/kernel"
+        x = flat[path]
+        out[path] = view.unview(_quant.scale_input_channels(view.matrix(x), s, path=path)).astype(x.dtype)
+    return out
+
+
+def _candidates(step: _Step, params: Any, g: int) -> list[_Producer]:
+    """Modules of the block that may produce group ``g``'s input: each of their leaves holds one value
+    per output channel (a norm's scale and bias), or is the kernel of a targeted linear whose output
+    width is the group's input width."""
+    group = step.groups[g]
+    d_in = group.views[0].d_in
+    views = {rel: view for other in step.groups for rel, view in zip(other.paths, other.views)}
+    by_module: dict[str, list[tuple[str, Any]]] = {}
+    for path, x in _leaves_of(params).items():
+        module, _, name = path.rpartition("/")
+        by_module.setdefault(module, []).append((name, x))
+    out = []
+    for module, leaves in by_module.items():
+        view = views.get(module)
+        if not module or module in group.paths or (view is not None and view.d_out != d_in):
+            continue
+        if all((view is not None and name == "kernel") or np.size(x) == d_in for name, x in leaves):
+            out.append(_Producer(module, view))
+    return out
+
+
+def _find_producers(step: _Step, params: Any, data: _Data, groups: list[int]) -> None:
+    """Fills ``step.producers`` for ``groups`` (once per block shape), by trial on calibration batch 0:
+    for each group, the first candidate module (:func:`_candidates`) that folds exactly
+    (:func:`_trials`), or None."""
+    todo = [g for g in groups if g not in step.producers]
+    trials = tuple((g, candidate) for g in todo for candidate in _candidates(step, params, g))
+    exact = _trials(step.runner, data.static, tuple(step.groups), trials, params, step.rest,
+                    data.inputs[0]) if trials else []
+    for g in todo:
+        step.producers[g] = next((c for (h, c), ok in zip(trials, exact) if h == g and bool(ok)), None)
+
+
+def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, hessian: jax.Array,
+                 plans: dict[str, _recipe.Plan], mesh: Any, note: str = "") -> list[tuple[str, jax.Array, _Layer]]:
     """Solves the planned layers of one group on their shared Hessian: ``(path inside the block, new
-    kernel in its layout, solved layer)`` each."""
+    kernel in its layout, solved layer)`` each; ``params``: the block's current parameters."""
     names = [step.block.label(p) for p in group.paths]
     if not bool(jnp.all(jnp.isfinite(hessian))):
         raise ValueError(f"{', '.join(names)}: NaN or inf in the calibration inputs of these layers")
@@ -442,10 +651,10 @@ def _solve_group(model: _model.Model, working: Any, step: _Step, group: _Group, 
         plan = plans.get(param)
         if plan is None:
             continue
-        kernel = model.kernel(working, step.block, rel)
+        kernel = model.kernel(params, _model.Block(""), rel)
         solved = _solve.solve(name, _replicated(view.matrix(kernel), mesh), hessian, plan)
         out.append((rel, view.unview(solved.matrix).astype(kernel.dtype),
-                    _Layer(param, step.block.index, name, solved, view, plan)))
+                    _Layer(param, step.block.index, name, solved, view, plan, note)))
     return out
 
 
@@ -456,12 +665,27 @@ def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
         for arrays in data.inputs])
 
 
-def _assemble(flat: dict[str, Any], layers: list[_Layer]) -> dict[str, Any]:
-    """The compressed leaf of each solved kernel (by its path), from its layers."""
+def _assemble(flat: dict[str, Any], layers: list[_Layer],
+              folded: dict[str, dict[int | None, jax.Array]] | None = None) -> dict[str, Any]:
+    """The compressed leaf of each solved kernel (by its path), from its layers; and each leaf that
+    only a migration changed (a norm's scale, an unplanned kernel), from its folded layers."""
     by_param: dict[str, dict[int | None, _Layer]] = {}
     for layer in layers:
         by_param.setdefault(layer.param, {})[layer.index] = layer
-    return {p: _leaf(p, flat[p], pieces) for p, pieces in by_param.items()}
+    out = {p: _refolded(flat[p], values) for p, values in (folded or {}).items() if p not in by_param}
+    return {**out, **{p: _leaf(p, flat[p], pieces) for p, pieces in by_param.items()}}
+
+
+def _refolded(leaf: Any, values: dict[int | None, jax.Array]) -> jax.Array:
+    """``leaf`` with its folded value (of each folded layer of a stack)."""
+    new = jnp.asarray(values[None]) if None in values else jnp.asarray(leaf)
+    for i, value in values.items():
+        if i is not None:
+            new = new.at[i].set(value)
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        new = jax.device_put(new, sharding)
+    return new.astype(leaf.dtype)
 
 
 def _on_batch0(run: Callable[[], Any], where: str) -> Any:
@@ -483,7 +707,8 @@ def _next_inputs(block: _model.Block, arrays: list, out: Any) -> list:
 def _row(layer: _Layer) -> LayerRow:
     q = layer.plan.quantizer
     bits = getattr(q.spec, "bits", None) if q is not None else None
-    return LayerRow(path=layer.name, method=layer.plan.describe(), shape=(layer.view.d_in, layer.view.d_out),
+    return LayerRow(path=layer.name, method=layer.plan.describe() + layer.note,
+                    shape=(layer.view.d_in, layer.view.d_out),
                     sparsity=float(np.mean(np.asarray(layer.solved.matrix) == 0)), bits=bits, error=layer.solved.error)
 
 

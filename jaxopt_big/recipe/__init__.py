@@ -8,7 +8,8 @@ technique packages: it imports several of them, they never import it.
 
 Methods are part of the plan. A plain sparsity (``0.5`` or ``NM(2, 4)``) prunes by magnitude; wrap it
 as ``Wanda(...)`` or ``SparseGPT(...)`` to use calibration data. A plain ``QuantSpec`` rounds to
-nearest (``RTN``); ``GPTQ(spec)`` quantizes with second-order error feedback.
+nearest (``RTN``); ``GPTQ(spec)`` quantizes with second-order error feedback; ``AWQ(...)`` and
+``SmoothQuant(...)`` first migrate per-input-channel scales into the op before, then quantize.
 
 Examples:
   >>> import jaxopt_big as jb
@@ -22,10 +23,11 @@ Examples:
   RTN(spec=QuantSpec(bits=8, ...))
 """
 
-from jaxopt_big.recipe._methods import GPTQ, RTN, Magnitude, Method, Pruner, Quantizer, SparseGPT, Wanda
+from jaxopt_big.recipe._methods import (AWQ, GPTQ, RTN, InputStats, Magnitude, Method, Pruner, Quantizer,
+                                        SmoothQuant, SparseGPT, Wanda)
 from jaxopt_big.recipe._plan import Plan, Recipe
 from jaxopt_big.recipe._presets import PRESETS, preset
 from jaxopt_big.recipe._toml import RecipeFileError, load
 
 __all__ = ["Plan", "Recipe", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ",
-           "PRESETS", "preset", "load", "RecipeFileError"]
+           "AWQ", "SmoothQuant", "InputStats", "PRESETS", "preset", "load", "RecipeFileError"]

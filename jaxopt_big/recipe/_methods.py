@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,8 @@ from jaxopt_big import calibration as _calibration
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 
-__all__ = ["Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "Sparsity"]
+__all__ = ["Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "SmoothQuant",
+           "InputStats", "Sparsity"]
 
 Sparsity = float | _sparsity.NM
 
@@ -33,6 +34,20 @@ def _hessian_inverts(hessian: jax.Array, damp: float) -> jax.Array:
     return jnp.all(jnp.isfinite(_calibration.inverse_hessian(hessian, damp=damp)[0]))
 
 
+class InputStats(NamedTuple):
+    """What the engine accumulates over the calibration inputs of the linears that read one input.
+
+    Attributes:
+      hessian: ``(d_in, d_in)`` ``X^T X``.
+      absmax: ``(d_in,)`` largest ``|x|`` per input channel.
+      absmean: ``(d_in,)`` mean ``|x|`` per input channel.
+    """
+
+    hessian: jax.Array
+    absmax: jax.Array
+    absmean: jax.Array
+
+
 class Method:
     """A one-shot compression method: the protocol every consumer of a recipe reads.
 
@@ -46,13 +61,18 @@ class Method:
       :meth:`Recipe.apply` refuses such a method and :meth:`Recipe.for_training` trains its
       :meth:`data_free` counterpart instead;
     - :meth:`solve`: the per-layer solver, pure and jittable on the ``(d_in, d_out)`` float32 view;
-    - optionally :meth:`well_posed` (a check of the Hessian the solver cannot report itself).
+    - optionally :meth:`well_posed` (a check of the Hessian the solver cannot report itself);
+    - optionally ``migrates = True`` and :meth:`input_scales`: per-input-channel scales ``s`` that the
+      engine folds into the model before solving (the kernels' rows times ``s``, the op producing
+      their input divided by ``s``), as AWQ and SmoothQuant do.
 
     :meth:`data_free` and :meth:`describe` come from the base class.
     """
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool]
+    migrates: ClassVar[bool] = False
+    wraps: ClassVar[bool] = False  # takes an inner method first (``AWQ(GPTQ(...))``), not its own spec
 
     def solve(self, w: jax.Array, hessian: jax.Array, *, pruned: jax.Array | None = None,
               path: str = "kernel") -> Any:
@@ -65,6 +85,12 @@ class Method:
     def well_posed(self, hessian: jax.Array) -> jax.Array:
         """A traced bool: False when ``hessian`` did not suit the solver (the engine then raises)."""
         return jnp.asarray(True)
+
+    def input_scales(self, kernels: tuple[jax.Array, ...], stats: InputStats) -> jax.Array | None:
+        """``(d_in,)`` positive scales to migrate between the input and ``kernels`` (the ``(d_in, d_out)``
+        float32 views of the planned layers that read this input), or None: no migration. Read only
+        when ``migrates``; the engine then solves on ``diag(s) W`` with the statistics of ``x / s``."""
+        return None
 
     def data_free(self) -> Method:
         """The method used without calibration data: :class:`Magnitude` or :class:`RTN`."""
@@ -232,3 +258,107 @@ class GPTQ(Quantizer):
 
     def well_posed(self, hessian: jax.Array) -> jax.Array:
         return _hessian_inverts(hessian, self.damp)
+
+
+class _Migrating(Quantizer):
+    """A quantizer that first migrates per-input-channel scales, then quantizes with an inner quantizer
+    (``quant``: a :class:`Quantizer`, or a spec read as :class:`RTN`) on the scaled weights."""
+
+    quant: Any  # the inner Quantizer, once __post_init__ has read a spec as RTN
+    wraps: ClassVar[bool] = True
+    needs_hessian: ClassVar[bool] = True
+    migrates: ClassVar[bool] = True
+
+    def _inner(self) -> Quantizer:
+        inner = RTN(self.quant) if isinstance(self.quant, _quant.Format) else self.quant
+        owner = type(self).__name__
+        if not isinstance(inner, Quantizer):
+            raise TypeError(f"{owner} needs a Quantizer (RTN, GPTQ) or a QuantSpec, got {self.quant!r}")
+        if inner.migrates:
+            raise TypeError(f"{owner} wraps a quantizer that does not migrate scales itself, got {inner.describe()}")
+        return inner
+
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        return self.quant.solve(w, hessian, pruned=pruned, path=path)
+
+    def well_posed(self, hessian: jax.Array) -> jax.Array:
+        return self.quant.well_posed(hessian)
+
+    def data_free(self) -> RTN:
+        return self.quant.data_free()
+
+    def describe(self) -> str:
+        return f"{self._label()} + {self.quant.describe()}"
+
+    def _label(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ(_Migrating):
+    """Activation-aware scales (Lin et al., 2024), then the inner quantizer on the scaled weights.
+
+    Per group of linears reading one input, the scales ``s = a^α`` (``a`` the mean ``|x|`` per input
+    channel, ``α`` searched on ``grid`` points for the least round-to-nearest output error; see
+    :func:`jaxopt_big.quant.awq_scales`) multiply the kernels' rows and divide the op producing the
+    input (an RMSNorm/LayerNorm or the linear before), where :func:`jaxopt_big.oneshot.compress` finds
+    one; without one the layers get the inner method alone (the report says ``(no fold)``).
+
+    Attributes:
+      quant: the inner quantizer (``RTN``, ``GPTQ``) or a spec (round to nearest).
+      grid: candidate exponents ``α = i / grid``, ``i = 0..grid-1``.
+
+    Examples:
+      >>> import jaxopt_big as jb
+      >>> int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128))
+      >>> jb.AWQ(jb.GPTQ(int4)).describe(), jb.AWQ(int4).describe(), jb.AWQ(int4).data_free()
+      ('awq + gptq int4 g128', 'awq + rtn int4 g128', RTN(spec=QuantSpec(bits=4, ...)))
+    """
+
+    quant: Quantizer | _quant.Format
+    grid: int = 20
+    spec: _quant.Format = dataclasses.field(init=False, repr=False)
+    name: ClassVar[str] = "awq"
+
+    def __post_init__(self):
+        inner = self._inner()
+        _checks.store(self, quant=inner, spec=inner.spec, grid=_checks.integer("AWQ.grid", self.grid, low=1))
+
+    def input_scales(self, kernels, stats):
+        return _quant.awq_scales(kernels, stats.hessian, self.spec, act_scale=stats.absmean, grid=self.grid).scales
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuant(_Migrating):
+    """SmoothQuant (Xiao et al., 2023): move activation outliers into the weights, then the inner quantizer.
+
+    Per group of linears reading one input, ``s = max|x|^α / max|W|^(1-α)`` per input channel (see
+    :func:`jaxopt_big.quant.smoothquant_scales`) multiplies the kernels' rows and divides the op
+    producing the input, found and folded as for :class:`AWQ`. For W8A8: int8 weights (e.g. per
+    output channel) here, activations quantized per token at run time by the W8A8 path.
+
+    Attributes:
+      quant: the inner quantizer or a spec (round to nearest).
+      alpha: migration strength in [0, 1].
+
+    Examples:
+      >>> import jaxopt_big as jb
+      >>> jb.SmoothQuant(jb.quant.QuantSpec(bits=8, granularity=jb.quant.PER_CHANNEL)).describe()
+      'smoothquant 0.5 + rtn int8'
+    """
+
+    quant: Quantizer | _quant.Format
+    alpha: float = 0.5
+    spec: _quant.Format = dataclasses.field(init=False, repr=False)
+    name: ClassVar[str] = "smoothquant"
+
+    def __post_init__(self):
+        inner = self._inner()
+        _checks.store(self, quant=inner, spec=inner.spec,
+                      alpha=_checks.number("SmoothQuant.alpha", self.alpha, low=0, high=1))
+
+    def input_scales(self, kernels, stats):
+        return _quant.smoothquant_scales(stats.absmax, kernels, alpha=self.alpha)
+
+    def _label(self) -> str:
+        return f"{self.name} {self.alpha:g}"

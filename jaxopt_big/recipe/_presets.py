@@ -8,7 +8,7 @@ from __future__ import annotations
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
-from jaxopt_big.recipe._methods import GPTQ, SparseGPT, Wanda
+from jaxopt_big.recipe._methods import AWQ, GPTQ, SmoothQuant, SparseGPT, Wanda
 from jaxopt_big.recipe._plan import Plan, Recipe
 
 __all__ = ["PRESETS", "preset"]
@@ -31,6 +31,16 @@ PRESETS: dict[str, tuple[Plan, str]] = {
     "gptq-int3": (Plan(quant=GPTQ(_group128(3))), "GPTQ int3, groups of 128, MSE grid"),
     "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
     "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
+    "awq-int4": (Plan(quant=AWQ(_group128(4))),
+                 "AWQ scales (20-point grid, folded into the norm or linear before), then round to nearest int4, "
+                 "groups of 128, MSE grid"),
+    "awq+gptq-int4": (Plan(quant=AWQ(GPTQ(_group128(4)))),
+                      "AWQ scales (20-point grid, folded into the norm or linear before), then GPTQ int4, groups of "
+                      "128, MSE grid"),
+    "smoothquant-int8": (Plan(quant=SmoothQuant(_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL), alpha=0.5)),
+                         "SmoothQuant alpha 0.5 (activation outliers moved into the weights, folded into the norm "
+                         "or linear before), then int8 per output channel: the weights of W8A8, whose activations "
+                         "are quantized per token at run time"),
     "gptq-q4_0": (Plan(quant=GPTQ(_Q4_0)), "GPTQ int4, groups of 32, MSE grid, float16 scales: GGUF Q4_0 exactly"),
     "q8_0": (Plan(quant=_Q8_0), "round to nearest int8, groups of 32, float16 scales: GGUF Q8_0 exactly"),
     "wanda-50": (Plan(sparsity=Wanda(0.5)), "Wanda 50% unstructured"),

@@ -56,11 +56,12 @@ def load(path: str | Any) -> Recipe:
     (``magnitude`` | ``wanda`` | ``sparsegpt``), ``required`` (bool) and a ``[rule.quant]`` table with
     ``bits``, ``symmetric``, ``granularity`` (``tensor`` | ``channel``) or ``group`` (size),
     ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (a quantizer's
-    name: ``rtn`` | ``gptq``) and that method's options (GPTQ: ``act_order``, ``block_size``,
-    ``damp``). A key left out means what it means in Python: ``[rule.quant]`` defaults to
-    ``QuantSpec()`` (8 bits, symmetric, ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``)
-    and ``method = "rtn"``, so
-    ``bits = 8`` alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
+    name: ``rtn`` | ``gptq``, optionally after a migration and ``+``: ``awq`` = ``awq+rtn``,
+    ``awq+gptq``, ``smoothquant``, ``smoothquant+gptq``) and the options of those methods (GPTQ:
+    ``act_order``, ``block_size``, ``damp``; AWQ: ``grid``; SmoothQuant: ``alpha``). A key left out
+    means what it means in Python: ``[rule.quant]`` defaults to ``QuantSpec()`` (8 bits, symmetric,
+    ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``) and ``method = "rtn"``, so ``bits = 8``
+    alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
     ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
     :class:`RecipeFileError` naming the file, the line of the offending key and the key.
 
@@ -71,6 +72,10 @@ def load(path: str | Any) -> Recipe:
       ...                  '[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "gptq"\\n')
       >>> load(f).rules[0].value.describe()
       'sparsegpt 2:4 + gptq int4 g128'
+      >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\n[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "awq+gptq"\\n'
+      ...                  'grid = 10\\ndamp = 0.05\\n')
+      >>> load(f).rules[0].value.quant
+      AWQ(quant=GPTQ(spec=QuantSpec(bits=4, ...), act_order=False, block_size=128, damp=0.05), grid=10)
       >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\nsparsty = 0.5\\n')
       >>> load(f)
       Traceback (most recent call last):
@@ -162,8 +167,9 @@ _SPEC_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 
 
 def _options(method: type[Method]) -> list[str]:
-    """The fields of a quantizer a recipe file may set besides its spec (GPTQ's act_order, damp, ...)."""
-    return [f.name for f in dataclasses.fields(method) if f.name != "spec"]  # type: ignore[arg-type]
+    """The fields of a quantizer a recipe file may set besides its spec or inner quantizer (GPTQ's
+    act_order, damp, ...; AWQ's grid)."""
+    return [f.name for f in dataclasses.fields(method) if f.init][1:]  # type: ignore[arg-type]
 
 
 def _quant_keys() -> set[str]:
@@ -189,15 +195,34 @@ def _quant_of(table: Any) -> Any:
     if "calibration" not in table:  # QuantSpec's default for the grid the file asks for (minmax when affine)
         spec = dataclasses.replace(spec, calibration=None)
     with _about("method"):
-        method = _named("method", Quantizer.named(), table.get("method", "rtn"))
+        chain = _chain(table.get("method", "rtn"))
     options = {k: table[k] for k in known - {*_SPEC_KEYS, "method"} if k in table}
     for key in options:
-        if key not in _options(method):
+        if not any(key in _options(m) for m in chain):
             owners = [m.name for m in Quantizer.named().values() if key in _options(m)]
-            raise _BadKey(key, f"{key} is not an option of method {method.name!r}: it is one of the "
-                               f"{'/'.join(o.upper() for o in owners)} options: set method = {owners[0]!r}")
-    quantizer = method(spec)  # type: ignore[call-arg]  # a Quantizer takes its spec first
-    for key, value in options.items():
-        with _about(key):
-            quantizer = dataclasses.replace(quantizer, **{key: value})  # type: ignore[type-var]
+            raise _BadKey(key, f"{key} is not an option of method {'+'.join(m.name for m in chain)!r}: it is one "
+                               f"of the {'/'.join(o.upper() for o in owners)} options: set method = {owners[0]!r}")
+    quantizer: Any = spec
+    for method in reversed(chain):  # the inner quantizer first, then the migration that wraps it
+        with _about("method"):
+            quantizer = method(quantizer)  # type: ignore[call-arg]  # a Quantizer takes its spec (or inner) first
+        for key, value in options.items():
+            if key in _options(method):
+                with _about(key):
+                    quantizer = dataclasses.replace(quantizer, **{key: value})
     return quantizer
+
+
+def _chain(method: Any) -> list[type[Method]]:
+    """``"awq+gptq"`` -> ``[AWQ, GPTQ]``: quantizers that wrap another (migrations), then one that does
+    not; a lone migration wraps round to nearest (``"awq"`` is ``"awq+rtn"``)."""
+    names = Quantizer.named()
+    parts = [_named("method", names, part) for part in str(method).split("+")] if isinstance(method, str) else [
+        _named("method", names, method)]
+    if parts[-1].wraps:
+        parts.append(names["rtn"])
+    if any(not p.wraps for p in parts[:-1]) or parts[-1].wraps:
+        raise ValueError(f"method must be a quantizer ({', '.join(n for n, m in names.items() if not m.wraps)}), "
+                         f"optionally after migrations and '+' ({', '.join(n for n, m in names.items() if m.wraps)}), "
+                         f"got {method!r}")
+    return parts
