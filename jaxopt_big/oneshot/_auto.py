@@ -75,7 +75,7 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
             layer[bits] = layer.get(bits, 0.0) + row.error * row.energy
         if not sizes:  # the first run found the layers: a budget they cannot meet fails now, not after all runs
             kernels = _leaves.densify({p: flat[p] for p in errors})
-            sizes = _quant.layer_bytes(kernels, bits=options.choices, spec=options.quantizer.spec,
+            sizes = _quant.layer_bytes(kernels, bits=options.choices, spec=options.spec,
                                        where=lambda p, x: True)
             _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
                                 _weights(kernels)).budget(options.bits)

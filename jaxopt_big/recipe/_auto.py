@@ -67,9 +67,15 @@ class Auto:
                 raise ValueError(f"Auto.choices: {e}") from None
         _checks.store(self, bits=float(bits), choices=choices)
 
+    @property
+    def spec(self) -> _quant.QuantSpec:
+        """The quantizer's grid (its ``bits`` is replaced by each choice)."""
+        assert isinstance(self.quantizer.spec, _quant.QuantSpec)  # checked at construction
+        return self.quantizer.spec
+
     def plan(self, bits: int) -> Plan:
         """The plan of a layer given ``bits``: the quantizer at that width."""
-        spec = dataclasses.replace(self.quantizer.spec, bits=bits)
+        spec = dataclasses.replace(self.spec, bits=bits)
         return Plan(quant=dataclasses.replace(self.quantizer, spec=spec))  # type: ignore[type-var]
 
     def uniform(self, bits: int) -> Recipe:
