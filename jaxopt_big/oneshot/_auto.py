@@ -56,9 +56,11 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
       ...         return Block(name="layer_1")(Block(name="layer_0")(x))
       >>> x = jax.random.normal(jax.random.key(0), (64, 128))
       >>> params = Net().init(jax.random.key(1), x)["params"]
-      >>> recipe, s = auto(Net(), params, [x], jb.recipe.Auto(bits=6.25, choices=(4, 8)), progress=False)
-      >>> sorted(r.value.describe() for r in recipe.rules[1:])
-      ['gptq int4 g128', 'gptq int8 g128']
+      >>> rtn = jb.RTN(jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128)))  # default: GPTQ, MSE grid
+      >>> options = jb.recipe.Auto(bits=6.25, choices=(4, 8), quantizer=rtn)
+      >>> recipe, s = auto(Net(), params, [x], options, progress=False)
+      >>> sorted(r.value.describe() for r in recipe.rules[1:]), s.average_bits({p: 4 for p in s.weights})
+      (['rtn int4 g128', 'rtn int8 g128'], 4.25)
     """
     if not isinstance(options, _recipe.Auto):
         raise TypeError(f"auto needs jb.recipe.Auto options, got {type(options).__name__}")
