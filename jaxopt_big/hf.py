@@ -8,6 +8,7 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 * ``checkpoint/`` — an Orbax checkpoint of the compressed parameters (:class:`jaxopt_big.checkpoint.Manager`);
 * ``report.md`` — per layer: kind, bits, sparsity, bytes, the plan, and the relative output error;
 * ``config.json`` — the source configuration;
+* ``recipe.toml`` (with ``jb.recipe.Auto``) — the bits chosen per layer, a recipe file for ``--recipe``;
 * ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout and dtype, with the
   source's ``config.json`` and tokenizer files, for other tools.
 
@@ -458,6 +459,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
             manager.save(0, _pure(compressed),
                          extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
         (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, notes))
+        if auto is not None:  # the chosen bits, to compress again without measuring
+            (tmp / "recipe.toml").write_text(_recipe.to_toml(recipe))
         if export_hf:
             _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
         if export is not None:

@@ -373,6 +373,10 @@ def test_recipe_auto_meets_the_bits_and_reports_the_chosen_bits_per_layer(src, t
     for layer in range(CONFIG.num_layers):  # the per-layer table gives each layer's chosen bits
         for linear, k in zip(LINEARS, kernels[layer * len(LINEARS):]):
             assert f"| layers/{layer}/{linear} | rtn int{k.bits} g128 |" in report
+    saved = jb.recipe.load(dst / "recipe.toml")  # the chosen bits, as a recipe file
+    assert {r.pattern: r.value.quantizer.spec.bits for r in saved.rules[1:]} == {
+        f"layers/{i}/{linear}/kernel": k.bits for i in range(CONFIG.num_layers)
+        for linear, k in zip(LINEARS, kernels[i * len(LINEARS):])}
 
 
 def test_cli_recipe_auto_passes_bits_and_choices(src, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Automatic mixed precision (issue 30): jb.oneshot.auto measures each layer's output error per bit width with
 the engine, jb.recipe.auto picks bits per layer by the exact knapsack under an average-bits budget."""
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -143,3 +144,18 @@ def test_a_budget_the_layers_cannot_meet_fails_after_the_first_run(monkeypatch):
     with pytest.raises(ValueError, match=r"bits=9.0 average bits per weight is outside .* \[4.25, 8.25\]"):
         jb.oneshot.auto(Net(), params, [x], jb.recipe.Auto(bits=9, choices=(4, 8), quantizer=RTN), progress=False)
     assert runs == [1]
+
+
+def test_an_auto_recipe_saves_as_a_recipe_file_that_loads_back_equal(measured, tmp_path):
+    _, _, _, sens = measured
+    recipe = jb.recipe.auto(sens, jb.recipe.Auto(bits=3.3))  # GPTQ with its options, and the dense head rule
+    path = tmp_path / "auto.toml"
+    path.write_text(jb.recipe.to_toml(recipe))
+    dense = jb.Plan()  # a rule that leaves its layers as they are reads back as the empty plan
+    assert jb.recipe.load(path).rules == tuple(dataclasses.replace(r, value=r.value or dense) for r in recipe.rules)
+    pruned = jb.Recipe([jb.Rule("layer_0/up", jb.Plan(sparsity=0.5, quant=jb.quant.QuantSpec(bits=4)))])
+    with pytest.raises(ValueError, match=r"rule 'layer_0/up': magnitude 50% \+ rtn int4 has no recipe-file form"):
+        jb.recipe.to_toml(pruned)
+    float16 = jb.Recipe([jb.Rule("x", jb.Plan(quant=jb.quant.QuantSpec(bits=4, scale_dtype="float16")))])
+    with pytest.raises(ValueError, match=r"rule 'x': rtn int4 has no recipe-file form"):
+        jb.recipe.to_toml(float16)

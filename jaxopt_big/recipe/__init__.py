@@ -22,11 +22,11 @@ Examples:
   RTN(spec=QuantSpec(bits=8, ...))
 """
 
-from jaxopt_big.recipe._auto import Auto, Sensitivity, auto
+from jaxopt_big.recipe._auto import Auto, Sensitivity, auto, to_toml
 from jaxopt_big.recipe._methods import GPTQ, RTN, Magnitude, Method, Pruner, Quantizer, SparseGPT, Wanda
 from jaxopt_big.recipe._plan import Plan, Recipe
 from jaxopt_big.recipe._presets import PRESETS, preset
 from jaxopt_big.recipe._toml import RecipeFileError, load
 
 __all__ = ["Plan", "Recipe", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ",
-           "PRESETS", "preset", "load", "RecipeFileError", "Auto", "Sensitivity", "auto"]
+           "PRESETS", "preset", "load", "RecipeFileError", "Auto", "Sensitivity", "auto", "to_toml"]

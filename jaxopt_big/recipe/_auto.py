@@ -11,9 +11,11 @@ kernel. The measurement runs the one-shot engine, which lives above this package
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from jaxopt_big import _checks
 from jaxopt_big import quant as _quant
@@ -21,8 +23,9 @@ from jaxopt_big import tree as _tree
 from jaxopt_big.recipe._methods import GPTQ, Quantizer
 from jaxopt_big.recipe._plan import Plan, Recipe
 from jaxopt_big.recipe._presets import _HEAD
+from jaxopt_big.recipe._toml import _CALIBRATIONS, _GRANULARITIES, _options, _rule_of
 
-__all__ = ["Auto", "Sensitivity", "auto"]
+__all__ = ["Auto", "Sensitivity", "auto", "to_toml"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,3 +177,75 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
     chosen = sensitivity.only(options.choices)
     allocation = _quant.allocate_bits(chosen.errors, chosen.sizes, chosen.budget(options.bits))
     return Recipe([_HEAD, *(_tree.Rule(re.escape(p), options.plan(b)) for p, b in allocation.items())])
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The recipe as a recipe file that :func:`jaxopt_big.recipe.load` reads back equal (a dense rule,
+    ``value=None``, reads back as the equivalent ``Plan()``).
+
+    Written: rules whose plan is a quantizer alone (RTN, GPTQ and their options) or dense, as
+    :func:`auto` makes them; save the text and pass the file to ``jaxopt-big compress --recipe``.
+
+    Raises:
+      ValueError: a rule the file format cannot hold (a pruner, a spec field without a file key such
+        as ``scale_dtype``, a recipe with its own ``where``), naming the rule's pattern.
+
+    Examples:
+      >>> print(to_toml(Recipe([_tree.Rule("layers/0/mlp/up_proj/kernel", Auto(bits=4).plan(3))])))
+      [[rule]]
+      pattern = "layers/0/mlp/up_proj/kernel"
+      [rule.quant]
+      bits = 3
+      symmetric = true
+      group = 128
+      calibration = "mse"
+      method = "gptq"
+      act_order = false
+      block_size = 128
+      damp = 0.01
+      <BLANKLINE>
+    """
+    if recipe.where is not _tree.KERNELS:
+        raise ValueError(f"a recipe file has no 'where': cannot write a recipe whose where is {recipe.where!r}")
+    return "\n".join(_rule_toml(rule) for rule in recipe.rules)
+
+
+def _rule_toml(rule: _tree.Rule) -> str:
+    plan = rule.value
+    table: dict[str, Any] = {"pattern": rule.pattern, **({} if rule.required else {"required": False})}
+    quant = None if plan is None or plan.sparsity is not None or plan.quantizer is None else _quant_table(plan)
+    try:  # what the loader reads back must be the rule itself (None, dense, reads back as Plan())
+        written = {**table, "quant": quant} if quant else table
+        same = (plan is None or quant is not None) and _rule_of(written) == _tree.Rule(
+            rule.pattern, plan or Plan(), required=rule.required)
+    except ValueError:
+        same = False
+    if not same:
+        raise ValueError(f"rule {rule.pattern!r}: {plan.describe() if plan else 'dense'} has no recipe-file form "
+                         "(a file holds quantizers' bits, symmetric, granularity/group, calibration and options)")
+    lines = ["[[rule]]", *(f"{k} = {_value(v)}" for k, v in table.items())]
+    if quant:
+        lines += ["[rule.quant]", *(f"{k} = {_value(v)}" for k, v in quant.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _quant_table(plan: Plan) -> dict[str, Any] | None:
+    quantizer = plan.quantizer
+    spec = getattr(quantizer, "spec", None)
+    if quantizer is None or not isinstance(spec, _quant.QuantSpec):
+        return None
+    granularity = spec.granularity
+    table: dict[str, Any] = {"bits": spec.bits, "symmetric": spec.symmetric}
+    if isinstance(granularity, _quant.Group):
+        table["group"] = granularity.size
+    else:
+        table["granularity"] = next((k for k, g in _GRANULARITIES.items() if g == granularity), None)
+    table["calibration"] = next((k for k, c in _CALIBRATIONS.items() if c() == spec.calibration), None)
+    table["method"] = quantizer.name
+    table.update({k: getattr(quantizer, k) for k in _options(type(quantizer))})
+    return table if None not in table.values() else None
+
+
+def _value(v: Any) -> str:
+    """A TOML value: JSON's strings, numbers and booleans are TOML's."""
+    return json.dumps(v)
