@@ -40,6 +40,14 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _bit_widths(text: str) -> tuple[int, ...]:
+    """An argparse type: ``b[,b...]``, bit widths."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected bit widths b[,b...] (e.g. 2,3,4,8), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def _mesh_axes(text: str) -> dict[str, int]:
     """An argparse type: ``axis=size[,axis=size...]`` over the axes of ``jb.parallel.make_mesh``."""
     axes = {}
@@ -101,7 +109,7 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         hf.model_type(args.src)
         hf.check_destination(args.out, overwrite=args.overwrite, src=args.src)  # before minutes of loading
-        recipe = hf.read_recipe(args.recipe)
+        recipe = hf.read_recipe(args.recipe, bits=args.bits, choices=args.choices)
         mesh = None
         if args.mesh:
             mesh = parallel.make_mesh(**args.mesh)
@@ -171,8 +179,12 @@ def _add_compress(sub: Any) -> None:
                       f"({', '.join(zoo.DECODERS + zoo.ENCODERS)}); it is never modified")
     comp.add_argument("--out", required=True, help="output folder (must not exist or be empty; not SRC, "
                       "above it or inside it)")
-    comp.add_argument("--recipe", required=True, help=f"a preset ({', '.join(recipe.PRESETS)}) or a .toml "
-                      "recipe file")
+    comp.add_argument("--recipe", required=True, help=f"a preset ({', '.join(recipe.PRESETS)}), a .toml "
+                      "recipe file, or auto (bits per layer chosen on the checkpoint; needs --bits)")
+    comp.add_argument("--bits", type=float, default=None, help="with --recipe auto: average bits per weight of the "
+                      "compressed layers, scales included (4.25 = int4 in groups of 128)")
+    comp.add_argument("--choices", type=_bit_widths, default=None, help="with --recipe auto: the bit widths a layer "
+                      "may get (default 2,3,4,8; GPTQ, groups of 128, MSE grid)")
     comp.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (default: the "
                       "embedded Python documentation)")
     comp.add_argument("--samples", type=_at_least(1), default=128,

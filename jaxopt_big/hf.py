@@ -8,6 +8,7 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 * ``checkpoint/`` — an Orbax checkpoint of the compressed parameters (:class:`jaxopt_big.checkpoint.Manager`);
 * ``report.md`` — per layer: kind, bits, sparsity, bytes, the plan, and the relative output error;
 * ``config.json`` — the source configuration;
+* ``recipe.toml`` (with ``jb.recipe.Auto``) — the bits chosen per layer, a recipe file for ``--recipe``;
 * ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout and dtype, with the
   source's ``config.json`` and tokenizer files, for other tools.
 
@@ -93,8 +94,17 @@ def model_type(src: str | pathlib.Path) -> str:
     return kind
 
 
-def read_recipe(name_or_file: str | pathlib.Path) -> _recipe.Recipe:
-    """A preset name (see :data:`jaxopt_big.recipe.PRESETS`) or a TOML recipe file."""
+def read_recipe(name_or_file: str | pathlib.Path, *, bits: float | None = None,
+                choices: tuple[int, ...] | None = None) -> _recipe.Recipe | _recipe.Auto:
+    """A preset name (see :data:`jaxopt_big.recipe.PRESETS`), a TOML recipe file, or ``"auto"``: bits per
+    layer chosen on the checkpoint for ``bits`` average bits per weight (:class:`jaxopt_big.recipe.Auto`,
+    ``choices`` its bit widths; both only with ``"auto"``)."""
+    if str(name_or_file) == "auto":
+        if bits is None:
+            raise ValueError("--recipe auto needs --bits: average bits per weight, scales included (e.g. 4.25)")
+        return _recipe.Auto(bits=bits) if choices is None else _recipe.Auto(bits=bits, choices=choices)
+    if bits is not None or choices is not None:
+        raise ValueError(f"--bits and --choices go with --recipe auto only, not with --recipe {str(name_or_file)!r}")
     if str(name_or_file) in _recipe.PRESETS:
         return _recipe.preset(str(name_or_file))
     path = pathlib.Path(name_or_file)
@@ -385,7 +395,7 @@ def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False,
     return dst
 
 
-def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe: _recipe.Recipe, *,
+def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe: _recipe.Recipe | _recipe.Auto, *,
                         calibration: str | pathlib.Path | None = None, samples: int = 128, length: int = 128,
                         export_hf: bool = False, export: str | None = None, overwrite: bool = False,
                         mesh: Any = None, progress: bool = True, print_fn: Callable[[str], None] = print) -> Outcome:
@@ -394,7 +404,9 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     Args:
       src: a Hugging Face-layout directory (``config.json`` + ``model.safetensors`` or a sharded index).
       dst: the output folder; it must not exist or be empty unless ``overwrite``.
-      recipe: what to do per layer (e.g. ``jb.recipe.preset("gptq-int4")``).
+      recipe: what to do per layer (e.g. ``jb.recipe.preset("gptq-int4")``), or ``jb.recipe.Auto(bits=...)``:
+        bits per layer chosen by :func:`jaxopt_big.oneshot.auto` on the calibration batches (report.md
+        and the printed lines give the average bits per weight achieved).
       calibration: a plain-text file (its first 90% calibrates, the rest is held out); None: the
         embedded Python documentation (train split calibrates, validation split is held out).
       samples: calibration (and evaluation) sequences; length: tokens per sequence. The default 128 (the
@@ -416,20 +428,25 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     dst = check_destination(dst, overwrite=overwrite, src=src)
     for stale in _remove_stale_partials(dst):
         print_fn(f"removed {stale}, left by an earlier run that did not finish")
-    if not isinstance(recipe, _recipe.Recipe):
-        raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
+    if not isinstance(recipe, (_recipe.Recipe, _recipe.Auto)):
+        raise TypeError(f"compress_checkpoint needs a jb.Recipe or jb.recipe.Auto, got {type(recipe).__name__}")
     job = _prepare(src, kind, _texts(calibration), samples, length)
     stored_bytes, stored_dtype = _stored(src)
-    if export is not None:  # a spec the format cannot hold fails now, not after the compression
-        _export.check(export, job.params, recipe)
     params, metric = job.params, job.metric
     _check_finite(src, params)
+    auto = recipe if isinstance(recipe, _recipe.Auto) else None
+    if isinstance(recipe, _recipe.Auto):
+        recipe = _oneshot.auto(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
+                               row_mask=lambda b: b.weights)[0]
+    if export is not None:  # a spec the format cannot hold fails now, not after the compression
+        _export.check(export, job.params, recipe)
     before = job.evaluate(params)
     compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
                                                  row_mask=lambda b: b.weights)
     compressed = _as_stored(compressed, stored_dtype)
     after = job.evaluate(compressed)
     summary = _report.summary(compressed, recipe=recipe)
+    notes = [] if auto is None else [_achieved(auto, recipe, summary)]
     outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
                       len(layer_report.rows), dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -441,7 +458,9 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         with _checkpoint.Manager(tmp / "checkpoint", async_save=False) as manager:
             manager.save(0, _pure(compressed),
                          extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
-        (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report))
+        (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, notes))
+        if auto is not None:  # the chosen bits, to compress again without measuring
+            (tmp / "recipe.toml").write_text(_recipe.to_toml(recipe))
         if export_hf:
             _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
         if export is not None:
@@ -459,6 +478,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     print_fn(f"{metric} ({better}): {before:.4g} -> {after:.4g}")
     print_fn(f"bytes: {outcome.dense_bytes:,} -> {outcome.compressed_bytes:,} "
              f"({outcome.dense_bytes / max(outcome.compressed_bytes, 1):.2f}x); {outcome.layers} layers compressed")
+    for note in notes:
+        print_fn(note)
     print_fn(f"wrote {dst}")
     return outcome
 
@@ -501,11 +522,21 @@ def load_compressed(directory: str | pathlib.Path) -> tuple[Any, Any]:
     return model, params
 
 
-def _markdown(src: pathlib.Path, o: Outcome, summary: _report.Report, layers: Any) -> str:
+def _achieved(auto: _recipe.Auto, recipe: _recipe.Recipe, summary: _report.Report) -> str:
+    """The average bits per weight the auto recipe achieved, and how many layers got each width."""
+    rows = [r for r in summary.rows if r.planned]  # the auto recipe's layers (the head rule plans nothing)
+    widths = [rule.value.quantizer.spec.bits for rule in recipe.rules if rule.value is not None]
+    counts = ", ".join(f"{widths.count(b)} at {b}" for b in sorted(set(widths)))
+    average = 8 * sum(r.nbytes for r in rows) / max(sum(r.params for r in rows), 1)
+    return (f"auto: {average:.4g} bits per weight achieved for {auto.bits:g} asked (scales included) over "
+            f"{len(rows)} layers: {counts} bits")
+
+
+def _markdown(src: pathlib.Path, o: Outcome, summary: _report.Report, layers: Any, notes: list[str]) -> str:
     return "\n".join([
         f"# {src.name} ({o.model_type}), compressed", "",
         f"- {o.metric}: {o.before:.4g} before, {o.after:.4g} after",
         f"- bytes: {o.dense_bytes:,} before, {o.compressed_bytes:,} after "
-        f"({o.dense_bytes / max(o.compressed_bytes, 1):.2f}x)", "",
+        f"({o.dense_bytes / max(o.compressed_bytes, 1):.2f}x)", *(f"- {n}" for n in notes), "",
         "## Per leaf: kind, bits, sparsity, bytes, plan", "", summary.to_markdown(), "",
         "## Per layer: relative output error on the calibration inputs", "", layers.to_markdown(), ""])

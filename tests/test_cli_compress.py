@@ -358,3 +358,50 @@ def test_model_families_are_listed_once_and_cli_help_comes_from_the_presets(caps
     help_text = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0
     assert all(name in help_text for name in jb.recipe.PRESETS) and "brand-new-preset" in help_text
+
+
+# --recipe auto --bits (issue 30, item 4)
+
+def test_recipe_auto_meets_the_bits_and_reports_the_chosen_bits_per_layer(src, tmp_path):
+    dst = tmp_path / "auto"  # round to nearest: the CLI's GPTQ default would compile twice as long
+    int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128))
+    lines = []
+    jb.hf.compress_checkpoint(src, dst, jb.recipe.Auto(bits=5, choices=(4, 8), quantizer=jb.RTN(int4)), samples=8,
+                              length=32, progress=False, print_fn=lines.append)
+    _, restored = jb.hf.load_compressed(dst)
+    kernels = [restored["layers"][i][linear.split("/")[0]][linear.split("/")[1]]["kernel"].get_value()
+               for i in range(CONFIG.num_layers) for linear in LINEARS]
+    weights, stored = sum(k.size for k in kernels), sum(k.nbytes for k in kernels)
+    assert {k.bits for k in kernels} == {4, 8}                  # mixed, within the budget, and it is used:
+    assert stored <= 5 * weights / 8 < stored + min(k.size for k in kernels if k.bits == 4) * (8 - 4) / 8
+    line = f"auto: {8 * stored / weights:.4g} bits per weight achieved for 5 asked (scales included) over 14 layers"
+    counts = f"{sum(k.bits == 4 for k in kernels)} at 4, {sum(k.bits == 8 for k in kernels)} at 8"
+    assert any(p.startswith(line) for p in lines) and f"- {line}: {counts} bits" in (dst / "report.md").read_text()
+    report = (dst / "report.md").read_text()
+    for layer in range(CONFIG.num_layers):  # the per-layer table gives each layer's chosen bits
+        for linear, k in zip(LINEARS, kernels[layer * len(LINEARS):]):
+            assert f"| layers/{layer}/{linear} | rtn int{k.bits} g128 |" in report
+    saved = jb.recipe.load(dst / "recipe.toml")  # the chosen bits, as a recipe file
+    assert {r.pattern: r.value.quantizer.spec.bits for r in saved.rules[1:]} == {
+        f"layers/{i}/{linear}/kernel": k.bits for i in range(CONFIG.num_layers)
+        for linear, k in zip(LINEARS, kernels[i * len(LINEARS):])}
+
+
+def test_cli_recipe_auto_passes_bits_and_choices(src, tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr(jb.hf, "compress_checkpoint", lambda src, dst, recipe, **kw: got.append(recipe))
+    assert cli.main(["compress", str(src), "--out", str(tmp_path / "a"), "--recipe", "auto", "--bits", "4.25"]) == 0
+    assert cli.main(["compress", str(src), "--out", str(tmp_path / "b"), "--recipe", "auto", "--bits", "3.5",
+                     "--choices", "3,4"]) == 0
+    assert got == [jb.recipe.Auto(bits=4.25), jb.recipe.Auto(bits=3.5, choices=(3, 4))]
+    assert got[0].choices == (2, 3, 4, 8) and got[0].plan(4) == jb.recipe.PRESETS["gptq-int4"][0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--recipe", "auto"), "--recipe auto needs --bits: average bits per weight, scales included (e.g. 4.25)"),
+    (("--recipe", "int8", "--bits", "4.25"), "--bits and --choices go with --recipe auto only, not with --recipe"),
+    (("--recipe", "auto", "--bits", "0"), "Auto.bits must be a finite number > 0, got 0.0"),
+    (("--recipe", "auto", "--bits", "4", "--choices", "4,9"), "QuantSpec.bits must be an int in [2, 8], got 9")])
+def test_recipe_auto_without_bits_or_bits_without_auto_exit_2_in_one_line(src, tmp_path, capsys, argv, message):
+    assert message in _fails(capsys, str(src), "--out", str(tmp_path / "dst"), *argv)
+    assert not (tmp_path / "dst").exists()

@@ -6,6 +6,7 @@ the recipe's methods (magnitude, Wanda, SparseGPT, RTN, GPTQ, SparseGPT then GPT
 block's compressed outputs to the next block. See :func:`compress`.
 """
 
+from jaxopt_big.oneshot._auto import auto
 from jaxopt_big.oneshot._engine import LayerRow, Report, compress
 
-__all__ = ["compress", "Report", "LayerRow"]
+__all__ = ["compress", "Report", "LayerRow", "auto"]

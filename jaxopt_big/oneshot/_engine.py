@@ -57,7 +57,8 @@ __all__ = ["compress", "Report", "LayerRow"]
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
-    """One compressed layer (one layer of a stack): its method and relative output error."""
+    """One compressed layer (one layer of a stack): its method, relative output error ``error`` and
+    output energy ``energy`` = ``||X W||^2`` on its calibration inputs (``error * energy`` adds up across layers)."""
 
     path: str
     method: str
@@ -65,6 +66,7 @@ class LayerRow:
     sparsity: float
     bits: int | None
     error: float
+    energy: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -709,7 +711,8 @@ def _row(layer: _Layer) -> LayerRow:
     bits = getattr(q.spec, "bits", None) if q is not None else None
     return LayerRow(path=layer.name, method=layer.plan.describe() + layer.note,
                     shape=(layer.view.d_in, layer.view.d_out),
-                    sparsity=float(np.mean(np.asarray(layer.solved.matrix) == 0)), bits=bits, error=layer.solved.error)
+                    sparsity=float(np.mean(np.asarray(layer.solved.matrix) == 0)), bits=bits, error=layer.solved.error,
+                    energy=layer.solved.energy)
 
 
 def _leaf(path: str, leaf: Any, pieces: dict[int | None, _Layer]) -> Any:

@@ -28,11 +28,14 @@ class Solved:
       matrix: the dense float32 value the layer computes with from now on.
       quant: the 2-d ``QArray`` when a method chose an integer grid (scales per view row group), else None.
       error: relative output error ``||X W' - X W||^2 / ||X W||^2`` on the calibration rows.
+      energy: the output energy ``||X W||^2 = tr(W^T H W)``: ``error * energy`` is the absolute
+        output error, which adds up across layers.
     """
 
     matrix: jax.Array
     quant: Any
     error: float
+    energy: float
 
 
 def relative_error(w: jax.Array, new: jax.Array, hessian: jax.Array) -> jax.Array:
@@ -68,7 +71,7 @@ def _solve(w: jax.Array, hessian: jax.Array, plan: _recipe.Plan, name: _Name):
     finite = jnp.all(jnp.isfinite(new))
     for method in plan.methods:
         finite &= method.well_posed(hessian)
-    return new, quant, relative_error(w, new, hessian), finite, jnp.sum(~jnp.isfinite(w))
+    return new, quant, relative_error(w, new, hessian), jnp.sum(w * (hessian @ w)), finite, jnp.sum(~jnp.isfinite(w))
 
 
 def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> Solved:
@@ -78,10 +81,10 @@ def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> So
       ValueError: the plan does not fit the layer, its kernel holds NaN/inf, or its Hessian is not
         positive definite after damping (the solver produced NaN); the message names ``path``.
     """
-    new, quant, error, finite, bad_weights = _solve(w, hessian, plan, _Name(path))
+    new, quant, error, energy, finite, bad_weights = _solve(w, hessian, plan, _Name(path))
     if int(bad_weights):  # the weight itself, not the calibration data
         raise ValueError(f"{path}/kernel: the weights hold NaN or inf ({int(bad_weights)} of {w.size} values)")
     if not bool(finite):
         raise ValueError(f"{path}: the input Hessian is not positive definite after damping (or holds NaN/inf); "
                          "raise the method's damp or check the calibration data")
-    return Solved(matrix=new, quant=quant, error=float(error))
+    return Solved(matrix=new, quant=quant, error=float(error), energy=float(energy))

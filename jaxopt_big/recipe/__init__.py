@@ -23,6 +23,7 @@ Examples:
   RTN(spec=QuantSpec(bits=8, ...))
 """
 
+from jaxopt_big.recipe._auto import Auto, Sensitivity, auto, to_toml
 from jaxopt_big.recipe._methods import (AWQ, GPTQ, RTN, InputStats, Magnitude, Method, Pruner, Quantizer,
                                         SmoothQuant, SparseGPT, Wanda)
 from jaxopt_big.recipe._plan import Plan, Recipe
@@ -30,4 +31,5 @@ from jaxopt_big.recipe._presets import PRESETS, preset
 from jaxopt_big.recipe._toml import RecipeFileError, load
 
 __all__ = ["Plan", "Recipe", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ",
-           "AWQ", "SmoothQuant", "InputStats", "PRESETS", "preset", "load", "RecipeFileError"]
+           "AWQ", "SmoothQuant", "InputStats", "PRESETS", "preset", "load", "RecipeFileError",
+           "Auto", "Sensitivity", "auto", "to_toml"]

@@ -1,0 +1,251 @@
+"""Automatic mixed precision: bits per layer under an average-bits budget, from measured output errors.
+
+:class:`Auto` says what to choose among (one quantizer at several bit widths) and the budget;
+:class:`Sensitivity` holds what was measured per kernel (the output error and the stored bytes of each
+choice); :func:`auto` picks the bits per kernel with the exact knapsack
+(:func:`jaxopt_big.quant.allocate_bits`) and returns an ordinary :class:`Recipe`, one exact rule per
+kernel. The measurement runs the one-shot engine, which lives above this package: use
+:func:`jaxopt_big.oneshot.auto` (measure, then allocate) on a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from jaxopt_big import _checks
+from jaxopt_big import quant as _quant
+from jaxopt_big import tree as _tree
+from jaxopt_big.recipe._methods import GPTQ, Quantizer
+from jaxopt_big.recipe._plan import Plan, Recipe
+from jaxopt_big.recipe._presets import _HEAD
+from jaxopt_big.recipe._toml import _CALIBRATIONS, _GRANULARITIES, _options, _rule_of
+
+__all__ = ["Auto", "Sensitivity", "auto", "to_toml"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Auto:
+    """Options of automatic mixed precision: an average-bits budget and the choices per layer.
+
+    Attributes:
+      bits: average bits per weight over the compressed layers, scales (and zero points) included,
+        as llama.cpp counts "bits per weight": int4 in groups of 128 with float32 scales is 4.25.
+        A Python, NumPy or JAX scalar.
+      choices: the bit widths a layer may get.
+      quantizer: the method and grid of every choice; its spec's ``bits`` is replaced by each choice.
+        Default: GPTQ, symmetric, groups of 128, MSE grid (the ``gptq-int4`` preset's).
+
+    Examples:
+      >>> Auto(bits=4.25).plan(3).describe()
+      'gptq int3 g128'
+      >>> Auto(bits=4.25, choices=(4, 9))
+      Traceback (most recent call last):
+      ...
+      ValueError: Auto.choices: QuantSpec.bits must be an int in [2, 8], got 9
+    """
+
+    bits: float
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    quantizer: Quantizer = GPTQ(_quant.QuantSpec(bits=4, granularity=_quant.Group(128), calibration=_quant.MSE()))
+
+    def __post_init__(self):
+        bits = _checks.number("Auto.bits", self.bits, above=0)
+        if not isinstance(self.quantizer, Quantizer) or not isinstance(self.quantizer.spec, _quant.QuantSpec):
+            raise TypeError(f"Auto.quantizer must be a quantizer with an integer QuantSpec (RTN or GPTQ), "
+                            f"got {self.quantizer!r}")
+        if not isinstance(self.choices, (tuple, list)) or not self.choices:
+            raise ValueError(f"Auto.choices must be a non-empty tuple of bit widths, got {self.choices!r}")
+        choices = tuple(sorted({_checks.integer("Auto.choices", b) for b in self.choices}))
+        if len(choices) != len(self.choices):
+            raise ValueError(f"Auto.choices has a repeated bit width: {tuple(self.choices)!r}")
+        for b in choices:  # each width must make a valid spec (the message is QuantSpec's)
+            try:
+                self.plan(b)
+            except ValueError as e:
+                raise ValueError(f"Auto.choices: {e}") from None
+        _checks.store(self, bits=float(bits), choices=choices)
+
+    @property
+    def spec(self) -> _quant.QuantSpec:
+        """The quantizer's grid (its ``bits`` is replaced by each choice)."""
+        assert isinstance(self.quantizer.spec, _quant.QuantSpec)  # checked at construction
+        return self.quantizer.spec
+
+    def plan(self, bits: int) -> Plan:
+        """The plan of a layer given ``bits``: the quantizer at that width."""
+        spec = dataclasses.replace(self.spec, bits=bits)
+        return Plan(quant=dataclasses.replace(self.quantizer, spec=spec))  # type: ignore[type-var]
+
+    def uniform(self, bits: int) -> Recipe:
+        """Every layer at ``bits`` (head and embeddings dense, as in the presets)."""
+        return Recipe([_HEAD, _tree.Rule(".*", self.plan(bits))])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivity:
+    """What each bit-width choice costs, per kernel (by its leaf path, as recipe rules match it).
+
+    Attributes:
+      errors: ``{path: {bits: absolute output error}}``: ``tr(D^T H D) = ||X W' - X W||^2`` summed over
+        the kernel's layers (every layer of a stacked kernel) on the calibration inputs, as the engine
+        measured it. Absolute, not relative, errors add up across layers: the sum is the total squared
+        output perturbation of the compressed layers.
+      sizes: ``{path: {bits: bytes stored}}`` (codes, scales and zero points).
+      weights: ``{path: number of weights}``.
+    """
+
+    errors: Mapping[str, Mapping[int, float]]
+    sizes: Mapping[str, Mapping[int, int]]
+    weights: Mapping[str, int]
+
+    def __post_init__(self):
+        if not self.weights:
+            raise ValueError("Sensitivity needs at least one layer")
+        if not set(self.errors) == set(self.sizes) == set(self.weights):
+            odd = sorted((set(self.errors) | set(self.sizes) | set(self.weights))
+                         - (set(self.errors) & set(self.sizes) & set(self.weights)))
+            raise ValueError(f"Sensitivity: errors, sizes and weights must have the same paths; not in all: {odd}")
+        for path in self.weights:
+            if set(self.errors[path]) != set(self.sizes[path]):
+                raise ValueError(f"{path}: errors are for bits {sorted(self.errors[path])}, sizes for bits "
+                                 f"{sorted(self.sizes[path])}")
+
+    def only(self, choices: tuple[int, ...]) -> Sensitivity:
+        """The measurements of these bit widths only."""
+        return Sensitivity({p: {b: e[b] for b in choices} for p, e in self.errors.items()},
+                           {p: {b: s[b] for b in choices} for p, s in self.sizes.items()}, self.weights)
+
+    def total_weights(self) -> int:
+        """The number of weights of all layers."""
+        return sum(self.weights.values())
+
+    def nbytes(self, allocation: Mapping[str, int]) -> int:
+        """Bytes of the layers at ``{path: bits}``."""
+        return sum(self.sizes[p][b] for p, b in allocation.items())
+
+    def error(self, allocation: Mapping[str, int]) -> float:
+        """Summed output error of the layers at ``{path: bits}``."""
+        return sum(self.errors[p][b] for p, b in allocation.items())
+
+    def average_bits(self, allocation: Mapping[str, int]) -> float:
+        """Bits per weight (scales included) of the layers at ``{path: bits}``."""
+        return 8 * self.nbytes(allocation) / self.total_weights()
+
+    def budget(self, bits: float) -> int:
+        """Bytes allowed at ``bits`` average bits per weight, checked against what the choices can reach.
+
+        Raises:
+          ValueError: ``bits`` below every layer at its fewest bits or above every layer at its most.
+        """
+        bits = _checks.number("bits", bits, above=0)
+        lowest = self.average_bits({p: min(s) for p, s in self.sizes.items()})
+        highest = self.average_bits({p: max(s) for p, s in self.sizes.items()})
+        if not lowest <= bits <= highest:
+            raise ValueError(f"bits={bits!r} average bits per weight is outside what the choices reach on these "
+                             f"{len(self.weights)} layers (scales included): [{lowest:.4g}, {highest:.4g}]")
+        return math.floor(round(bits * self.total_weights() / 8, 6))  # 4.25 bpw of 2**k weights is exact
+
+
+def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
+    """The recipe of least summed output error within ``options.bits`` average bits per weight.
+
+    Picks one of ``options.choices`` per kernel with the exact multiple-choice knapsack
+    (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
+    scales included, and returns a :class:`Recipe` of one exact rule per kernel (its path escaped),
+    after a rule that leaves the head and embeddings dense. Print it, or pass it to
+    :func:`jaxopt_big.oneshot.compress`.
+
+    Examples:
+      >>> s = Sensitivity(errors={"a/kernel": {2: 9.0, 4: 1.0}, "b/kernel": {2: 2.0, 4: 1.0}},
+      ...                 sizes={"a/kernel": {2: 16, 4: 32}, "b/kernel": {2: 16, 4: 32}},
+      ...                 weights={"a/kernel": 64, "b/kernel": 64})
+      >>> [(r.pattern, r.value.describe()) for r in auto(s, Auto(bits=3, choices=(2, 4))).rules[1:]]
+      [('a/kernel', 'gptq int4 g128'), ('b/kernel', 'gptq int2 g128')]
+    """
+    if not isinstance(options, Auto):
+        raise TypeError(f"auto needs jb.recipe.Auto options, got {type(options).__name__}")
+    missing = {p: sorted(set(options.choices) - set(s)) for p, s in sensitivity.sizes.items()
+               if not set(options.choices) <= set(s)}
+    if missing:
+        path, bits = next(iter(missing.items()))
+        raise ValueError(f"{path}: no measurement for bits {bits} of Auto.choices={options.choices}")
+    chosen = sensitivity.only(options.choices)
+    allocation = _quant.allocate_bits(chosen.errors, chosen.sizes, chosen.budget(options.bits))
+    return Recipe([_HEAD, *(_tree.Rule(re.escape(p), options.plan(b)) for p, b in allocation.items())])
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The recipe as a recipe file that :func:`jaxopt_big.recipe.load` reads back equal (a dense rule,
+    ``value=None``, reads back as the equivalent ``Plan()``).
+
+    Written: rules whose plan is a quantizer alone (RTN, GPTQ and their options) or dense, as
+    :func:`auto` makes them; save the text and pass the file to ``jaxopt-big compress --recipe``.
+
+    Raises:
+      ValueError: a rule the file format cannot hold (a pruner, a spec field without a file key such
+        as ``scale_dtype``, a recipe with its own ``where``), naming the rule's pattern.
+
+    Examples:
+      >>> print(to_toml(Recipe([_tree.Rule("layers/0/mlp/up_proj/kernel", Auto(bits=4).plan(3))])))
+      [[rule]]
+      pattern = "layers/0/mlp/up_proj/kernel"
+      [rule.quant]
+      bits = 3
+      symmetric = true
+      group = 128
+      calibration = "mse"
+      method = "gptq"
+      act_order = false
+      block_size = 128
+      damp = 0.01
+      <BLANKLINE>
+    """
+    if recipe.where is not _tree.KERNELS:
+        raise ValueError(f"a recipe file has no 'where': cannot write a recipe whose where is {recipe.where!r}")
+    return "\n".join(_rule_toml(rule) for rule in recipe.rules)
+
+
+def _rule_toml(rule: _tree.Rule) -> str:
+    plan = rule.value
+    table: dict[str, Any] = {"pattern": rule.pattern, **({} if rule.required else {"required": False})}
+    quant = None if plan is None or plan.sparsity is not None or plan.quantizer is None else _quant_table(plan)
+    try:  # what the loader reads back must be the rule itself (None, dense, reads back as Plan())
+        written = {**table, "quant": quant} if quant else table
+        same = (plan is None or quant is not None) and _rule_of(written) == _tree.Rule(
+            rule.pattern, plan or Plan(), required=rule.required)
+    except ValueError:
+        same = False
+    if not same:
+        raise ValueError(f"rule {rule.pattern!r}: {plan.describe() if plan else 'dense'} has no recipe-file form "
+                         "(a file holds quantizers' bits, symmetric, granularity/group, calibration and options)")
+    lines = ["[[rule]]", *(f"{k} = {_value(v)}" for k, v in table.items())]
+    if quant:
+        lines += ["[rule.quant]", *(f"{k} = {_value(v)}" for k, v in quant.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _quant_table(plan: Plan) -> dict[str, Any] | None:
+    quantizer = plan.quantizer
+    spec = getattr(quantizer, "spec", None)
+    if quantizer is None or not isinstance(spec, _quant.QuantSpec):
+        return None
+    granularity = spec.granularity
+    table: dict[str, Any] = {"bits": spec.bits, "symmetric": spec.symmetric}
+    if isinstance(granularity, _quant.Group):
+        table["group"] = granularity.size
+    else:
+        table["granularity"] = next((k for k, g in _GRANULARITIES.items() if g == granularity), None)
+    table["calibration"] = next((k for k, c in _CALIBRATIONS.items() if c() == spec.calibration), None)
+    table["method"] = quantizer.name
+    table.update({k: getattr(quantizer, k) for k in _options(type(quantizer))})
+    return table if None not in table.values() else None
+
+
+def _value(v: Any) -> str:
+    """A TOML value: JSON's strings, numbers and booleans are TOML's."""
+    return json.dumps(v)
