@@ -27,6 +27,8 @@ nearest with ``recipe.apply`` or ``jb.quant.quantize_params`` if wanted.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import time
@@ -71,12 +73,16 @@ class Report:
       block_passes: block runs over the whole calibration set, per block (2 by default: statistics,
         then outputs); the embeddings run once more, up to the first block only.
       seconds: wall time.
+      phases: seconds per step of the pipeline (``capture``, ``calibrate``, ``solve``, ``propagate``,
+        ``assemble``; ``load`` where block parameters are read when their block is reached), each
+        step waited for before the next starts; they add up to about ``seconds``.
     """
 
     rows: tuple[LayerRow, ...]
     blocks: int
     block_passes: float
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """The rows as plain dicts (for JSON)."""
@@ -97,6 +103,33 @@ class Report:
     def to_markdown(self) -> str:
         """The table as markdown."""
         return self.table().to_markdown()
+
+
+# ---------------------------------------------------------------- where the time goes
+
+_CLOCK: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("oneshot_clock", default=None)
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    """Adds the wall time of the ``with`` body to phase ``name`` of the running :func:`compress`."""
+    clock, start = _CLOCK.get(), time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
+
+
+def _timed(name: str) -> Callable[[Callable], Callable]:
+    """A pipeline step whose time (its results waited for) counts in phase ``name``."""
+    def wrap(step: Callable) -> Callable:
+        @functools.wraps(step)
+        def run(*args, **kwargs):
+            with _phase(name):
+                return jax.block_until_ready(step(*args, **kwargs))
+        return run
+    return wrap
 
 
 # ---------------------------------------------------------------- what a block calls, traced
@@ -327,12 +360,28 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       >>> float((new["layer_2"]["up"]["kernel"] == 0).mean()), report.blocks, report.block_passes
       (0.5, 3, 2.0)
     """
-    start = time.perf_counter()
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress needs a jb.Recipe, got {type(recipe).__name__}")
+    clock: dict[str, float] = {}
+    token = _CLOCK.set(clock)
+    try:
+        return _pipeline(model_or_apply, params, calibration_batches, recipe, blocks=blocks, mesh=mesh,
+                         progress=progress, row_mask=row_mask, sequential=sequential, data_axis=data_axis,
+                         clock=clock)
+    finally:
+        _CLOCK.reset(token)
+
+
+def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
+              blocks: str | None, mesh: Any, progress: bool, row_mask: Callable[[Any], jax.typing.ArrayLike] | None,
+              sequential: bool, data_axis: str, clock: dict[str, float]) -> tuple[Any, Report]:
+    """:func:`compress`, its phases timed in ``clock``."""
+    start = time.perf_counter()
     model = _model.wrap(model_or_apply, params)
     working = _leaves.densify(model.params)
-    data, steps = _prepare(model, working, calibration_batches, blocks, row_mask, mesh, data_axis)
+    with _phase("capture"):
+        data, steps = _prepare(model, working, calibration_batches, blocks, row_mask, mesh, data_axis)
+        jax.block_until_ready(data.inputs)
     plans = _plans(model, recipe, {param for step in steps for param in step.targets()})
     work = _up_to_last_planned(steps, plans)
     layers: list[_Layer] = []
@@ -345,7 +394,8 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         runs += passes
     compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers)))
     return compressed, Report(rows=tuple(_row(layer) for layer in layers), blocks=len(steps),
-                              block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start)
+                              block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start,
+                              phases=dict(clock))
 
 
 def _plans(model: _model.Model, recipe: _recipe.Recipe, targets: set[str]) -> dict[str, _recipe.Plan]:
@@ -418,6 +468,7 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
     return model.with_kernels(base, new), len(stages)
 
 
+@_timed("calibrate")
 def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data) -> list[jax.Array]:
     """The input Hessians ``X^T X`` of the groups in ``stage``, over all calibration batches (one block run)."""
     stats = None
@@ -428,6 +479,7 @@ def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data) -> list[
     return [hessian for hessian, _ in stats]
 
 
+@_timed("solve")
 def _solve_group(model: _model.Model, working: Any, step: _Step, group: _Group, hessian: jax.Array,
                  plans: dict[str, _recipe.Plan], mesh: Any) -> list[tuple[str, jax.Array, _Layer]]:
     """Solves the planned layers of one group on their shared Hessian: ``(path inside the block, new
@@ -449,6 +501,7 @@ def _solve_group(model: _model.Model, working: Any, step: _Step, group: _Group, 
     return out
 
 
+@_timed("propagate")
 def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
     """The block's outputs on its compressed parameters: the next block's inputs."""
     return dataclasses.replace(data, inputs=[
@@ -456,6 +509,7 @@ def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
         for arrays in data.inputs])
 
 
+@_timed("assemble")
 def _assemble(flat: dict[str, Any], layers: list[_Layer]) -> dict[str, Any]:
     """The compressed leaf of each solved kernel (by its path), from its layers."""
     by_param: dict[str, dict[int | None, _Layer]] = {}
