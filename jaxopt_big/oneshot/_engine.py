@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import time
 from typing import Any
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -300,7 +300,9 @@ class _Layer:
 def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
              blocks: str | None = None, mesh: Any = None, progress: bool = True,
              row_mask: Callable[[Any], jax.typing.ArrayLike] | None = None, sequential: bool = False,
-             data_axis: str = "data") -> tuple[Any, Report]:
+             data_axis: str = "data", on_block: Callable[[str, dict[str, Any], tuple[LayerRow, ...]], None] | None = None,
+             finished: Mapping[str, tuple[dict[str, Any], tuple[LayerRow, ...]]] | None = None
+             ) -> tuple[Any, Report]:
     """Compresses a linen or nnx model block by block with its recipe's one-shot methods.
 
     Args:
@@ -329,6 +331,14 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       sequential: recompute the Hessians of later layers in a block after compressing earlier ones
         (one block run per group of layers sharing an input) instead of one run per block.
       data_axis: the mesh axis that splits the batches.
+      on_block: called as ``on_block(block_name, leaves, rows)`` when a block (not a layer of a stack)
+        is done: its compressed leaves by model path, and its report rows. Save them to resume.
+      finished: ``{block_name: (leaves, rows)}`` of blocks done by an earlier, interrupted run (what
+        ``on_block`` got): they are not calibrated or solved again; their compressed leaves run forward
+        to give the next block's inputs, so the result is the uninterrupted run's, bit for bit.
+
+    Parameters may be lazy (``jb.zoo.load_llama(..., lazy=True)``: leaves that are read only when
+    their block is reached); then one float block is held at a time, plus the compressed result.
 
     Returns:
       ``(compressed, report)``: the parameters with each targeted kernel replaced (a ``QArray`` where
@@ -367,14 +377,16 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
     try:
         return _pipeline(model_or_apply, params, calibration_batches, recipe, blocks=blocks, mesh=mesh,
                          progress=progress, row_mask=row_mask, sequential=sequential, data_axis=data_axis,
-                         clock=clock)
+                         on_block=on_block, finished=finished, clock=clock)
     finally:
         _CLOCK.reset(token)
 
 
 def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
               blocks: str | None, mesh: Any, progress: bool, row_mask: Callable[[Any], jax.typing.ArrayLike] | None,
-              sequential: bool, data_axis: str, clock: dict[str, float]) -> tuple[Any, Report]:
+              sequential: bool, data_axis: str, on_block: Callable | None,
+              finished: Mapping[str, tuple[dict[str, Any], tuple[LayerRow, ...]]] | None,
+              clock: dict[str, float]) -> tuple[Any, Report]:
     """:func:`compress`, its phases timed in ``clock``."""
     start = time.perf_counter()
     model = _model.wrap(model_or_apply, params)
@@ -385,17 +397,45 @@ def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[An
     plans = _plans(model, recipe, {param for step in steps for param in step.targets()})
     work = _up_to_last_planned(steps, plans)
     layers: list[_Layer] = []
+    rows: list[LayerRow] = []
+    done: dict[str, Any] = {}  # compressed leaves of the blocks assembled so far
     runs = 0
     for step in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
-        current, passes = _compress_block(model, working, step, data, plans, layers, sequential=sequential,
-                                          mesh=mesh)
+        own = step.block.index is None  # its kernels are its own (not layers of a stack): assembled now
+        with _phase("load"):  # lazy parameters are read here, once per block
+            jax.block_until_ready(model.block_params(working, step.block))
+        saved = (finished or {}).get(step.block.name) if own else None
+        if saved is None:
+            first = len(layers)
+            current, passes = _compress_block(model, working, step, data, plans, layers, sequential=sequential,
+                                              mesh=mesh)
+            if own:
+                saved = (_assemble(model.flat(), layers[first:]), tuple(_row(layer) for layer in layers[first:]))
+                del layers[first:]  # their float solutions: the block's result is its compressed leaves
+                if on_block is not None:
+                    on_block(step.block.name, *saved)
+        else:
+            passes = 0
+        if saved is not None:
+            done.update(saved[0])
+            rows.extend(saved[1])
+            # the next block's inputs come from the compressed leaves themselves, resumed or not
+            current = model.with_kernels(model.block_params(working, step.block), _in_block(step.block, saved[0]))
         if not step.block.whole:  # the whole model feeds no next block
             data, passes = _propagate(step, data, current), passes + 1
         runs += passes
-    compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers)))
-    return compressed, Report(rows=tuple(_row(layer) for layer in layers), blocks=len(steps),
+    done.update(_assemble(model.flat(), layers))
+    rows.extend(_row(layer) for layer in layers)
+    compressed = model.result(_model.read_lazy(model.with_kernels(model.params, done)))
+    return compressed, Report(rows=tuple(rows), blocks=len(steps),
                               block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start,
                               phases=dict(clock))
+
+
+def _in_block(block: _model.Block, leaves: dict[str, Any]) -> dict[str, Any]:
+    """Compressed leaves (by model path) as the dense kernels the block runs with (by path inside it)."""
+    cut = 0 if block.whole else len(block.path) + 1
+    return {p[cut:]: _leaves.densify(leaf) for p, leaf in leaves.items()}
 
 
 def _plans(model: _model.Model, recipe: _recipe.Recipe, targets: set[str]) -> dict[str, _recipe.Plan]:
@@ -438,7 +478,8 @@ def _block_layouts(model: _model.Model, working: Any, block_list: list[_model.Bl
     steps = []
     for block, (runner, rest) in zip(block_list, model.runners(block_list, *batch)):
         if runner not in layouts:
-            layouts[runner] = _layout(runner, data.static, model.block_params(working, block), rest, data.inputs[0])
+            layouts[runner] = _layout(runner, data.static, model.block_params(working, block, read=False), rest,
+                                      data.inputs[0])
         steps.append(_Step(block, runner, rest, layouts[runner]))
     return steps
 
