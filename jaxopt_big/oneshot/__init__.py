@@ -7,5 +7,6 @@ block's compressed outputs to the next block. See :func:`compress`.
 """
 
 from jaxopt_big.oneshot._engine import LayerRow, Report, compress
+from jaxopt_big.oneshot._model import is_lazy, read_lazy
 
-__all__ = ["compress", "Report", "LayerRow"]
+__all__ = ["compress", "Report", "LayerRow", "is_lazy", "read_lazy"]
