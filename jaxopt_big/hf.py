@@ -465,7 +465,7 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
     key = _run_key(src, recipe, calibration, samples, length)
-    tmp, finished = _start_partial(dst, key if resume else None, print_fn)
+    tmp, finished = _start_partial(dst, key, resume, print_fn)
     try:
         with _timer(clock, "load"):
             job = _prepare(src, kind, _texts(calibration), samples, length)
@@ -571,34 +571,36 @@ class _BlockStore:
         return out
 
 
-def _start_partial(dst: pathlib.Path, resume_key: str | None, print_fn: Callable[[str], None]
+def _start_partial(dst: pathlib.Path, key: str, resume: bool, print_fn: Callable[[str], None]
                    ) -> tuple[pathlib.Path, dict[str, tuple[dict[str, Any], tuple]] | None]:
-    """This run's hidden partial folder, and the finished blocks to resume from (None: a fresh start).
+    """This run's hidden partial folder (marked with the run's ``key``), and the finished blocks to
+    resume from (None: a fresh start).
 
-    With a ``resume_key``, the newest partial folder of a dead run whose key matches is taken over;
-    every other one of a dead run is removed, with a line saying so.
+    With ``resume``, the newest partial folder of a dead run with the same key is taken over; every
+    other one of a dead run is removed, with a line saying so.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(dst)
-    _remove(tmp)
+    tmp = _partial(dst)  # this process's own: left by an interrupted call in this process (a notebook)
     stale = _stale_partials(dst)
     adopted = None
-    if resume_key is not None:
-        for candidate in sorted(stale, key=lambda p: p.stat().st_mtime, reverse=True):
+    if resume:
+        for candidate in sorted(stale + [tmp] * tmp.exists(), key=lambda p: p.stat().st_mtime, reverse=True):
             key_file = candidate / _BLOCKS / "run.key"
-            if key_file.is_file() and key_file.read_text() == resume_key:
+            if key_file.is_file() and key_file.read_text() == key:
                 adopted = candidate
                 break
+    if adopted != tmp:
+        _remove(tmp)
     for p in stale:
         if p != adopted:
             _remove(p)
             print_fn(f"removed {p}, left by an earlier run that did not finish")
-    if adopted is not None:
-        adopted.rename(tmp)
-    else:
+    if adopted is None:
         (tmp / _BLOCKS).mkdir(parents=True)
-    (tmp / _BLOCKS / "run.key").write_text(resume_key or "")
-    if resume_key is None:
+    elif adopted != tmp:
+        adopted.rename(tmp)
+    (tmp / _BLOCKS / "run.key").write_text(key)
+    if not resume:
         return tmp, None
     finished = _BlockStore(tmp / _BLOCKS).load()
     print_fn(f"resuming {dst}: {len(finished)} finished block{'s' * (len(finished) != 1)}" if adopted else
