@@ -310,7 +310,7 @@ def _perplexity_by_layer(model: Any, params: Any, ids: np.ndarray, batch_size: i
     from flax import nnx
 
     def runner(module: Any) -> Callable:
-        graphdef, _, rest = nnx.split(module, nnx.Param, ...)
+        graphdef, _, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]  # flax types the split as variadic
         return jax.jit(lambda p, x, method=None: (nnx.merge(graphdef, p, rest) if method is None else
                                                   getattr(nnx.merge(graphdef, p, rest), method))(x),
                        static_argnames="method")
@@ -459,7 +459,7 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
       FileNotFoundError, FileExistsError, ValueError: bad source, destination, recipe or text;
       OSError: the disk filled up (``dst`` is then absent or untouched).
     """
-    started, clock = time.perf_counter(), {}
+    started, clock = time.perf_counter(), dict[str, float]()
     src, kind = pathlib.Path(src), model_type(src)
     dst = check_destination(dst, overwrite=overwrite, src=src)
     if not isinstance(recipe, _recipe.Recipe):

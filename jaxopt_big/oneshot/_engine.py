@@ -300,7 +300,8 @@ class _Layer:
 def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
              blocks: str | None = None, mesh: Any = None, progress: bool = True,
              row_mask: Callable[[Any], jax.typing.ArrayLike] | None = None, sequential: bool = False,
-             data_axis: str = "data", on_block: Callable[[str, dict[str, Any], tuple[LayerRow, ...]], None] | None = None,
+             data_axis: str = "data",
+             on_block: Callable[[str, dict[str, Any], tuple[LayerRow, ...]], None] | None = None,
              finished: Mapping[str, tuple[dict[str, Any], tuple[LayerRow, ...]]] | None = None
              ) -> tuple[Any, Report]:
     """Compresses a linen or nnx model block by block with its recipe's one-shot methods.
