@@ -308,13 +308,12 @@ def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
 def test_lazy_sharded_bf16_checkpoint_compresses_as_the_loaded_one(tmp_path):
     """Streaming (issue 29): layers left as Lazy handles, read as stored (bfloat16, two shards) when the
     engine reaches them, give the compressed result of the model read whole, bit for bit."""
-    import ml_dtypes
     from flax import nnx
 
     import jaxopt_big as jb
 
     cfg = CONFIGS["qwen2"]  # biases and tied embeddings too
-    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_tensors(cfg).items()}
+    tensors = {k: v.astype(jnp.bfloat16) for k, v in hf_tensors(cfg).items()}
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for shard, members in shards.items():
