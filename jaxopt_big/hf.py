@@ -483,6 +483,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         for phase, seconds in layer_report.phases.items():
             clock[phase] = clock.get(phase, 0.0) + seconds
         compressed = _as_stored(compressed, stored_dtype)
+        if mesh is not None:  # on the host: a checkpoint saved from a mesh would restore only on that topology
+            compressed = jax.device_get(compressed)
         with _timer(clock, "evaluate"):
             after = job.evaluate(compressed)
         summary = _report.summary(compressed, recipe=recipe)
