@@ -51,8 +51,8 @@ SAMPLES, LENGTH, KILL_AFTER = 8, 128, 2
 
 def write_checkpoint(directory: pathlib.Path, shape: dict, shards: int) -> int:
     """Random bf16 weights in HF names and layouts, ``shards`` files and an index; returns their bytes."""
-    import ml_dtypes
     import numpy as np
+    from jax.numpy import bfloat16
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -64,7 +64,7 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, shards: int) -> int:
     rng = np.random.default_rng(0)
 
     def normal(*dims: int, scale: float = 0.02) -> np.ndarray:
-        return (rng.standard_normal(dims, np.float32) * scale).astype(ml_dtypes.bfloat16)
+        return (rng.standard_normal(dims, np.float32) * scale).astype(bfloat16)
 
     def layer(i: int) -> dict:
         p = f"model.layers.{i}."
@@ -72,8 +72,8 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, shards: int) -> int:
             ("self_attn.q_proj.weight", (h, h)), ("self_attn.k_proj.weight", (kv, h)),
             ("self_attn.v_proj.weight", (kv, h)), ("self_attn.o_proj.weight", (h, h)),
             ("mlp.gate_proj.weight", (f, h)), ("mlp.up_proj.weight", (f, h)), ("mlp.down_proj.weight", (h, f)))}
-        out[p + "input_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
-        out[p + "post_attention_layernorm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+        out[p + "input_layernorm.weight"] = np.ones(h, bfloat16)
+        out[p + "post_attention_layernorm.weight"] = np.ones(h, bfloat16)
         return out
 
     directory.mkdir(parents=True)
@@ -85,7 +85,7 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, shards: int) -> int:
             tensors["model.embed_tokens.weight"] = normal(shape["vocab_size"], h)
         if s == shards - 1:
             tensors["lm_head.weight"] = normal(shape["vocab_size"], h)
-            tensors["model.norm.weight"] = np.ones(h, ml_dtypes.bfloat16)
+            tensors["model.norm.weight"] = np.ones(h, bfloat16)
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         save_file(tensors, str(directory / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
