@@ -115,7 +115,7 @@ def _compress(args: argparse.Namespace) -> int:
             mesh = parallel.make_mesh(**args.mesh)
         hf.compress_checkpoint(args.src, args.out, recipe, calibration=args.calibration, samples=args.samples,
                                length=args.length, export_hf=args.export_hf, export=args.export,
-                               overwrite=args.overwrite, mesh=mesh)
+                               overwrite=args.overwrite, mesh=mesh, resume=args.resume, profile=args.profile)
     except (OSError, ValueError, TypeError) as e:
         print(f"jaxopt-big: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -196,6 +196,9 @@ def _add_compress(sub: Any) -> None:
                       "(vLLM, transformers)")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
+    comp.add_argument("--resume", action="store_true", help="continue a killed run of the same source, recipe and "
+                      "calibration from its last finished block (same result as an uninterrupted run)")
+    comp.add_argument("--profile", action="store_true", help="print seconds per phase, time per block and peak memory")
     comp.set_defaults(run=_compress)
 
 

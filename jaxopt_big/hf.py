@@ -20,11 +20,18 @@ are tokenized with the checkpoint's ``tokenizer.json`` (the only tokenizer forma
 (``.DST.partial-PID``) first and renamed at the end, so an interrupted run never leaves a ``dst`` that
 looks finished. The destination is checked before anything is loaded; it may not be ``src``, a folder
 above it or a folder inside it, so the source is never modified. Partial folders that an earlier,
-killed run left (its process is gone) are removed, with a line saying so.
+killed run left (its process is gone) are removed, with a line saying so, unless ``resume`` takes
+one over: each finished block is saved there atomically, so a killed run continues from its last
+finished block.
+
+Decoders stream: their layers are read from the safetensors files one at a time when the engine
+reaches them (``jb.zoo.load_llama(..., lazy=True)``), and perplexity is measured one layer at a time,
+so one float layer is held at a time, besides the embeddings, the head and the compressed result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -32,7 +39,10 @@ import glob
 import json
 import os
 import pathlib
+import pickle
+import resource
 import shutil
+import time
 from typing import Any
 from collections.abc import Callable
 
@@ -214,9 +224,12 @@ def _stored(src: pathlib.Path) -> tuple[int, np.dtype]:
 
 
 def _check_finite(src: pathlib.Path, params: Any) -> None:
-    """Refuses NaN or Inf source weights: they would make every result NaN, silently."""
+    """Refuses NaN or Inf source weights: they would make every result NaN, silently (a lazy one is
+    checked when it is read)."""
     pure = _pure(params)
     for path, leaf in zip(_tree.paths(pure), jax.tree.leaves(pure)):
+        if _oneshot.is_lazy(leaf):
+            continue
         bad = int(jnp.size(leaf) - jnp.isfinite(leaf).sum()) if jnp.issubdtype(leaf.dtype, jnp.floating) else 0
         if bad:
             raise ValueError(f"{src}: weight {path} has {bad} NaN or Inf value{'s' * (bad > 1)} in the checkpoint")
@@ -265,7 +278,7 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
 
         path = _tokenizer_file(src)
         tokenizer = Tokenizer.from_file(str(path))
-        model = _zoo.load_llama(src)
+        model = _zoo.load_llama(src, lazy=True)  # layers are read when the engine reaches them
         ids = lambda text: _check_ids(np.asarray(tokenizer.encode(text).ids, np.int32),  # noqa: E731
                                       model.config.vocab_size, path, tokenizer)
         calib = _windows(ids(texts[0]), length, samples, "calibration text")
@@ -274,12 +287,10 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
         batches = _batches((calib,), np.ones(calib.shape, np.float32))
 
         def evaluate(p: Any) -> float:
-            clone = nnx.clone(model)
-            nnx.update(clone, _leaves.densify(p))
-            return _data.perplexity(clone, None, held)
+            return _perplexity_by_layer(model, p, held)
 
         def export(p: Any, directory: pathlib.Path) -> None:
-            clone = nnx.clone(model)
+            clone = nnx.eval_shape(lambda: _zoo.Llama(model.config, rngs=nnx.Rngs(0)))
             nnx.update(clone, _leaves.densify(p))
             _zoo.save_llama(directory, clone)
         return _Prepared(model, params, batches, "perplexity", evaluate, export)
@@ -300,6 +311,40 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
     evaluate = lambda p: _cosine(embed(_leaves.densify(p), *held_ids), reference)  # noqa: E731
     export = lambda p, directory: _zoo.save_bert(directory, bert.config, _leaves.densify(p))  # noqa: E731
     return _Prepared(bert, bert_params, _batches(calib_ids, calib_ids[1]), "cosine", evaluate, export)
+
+
+def _perplexity_by_layer(model: Any, params: Any, ids: np.ndarray, batch_size: int = 8) -> float:
+    """The perplexity of ``model`` on ``params`` over ``ids``, as :func:`jaxopt_big.data.perplexity` gives it,
+    computed one layer at a time over all sequences: one float layer is held (read from the checkpoint
+    when lazy, or densified when compressed), not the whole model."""
+    from flax import nnx
+
+    def runner(module: Any) -> Callable:
+        graphdef, _, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]  # flax types the split as variadic
+        return jax.jit(lambda p, x, method=None: (nnx.merge(graphdef, p, rest) if method is None else
+                                                  getattr(nnx.merge(graphdef, p, rest), method))(x),
+                       static_argnames="method")
+
+    def part(state: Any) -> Any:
+        return _oneshot.read_lazy(_leaves.densify(state))
+
+    batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    embed = part(params["embed_tokens"])
+    hidden = [runner(model.embed_tokens)(embed, b) for b in batches]
+    layer = runner(model.layers[0])  # every layer has the same structure: one compile
+    for i in range(model.config.num_layers):
+        state = part(params["layers"][i])
+        hidden = [layer(state, x) for x in hidden]
+    norm = runner(model.norm)
+    head, head_params, method = ((runner(model.embed_tokens), embed, "attend") if model.lm_head is None
+                                 else (runner(model.lm_head), part(params["lm_head"]), None))
+    total, count = 0.0, 0
+    for b, x in zip(batches, hidden):
+        logits = head(head_params, norm(part(params["norm"]), x), method=method)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        total += float(-jnp.take_along_axis(logp, jnp.asarray(b)[:, 1:, None], axis=-1).sum())
+        count += b[:, 1:].size
+    return float(np.exp(total / count))
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -359,14 +404,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_partials(dst: str | pathlib.Path) -> list[pathlib.Path]:
-    """Deletes the hidden ``.DST.partial-PID`` folders of earlier runs whose process is gone; returns them."""
-    dst = pathlib.Path(dst)
-    stale = [p for p in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*")
-             if (pid := p.name.rpartition("-")[2]).isdigit() and int(pid) != os.getpid() and not _alive(int(pid))]
-    for p in stale:
-        _remove(p)
-    return stale
+def _stale_partials(dst: pathlib.Path) -> list[pathlib.Path]:
+    """The hidden ``.DST.partial-PID`` folders of earlier runs whose process is gone."""
+    return [p for p in dst.parent.glob(f".{glob.escape(dst.name)}.partial-*")
+            if (pid := p.name.rpartition("-")[2]).isdigit() and int(pid) != os.getpid() and not _alive(int(pid))]
 
 
 def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False,
@@ -398,7 +439,8 @@ def check_destination(dst: str | pathlib.Path, *, overwrite: bool = False,
 def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe: _recipe.Recipe | _recipe.Auto, *,
                         calibration: str | pathlib.Path | None = None, samples: int = 128, length: int = 128,
                         export_hf: bool = False, export: str | None = None, overwrite: bool = False,
-                        mesh: Any = None, progress: bool = True, print_fn: Callable[[str], None] = print) -> Outcome:
+                        mesh: Any = None, progress: bool = True, print_fn: Callable[[str], None] = print,
+                        resume: bool = False, profile: bool = False) -> Outcome:
     """Loads, calibrates, compresses, evaluates and writes one checkpoint (see the module docstring).
 
     Args:
@@ -419,60 +461,78 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
       overwrite: replace an existing ``dst`` (only once the new one is complete).
       mesh: a mesh with a ``data`` axis to shard the calibration batches over.
       progress: progress bars; print_fn: where the summary lines go.
+      resume: continue the newest partial folder a killed (or interrupted) run of the same source,
+        recipe and calibration left: its finished blocks are not compressed again, and the result is
+        the uninterrupted run's. Every run saves each finished block there (atomically).
+      profile: print a line per phase with its seconds, then the time per block and the peak
+        resident memory of the process.
 
     Raises:
       FileNotFoundError, FileExistsError, ValueError: bad source, destination, recipe or text;
       OSError: the disk filled up (``dst`` is then absent or untouched).
     """
+    started, clock = time.perf_counter(), dict[str, float]()
     src, kind = pathlib.Path(src), model_type(src)
     dst = check_destination(dst, overwrite=overwrite, src=src)
-    for stale in _remove_stale_partials(dst):
-        print_fn(f"removed {stale}, left by an earlier run that did not finish")
     if not isinstance(recipe, (_recipe.Recipe, _recipe.Auto)):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe or jb.recipe.Auto, got {type(recipe).__name__}")
-    job = _prepare(src, kind, _texts(calibration), samples, length)
-    stored_bytes, stored_dtype = _stored(src)
-    params, metric = job.params, job.metric
-    _check_finite(src, params)
-    auto = recipe if isinstance(recipe, _recipe.Auto) else None
-    if isinstance(recipe, _recipe.Auto):
-        recipe = _oneshot.auto(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
-                               row_mask=lambda b: b.weights)[0]
-    if export is not None:  # a spec the format cannot hold fails now, not after the compression
-        _export.check(export, job.params, recipe)
-    before = job.evaluate(params)
-    compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
-                                                 row_mask=lambda b: b.weights)
-    compressed = _as_stored(compressed, stored_dtype)
-    after = job.evaluate(compressed)
-    summary = _report.summary(compressed, recipe=recipe)
-    notes = [] if auto is None else [_achieved(auto, recipe, summary)]
-    outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
-                      len(layer_report.rows), dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(dst)
-    _remove(tmp)
+    key = _run_key(src, recipe, calibration, samples, length)
+    tmp, finished = _start_partial(dst, key, resume, print_fn)
     try:
-        tmp.mkdir()
-        shutil.copy(src / "config.json", tmp / "config.json")
-        with _checkpoint.Manager(tmp / "checkpoint", async_save=False) as manager:
-            manager.save(0, _pure(compressed),
-                         extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
-        (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, notes))
-        if auto is not None:  # the chosen bits, to compress again without measuring
-            (tmp / "recipe.toml").write_text(_recipe.to_toml(recipe))
-        if export_hf:
-            _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
-        if export is not None:
-            _export.write(export, tmp, job.model, compressed, source=src)
-        _place_result(tmp, dst)
+        with _timer(clock, "load"):
+            job = _prepare(src, kind, _texts(calibration), samples, length)
+            stored_bytes, stored_dtype = _stored(src)
+            params, metric = job.params, job.metric
+            _check_finite(src, params)
+        auto = recipe if isinstance(recipe, _recipe.Auto) else None
+        if isinstance(recipe, _recipe.Auto):
+            with _timer(clock, "measure"):
+                recipe = _oneshot.auto(job.model, params, job.batches, recipe, mesh=mesh, progress=progress,
+                                       row_mask=lambda b: b.weights)[0]
+        if export is not None:  # a spec the format cannot hold fails now, not after the compression
+            _export.check(export, job.params, recipe)
+        with _timer(clock, "evaluate"):
+            before = job.evaluate(params)
+        store = _BlockStore(tmp / _BLOCKS)
+        compressed, layer_report = _oneshot.compress(job.model, params, job.batches, recipe, mesh=mesh,
+                                                     progress=progress, row_mask=lambda b: b.weights,
+                                                     on_block=store.save, finished=finished)
+        for phase, seconds in layer_report.phases.items():
+            clock[phase] = clock.get(phase, 0.0) + seconds
+        compressed = _as_stored(compressed, stored_dtype)
+        if mesh is not None:  # on the host: a checkpoint saved from a mesh would restore only on that topology
+            compressed = jax.device_get(compressed)
+        with _timer(clock, "evaluate"):
+            after = job.evaluate(compressed)
+        summary = _report.summary(compressed, recipe=recipe)
+        notes = [] if auto is None else [_achieved(auto, recipe, summary)]
+        outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
+                          len(layer_report.rows), dst)
+        with _timer(clock, "write"):
+            shutil.copy(src / "config.json", tmp / "config.json")
+            with _checkpoint.Manager(tmp / "checkpoint", async_save=False) as manager:
+                manager.save(0, _pure(compressed),
+                             extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
+            (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, notes))
+            if auto is not None:  # the chosen bits, to compress again without measuring
+                (tmp / "recipe.toml").write_text(_recipe.to_toml(recipe))
+            if export_hf:
+                _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
+            if export is not None:
+                _export.write(export, tmp, job.model, compressed, source=src)
+            _remove(tmp / _BLOCKS)
+            _place_result(tmp, dst)
     except OSError as e:
         _remove(tmp)
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while writing {dst} (nothing was left there)") from None
         raise
-    except BaseException:
+    except Exception:
         _remove(tmp)
+        raise
+    except BaseException:  # interrupted: finished blocks stay for --resume (a run without it removes them)
+        if not any((tmp / _BLOCKS).glob("*.pkl")):
+            _remove(tmp)
         raise
     better = "lower is better" if metric == "perplexity" else "to the original model"
     print_fn(f"{metric} ({better}): {before:.4g} -> {after:.4g}")
@@ -481,7 +541,96 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     for note in notes:
         print_fn(note)
     print_fn(f"wrote {dst}")
+    if profile:
+        for phase in _PHASES:
+            print_fn(f"profile: {phase:<9} {clock.get(phase, 0.0):8.2f} s")
+        total = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print_fn(f"profile: {total:.1f} s in all, {total / max(layer_report.blocks, 1):.2f} s per block "
+                 f"({layer_report.blocks} blocks), peak resident memory {peak:,.0f} MiB")
     return outcome
+
+
+_PHASES = ("load", "measure", "evaluate", "capture", "calibrate", "solve", "propagate", "assemble", "write")
+_BLOCKS = "blocks"  # inside the partial folder: one file per finished block, and the run's key
+
+
+@contextlib.contextmanager
+def _timer(clock: dict[str, float], phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        clock[phase] = clock.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _run_key(src: pathlib.Path, recipe: _recipe.Recipe | _recipe.Auto, calibration: Any, samples: int,
+             length: int) -> str:
+    """What a run's finished blocks depend on: a resumed run must match it."""
+    stat = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.glob("*.safetensors*"))]
+    return repr((str(src.resolve()), stat, repr(recipe), str(calibration), samples, length))
+
+
+class _BlockStore:
+    """Finished blocks of a run, one file each, written atomically (a temporary name, then a rename)."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+
+    def save(self, name: str, leaves: dict[str, Any], rows: tuple) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        file = self.directory / f"{name.replace('/', '.')}.pkl"
+        part = file.with_suffix(".tmp")
+        with part.open("wb") as stream:
+            pickle.dump((name, jax.device_get(leaves), rows), stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(part, file)
+
+    def load(self) -> dict[str, tuple[dict[str, Any], tuple]]:
+        out = {}
+        for file in sorted(self.directory.glob("*.pkl")):
+            with file.open("rb") as stream:
+                name, leaves, rows = pickle.load(stream)  # our own files, in our own hidden folder
+            out[name] = (leaves, rows)
+        return out
+
+
+def _start_partial(dst: pathlib.Path, key: str, resume: bool, print_fn: Callable[[str], None]
+                   ) -> tuple[pathlib.Path, dict[str, tuple[dict[str, Any], tuple]] | None]:
+    """This run's hidden partial folder (marked with the run's ``key``), and the finished blocks to
+    resume from (None: a fresh start).
+
+    With ``resume``, the newest partial folder of a dead run with the same key is taken over; every
+    other one of a dead run is removed, with a line saying so.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial(dst)  # this process's own: left by an interrupted call in this process (a notebook)
+    stale = _stale_partials(dst)
+    adopted = None
+    if resume:
+        for candidate in sorted(stale + [tmp] * tmp.exists(), key=lambda p: p.stat().st_mtime, reverse=True):
+            key_file = candidate / _BLOCKS / "run.key"
+            if key_file.is_file() and key_file.read_text() == key:
+                adopted = candidate
+                break
+    if adopted != tmp:
+        _remove(tmp)
+    for p in stale:
+        if p != adopted:
+            _remove(p)
+            print_fn(f"removed {p}, left by an earlier run that did not finish")
+    if adopted is None:
+        (tmp / _BLOCKS).mkdir(parents=True)
+    elif adopted != tmp:
+        adopted.rename(tmp)
+    (tmp / _BLOCKS / "run.key").write_text(key)
+    if not resume:
+        return tmp, None
+    finished = _BlockStore(tmp / _BLOCKS).load()
+    print_fn(f"resuming {dst}: {len(finished)} finished block{'s' * (len(finished) != 1)}" if adopted else
+             f"nothing to resume for {dst}: starting from the first block")
+    return tmp, finished
 
 
 def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype) -> None:

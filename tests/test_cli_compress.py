@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -405,3 +406,37 @@ def test_cli_recipe_auto_passes_bits_and_choices(src, tmp_path, monkeypatch):
 def test_recipe_auto_without_bits_or_bits_without_auto_exit_2_in_one_line(src, tmp_path, capsys, argv, message):
     assert message in _fails(capsys, str(src), "--out", str(tmp_path / "dst"), *argv)
     assert not (tmp_path / "dst").exists()
+
+
+# Resume and profile (issue 29)
+
+def test_a_run_interrupted_after_a_block_resumes_to_the_uninterrupted_result(src, compressed, tmp_path, capsys,
+                                                                            monkeypatch):
+    dst, original, calls = tmp_path / "dst", jb.oneshot.compress, []
+
+    def stop_after_first_block(*args, on_block, **kwargs):
+        def save_then_stop(name, leaves, rows):
+            on_block(name, leaves, rows)
+            calls.append(name)
+            if len(calls) == 1:
+                raise KeyboardInterrupt  # as if killed once the first block is on disk
+        return original(*args, on_block=save_then_stop, **kwargs)
+    monkeypatch.setattr(jb.oneshot, "compress", stop_after_first_block)
+    argv = ["compress", str(src), "--out", str(dst), "--recipe", "awq+gptq-int4", *ARGS]  # folds resume too
+    assert cli.main(argv) == 130
+    assert not dst.exists() and len(list(tmp_path.glob(".dst.partial-*/blocks/*.pkl"))) == 1
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert calls == ["layers/0", "layers/1"]  # the resumed run compressed only the second block
+    assert "resuming" in out and "1 finished block" in out
+    for phase in ("load", "capture", "calibrate", "solve", "propagate", "assemble", "write"):
+        assert f"profile: {phase} " in out, phase
+    assert "s per block (2 blocks), peak resident memory" in out.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+    _, resumed = jb.hf.load_compressed(dst)
+    _, whole = jb.hf.load_compressed(compressed)
+    resumed, whole = nnx.to_pure_dict(resumed), nnx.to_pure_dict(whole)
+    assert jb.tree.paths(resumed) == jb.tree.paths(whole)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

@@ -7,6 +7,7 @@ biases, tied embeddings) and mistral (a sliding window shorter than the sequence
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -302,3 +303,35 @@ def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
     write_sharded(tmp_path, cfg, old)
     save_file(new, str(tmp_path / "model.safetensors"))
     assert np.abs(np.asarray(zoo.load_llama(tmp_path)(jnp.asarray(IDS))) - numpy_llama(new, cfg, IDS)).max() <= 1e-4
+
+
+def test_lazy_sharded_bf16_checkpoint_compresses_as_the_loaded_one(tmp_path):
+    """Streaming (issue 29): layers left as Lazy handles, read as stored (bfloat16, two shards) when the
+    engine reaches them, give the compressed result of the model read whole, bit for bit."""
+    from flax import nnx
+
+    import jaxopt_big as jb
+
+    cfg = CONFIGS["qwen2"]  # biases and tied embeddings too
+    tensors = {k: v.astype(jnp.bfloat16) for k, v in hf_tensors(cfg).items()}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        save_file({k: tensors[k] for k in members}, str(tmp_path / shard))
+    weight_map = {k: shard for shard, members in shards.items() for k in members}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    lazy = zoo.load_llama(tmp_path, lazy=True)
+    handle = lazy.layers[1].mlp.down_proj.kernel.get_value()
+    assert jb.oneshot.is_lazy(handle) and handle.shape == (48, 32)  # not read yet
+    expected = tensors["model.layers.1.mlp.down_proj.weight"].astype(np.float32).T
+    assert np.array_equal(np.asarray(handle.read()), expected)
+    spec = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(16))
+    recipe = jb.Recipe([jb.tree.Rule(r"layers/.*", jb.Plan(quant=jb.GPTQ(spec)))])
+    batches = [np.random.default_rng(i).integers(0, cfg["vocab_size"], (2, 8), dtype=np.int32) for i in range(2)]
+    ours, _ = jb.oneshot.compress(lazy, None, batches, recipe, progress=False)
+    whole, _ = jb.oneshot.compress(zoo.load_llama(tmp_path), None, batches, recipe, progress=False)
+    ours, whole = nnx.to_pure_dict(ours), nnx.to_pure_dict(whole)
+    assert jb.tree.paths(ours) == jb.tree.paths(whole)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(whole)):
+        assert not jb.oneshot.is_lazy(a) and np.array_equal(np.asarray(a), np.asarray(b))

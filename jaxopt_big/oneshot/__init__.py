@@ -8,5 +8,6 @@ block's compressed outputs to the next block. See :func:`compress`.
 
 from jaxopt_big.oneshot._auto import auto
 from jaxopt_big.oneshot._engine import LayerRow, Report, compress
+from jaxopt_big.oneshot._model import is_lazy, read_lazy
 
-__all__ = ["compress", "Report", "LayerRow", "auto"]
+__all__ = ["compress", "Report", "LayerRow", "auto", "is_lazy", "read_lazy"]

@@ -33,11 +33,13 @@ nearest with ``recipe.apply`` or ``jb.quant.quantize_params`` if wanted.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import time
 from typing import Any
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -80,12 +82,16 @@ class Report:
       block_passes: block runs over the whole calibration set, per block (2 by default: statistics,
         then outputs); the embeddings run once more, up to the first block only.
       seconds: wall time.
+      phases: seconds per step of the pipeline (``capture``, ``calibrate``, ``solve``, ``propagate``,
+        ``assemble``; ``load`` where block parameters are read when their block is reached), each
+        step waited for before the next starts; they add up to about ``seconds``.
     """
 
     rows: tuple[LayerRow, ...]
     blocks: int
     block_passes: float
     seconds: float
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """The rows as plain dicts (for JSON)."""
@@ -106,6 +112,33 @@ class Report:
     def to_markdown(self) -> str:
         """The table as markdown."""
         return self.table().to_markdown()
+
+
+# ---------------------------------------------------------------- where the time goes
+
+_CLOCK: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("oneshot_clock", default=None)
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    """Adds the wall time of the ``with`` body to phase ``name`` of the running :func:`compress`."""
+    clock, start = _CLOCK.get(), time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
+
+
+def _timed(name: str) -> Callable[[Callable], Callable]:
+    """A pipeline step whose time (its results waited for) counts in phase ``name``."""
+    def wrap(step: Callable) -> Callable:
+        @functools.wraps(step)
+        def run(*args, **kwargs):
+            with _phase(name):
+                return jax.block_until_ready(step(*args, **kwargs))
+        return run
+    return wrap
 
 
 # ---------------------------------------------------------------- what a block calls, traced
@@ -341,7 +374,10 @@ class _Layer:
 def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
              blocks: str | None = None, mesh: Any = None, progress: bool = True,
              row_mask: Callable[[Any], jax.typing.ArrayLike] | None = None, sequential: bool = False,
-             data_axis: str = "data") -> tuple[Any, Report]:
+             data_axis: str = "data",
+             on_block: Callable[[str, dict[str, Any], tuple[LayerRow, ...]], None] | None = None,
+             finished: Mapping[str, tuple[dict[str, Any], tuple[LayerRow, ...]]] | None = None
+             ) -> tuple[Any, Report]:
     """Compresses a linen or nnx model block by block with its recipe's one-shot methods.
 
     Args:
@@ -370,6 +406,14 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       sequential: recompute the Hessians of later layers in a block after compressing earlier ones
         (one block run per group of layers sharing an input) instead of one run per block.
       data_axis: the mesh axis that splits the batches.
+      on_block: called as ``on_block(block_name, leaves, rows)`` when a block (not a layer of a stack)
+        is done: its compressed leaves by model path, and its report rows. Save them to resume.
+      finished: ``{block_name: (leaves, rows)}`` of blocks done by an earlier, interrupted run (what
+        ``on_block`` got): they are not calibrated or solved again; their compressed leaves run forward
+        to give the next block's inputs, so the result is the uninterrupted run's, bit for bit.
+
+    Parameters may be lazy (``jb.zoo.load_llama(..., lazy=True)``: leaves that are read only when
+    their block is reached); then one float block is held at a time, plus the compressed result.
 
     Returns:
       ``(compressed, report)``: the parameters with each targeted kernel replaced (a ``QArray`` where
@@ -401,26 +445,75 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
       >>> float((new["layer_2"]["up"]["kernel"] == 0).mean()), report.blocks, report.block_passes
       (0.5, 3, 2.0)
     """
-    start = time.perf_counter()
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress needs a jb.Recipe, got {type(recipe).__name__}")
+    clock: dict[str, float] = {}
+    token = _CLOCK.set(clock)
+    try:
+        return _pipeline(model_or_apply, params, calibration_batches, recipe, blocks=blocks, mesh=mesh,
+                         progress=progress, row_mask=row_mask, sequential=sequential, data_axis=data_axis,
+                         on_block=on_block, finished=finished, clock=clock)
+    finally:
+        _CLOCK.reset(token)
+
+
+def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], recipe: _recipe.Recipe, *,
+              blocks: str | None, mesh: Any, progress: bool, row_mask: Callable[[Any], jax.typing.ArrayLike] | None,
+              sequential: bool, data_axis: str, on_block: Callable | None,
+              finished: Mapping[str, tuple[dict[str, Any], tuple[LayerRow, ...]]] | None,
+              clock: dict[str, float]) -> tuple[Any, Report]:
+    """:func:`compress`, its phases timed in ``clock``."""
+    start = time.perf_counter()
     model = _model.wrap(model_or_apply, params)
     working = _leaves.densify(model.params)
-    data, steps = _prepare(model, working, calibration_batches, blocks, row_mask, mesh, data_axis)
+    with _phase("capture"):
+        data, steps = _prepare(model, working, calibration_batches, blocks, row_mask, mesh, data_axis)
+        jax.block_until_ready(data.inputs)
     plans = _plans(model, recipe, {param for step in steps for param in step.targets()})
     work = _up_to_last_planned(steps, plans)
     layers: list[_Layer] = []
-    folded: dict[str, dict[int | None, jax.Array]] = {}
+    rows: list[LayerRow] = []
+    done: dict[str, Any] = {}  # compressed leaves of the blocks assembled so far
+    folded: dict[str, dict[int | None, jax.Array]] = {}  # leaves only a migration changed, per layer
     runs = 0
     for step in tqdm(work, desc="oneshot", unit="block", disable=not progress, leave=False):
-        current, passes = _compress_block(model, working, step, data, plans, layers, folded, sequential=sequential,
-                                          mesh=mesh)
+        own = step.block.index is None  # its kernels are its own (not layers of a stack): assembled now
+        with _phase("load"):  # lazy parameters are read here, once per block
+            jax.block_until_ready(model.block_params(working, step.block))
+        saved = (finished or {}).get(step.block.name) if own else None
+        if saved is None:
+            first = len(layers)
+            current, passes = _compress_block(model, working, step, data, plans, layers, folded,
+                                              sequential=sequential, mesh=mesh)
+            if own:  # this block's folded leaves are the only ones of no stack layer
+                mine = {p: folded.pop(p) for p in [p for p, v in folded.items() if None in v]}
+                saved = (_assemble(model.flat(), layers[first:], mine),
+                         tuple(_row(layer) for layer in layers[first:]))
+                del layers[first:]  # their float solutions: the block's result is its compressed leaves
+                if on_block is not None:
+                    on_block(step.block.name, *saved)
+        else:
+            passes = 0
+        if saved is not None:
+            done.update(saved[0])
+            rows.extend(saved[1])
+            # the next block's inputs come from the compressed leaves themselves, resumed or not
+            current = model.with_kernels(model.block_params(working, step.block), _in_block(step.block, saved[0]))
         if not step.block.whole:  # the whole model feeds no next block
             data, passes = _propagate(step, data, current), passes + 1
         runs += passes
-    compressed = model.result(model.with_kernels(model.params, _assemble(model.flat(), layers, folded)))
-    return compressed, Report(rows=tuple(_row(layer) for layer in layers), blocks=len(steps),
-                              block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start)
+    done.update(_assemble(model.flat(), layers, folded))
+    rows.extend(_row(layer) for layer in layers)
+    compressed = model.result(_model.read_lazy(model.with_kernels(model.params, done)))
+    return compressed, Report(rows=tuple(rows), blocks=len(steps),
+                              block_passes=runs / max(len(work), 1), seconds=time.perf_counter() - start,
+                              phases=dict(clock))
+
+
+def _in_block(block: _model.Block, leaves: dict[str, Any]) -> dict[str, Any]:
+    """Compressed leaves (by model path) as the dense kernels the block runs with (by path inside it)."""
+    cut = 0 if block.whole else len(block.path) + 1
+    return {p[cut:]: _leaves.densify(leaf) for p, leaf in leaves.items()}
 
 
 def _plans(model: _model.Model, recipe: _recipe.Recipe, targets: set[str]) -> dict[str, _recipe.Plan]:
@@ -463,7 +556,7 @@ def _block_layouts(model: _model.Model, working: Any, block_list: list[_model.Bl
     steps = []
     for block, (runner, rest) in zip(block_list, model.runners(block_list, *batch)):
         if runner not in layouts:
-            layouts[runner] = (_layout(runner, data.static, model.block_params(working, block), rest,
+            layouts[runner] = (_layout(runner, data.static, model.block_params(working, block, read=False), rest,
                                        data.inputs[0]), {})
         steps.append(_Step(block, runner, rest, *layouts[runner]))
     return steps
@@ -517,6 +610,7 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
     return model.with_kernels(base, new), runs
 
 
+@_timed("calibrate")
 def _calibrate(step: _Step, stage: list[int], params: Any, data: _Data, extra: tuple[int, ...] = ()
                ) -> tuple[list[jax.Array], dict[int, _recipe.InputStats]]:
     """The input Hessians ``X^T X`` of the groups in ``stage`` over all calibration batches (one block
@@ -551,6 +645,7 @@ def _migrations(step: _Step, planned: list[int], plans: dict[str, _recipe.Plan])
     return out
 
 
+@_timed("solve")
 def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migrations: dict[int, _recipe.Method],
              stats: dict[int, _recipe.InputStats], plans: dict[str, _recipe.Plan]
              ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str]]:
@@ -639,6 +734,7 @@ def _find_producers(step: _Step, params: Any, data: _Data, groups: list[int]) ->
         step.producers[g] = next((c for (h, c), ok in zip(trials, exact) if h == g and bool(ok)), None)
 
 
+@_timed("solve")
 def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, hessian: jax.Array,
                  plans: dict[str, _recipe.Plan], mesh: Any, note: str = "") -> list[tuple[str, jax.Array, _Layer]]:
     """Solves the planned layers of one group on their shared Hessian: ``(path inside the block, new
@@ -660,6 +756,7 @@ def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, h
     return out
 
 
+@_timed("propagate")
 def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
     """The block's outputs on its compressed parameters: the next block's inputs."""
     return dataclasses.replace(data, inputs=[
@@ -667,6 +764,7 @@ def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
         for arrays in data.inputs])
 
 
+@_timed("assemble")
 def _assemble(flat: dict[str, Any], layers: list[_Layer],
               folded: dict[str, dict[int | None, jax.Array]] | None = None) -> dict[str, Any]:
     """The compressed leaf of each solved kernel (by its path), from its layers; and each leaf that

@@ -41,7 +41,18 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big import tree as _tree
 from jaxopt_big.oneshot import _linear
 
-__all__ = ["Block", "Model", "wrap", "Static", "in_call_order"]
+__all__ = ["Block", "Model", "wrap", "Static", "in_call_order", "is_lazy", "read_lazy"]
+
+
+def is_lazy(x: Any) -> bool:
+    """Whether ``x`` is a parameter not read yet: a ``jax.ShapeDtypeStruct`` with a ``read()`` method
+    (``jb.zoo.load_llama(..., lazy=True)`` makes them); the engine reads it when it reaches its block."""
+    return isinstance(x, jax.ShapeDtypeStruct) and callable(getattr(x, "read", None))
+
+
+def read_lazy(tree: Any) -> Any:
+    """``tree`` with its lazy leaves read."""
+    return jax.tree.map(lambda x: x.read() if is_lazy(x) else x, tree, is_leaf=_leaves.is_compressed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +196,7 @@ class Model:
 
     params: Any
     _captures: dict[str, tuple[dict[str, Any], Callable]]  # first block path -> (its static call, jitted run)
+    _read: tuple[Block, Any] | None = None  # the last block whose lazy parameters were read, and them
 
     def flat(self) -> dict[str, Any]:
         return dict(zip(_tree.paths(self.params), jax.tree.leaves(self.params, is_leaf=_leaves.is_compressed)))
@@ -240,12 +252,19 @@ class Model:
         """Compressed parameters in the form the caller gave them."""
         return params
 
-    def block_params(self, params: Any, block: Block) -> Any:
-        """The parameters of one block (one layer of a stacked block)."""
+    def block_params(self, params: Any, block: Block, *, read: bool = True) -> Any:
+        """The parameters of one block (one layer of a stacked block); its lazy leaves read (once: the
+        last block read is kept until another is), or left as they are with ``read=False``."""
         node = params
         for part in () if block.whole else block.path.split("/"):
             node = node[part] if _has_key(node, part) else node[int(part)]
-        return node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
+        node = node if block.index is None else jax.tree.map(lambda x: x[block.index], node)
+        if not read or not any(is_lazy(x) for x in jax.tree.leaves(node)):
+            return node
+        if self._read is None or self._read[0] != block:
+            self._read = None  # drop the previous block before reading this one
+            self._read = (block, read_lazy(node))
+        return self._read[1]
 
     def kernel(self, params: Any, block: Block, rel: str) -> jax.Array:
         """The kernel of layer ``rel`` (a module path inside ``block``) in ``params``: the block's
@@ -253,6 +272,10 @@ class Model:
         node = params
         for part in block.param(f"{rel}/kernel").split("/"):
             node = node[part] if _has_key(node, part) else node[int(part)]
+        if any(is_lazy(x) for x in jax.tree.leaves(node)):  # (an nnx Variable holds it)
+            node = self.block_params(params, block)
+            for part in f"{rel}/kernel".split("/"):
+                node = node[part] if _has_key(node, part) else node[int(part)]
         return jnp.asarray(node if block.index is None else node[block.index])
 
     def with_kernels(self, params: Any, kernels: dict[str, Any]) -> Any:
@@ -263,12 +286,12 @@ class Model:
         """The arguments of the first block's call; only what comes before it is computed.
 
         Jitted (XLA drops everything after the first block, whose output nothing uses), once per
-        batch shape; a scanned stack instead runs eagerly with its loop in Python
-        (``jax.disable_jit``) and stops at its first layer.
+        batch shape; a scanned stack, or parameters with lazy leaves (not read yet), instead run
+        eagerly (``jax.disable_jit``, a scan's loop in Python) and stop at the first block.
         """
         if first.whole:
             return args, kwargs
-        if first.index is not None:
+        if first.index is not None or any(is_lazy(x) for x in jax.tree.leaves(params)):  # eager: lazy leaves unread
             def stop(call, original):
                 if any(_checks.is_traced(x) for x in jax.tree.leaves((call.args, call.kwargs))):
                     return original()  # linen's scan traces its body once before its loop

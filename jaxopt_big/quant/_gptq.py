@@ -66,6 +66,29 @@ def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
     return jax.lax.fori_loop(0, cols, body, (w1, jnp.zeros_like(w1), scale, zero))
 
 
+def _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group, dynamic, block_size):
+    """The whole blocks of ``block_size`` inputs, in a loop (one block traced and compiled, whatever the
+    layer's width: a Python loop made compile time grow with it). The lazy update of the later inputs
+    multiplies by the block's rows of ``hinv`` with the earlier columns masked out: ``hinv`` is upper
+    triangular, so the rows' own columns are the only others touched, and they are then set to the
+    block's quantized values."""
+    d_in = w.shape[1]
+    if d_in < block_size:
+        return w, scale, zero
+    later = jnp.arange(d_in)
+
+    def body(b, carry):
+        w, scale, zero = carry
+        i1 = b * block_size
+        cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i1, block_size, axis)  # noqa: E731
+        q1, err1, scale, zero = _gptq_block(cut(w, 1), cut(cut(hinv, 0), 1), scale, zero, cut(groups, 0),
+                                            cut(pruned, 1), spec, group, dynamic)
+        w = w - err1 @ jnp.where(later[None, :] >= i1 + block_size, cut(hinv, 0), 0.0)
+        return jax.lax.dynamic_update_slice_in_dim(w, q1, i1, 1), scale, zero
+
+    return jax.lax.fori_loop(0, d_in // block_size, body, (w, scale, zero))
+
+
 def _granularity(spec: _spec.QuantSpec, d_in: int, path: str) -> int | None:
     """Group size (None: one scale row for all inputs); checks the layout GPTQ needs."""
     g = spec.granularity
@@ -140,7 +163,8 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
         scale = jnp.broadcast_to(scale, (scale.shape[0], d_out))
         zero = None if zero is None else jnp.broadcast_to(zero, scale.shape)
     groups = perm // group if group is not None else jnp.zeros(d_in, jnp.int32)
-    for i1 in range(0, d_in, block_size):
+    w, scale, zero = _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group or 1, dynamic, block_size)
+    for i1 in range(d_in - d_in % block_size, d_in, block_size):  # a shorter last block, if any
         i2 = min(i1 + block_size, d_in)
         q1, err1, scale, zero = _gptq_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2],
                                             pruned[:, i1:i2], spec, group or 1, dynamic)

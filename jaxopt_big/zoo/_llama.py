@@ -438,13 +438,19 @@ def _layer_paths(path: str, config: LlamaConfig, scanned: bool) -> list[str] | N
     return None
 
 
-def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtype: Any = jnp.float32) -> Llama:
+def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtype: Any = jnp.float32,
+               lazy: bool = False) -> Llama:
     """Reads a Hugging Face Llama / Qwen2 / Mistral checkpoint into an nnx :class:`Llama`.
 
     ``directory`` holds ``config.json`` and either ``model.safetensors`` or a sharded
     ``model.safetensors.index.json`` with its shards (the single file wins when both are there, as in
     ``transformers``); tensors are read one at a time and cast to ``dtype``. A tied model may also
     store ``lm_head.weight`` (ignored).
+
+    With ``lazy=True`` (unrolled layers only) the decoder layers' tensors are not read: each is a
+    :class:`~jaxopt_big.zoo.Lazy` handle (shape and dtype from the file's header) that
+    ``jb.oneshot.compress`` reads when it reaches the layer, so a checkpoint bigger than memory
+    compresses one float layer at a time; the embeddings, final norm and head are read now.
 
     Raises:
       FileNotFoundError: a file is missing. ValueError (one line naming the file, field or tensor): an
@@ -465,6 +471,9 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
     """
     directory = pathlib.Path(directory)
     config = LlamaConfig.from_hf(_safetensors.read_config(directory))
+    if lazy and scan_layers:
+        raise ValueError("load_llama: lazy=True reads unrolled layers one at a time; it cannot stack them "
+                         "(scan_layers=True)")
     checkpoint = _safetensors.Checkpoint(directory, ignored=[_DERIVED, "lm_head.weight"] if config.tie_embeddings
                                          else [_DERIVED])
     graphdef, state = nnx.split(_abstract(config, scan_layers, dtype))
@@ -478,7 +487,10 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
                              f"expected {shape}")
         return value
 
-    def read(path: str, like: jax.ShapeDtypeStruct) -> jax.Array:
+    def read(path: str, like: jax.ShapeDtypeStruct) -> Any:
+        if lazy and path.startswith("layers/"):
+            name, transpose = _hf_name(path)
+            return checkpoint.lazy(name, path, tuple(like.shape), transpose, dtype)
         layers = _layer_paths(path, config, scan_layers)
         if layers is None:
             return jnp.asarray(tensor(path, tuple(like.shape)), dtype)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Checkpoint", "write", "read_config", "required", "SINGLE", "INDEX"]
+__all__ = ["Checkpoint", "Lazy", "write", "read_config", "required", "SINGLE", "INDEX"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -120,12 +121,91 @@ class Checkpoint:
                              "a floating-point weight is expected")
         return value
 
+    def lazy(self, name: str, path: str, shape: tuple[int, ...], transpose: bool, dtype: Any) -> Lazy:
+        """A handle on tensor ``name`` (for the model leaf ``path``) that reads it only when asked:
+        its shape and dtype come from the file's header now, checked against ``shape``."""
+        if name not in self.files:
+            raise ValueError(f"{self.directory}: tensor {name!r} (for {path}) is missing")
+        self.used.add(name)
+        file = self.files[name]
+        entry = _header(file).get(name)
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+            kind = entry.get("dtype") if isinstance(entry, dict) else None
+            raise ValueError(f"{file}: tensor {name!r} (for {path}) has dtype {kind}; "
+                             "a floating-point weight is expected")
+        stored = tuple(entry["shape"])
+        if (stored[::-1] if transpose else stored) != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {stored[::-1] if transpose else stored} "
+                             f"(transposed: {transpose}), expected {shape}")
+        return Lazy(shape, dtype, source=lambda: self.read(name, path), transpose=transpose, path=path)
+
+    def read(self, name: str, path: str) -> np.ndarray:
+        """Tensor ``name`` as stored (bfloat16 stays bfloat16), read from its offset into a fresh buffer:
+        no memory map, so nothing but this tensor counts in the process's resident memory."""
+        file = self.files[name]
+        header_bytes, header = _header_size(file), _header(file)
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        with file.open("rb") as stream:
+            stream.seek(8 + header_bytes + start)
+            data = stream.read(end - start)
+        if len(data) != end - start:
+            raise ValueError(f"{file}: tensor {name!r} (for {path}) is truncated")
+        return np.frombuffer(data, _DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
     def check_all_used(self) -> None:
         """Raises ValueError naming the tensors no leaf read (another architecture, more layers, a head)."""
         left = sorted(n for n in set(self.files) - self.used if not self.ignored.fullmatch(n))
         if left:
             raise ValueError(f"checkpoint tensors {left[:8]}{'...' if len(left) > 8 else ''} have no place "
                              "in the model (another architecture, more layers than config.json, or a head?)")
+
+
+_DTYPES = {"F16": np.dtype("float16"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("float32"),
+           "F64": np.dtype("float64")}
+
+
+def _header_size(file: pathlib.Path) -> int:
+    with file.open("rb") as stream:
+        return int.from_bytes(stream.read(8), "little")
+
+
+def _header(file: pathlib.Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: ``{name: {dtype, shape, data_offsets}}``."""
+    with file.open("rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        try:
+            header = json.loads(stream.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: not a readable safetensors file (header is not an object)")
+    return header
+
+
+class Lazy(jax.ShapeDtypeStruct):
+    """A checkpoint tensor not read yet: a ``jax.ShapeDtypeStruct`` (so shape-only code, such as
+    ``jax.eval_shape``, takes it as it is) that :meth:`read` reads, as the model's float array.
+
+    The one-shot engine reads a block's lazy leaves when it reaches the block
+    (``jb.oneshot.compress``), so a checkpoint is compressed holding one float block at a time.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, *, source: Callable[[], np.ndarray], transpose: bool,
+                 path: str):
+        super().__init__(shape, dtype)
+        self.source, self.transpose, self.path = source, transpose, path
+
+    def read(self) -> jax.Array:
+        """The tensor in the model's layout and dtype; a NaN or Inf value is a ValueError naming it."""
+        value = self.source()
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"weight {self.path} has {bad} NaN or Inf value{'s' * (bad > 1)} in the checkpoint")
+        return jnp.asarray(np.ascontiguousarray(value.T if self.transpose else value, dtype=self.dtype))
+
+    def __repr__(self) -> str:
+        return f"Lazy({self.path}, {self.shape}, {self.dtype})"
 
 
 def write(directory: str | pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
