@@ -49,10 +49,11 @@ from jaxopt_big import report as _report
 from jaxopt_big import tree as _tree
 from jaxopt_big import zoo as _zoo
 
-__all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "load_compressed", "check_destination",
-           "read_recipe", "model_type"]
+__all__ = ["DECODERS", "ENCODERS", "ROTATION_SEED", "Outcome", "compress_checkpoint", "load_compressed",
+           "check_destination", "read_recipe", "model_type"]
 
 DECODERS, ENCODERS = _zoo.DECODERS, _zoo.ENCODERS  # the model families, as jb.zoo lists them
+ROTATION_SEED = 0  # random signs of the Hadamard rotation (Recipe.rotate); recorded in the checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +247,9 @@ class _Prepared:
     export: Callable[[Any, pathlib.Path], None]
 
 
-def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int) -> _Prepared:
-    """Model, params, calibration batches, held-out evaluation and an HF exporter for one checkpoint."""
+def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int,
+             rotate: _recipe.Rotate | None = None) -> _Prepared:
+    """Model (rotated if asked), params, calibration batches, held-out evaluation and an HF exporter."""
     from flax import nnx
 
     if kind in DECODERS:
@@ -256,6 +258,9 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
         path = _tokenizer_file(src)
         tokenizer = Tokenizer.from_file(str(path))
         model = _zoo.load_llama(src)
+        if rotate is not None:
+            model = _zoo.rotate(model, key=jax.random.key(ROTATION_SEED),
+                                online_hadamard=rotate is _recipe.Rotate.ONLINE)
         ids = lambda text: _check_ids(np.asarray(tokenizer.encode(text).ids, np.int32),  # noqa: E731
                                       model.config.vocab_size, path, tokenizer)
         calib = _windows(ids(texts[0]), length, samples, "calibration text")
@@ -394,7 +399,10 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     Args:
       src: a Hugging Face-layout directory (``config.json`` + ``model.safetensors`` or a sharded index).
       dst: the output folder; it must not exist or be empty unless ``overwrite``.
-      recipe: what to do per layer (e.g. ``jb.recipe.preset("gptq-int4")``).
+      recipe: what to do per layer (e.g. ``jb.recipe.preset("gptq-int4")``); its ``rotate`` rotates a
+        decoder first (:func:`jaxopt_big.zoo.rotate`, random Hadamard with signs from
+        :data:`ROTATION_SEED`); with ``Rotate.ONLINE`` (online Hadamard) ``export_hf`` and ``export``
+        are refused, since other tools would compute something else.
       calibration: a plain-text file (its first 90% calibrates, the rest is held out); None: the
         embedded Python documentation (train split calibrates, validation split is held out).
       samples: calibration (and evaluation) sequences; length: tokens per sequence. The default 128 (the
@@ -418,7 +426,8 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         print_fn(f"removed {stale}, left by an earlier run that did not finish")
     if not isinstance(recipe, _recipe.Recipe):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe, got {type(recipe).__name__}")
-    job = _prepare(src, kind, _texts(calibration), samples, length)
+    _check_rotation(recipe.rotate, kind, export_hf, export)
+    job = _prepare(src, kind, _texts(calibration), samples, length, recipe.rotate)
     stored_bytes, stored_dtype = _stored(src)
     if export is not None:  # a spec the format cannot hold fails now, not after the compression
         _export.check(export, job.params, recipe)
@@ -437,13 +446,14 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     _remove(tmp)
     try:
         tmp.mkdir()
-        shutil.copy(src / "config.json", tmp / "config.json")
+        _write_config(src, job.model, tmp, recipe.rotate is not None)
+        rotation = None if recipe.rotate is None else {"mode": recipe.rotate.value, "seed": ROTATION_SEED}
         with _checkpoint.Manager(tmp / "checkpoint", async_save=False) as manager:
-            manager.save(0, _pure(compressed),
-                         extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
-        (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report))
+            manager.save(0, _pure(compressed), extra={"source": str(src), "model_type": kind,
+                                                      "report": summary.as_dicts(), "rotation": rotation})
+        (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, rotation))
         if export_hf:
-            _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
+            _export_hf(job, compressed, src, tmp / "hf", stored_dtype, recipe.rotate is not None)
         if export is not None:
             _export.write(export, tmp, job.model, compressed, source=src)
         _place_result(tmp, dst)
@@ -463,14 +473,41 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     return outcome
 
 
-def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype) -> None:
+def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype,
+               rotated: bool) -> None:
     """The dequantized weights in the source layout and dtype, with the source's config.json (the export
-    changes none of its fields) and tokenizer files."""
+    changes none of its fields but a rotation's untied head) and tokenizer files."""
     job.export(compressed, directory)
     _recast(directory / "model.safetensors", dtype)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy(src / name, directory / name)
+    _write_config(src, job.model, directory, rotated)
+
+
+def _check_rotation(rotate: _recipe.Rotate | None, kind: str, export_hf: bool, export: str | None) -> None:
+    """Refuses a rotation of an encoder, and exports other tools read of a model with an online Hadamard."""
+    if rotate is None:
+        return
+    if kind not in DECODERS:
+        raise ValueError(f"rotate: only decoders ({', '.join(DECODERS)}) can be rotated, not {kind!r}")
+    wanted = [w for w, on in (("--export-hf", export_hf), (f"--export {export}", export is not None)) if on]
+    if rotate is _recipe.Rotate.ONLINE and wanted:
+        raise ValueError(f"{' and '.join(wanted)}: the rotated model runs an online Hadamard before down_proj, "
+                         "which other tools do not run (they would compute something else); use --rotate offline "
+                         "(rotate = \"offline\" in a recipe file) for a model every export can write")
+
+
+def _write_config(src: pathlib.Path, model: Any, directory: pathlib.Path, rotated: bool) -> None:
+    """The source's ``config.json``; a rotated model's says what the rotation changed: an untied head,
+    and our own keys (``jaxopt_big_online_hadamard``, which only our loaders read)."""
+    if not rotated:
+        shutil.copy(src / "config.json", directory / "config.json")
+        return
+    config = json.loads((src / "config.json").read_text())
+    ours = model.config.to_hf()
+    config.update({k: v for k, v in ours.items() if k == "tie_word_embeddings" or k.startswith("jaxopt_big_")})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _pure(params: Any) -> Any:
@@ -501,9 +538,12 @@ def load_compressed(directory: str | pathlib.Path) -> tuple[Any, Any]:
     return model, params
 
 
-def _markdown(src: pathlib.Path, o: Outcome, summary: _report.Report, layers: Any) -> str:
+def _markdown(src: pathlib.Path, o: Outcome, summary: _report.Report, layers: Any,
+              rotation: dict[str, Any] | None) -> str:
+    rotated = [] if rotation is None else [f"- rotated before calibration: {rotation['mode']} Hadamard "
+                                           f"(jb.zoo.rotate, random signs from seed {rotation['seed']})"]
     return "\n".join([
-        f"# {src.name} ({o.model_type}), compressed", "",
+        f"# {src.name} ({o.model_type}), compressed", "", *rotated,
         f"- {o.metric}: {o.before:.4g} before, {o.after:.4g} after",
         f"- bytes: {o.dense_bytes:,} before, {o.compressed_bytes:,} after "
         f"({o.dense_bytes / max(o.compressed_bytes, 1):.2f}x)", "",

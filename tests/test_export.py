@@ -262,3 +262,21 @@ def test_compressed_tensors_w8a8_refuses_grouped_int4_and_leaves_nothing(tmp_pat
     with pytest.raises(ValueError, match="activations must be None or QuantSpec"):
         jb.export.compressed_tensors(tmp_path / "ct", model, params, activations=jb.quant.QuantSpec(bits=8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_with_an_online_hadamard_is_refused_and_an_offline_rotation_exports(tmp_path):
+    model = jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(0))
+    online = jb.zoo.rotate(model, key=jax.random.key(0))
+    params = jb.recipe.preset("q8_0").apply(nnx.state(online, nnx.Param))
+    with pytest.raises(ValueError, match="online Hadamard before down_proj .* online_hadamard=False"):
+        jb.export.gguf(tmp_path / "m.gguf", online, params)
+    with pytest.raises(ValueError, match="online Hadamard before down_proj"):
+        jb.export.compressed_tensors(tmp_path / "ct", online, params)
+    assert not list(tmp_path.iterdir())
+    offline = jb.zoo.rotate(model, key=jax.random.key(0), online_hadamard=False)
+    params = jb.recipe.preset("q8_0").apply(nnx.state(offline, nnx.Param))
+    jb.export.compressed_tensors(tmp_path / "ct", offline, params)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert "jaxopt_big_online_hadamard" not in config and config["tie_word_embeddings"] is False
+    np.testing.assert_array_equal(load_file(str(tmp_path / "ct" / "model.safetensors"))["lm_head.weight"],
+                                  np.asarray(offline.lm_head.kernel.get_value()).T)

@@ -23,9 +23,9 @@ Examples:
 """
 
 from jaxopt_big.recipe._methods import GPTQ, RTN, Magnitude, Method, Pruner, Quantizer, SparseGPT, Wanda
-from jaxopt_big.recipe._plan import Plan, Recipe
+from jaxopt_big.recipe._plan import Plan, Recipe, Rotate
 from jaxopt_big.recipe._presets import PRESETS, preset
 from jaxopt_big.recipe._toml import RecipeFileError, load
 
-__all__ = ["Plan", "Recipe", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ",
-           "PRESETS", "preset", "load", "RecipeFileError"]
+__all__ = ["Plan", "Recipe", "Rotate", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN",
+           "GPTQ", "PRESETS", "preset", "load", "RecipeFileError"]
