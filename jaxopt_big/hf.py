@@ -7,7 +7,8 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 
 * ``checkpoint/`` — an Orbax checkpoint of the compressed parameters (:class:`jaxopt_big.checkpoint.Manager`);
 * ``report.md`` — per layer: kind, bits, sparsity, bytes, the plan, and the relative output error;
-* ``config.json`` — the source configuration;
+* ``config.json`` — the source configuration (a rotated decoder's, ``Recipe.rotate``, also says that its
+  head is untied and, for an online Hadamard, ``jaxopt_big_online_hadamard``, which our loaders read);
 * ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout and dtype, with the
   source's ``config.json`` and tokenizer files, for other tools.
 
