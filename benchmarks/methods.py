@@ -13,10 +13,11 @@ The rotation papers rely on outlier channels in the residual stream; the table a
 stream) and ``down_proj``, before and after rotation, to show whether this small decoder has them. The
 effect on planted outlier channels is tested in ``tests/test_zoo_rotate.py``.
 
-W4A8 is int4 per-output-channel weights with int8 per-token activations; W8A8 int8 per channel with
-int8 per token. AWQ and SmoothQuant rows are one ``Config`` line each once ``jb.recipe.AWQ`` /
-``jb.recipe.SmoothQuant`` exist, e.g. ``Config("AWQ int4 g128", jb.Plan(quant=jb.recipe.AWQ(_spec(4))))``
-and ``Config("W8A8 + SmoothQuant", jb.Plan(quant=jb.recipe.SmoothQuant(jb.RTN(INT8), alpha=0.5)), A8)``.
+W4A8 is int4 per-output-channel weights with int8 per-token activations (W4A4: int4 per token);
+W8A8 int8 per channel with int8 per token. AWQ and SmoothQuant rows are one ``Config`` line each once
+``jb.recipe.AWQ`` / ``jb.recipe.SmoothQuant`` exist, e.g.
+``Config("AWQ int4 g128", jb.Plan(quant=jb.recipe.AWQ(_spec(4))))`` and
+``Config("W8A8 + SmoothQuant", jb.Plan(quant=jb.recipe.SmoothQuant(jb.RTN(INT8), alpha=0.5)), A8)``.
 Run: ``python benchmarks/methods.py [--quick]``.
 """
 
@@ -43,6 +44,7 @@ from jaxopt_big.tree import Rule  # noqa: E402
 from train_decoder import ARTIFACT, LENGTH, trained_decoder  # noqa: E402
 
 A8 = QuantSpec(bits=8, granularity=PER_TOKEN)
+A4 = QuantSpec(bits=4, granularity=PER_TOKEN)
 INT8 = QuantSpec(bits=8, granularity=PER_CHANNEL)
 INT4_CHANNEL = QuantSpec(bits=4, granularity=PER_CHANNEL)
 
@@ -68,6 +70,8 @@ CONFIGS = [
     Config("W4A8 GPTQ, rotated", jb.Plan(quant=jb.GPTQ(INT4_CHANNEL)), A8, rotate=True, encoder=False),
     Config("W4A8 RTN", jb.Plan(quant=jb.RTN(INT4_CHANNEL)), A8, encoder=False),
     Config("W4A8 RTN, rotated", jb.Plan(quant=jb.RTN(INT4_CHANNEL)), A8, rotate=True, encoder=False),
+    Config("W4A4 GPTQ", jb.Plan(quant=jb.GPTQ(INT4_CHANNEL)), A4, encoder=False),
+    Config("W4A4 GPTQ, rotated", jb.Plan(quant=jb.GPTQ(INT4_CHANNEL)), A4, rotate=True, encoder=False),
     Config("GPTQ int3 g128", jb.Plan(quant=jb.GPTQ(_spec(3))), encoder=False),
     Config("GPTQ int3 g128, rotated", jb.Plan(quant=jb.GPTQ(_spec(3))), rotate=True, encoder=False),
     Config("GPTQ int3 channel", jb.Plan(quant=jb.GPTQ(INT3_CHANNEL)), encoder=False),
@@ -160,12 +164,14 @@ def _table(decoder: dict, encoder: dict, stats: dict) -> str:
     lines += [f"| {path} | {v:.2f} | {stats['rotated'][path]:.2f} |" for path, v in stats["plain"].items()]
     peak = {k: max(v for p, v in stats[k].items() if p.endswith("q_proj")) for k in stats}
     down = {k: max(v for p, v in stats[k].items() if p.endswith("down_proj")) for k in stats}
+    a4 = {"plain": decoder["W4A4 GPTQ"]["metric"], "rotated": decoder["W4A4 GPTQ, rotated"]["metric"]}
     lines += ["", "The residual stream (q_proj inputs) has no outlier channels: max / median at most "
               f"{peak['plain']:.2f} ({peak['rotated']:.2f} rotated). down_proj inputs reach {down['plain']:.2f}, "
               "flattened to "
-              f"{down['rotated']:.2f} by the online Hadamard, which int8 per-token activations do not need. Rotation "
-              "has nothing to spread here; its effect on planted outlier channels is tested in "
-              "tests/test_zoo_rotate.py."]
+              f"{down['rotated']:.2f} by the online Hadamard, which int8 per-token activations do not need: W4A8 and "
+              "int3 gain nothing from rotation here, while int4 per-token activations do (W4A4 GPTQ perplexity "
+              f"{a4['plain'] / base:.4f}x float, rotated {a4['rotated'] / base:.4f}x). "
+              "The effect on planted residual outlier channels is tested in tests/test_zoo_rotate.py."]
     return "\n".join(lines) + "\n"
 
 
