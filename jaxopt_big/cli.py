@@ -14,6 +14,7 @@ its options and the function that runs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -105,11 +106,16 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from jaxopt_big import hf, parallel
+    from jaxopt_big.recipe import Recipe
 
     try:
         hf.model_type(args.src)
         hf.check_destination(args.out, overwrite=args.overwrite, src=args.src)  # before minutes of loading
         recipe = hf.read_recipe(args.recipe, bits=args.bits, choices=args.choices)
+        if args.rotate is not None:
+            if not isinstance(recipe, Recipe):
+                raise ValueError("--rotate does not go with --recipe auto (it measures the unrotated model)")
+            recipe = dataclasses.replace(recipe, rotate=args.rotate)
         mesh = None
         if args.mesh:
             mesh = parallel.make_mesh(**args.mesh)
@@ -194,6 +200,11 @@ def _add_compress(sub: Any) -> None:
     comp.add_argument("--export", choices=("gguf", "compressed-tensors"), default=None,
                       help="also write OUT/model.gguf (llama.cpp; recipe gptq-q4_0 or q8_0) or OUT/compressed-tensors "
                       "(vLLM, transformers)")
+    comp.add_argument("--rotate", nargs="?", const=recipe.Rotate.ONLINE, default=None, type=recipe.Rotate,
+                      metavar="{online,offline}",
+                      help="rotate a decoder before calibrating (random Hadamard, seed recorded); online (the "
+                      "default) adds an online Hadamard before down_proj that only our loaders run; offline "
+                      "gives a plain Llama every export can write")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
     comp.add_argument("--resume", action="store_true", help="continue a killed run of the same source, recipe and "

@@ -7,7 +7,8 @@ cosine to the original (encoders) on held-out text before and after, and writes 
 
 * ``checkpoint/`` — an Orbax checkpoint of the compressed parameters (:class:`jaxopt_big.checkpoint.Manager`);
 * ``report.md`` — per layer: kind, bits, sparsity, bytes, the plan, and the relative output error;
-* ``config.json`` — the source configuration;
+* ``config.json`` — the source configuration (a rotated decoder's, ``Recipe.rotate``, also says that its
+  head is untied and, for an online Hadamard, ``jaxopt_big_online_hadamard``, which our loaders read);
 * ``recipe.toml`` (with ``jb.recipe.Auto``) — the bits chosen per layer, a recipe file for ``--recipe``;
 * ``hf/`` (with ``export_hf=True``) — the dequantized weights in the source layout and dtype, with the
   source's ``config.json`` and tokenizer files, for other tools.
@@ -60,10 +61,11 @@ from jaxopt_big import report as _report
 from jaxopt_big import tree as _tree
 from jaxopt_big import zoo as _zoo
 
-__all__ = ["DECODERS", "ENCODERS", "Outcome", "compress_checkpoint", "load_compressed", "check_destination",
-           "read_recipe", "model_type"]
+__all__ = ["DECODERS", "ENCODERS", "ROTATION_SEED", "Outcome", "compress_checkpoint", "load_compressed",
+           "check_destination", "read_recipe", "model_type"]
 
 DECODERS, ENCODERS = _zoo.DECODERS, _zoo.ENCODERS  # the model families, as jb.zoo lists them
+ROTATION_SEED = 0  # random signs of the Hadamard rotation (Recipe.rotate); recorded in the checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +271,9 @@ class _Prepared:
     export: Callable[[Any, pathlib.Path], None]
 
 
-def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int) -> _Prepared:
-    """Model, params, calibration batches, held-out evaluation and an HF exporter for one checkpoint."""
+def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int, length: int,
+             rotate: _recipe.Rotate | None = None) -> _Prepared:
+    """Model (rotated if asked), params, calibration batches, held-out evaluation and an HF exporter."""
     from flax import nnx
 
     if kind in DECODERS:
@@ -278,7 +281,11 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
 
         path = _tokenizer_file(src)
         tokenizer = Tokenizer.from_file(str(path))
-        model = _zoo.load_llama(src, lazy=True)  # layers are read when the engine reaches them
+        if rotate is None:
+            model = _zoo.load_llama(src, lazy=True)  # layers are read when the engine reaches them
+        else:  # the rotation reads every weight
+            model = _zoo.rotate(_zoo.load_llama(src), key=jax.random.key(ROTATION_SEED),
+                                online_hadamard=rotate is _recipe.Rotate.ONLINE)
         ids = lambda text: _check_ids(np.asarray(tokenizer.encode(text).ids, np.int32),  # noqa: E731
                                       model.config.vocab_size, path, tokenizer)
         calib = _windows(ids(texts[0]), length, samples, "calibration text")
@@ -448,7 +455,10 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
       dst: the output folder; it must not exist or be empty unless ``overwrite``.
       recipe: what to do per layer (e.g. ``jb.recipe.preset("gptq-int4")``), or ``jb.recipe.Auto(bits=...)``:
         bits per layer chosen by :func:`jaxopt_big.oneshot.auto` on the calibration batches (report.md
-        and the printed lines give the average bits per weight achieved).
+        and the printed lines give the average bits per weight achieved). A recipe's ``rotate`` rotates a
+        decoder first (:func:`jaxopt_big.zoo.rotate`, random Hadamard with signs from
+        :data:`ROTATION_SEED`); with ``Rotate.ONLINE`` (online Hadamard) ``export_hf`` and ``export``
+        are refused, since other tools would compute something else.
       calibration: a plain-text file (its first 90% calibrates, the rest is held out); None: the
         embedded Python documentation (train split calibrates, validation split is held out).
       samples: calibration (and evaluation) sequences; length: tokens per sequence. The default 128 (the
@@ -476,11 +486,13 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
     dst = check_destination(dst, overwrite=overwrite, src=src)
     if not isinstance(recipe, (_recipe.Recipe, _recipe.Auto)):
         raise TypeError(f"compress_checkpoint needs a jb.Recipe or jb.recipe.Auto, got {type(recipe).__name__}")
+    rotate = recipe.rotate if isinstance(recipe, _recipe.Recipe) else None
+    _check_rotation(rotate, kind, export_hf, export)
     key = _run_key(src, recipe, calibration, samples, length)
     tmp, finished = _start_partial(dst, key, resume, print_fn)
     try:
         with _timer(clock, "load"):
-            job = _prepare(src, kind, _texts(calibration), samples, length)
+            job = _prepare(src, kind, _texts(calibration), samples, length, rotate)
             stored_bytes, stored_dtype = _stored(src)
             params, metric = job.params, job.metric
             _check_finite(src, params)
@@ -505,19 +517,22 @@ def compress_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, recipe
         with _timer(clock, "evaluate"):
             after = job.evaluate(compressed)
         summary = _report.summary(compressed, recipe=recipe)
-        notes = [] if auto is None else [_achieved(auto, recipe, summary)]
         outcome = Outcome(kind, metric, before, after, stored_bytes, _leaves.nbytes(compressed),
                           len(layer_report.rows), dst)
+        rotation = None if rotate is None else {"mode": rotate.value, "seed": ROTATION_SEED}
+        notes = ([] if auto is None else [_achieved(auto, recipe, summary)]) + (
+            [] if rotation is None else [f"rotated before calibration: {rotation['mode']} Hadamard "
+                                         f"(jb.zoo.rotate, random signs from seed {rotation['seed']})"])
         with _timer(clock, "write"):
-            shutil.copy(src / "config.json", tmp / "config.json")
+            _write_config(src, job.model, tmp, rotate is not None)
             with _checkpoint.Manager(tmp / "checkpoint", async_save=False) as manager:
-                manager.save(0, _pure(compressed),
-                             extra={"source": str(src), "model_type": kind, "report": summary.as_dicts()})
+                manager.save(0, _pure(compressed), extra={"source": str(src), "model_type": kind,
+                                                          "report": summary.as_dicts(), "rotation": rotation})
             (tmp / "report.md").write_text(_markdown(src, outcome, summary, layer_report, notes))
             if auto is not None:  # the chosen bits, to compress again without measuring
                 (tmp / "recipe.toml").write_text(_recipe.to_toml(recipe))
             if export_hf:
-                _export_hf(job, compressed, src, tmp / "hf", stored_dtype)
+                _export_hf(job, compressed, src, tmp / "hf", stored_dtype, rotate is not None)
             if export is not None:
                 _export.write(export, tmp, job.model, compressed, source=src)
             _remove(tmp / _BLOCKS)
@@ -633,14 +648,41 @@ def _start_partial(dst: pathlib.Path, key: str, resume: bool, print_fn: Callable
     return tmp, finished
 
 
-def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype) -> None:
+def _export_hf(job: _Prepared, compressed: Any, src: pathlib.Path, directory: pathlib.Path, dtype: np.dtype,
+               rotated: bool) -> None:
     """The dequantized weights in the source layout and dtype, with the source's config.json (the export
-    changes none of its fields) and tokenizer files."""
+    changes none of its fields but a rotation's untied head) and tokenizer files."""
     job.export(compressed, directory)
     _recast(directory / "model.safetensors", dtype)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy(src / name, directory / name)
+    _write_config(src, job.model, directory, rotated)
+
+
+def _check_rotation(rotate: _recipe.Rotate | None, kind: str, export_hf: bool, export: str | None) -> None:
+    """Refuses a rotation of an encoder, and exports other tools read of a model with an online Hadamard."""
+    if rotate is None:
+        return
+    if kind not in DECODERS:
+        raise ValueError(f"rotate: only decoders ({', '.join(DECODERS)}) can be rotated, not {kind!r}")
+    wanted = [w for w, on in (("--export-hf", export_hf), (f"--export {export}", export is not None)) if on]
+    if rotate is _recipe.Rotate.ONLINE and wanted:
+        raise ValueError(f"{' and '.join(wanted)}: the rotated model runs an online Hadamard before down_proj, "
+                         "which other tools do not run (they would compute something else); use --rotate offline "
+                         "(rotate = \"offline\" in a recipe file) for a model every export can write")
+
+
+def _write_config(src: pathlib.Path, model: Any, directory: pathlib.Path, rotated: bool) -> None:
+    """The source's ``config.json``; a rotated model's says what the rotation changed: an untied head,
+    and our own keys (``jaxopt_big_online_hadamard``, which only our loaders read)."""
+    if not rotated:
+        shutil.copy(src / "config.json", directory / "config.json")
+        return
+    config = json.loads((src / "config.json").read_text())
+    ours = model.config.to_hf()
+    config.update({k: v for k, v in ours.items() if k == "tie_word_embeddings" or k.startswith("jaxopt_big_")})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _pure(params: Any) -> Any:

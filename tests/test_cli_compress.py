@@ -440,3 +440,48 @@ def test_a_run_interrupted_after_a_block_resumes_to_the_uninterrupted_result(src
     assert jb.tree.paths(resumed) == jb.tree.paths(whole)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+# Rotation before calibration (issue 30, item 3)
+
+def test_rotate_compresses_a_rotated_model_that_reloads_to_the_same_logits(src, compressed, tmp_path):
+    import jax
+
+    dst = tmp_path / "rotated"
+    assert cli.main(["compress", str(src), "--out", str(dst), "--recipe", "int8", "--rotate", *ARGS]) == 0
+    config = json.loads((dst / "config.json").read_text())
+    assert config["jaxopt_big_online_hadamard"] is True
+    with jb.checkpoint.Manager(dst / "checkpoint") as manager:
+        assert manager.extra(0)["rotation"] == {"mode": "online", "seed": jb.hf.ROTATION_SEED}
+    # the float rotation changes nothing: perplexity before is the unrotated source's
+    before = lambda d: (d / "report.md").read_text().split("perplexity: ")[1].split(" before")[0]  # noqa: E731
+    assert before(dst) == before(compressed)
+    model, params = jb.hf.load_compressed(dst)
+    nnx.update(model, jb.leaves.densify(params))
+    reference = jb.zoo.rotate(jb.zoo.load_llama(src), key=jax.random.key(jb.hf.ROTATION_SEED))
+    nnx.update(reference, jb.leaves.densify(params))  # the rotated model, with the compressed weights
+    ids = jnp.asarray(jb.data.encode("def f(x): return x * 2  # a test line of thirty-two")[None, :32])
+    forward = nnx.jit(lambda m: m(ids))  # one compile for both: eager calls take seconds
+    np.testing.assert_allclose(forward(model), forward(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("export", [("--export-hf",), ("--export", "gguf"), ("--export", "compressed-tensors")])
+def test_rotate_online_refuses_exports_other_tools_read_in_one_line(src, tmp_path, capsys, export):
+    dst = tmp_path / "dst"
+    err = _fails(capsys, str(src), "--out", str(dst), "--recipe", "gptq-q4_0", "--rotate", *export, *ARGS)
+    assert "online Hadamard" in err and "--rotate offline" in err
+    assert not dst.exists() and not list(tmp_path.glob(".dst*"))
+
+
+def test_rotate_is_refused_for_an_encoder_and_read_from_a_recipe_file(src, tmp_path, capsys):
+    encoder = tmp_path / "bert"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    err = _fails(capsys, str(encoder), "--out", str(tmp_path / "o"), "--recipe", "int8", "--rotate")
+    assert "only decoders" in err and "'bert'" in err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('rotate = "offline"\n[[rule]]\npattern = "layers/.*"\nquant = { bits = 8 }\n')
+    assert jb.hf.read_recipe(recipe).rotate is jb.recipe.Rotate.OFFLINE
+    recipe.write_text('rotate = 1\n[[rule]]\npattern = "layers/.*"\n')
+    assert "rotate must be true, false, 'online' or 'offline', got 1" in _fails(
+        capsys, str(src), "--out", str(tmp_path / "o"), "--recipe", str(recipe))

@@ -307,3 +307,21 @@ def test_gguf_run_as_llama_cpp_runs_it_gives_our_logits(q4):
     ours = np.asarray(model(np.asarray([ids]))[0])
     theirs = _llama_cpp_logits(path, ids)
     assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
+
+
+def test_a_model_with_an_online_hadamard_is_refused_and_an_offline_rotation_exports(tmp_path):
+    model = jb.zoo.Llama(CONFIG, rngs=nnx.Rngs(0))
+    online = jb.zoo.rotate(model, key=jax.random.key(0))
+    params = jb.recipe.preset("q8_0").apply(nnx.state(online, nnx.Param))
+    with pytest.raises(ValueError, match="online Hadamard before down_proj .* online_hadamard=False"):
+        jb.export.gguf(tmp_path / "m.gguf", online, params)
+    with pytest.raises(ValueError, match="online Hadamard before down_proj"):
+        jb.export.compressed_tensors(tmp_path / "ct", online, params)
+    assert not list(tmp_path.iterdir())
+    offline = jb.zoo.rotate(model, key=jax.random.key(0), online_hadamard=False)
+    params = jb.recipe.preset("q8_0").apply(nnx.state(offline, nnx.Param))
+    jb.export.compressed_tensors(tmp_path / "ct", offline, params)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert "jaxopt_big_online_hadamard" not in config and config["tie_word_embeddings"] is False
+    np.testing.assert_array_equal(load_file(str(tmp_path / "ct" / "model.safetensors"))["lm_head.weight"],
+                                  np.asarray(offline.lm_head.kernel.get_value()).T)

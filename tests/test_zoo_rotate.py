@@ -134,3 +134,24 @@ def test_rotate_rejects_bad_input():
     assert not rotated.layers[0].mlp.online_hadamard
     want = _forward(model, ids)
     assert float(jnp.abs(_forward(rotated, ids) - want).max() / jnp.abs(want).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_a_rotated_model_saved_and_loaded_computes_what_the_rotated_model_computes(tmp_path, online):
+    import json
+
+    config = _config(tie_embeddings=True)
+    model = _with_random_norms(jb.zoo.Llama(config, rngs=nnx.Rngs(0)))
+    rotated = jb.zoo.rotate(model, key=jax.random.key(2), online_hadamard=online)
+    jb.zoo.save_llama(tmp_path, rotated)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False
+    assert saved.get("jaxopt_big_online_hadamard", False) is online  # absent for a plain Llama
+    ids = jax.random.randint(jax.random.key(3), (2, 12), 0, config.vocab_size)
+    want = np.asarray(_forward(rotated, ids))
+    for scan in (False, True):
+        loaded = jb.zoo.load_llama(tmp_path, scan_layers=scan)
+        np.testing.assert_allclose(_forward(loaded, ids), want, rtol=1e-5, atol=1e-5)
+    if online:  # what the flag buys: the same weights without the online Hadamard compute something else
+        (tmp_path / "config.json").write_text(json.dumps({**saved, "jaxopt_big_online_hadamard": False}))
+        assert np.abs(np.asarray(_forward(jb.zoo.load_llama(tmp_path), ids)) - want).max() > 1e-2

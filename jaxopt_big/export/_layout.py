@@ -66,8 +66,8 @@ def tensors(model: Any, params: Any) -> list[Tensor]:
     under Hugging Face names, compressed leaves kept whole.
 
     Raises:
-      TypeError: ``model`` is not a ``jb.zoo.Llama``. ValueError: a scanned model, or ``params`` that
-        are not the model's.
+      TypeError: ``model`` is not a ``jb.zoo.Llama``. ValueError: a scanned model, one with an online
+        Hadamard (``LlamaConfig.online_hadamard``), or ``params`` that are not the model's.
     """
     from flax import nnx
 
@@ -75,6 +75,10 @@ def tensors(model: Any, params: Any) -> list[Tensor]:
         raise TypeError(f"export needs a jb.zoo.Llama (Llama, Qwen2 or Mistral), got {type(model).__name__}")
     if model.scan_layers:
         raise ValueError("export needs the unrolled model: save_llama, then load_llama without scan_layers")
+    if model.config.online_hadamard:
+        raise ValueError("export: the model runs an online Hadamard before down_proj (jb.zoo.rotate), which other "
+                         "tools do not run, so they would compute something else; rotate with "
+                         "online_hadamard=False for a model they can load")
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
     flat = dict(zip(_tree.paths(params), jax.tree.leaves(params, is_leaf=_leaves.is_compressed)))

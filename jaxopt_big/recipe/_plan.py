@@ -4,6 +4,7 @@ consumers: :meth:`Recipe.apply` and :meth:`Recipe.for_training`."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +17,19 @@ from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
 from jaxopt_big.recipe._methods import RTN, Magnitude, Method, Pruner, Quantizer, Sparsity, _check_sparsity
 
-__all__ = ["Plan", "Recipe"]
+__all__ = ["Plan", "Recipe", "Rotate"]
+
+
+class Rotate(enum.Enum):
+    """A QuaRot-style rotation of a decoder before it is calibrated (``jb.zoo.rotate``, random Hadamard).
+
+    ``ONLINE`` also multiplies ``down_proj``'s input by a Hadamard matrix at run time: best for low-bit
+    weights and activations, but only our loaders run it. ``OFFLINE`` rotates the residual stream
+    only: a plain Llama (with an untied head) that every export writes.
+    """
+
+    ONLINE = "online"
+    OFFLINE = "offline"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,16 +88,22 @@ class Recipe:
     Attributes:
       rules: ``[Rule(pattern, Plan(...)), ...]`` with the semantics of :mod:`jaxopt_big.tree`.
       where: the candidate leaves (default: kernels).
+      rotate: rotate the decoder before calibrating it (:class:`Rotate`). Read by
+        ``jb.hf.compress_checkpoint`` (and ``jaxopt-big compress``); ``jb.oneshot.compress`` and
+        :meth:`apply` take the model as given, so rotate it there with ``jb.zoo.rotate`` first.
     """
 
     rules: Sequence[_tree.Rule]
     where: Any = _tree.KERNELS
+    rotate: Rotate | None = None
 
     def __post_init__(self):
         rules = tuple(self.rules) if isinstance(self.rules, (list, tuple)) else self.rules
         if not _tree.is_rules(rules) or not all(isinstance(r.value, Plan | None) for r in rules):
             raise TypeError(f"Recipe needs a non-empty list of Rule(pattern, Plan(...)), got {self.rules!r}")
         _checks.store(self, rules=rules)
+        if self.rotate is not None and not isinstance(self.rotate, Rotate):
+            raise TypeError(f"Recipe.rotate must be a jb.recipe.Rotate or None, got {self.rotate!r}")
 
     def plans(self, params: Any) -> Any:
         """The :class:`Plan` of every leaf of ``params`` (``None`` where none applies)."""

@@ -13,12 +13,13 @@ from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 from jaxopt_big import tree as _tree
 from jaxopt_big.recipe._methods import Method, Pruner, Quantizer
-from jaxopt_big.recipe._plan import Plan, Recipe
+from jaxopt_big.recipe._plan import Plan, Recipe, Rotate
 
 __all__ = ["load", "RecipeFileError"]
 
 
 _RULE_KEYS = {"pattern", "sparsity", "prune", "quant", "required"}
+_ROTATIONS = {False: None, True: Rotate.ONLINE, "online": Rotate.ONLINE, "offline": Rotate.OFFLINE}
 _GRANULARITIES: dict[str, _quant.Granularity] = {"tensor": _quant.PER_TENSOR, "channel": _quant.PER_CHANNEL}
 _CALIBRATIONS: dict[str, Callable[[], _quant.Calibration]] = {"absmax": _quant.AbsMax, "minmax": _quant.MinMax,
                                                               "mse": _quant.MSE}
@@ -62,7 +63,8 @@ def load(path: str | Any) -> Recipe:
     means what it means in Python: ``[rule.quant]`` defaults to ``QuantSpec()`` (8 bits, symmetric,
     ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``) and ``method = "rtn"``, so ``bits = 8``
     alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
-    ``sparsity`` or ``quant`` leaves its layers dense. Unknown keys and bad values raise
+    ``sparsity`` or ``quant`` leaves its layers dense. A top-level ``rotate = true`` (or ``"online"``,
+    ``"offline"``) sets :attr:`Recipe.rotate`. Unknown keys and bad values raise
     :class:`RecipeFileError` naming the file, the line of the offending key and the key.
 
     Examples:
@@ -101,10 +103,14 @@ def load(path: str | Any) -> Recipe:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeFileError(f"{path}: {e}") from None
-    extra = set(doc) - {"rule"}
+    extra = set(doc) - {"rule", "rotate"}
     if extra or not isinstance(doc.get("rule"), list) or not doc["rule"]:
-        raise RecipeFileError(f"{path}: a recipe file holds [[rule]] tables only"
+        raise RecipeFileError(f"{path}: a recipe file holds [[rule]] tables only (and a top-level rotate)"
                               + (f"; unknown top-level keys {sorted(extra)}" if extra else ""))
+    rotate = doc.get("rotate", False)
+    if not isinstance(rotate, (bool, str)) or rotate not in _ROTATIONS:  # bool first: 1 == True
+        raise RecipeFileError(f"{path}:{where('rotate', 0)}: rotate must be true, false, 'online' or 'offline', "
+                              f"got {rotate!r}")
     # each [[rule]] header as TOML allows it (spaces inside the brackets, a comment after); a rule
     # whose header is not found here is still read, its errors then point at its first key
     header = re.compile(r"^\s*\[\[\s*rule\s*\]\]\s*(#.*)?$")
@@ -116,7 +122,7 @@ def load(path: str | Any) -> Recipe:
             rules.append(_rule_of(table))
         except _BadKey as e:
             raise RecipeFileError(f"{path}:{where(e.key, start)}: {e}") from None
-    return Recipe(rules)
+    return Recipe(rules, rotate=_ROTATIONS[rotate])
 
 
 def _rule_of(table: dict[str, Any]) -> _tree.Rule:

@@ -42,6 +42,7 @@ from jaxopt_big.zoo._kvcache import KVCache
 __all__ = ["LlamaConfig", "Llama", "DecoderLayer", "load_llama", "save_llama"]
 
 _MODEL_TYPES = _families.DECODERS
+_ONLINE_HADAMARD_KEY = "jaxopt_big_online_hadamard"  # config.json key of LlamaConfig.online_hadamard
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +55,10 @@ class LlamaConfig:
       sliding_window: each token attends to at most this many tokens (itself included), as Mistral;
         None for full causal attention.
       head_dim: per-head width; None resolves to ``hidden_size // num_heads``.
+      online_hadamard: every MLP multiplies ``down_proj``'s input by a Hadamard matrix at run time (a
+        model rotated by :func:`jaxopt_big.zoo.rotate`). ``config.json`` records it as
+        ``jaxopt_big_online_hadamard``, which only our loaders read: other tools would run such a
+        checkpoint without the Hadamard, so the exports refuse it.
 
     Examples:
       >>> c = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -80,6 +85,7 @@ class LlamaConfig:
     max_positions: int = 2048
     sliding_window: int | None = None
     head_dim: int | None = None
+    online_hadamard: bool = False
 
     def __post_init__(self):
         optional = ("sliding_window", "head_dim")  # None: no window; hidden_size // num_heads
@@ -89,7 +95,7 @@ class LlamaConfig:
                 _checks.store(self, **{f: _checks.integer(f"LlamaConfig.{f}", getattr(self, f), low=1)})
         for f in ("rope_theta", "rms_eps"):
             _checks.store(self, **{f: _checks.number(f"LlamaConfig.{f}", getattr(self, f), above=0)})
-        for f in ("tie_embeddings", "attention_bias"):
+        for f in ("tie_embeddings", "attention_bias", "online_hadamard"):
             _checks.store(self, **{f: _checks.flag(f"LlamaConfig.{f}", getattr(self, f))})
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"LlamaConfig: num_heads={self.num_heads} is not divisible by "
@@ -152,7 +158,7 @@ class LlamaConfig:
                    rms_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
                    attention_bias=kind == "qwen2", max_positions=config.get("max_position_embeddings", 2048),
                    sliding_window=config.get("sliding_window") if kind == "mistral" else None,
-                   head_dim=config.get("head_dim"))
+                   head_dim=config.get("head_dim"), online_hadamard=config.get(_ONLINE_HADAMARD_KEY, False))
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` dict (model_type from :attr:`model_type`)."""
@@ -168,6 +174,8 @@ class LlamaConfig:
             out["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
             out["use_sliding_window"] = False
+        if self.online_hadamard:
+            out[_ONLINE_HADAMARD_KEY] = True
         return out
 
 
@@ -265,8 +273,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-    ``online_hadamard`` (set by :func:`jaxopt_big.zoo.rotate`, which folds ``H^T`` into ``down_proj``)
-    multiplies the product by the Hadamard matrix before ``down_proj``, so down_proj sees rotated inputs.
+    ``online_hadamard`` (``LlamaConfig.online_hadamard``, set by :func:`jaxopt_big.zoo.rotate`, which
+    folds ``H^T`` into ``down_proj``) multiplies the product by the Hadamard matrix before
+    ``down_proj``, so down_proj sees rotated inputs.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype: Any, rngs: nnx.Rngs):
@@ -274,7 +283,7 @@ class MLP(nnx.Module):
         self.gate_proj = linear(config.hidden_size, config.intermediate_size)
         self.up_proj = linear(config.hidden_size, config.intermediate_size)
         self.down_proj = linear(config.intermediate_size, config.hidden_size)
-        self.online_hadamard = False
+        self.online_hadamard = config.online_hadamard
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)

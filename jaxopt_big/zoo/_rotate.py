@@ -8,7 +8,10 @@ which ``x Q`` keeps, once the norms' weights are folded into the linears they fe
 * the embedding becomes ``E Q``; every kernel that reads the residual stream (q/k/v, gate/up, the head)
   becomes ``Q^T W``; every kernel that writes it (o_proj, down_proj) becomes ``W Q``;
 * with ``online_hadamard``, the MLP multiplies its ``down_proj`` input by a Hadamard matrix ``H`` at
-  run time (:func:`jaxopt_big.quant.hadamard_transform`) and ``down_proj`` becomes ``H^T W``.
+  run time (:func:`jaxopt_big.quant.hadamard_transform`) and ``down_proj`` becomes ``H^T W``. The
+  config says so (``LlamaConfig.online_hadamard``): ``save_llama`` / ``load_llama`` keep it, and the
+  exports that other tools read refuse such a model (they would run it without the Hadamard).
+  ``online_hadamard=False`` gives a plain Llama (untied head) that every export can write.
 
 The rotated model computes the same function; a random Hadamard ``Q`` spreads outlier channels of the
 residual stream (and heavy-tailed weight rows) over all channels, so per-token activation grids and
@@ -113,13 +116,13 @@ def rotate(model: Llama, *, key: jax.Array | None = None, rotation: jax.typing.A
             raise ValueError(f"rotate: no Hadamard matrix of order intermediate_size={config.intermediate_size} "
                              "is built here; pass online_hadamard=False")
         h = _quant.hadamard(config.intermediate_size)
+    if h is not None and config.online_hadamard:
+        raise ValueError("rotate: the MLP already runs an online Hadamard (a rotated model); rotate the "
+                         "original, or pass online_hadamard=False")
     new = nnx.clone(model)
     layers = list(new.layers) if isinstance(new.layers, nnx.List) else [new.layers]  # scanned: one stacked layer
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if h is not None and mlp.online_hadamard:
-            raise ValueError("rotate: the MLP already runs an online Hadamard (a rotated model); rotate the "
-                             "original, or pass online_hadamard=False")
         _read_residual([attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm, q)
         _read_residual([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm, q)
         _set(attn.o_proj.kernel, _mm(_value(attn.o_proj.kernel), q))
@@ -132,7 +135,9 @@ def rotate(model: Llama, *, key: jax.Array | None = None, rotation: jax.typing.A
         new.lm_head = nnx.data(nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
                                           param_dtype=new.embed_tokens.embedding.get_value().dtype, rngs=nnx.Rngs(0)))
         _set(new.lm_head.kernel, embedding.T)
-        new.config = dataclasses.replace(config, tie_embeddings=False)
+    # the config says what the model now computes, so save_llama / load_llama rebuild the same model
+    new.config = dataclasses.replace(config, tie_embeddings=False,
+                                     online_hadamard=config.online_hadamard or h is not None)
     _read_residual([new.lm_head], new.norm, q)
     _set(new.embed_tokens.embedding, _mm(embedding, q))
     return new
