@@ -250,7 +250,7 @@ def numpy_gptq(w, h, bits: int = 4, group: int = 128, damp: float = 0.01, block:
 
 # ---------------------------------------------------------------- the benchmark
 
-def main(quick: bool) -> dict:
+def main(quick: bool, skip: frozenset[str] = frozenset()) -> dict:
     from common import write
 
     shape = QUICK if quick else FULL
@@ -270,11 +270,13 @@ def main(quick: bool) -> dict:
             write_checkpoint(tiny, TINY, shards=1)
             runtime_mb = compress(tiny, root / "tiny-out")["peak_mb"]
         bound_mb = 1.3 * ckpt_bytes / 2**20 + acts_mb
-        resumed = killed_then_resumed(src, root / "resumed", KILL_AFTER)
-        resumed["identical"] = same_bytes(root / "out", root / "resumed")
-        print("resume", resumed, flush=True)
+        resumed: dict = {}
+        if "resume" not in skip:
+            resumed = killed_then_resumed(src, root / "resumed", KILL_AFTER)
+            resumed["identical"] = same_bytes(root / "out", root / "resumed")
+            print("resume", resumed, flush=True)
         mesh = {}
-        for axes in ("data=8", "data=2,fsdp=4"):
+        for axes in () if "mesh" in skip else ("data=8", "data=2,fsdp=4"):
             out = root / f"mesh-{axes.replace('=', '').replace(',', '-')}"
             mesh[axes] = {**compress(src, out, "--mesh", axes, devices=8), "same_codes": same_codes(root / "out", out)}
             print("mesh", axes, mesh[axes], flush=True)
@@ -283,19 +285,19 @@ def main(quick: bool) -> dict:
                                                           "assemble"))
     checks = {"peak_memory<=1.3x_ckpt+acts": run["peak_mb"] - runtime_mb <= bound_mb,
               "time<=1.5x_floor": ratio <= 1.5,
-              "resume_identical": bool(resumed["identical"]) and not resumed["output_existed_when_killed"]
-              and resumed["blocks_on_disk_when_killed"] >= KILL_AFTER,
-              "mesh_codes>=99.9%": all(m["same_codes"] >= 0.999 for m in mesh.values())}
+              "resume_identical": None if "resume" in skip else bool(resumed["identical"])
+              and not resumed["output_existed_when_killed"] and resumed["blocks_on_disk_when_killed"] >= KILL_AFTER,
+              "mesh_codes>=99.9%": None if "mesh" in skip else all(m["same_codes"] >= 0.999 for m in mesh.values())}
     return write("scale", ours=run["cli_s"], baseline=base["floor_s"], unit="s",
                  goal="jaxopt-big compress gptq-int4 of a sharded bf16 1B-shaped Llama: time <= 1.5x the floor "
                       "(3 forward passes + numpy GPTQ), peak RSS <= 1.3x the bf16 checkpoint + one block's "
                       "activations, resume after SIGKILL identical, mesh codes >= 99.9% equal",
-                 holds=all(checks.values()),
+                 holds=all(checks.values()),  # a skipped check (None) does not hold
                  details={"checks": checks, "quick": quick, "shape": shape, "checkpoint_mb": ckpt_bytes / 2**20,
                           "peak_mb": run["peak_mb"], "runtime_mb_subtracted": runtime_mb, "bound_mb": bound_mb,
                           "per_block_s": run["per_block_s"], "phases": run["phases"], "floor": base,
                           "engine_s": engine_s, "engine_over_floor": engine_s / base["floor_s"],
-                          "resume": resumed, "mesh": mesh,
+                          "resume": resumed, "mesh": mesh, "skipped": sorted(skip),
                           "calibration": f"{SAMPLES} sequences x {LENGTH} tokens"})
 
 
@@ -308,9 +310,10 @@ def floor_run(src: pathlib.Path) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, vocab 4096")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to run: resume, mesh")
     parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         print(json.dumps(floor(pathlib.Path(args.floor))))
     else:
-        main(args.quick)
+        main(args.quick, frozenset(p for p in args.skip.split(",") if p))
