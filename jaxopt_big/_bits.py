@@ -100,8 +100,8 @@ def _unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
         offsets = np.arange(n) * bits
         pair = jnp.pad(packed, [(0, 1)] + [(0, 0)] * len(rest)).astype(jnp.int32)
         word = pair[offsets // 8] | (pair[offsets // 8 + 1] << 8)
-        shifts = (offsets % 8).astype(np.int32).reshape(_column(packed.ndim + 1))
-        u = ((word >> shifts) & (2 ** bits - 1)).astype(jnp.uint8)
+        within = (offsets % 8).astype(np.int32).reshape(_column(packed.ndim + 1))
+        u = ((word >> within) & (2 ** bits - 1)).astype(jnp.uint8)
     else:
         stream = (packed[:, None].astype(jnp.int32) >> jnp.arange(8, dtype=jnp.int32).reshape(
             _column(packed.ndim + 1))) & 1

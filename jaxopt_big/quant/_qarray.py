@@ -77,11 +77,6 @@ def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
     return _bits.unpack(packed, c, shape[0] if shape else 1, signed=True).reshape(shape)
 
 
-def _float32(a: jax.Array | None) -> jax.Array | None:
-    """Scales (and zero points) are stored in the spec's ``scale_dtype`` but computed with in float32."""
-    return None if a is None else a.astype(jnp.float32)
-
-
 @struct.dataclass
 class QArray(_leaves.Compressed):
     """Packed integer values standing for a floating array: ``dense = (int - zero_point) * scale``.
@@ -123,6 +118,11 @@ class QArray(_leaves.Compressed):
                 + ("" if self.zero_point is None else " affine"))
 
     @property
+    def scale32(self) -> jax.Array:
+        """The scale in float32, the dtype all arithmetic with it runs in (it may be stored narrower)."""
+        return self.scale.astype(jnp.float32)
+
+    @property
     def stored_bits(self) -> int:
         """Bits per value as ``values`` holds them (8 for compressed int8 codes); see :func:`container_bits`."""
         if _leaves.is_compressed(self.values):
@@ -152,11 +152,10 @@ class QArray(_leaves.Compressed):
         A Dense layer on a few rows (a decode step) streams the packed codes tile by tile instead
         (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel."""
         if not _leaves.is_compressed(self.values) and self.group_size is None:  # tiles assume equal groups
-            y = _matmul.streamed_matmul(c, x, self.values, self.stored_bits, _float32(self.scale),
-                                        _float32(self.zero_point))
+            y = _matmul.streamed_matmul(c, x, self.values, self.stored_bits, self.scale32, self.zero_point)
             if y is not None:
                 return y
-        y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), _float32(self.scale))
+        y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale32)
         if y is None:
             return c(x, self.dense())
         return y if c.int_input is None else c.straight_through(x, self.dense(), y)
@@ -166,8 +165,8 @@ class QArray(_leaves.Compressed):
 def _dense(leaf: QArray) -> jax.Array:
     q = leaf.int_values().astype(jnp.float32)
     shape, group = leaf.dense_shape, leaf.group_size
-    zp = None if leaf.zero_point is None else expand(_float32(leaf.zero_point), shape, group)
-    return from_int(q, expand(_float32(leaf.scale), shape, group), zp).astype(leaf.dense_dtype)
+    zp = None if leaf.zero_point is None else expand(leaf.zero_point, shape, group)
+    return from_int(q, expand(leaf.scale32, shape, group), zp).astype(leaf.dense_dtype)
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
@@ -199,9 +198,10 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
     scale = rounded_scale(scale, spec)  # a given scale too: the codes are those of the scale that is stored
     values = _codes(x, scale, zp, spec)
-    dtype = getattr(spec, "scale_dtype", None)
-    out = QArray(values=values, scale=scale if dtype is None else scale.astype(dtype), zero_point=zp, bits=spec.bits, axis=axis,
-                 dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype), group_size=group_size(x.shape, spec))
+    dtype = getattr(spec, "scale_dtype", None)  # stored in it: the rounded scales are exact there
+    out = QArray(values=values, scale=scale if dtype is None else scale.astype(dtype), zero_point=zp, bits=spec.bits,
+                 axis=axis, dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype),
+                 group_size=group_size(x.shape, spec))
     return _leaves.place_like(out, x)
 
 
