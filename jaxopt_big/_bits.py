@@ -6,7 +6,7 @@ Codes are packed along axis 0, little-endian: code ``i`` of a column occupies bi
 keep their extent (and their sharding), and a flat array packs as one stream. Widths that divide 8
 (1, 2, 4, 8) take a shift-and-or fast path with the same layout.
 
-Users: ``QArray`` (int2/int4 containers along the input axis), ``SubByteArray`` (binary/ternary
+Users: ``QArray`` (int2..int7 codes along the input axis), ``SubByteArray`` (binary/ternary
 codes), ``Clustered`` (codebook indices) and ``PackedSparse`` (the keep-mask, 1 bit per weight).
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["pack", "unpack"]
 
@@ -95,12 +96,17 @@ def _unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
         per = 8 // bits
         shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).reshape(_column(packed.ndim + 1))
         u = ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1, *rest)[:n]
+    elif bits <= 8:  # a code spans at most two bytes: read both as one 16-bit word, shift, mask
+        offsets = np.arange(n) * bits
+        pair = jnp.pad(packed, [(0, 1)] + [(0, 0)] * len(rest)).astype(jnp.int32)
+        word = pair[offsets // 8] | (pair[offsets // 8 + 1] << 8)
+        within = (offsets % 8).astype(np.int32).reshape(_column(packed.ndim + 1))
+        u = ((word >> within) & (2 ** bits - 1)).astype(jnp.uint8)
     else:
         stream = (packed[:, None].astype(jnp.int32) >> jnp.arange(8, dtype=jnp.int32).reshape(
             _column(packed.ndim + 1))) & 1
         planes = stream.reshape(-1, *rest)[: n * bits].reshape(n, bits, *rest)
         u = jnp.sum(planes << jnp.arange(bits, dtype=jnp.int32).reshape(_column(planes.ndim)), axis=1)
-        u = u.astype(jnp.uint8) if bits <= 8 else u
     if not signed:
         return u
     return u.astype(jnp.int8) - jnp.where(u >= 2 ** (bits - 1), 2 ** bits, 0).astype(jnp.int8)

@@ -110,8 +110,8 @@ def test_packing_bytes_and_containers():
     q2 = jb.quant.quantize(w, QuantSpec(bits=2, granularity=PER_CHANNEL))
     q3 = jb.quant.quantize(w, QuantSpec(bits=3, granularity=PER_CHANNEL))
     assert dense / q8.nbytes >= 3.9 and dense / q4.nbytes >= 7.5 and dense / q2.nbytes >= 15
-    assert q4.values.shape == (512, 1024) and q2.values.shape == (256, 1024) and q3.values.shape == (512, 1024)
-    assert q3.kind == "int3 in int4" and jb.leaves.nbytes({"k": q4}) == q4.nbytes
+    assert q4.values.shape == (512, 1024) and q2.values.shape == (256, 1024) and q3.values.shape == (384, 1024)
+    assert q3.kind == "int3" and jb.leaves.nbytes({"k": q4}) == q4.nbytes
     # odd leading axis: padding is dropped on unpack
     x = jax.random.normal(jax.random.key(1), (7, 3))
     for bits in (2, 3, 4):
@@ -574,3 +574,86 @@ def test_group_scales_of_a_multi_axis_kernel_given_in_its_layout_are_read_off_th
     assert given.group_size is None
     np.testing.assert_allclose(given.dense(), np.clip(np.round(w / np.repeat(scale, 2, 0)[:, None, :]), -8, 7)
                                * np.repeat(scale, 2, 0)[:, None, :], rtol=1e-6, atol=1e-6)
+
+
+def _bit_stream(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Independent reference: per column, each code's ``bits`` low bits lowest first, as numpy packs them."""
+    planes = (codes[:, None, :].astype(np.int64) >> np.arange(bits)[None, :, None]) & 1
+    return np.packbits(planes.reshape(-1, codes.shape[1]).astype(np.uint8), axis=0, bitorder="little")
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_odd_widths_pack_at_their_own_width(bits):
+    w = np.random.default_rng(bits).normal(size=(21, 3)).astype(np.float32)
+    spec = QuantSpec(bits=bits, granularity=PER_CHANNEL)
+    q = jb.quant.quantize(w, spec)
+    codes = np.clip(np.round(w / np.asarray(q.scale)), spec.qmin, spec.qmax).astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(q.int_values()), codes)
+    np.testing.assert_array_equal(np.asarray(q.values), _bit_stream(codes, bits))
+    assert q.nbytes == -(-21 * bits // 8) * 3 + 3 * 4 and q.kind == f"int{bits}"
+    assert jb.quant.layer_bytes({"d": {"kernel": w}}, bits=(bits,), spec=spec) == {"d/kernel": {bits: q.nbytes}}
+
+
+def test_int3_on_an_axis_where_three_bits_save_nothing_keeps_nibbles():
+    w = np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32)
+    q = jb.quant.quantize(w, QuantSpec(bits=3, granularity=PER_CHANNEL))
+    codes = np.asarray(q.int_values()).astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(q.values), _bit_stream(codes, 4))
+    assert q.kind == "int3 in int4" and q.values.shape == (3, 2)
+
+
+@pytest.mark.parametrize("bits, granularity, symmetric", [(3, Group(64), True), (3, PER_CHANNEL, False),
+                                                          (5, Group(256), True), (2, PER_CHANNEL, True)])
+def test_a_decode_step_on_packed_odd_widths_streams_and_equals_the_dense_matmul(bits, granularity, symmetric):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(512, 8)).astype(np.float32)
+    q = jb.quant.quantize(w, QuantSpec(bits=bits, granularity=granularity, symmetric=symmetric))
+    assert q.values.shape == (512 * bits // 8, 8)
+    x = rng.normal(size=(2, 512)).astype(np.float32)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    from jaxopt_big.quant import _matmul
+    streamed = _matmul.streamed_matmul(c, jnp.asarray(x), q.values, bits, q.scale, q.zero_point)
+    assert streamed is not None                                                   # the tiled path, not a fallback
+    np.testing.assert_allclose(streamed, x @ np.asarray(q.dense()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jb.leaves.contract(q, jnp.asarray(x), c), streamed, rtol=1e-6, atol=1e-6)
+
+
+def test_scales_are_stored_in_the_scale_dtype():
+    w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    for dtype in ("float16", "bfloat16"):
+        spec = QuantSpec(bits=4, granularity=Group(32), scale_dtype=dtype)
+        q = jb.quant.quantize(w, spec)
+        assert q.scale.dtype == jnp.dtype(dtype) and q.scale.shape == (2, 8)
+        assert q.nbytes == 64 * 8 // 2 + 2 * 8 * 2
+        assert jb.quant.layer_bytes({"d": {"kernel": w}}, bits=(4,), spec=spec) == {"d/kernel": {4: q.nbytes}}
+        step = np.repeat(np.asarray(q.scale, np.float32), 32, axis=0)
+        dense = np.clip(np.round(w / step), -7, 7) * step                      # float32 math on the stored scales
+        np.testing.assert_allclose(q.dense(), dense, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(jb.quant.fake_quant(w, spec), dense, rtol=1e-6, atol=1e-6)
+    # a given scale is rounded to the scale dtype first: the codes are those of the stored scale
+    given = QuantSpec(bits=4, scale_dtype="float16").quantize(jnp.asarray(w), jnp.float32(0.1001))
+    step = np.float32(np.float16(0.1001))
+    np.testing.assert_array_equal(np.asarray(given.int_values()), np.clip(np.round(w / step), -7, 7))
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_leaves_stored_in_the_old_containers_still_decode(bits):
+    # before: int3 two per byte (nibbles), int5 one int8 each, float32 scales with a scale_dtype set
+    w = np.random.default_rng(bits).normal(size=(40, 3)).astype(np.float32)
+    new = jb.quant.quantize(w, QuantSpec(bits=bits, granularity=PER_CHANNEL, scale_dtype="float16"))
+    codes = np.asarray(new.int_values())
+    if bits == 3:
+        nibbles = (codes.astype(np.int64) & 15)
+        old_values = jnp.asarray((nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8))
+    else:
+        old_values = jnp.asarray(codes.astype(np.int8))
+    old = new.replace(values=old_values, scale=new.scale.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(old.int_values()), codes)
+    np.testing.assert_array_equal(np.asarray(old.dense()), np.asarray(new.dense()))
+    assert old.kind == ("int3 in int4" if bits == 3 else "int5 in int8")
+    x = np.random.default_rng(0).normal(size=(1, 40)).astype(np.float32)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    np.testing.assert_allclose(jb.leaves.contract(old, jnp.asarray(x), c), x @ np.asarray(new.dense()), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"no packed int3 layout of 40 values.*uint8 with 15 rows"):
+        new.replace(bits=3, values=jnp.zeros((16, 3), jnp.uint8)).int_values()  # neither layout: refused

@@ -321,10 +321,10 @@ def _integer_calibrate(x: jax.Array, spec: _options.IntegerGrid):
     else:  # a max or min over a group is NaN or infinite exactly when the group holds NaN or Inf
         scale = jnp.where(jnp.isfinite(lo) & jnp.isfinite(hi), scale, jnp.nan)
     zp = None if zp is None else jnp.where(jnp.isnan(scale), jnp.nan, zp)
-    return unblock(_rounded(scale, spec)), None if zp is None else unblock(zp)
+    return unblock(rounded_scale(scale, spec)), None if zp is None else unblock(zp)
 
 
-def _rounded(scale: jax.Array, spec: _options.IntegerGrid) -> jax.Array:
+def rounded_scale(scale: jax.Array, spec: _options.IntegerGrid) -> jax.Array:
     """``scale`` rounded to ``spec.scale_dtype`` (if set), kept inside its positive finite range.
 
     Rounding moves a scale by at most 2^-9 of itself (bfloat16), so ``qmax * scale`` still rounds to

@@ -7,7 +7,8 @@ kernel (4x the bytes of int8, 8x those of int4) and reads it back, which makes i
 
 :func:`streamed_matmul` walks the input axis in tiles of 128 input rows with ``lax.scan``; each step
 unpacks and converts one tile (at most ``128 x out`` float32, which stays in cache), multiplies it, and
-accumulates. The whole kernel is never materialized in float: compiled temporaries are one tile.
+accumulates. The whole kernel is never materialized in float: compiled temporaries are one tile. A tile
+of 128 codes of any width is whole bytes (``16 * bits``), so every tile starts on a byte boundary.
 Scales constant over a tile (per channel, per tensor, groups of >= 128) multiply the small output,
 smaller groups and zero points are applied to the tile.
 """
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
 
 __all__ = ["MAX_ROWS", "TILE", "streamed_matmul"]
@@ -31,16 +33,17 @@ def streamed_matmul(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits
     """``c(x, (ints - zero_point) * scale)`` for a Dense layer's ``x @ kernel``, or None where it does not apply.
 
     Applies to a plain ``lax.dot_general`` of ``x``'s last axis with axis 0 of a 2-D kernel whose codes
-    are int8 (``bits > 4``) or two int4 per byte along axis 0 (``bits`` 3-4), with at most
-    :data:`MAX_ROWS` input rows and an input axis that the tiles divide.
+    are int8 (``bits`` 8) or ``bits``-wide codes packed back to back along axis 0 in uint8 (``bits``
+    2-7, as stored: an int3 kept in nibbles comes with ``bits`` 4), with at most :data:`MAX_ROWS`
+    input rows and an input axis that the tiles divide. ``scale`` and ``zero_point`` are float32.
     """
     if not _applies(c, x, codes, bits, scale):
         return None
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    if bits > 4:
-        lanes = [rows]
-    else:  # byte r holds input rows 2r (low nibble) and 2r + 1 (high nibble)
+    if bits == 4:  # byte r holds input rows 2r (low nibble) and 2r + 1 (high nibble): no unpacking
         lanes = [rows[:, 0::2], rows[:, 1::2]]
+    else:
+        lanes = [rows]
     y = _scan(lanes, codes, bits, scale, zero_point)
     if scale.shape[0] == 1:  # per channel or per tensor: one multiply of the output
         y = y * scale
@@ -53,10 +56,10 @@ def _applies(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits: int, 
     dims = c.args[0] if c.args else c.kwargs.get("dimension_numbers")
     if dims != (((x.ndim - 1,), (0,)), ((), ())) or c.kwargs.get("precision") is not None:
         return False
-    k, pairs = x.shape[-1], bits <= 4
-    if x.size // max(k, 1) > MAX_ROWS or k % TILE or codes.dtype != (jnp.uint8 if pairs else jnp.int8):
+    k, pairs = x.shape[-1], bits == 4
+    if x.size // max(k, 1) > MAX_ROWS or k % TILE or codes.dtype != (jnp.int8 if bits == 8 else jnp.uint8):
         return False
-    if not 3 <= bits <= 8 or codes.shape[0] * (2 if pairs else 1) != k or scale.ndim != 2 or k % scale.shape[0]:
+    if not 2 <= bits <= 8 or codes.shape[0] * 8 != k * bits or scale.ndim != 2 or k % scale.shape[0]:
         return False
     if scale.shape[0] == 1:
         return True
@@ -67,8 +70,8 @@ def _applies(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits: int, 
 def _scan(lanes: list[jax.Array], codes: jax.Array, bits: int, scale: jax.Array,
           zero_point: jax.Array | None) -> jax.Array:
     """Sum over tiles of ``lane_tile @ (codes_tile - zero_point) * scale`` (group scales inside, else later)."""
-    tile = TILE // len(lanes)                   # code rows per tile: 128 int8 rows, or 64 bytes of int4 pairs
-    tiles, n = codes.shape[0] // tile, codes.shape[1]
+    tile = TILE // len(lanes)                   # weight rows per lane of a tile: 128, or 64 int4 pairs
+    tiles, n = codes.shape[0] // (TILE * bits // 8), codes.shape[1]
     per_tile = scale.shape[0] // tiles          # scale rows per tile (0: a scale row spans several tiles)
 
     def tiled(a: jax.Array) -> jax.Array:
@@ -87,8 +90,11 @@ def _scan(lanes: list[jax.Array], codes: jax.Array, bits: int, scale: jax.Array,
 
     def body(acc, inputs):
         x, q, s, z = inputs
-        signed = lax.bitcast_convert_type(q, jnp.int8)
-        parts = [signed] if bits > 4 else [(signed << 4) >> 4, signed >> 4]  # arithmetic shifts sign-extend
+        if bits == 4:
+            signed = lax.bitcast_convert_type(q, jnp.int8)
+            parts = [(signed << 4) >> 4, signed >> 4]  # arithmetic shifts sign-extend
+        else:  # int8 codes as they are, other widths unpacked (a tile is whole bytes)
+            parts = [q if bits == 8 else _bits.unpack(q, bits, TILE, signed=True)]
         inside = s.shape[0] > 1  # several groups in this tile: scale the tile, else its (small) output
         y = jnp.zeros_like(acc)
         for xi, p in zip(x, parts):
@@ -98,5 +104,5 @@ def _scan(lanes: list[jax.Array], codes: jax.Array, bits: int, scale: jax.Array,
         return acc + (y if inside or scale.shape[0] == 1 else y * s), None
 
     init = jnp.zeros((lanes[0].shape[0], n), jnp.float32)
-    acc, _ = lax.scan(body, init, (xs, codes.reshape(tiles, tile, n), tiled(scale), zeros))
+    acc, _ = lax.scan(body, init, (xs, codes.reshape(tiles, -1, n), tiled(scale), zeros))
     return acc

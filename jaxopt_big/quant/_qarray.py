@@ -1,8 +1,11 @@
 """`QArray`: integer values packed into bytes, with their scale and zero point.
 
-Widths are stored in a container of 2, 4 or 8 bits: int2 four per byte, int3/int4 two per byte,
-int5..int8 one per byte. Sub-byte values are packed along axis 0 (the input axis of a kernel), so a
-kernel sharded along its output axis keeps that sharding.
+Every width is packed at its own width (``jaxopt_big._bits``): ``n`` int3 values take
+``ceil(3n / 8)`` bytes, int8 is one ``int8`` per value. Values are packed along axis 0 (the input axis
+of a kernel), so a kernel sharded along its output axis keeps that sharding.
+
+Leaves stored before widths 3, 5, 6 and 7 were packed at their own width (int3 in nibbles, int5..int7
+as ``int8``) still decode: the layout is read off ``values`` (see :func:`container_bits`).
 """
 
 from __future__ import annotations
@@ -17,29 +20,58 @@ from flax import struct
 
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
-from jaxopt_big.quant._calibrate import calibrate_checked, check_input, expand, from_int, group_size, to_int
+from jaxopt_big.quant._calibrate import (calibrate_checked, check_input, expand, from_int, group_size, rounded_scale,
+                                          to_int)
 from jaxopt_big.quant import _matmul, _options
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
 
 
-def container_bits(bits: int) -> int:
-    """Storage bits per value for a ``bits``-wide integer.
+def container_bits(bits: int, n: int | None = None) -> int:
+    """Storage bits per value of a ``bits``-wide integer packed along an axis of ``n`` values.
+
+    A width is packed at its own width, except int3 on an axis so short (``n`` of 1, 2, 3, 4 or 6)
+    that three bits save no byte over two values per byte: it keeps int4 containers there, the
+    layout every int3 had before, so a stored layout is never ambiguous.
 
     Examples:
       >>> [container_bits(b) for b in (2, 3, 4, 5, 8)]
-      [2, 4, 4, 8, 8]
+      [2, 3, 4, 5, 8]
+      >>> container_bits(3, 6), container_bits(3, 7)
+      (4, 3)
     """
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+    if bits == 3 and n is not None and -(-3 * n // 8) == -(-n // 2):
+        return 4
+    return bits
+
+
+def _rows(n: int, width: int) -> int:
+    return -(-n * width // 8)
+
+
+def _stored_bits(values: Any, bits: int, shape: tuple[int, ...]) -> int:
+    """Bits per value in ``values`` as stored: :func:`container_bits`, or the layout of leaves saved before
+    int3/int5..int7 were packed at their own width (int3 in nibbles, int5..int7 one ``int8`` each)."""
+    n = shape[0] if shape else 1
+    width = container_bits(bits, n)
+    if np.dtype(values.dtype) == np.int8 and values.shape[0] == n and bits > 4:
+        return 8
+    if np.dtype(values.dtype) == np.uint8 and bits < 8:
+        for w in (width, 4 if bits == 3 else width):
+            if values.shape[0] == _rows(n, w):
+                return w
+    expected = f"int8 with {n} rows" if width == 8 else f"uint8 with {_rows(n, width)} rows"
+    raise ValueError(f"QArray values of dtype {values.dtype} and shape {tuple(values.shape)} are no packed int{bits} "
+                     f"layout of {n} values along axis 0 (expected {expected})")
 
 
 def _pack(q: jax.Array, bits: int) -> jax.Array:
-    c = container_bits(bits)
+    c = container_bits(bits, q.shape[0] if q.ndim else 1)
     return q.astype(jnp.int8) if c == 8 else _bits.pack(q, c)
 
 
 def _unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
-    c = container_bits(bits)
+    c = _stored_bits(packed, bits, shape)
     if c == 8:
         return packed
     return _bits.unpack(packed, c, shape[0] if shape else 1, signed=True).reshape(shape)
@@ -56,9 +88,10 @@ class QArray(_leaves.Compressed):
     kernel in one leaf; its ``nbytes`` counts the mask bits, the kept int8 codes and the scales.
 
     Attributes:
-      values: packed integers (int8, or uint8 holding two int4/int3 or four int2 along axis 0), or a
-        compressed leaf standing for the int8 codes (a ``PackedSparse`` of them).
-      scale: float32 scale with the dense array's ndim (1 along reduced axes).
+      values: packed integers (int8 for int8, else uint8 holding ``bits``-wide codes back to back along
+        axis 0), or a compressed leaf standing for the int8 codes (a ``PackedSparse`` of them).
+      scale: scale with the dense array's ndim (1 along reduced axes): float32, or the spec's
+        ``scale_dtype`` (float16, bfloat16) when it has one.
       zero_point: affine zero point shaped like ``scale``, or None for symmetric grids.
       bits: integer width (static).
       axis: channel axis of per-channel/group scales, None for per-tensor (static).
@@ -79,10 +112,22 @@ class QArray(_leaves.Compressed):
 
     @property
     def kind(self) -> str:
-        c = container_bits(self.bits)
+        c = self.stored_bits
         codes = f" {self.values.kind}" if _leaves.is_compressed(self.values) else ""
         return (f"int{self.bits}" + (f" in int{c}" if c != self.bits else "") + codes
                 + ("" if self.zero_point is None else " affine"))
+
+    @property
+    def scale32(self) -> jax.Array:
+        """The scale in float32, the dtype all arithmetic with it runs in (it may be stored narrower)."""
+        return self.scale.astype(jnp.float32)
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits per value as ``values`` holds them (8 for compressed int8 codes); see :func:`container_bits`."""
+        if _leaves.is_compressed(self.values):
+            return 8
+        return _stored_bits(self.values, self.bits, self.dense_shape)
 
     @property
     def nbytes(self) -> int:
@@ -107,10 +152,10 @@ class QArray(_leaves.Compressed):
         A Dense layer on a few rows (a decode step) streams the packed codes tile by tile instead
         (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel."""
         if not _leaves.is_compressed(self.values) and self.group_size is None:  # tiles assume equal groups
-            y = _matmul.streamed_matmul(c, x, self.values, self.bits, self.scale, self.zero_point)
+            y = _matmul.streamed_matmul(c, x, self.values, self.stored_bits, self.scale32, self.zero_point)
             if y is not None:
                 return y
-        y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale)
+        y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale32)
         if y is None:
             return c(x, self.dense())
         return y if c.int_input is None else c.straight_through(x, self.dense(), y)
@@ -121,7 +166,7 @@ def _dense(leaf: QArray) -> jax.Array:
     q = leaf.int_values().astype(jnp.float32)
     shape, group = leaf.dense_shape, leaf.group_size
     zp = None if leaf.zero_point is None else expand(leaf.zero_point, shape, group)
-    return from_int(q, expand(leaf.scale, shape, group), zp).astype(leaf.dense_dtype)
+    return from_int(q, expand(leaf.scale32, shape, group), zp).astype(leaf.dense_dtype)
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
@@ -151,8 +196,12 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     scale = scale.reshape((1,) * x.ndim) if scale.ndim == 0 else scale
     zp = None if zero_point is None else jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), scale.shape)
     axis = None if isinstance(spec.granularity, _options.PerTensor) else spec.axis % max(x.ndim, 1)
-    out = QArray(values=_codes(x, scale, zp, spec), scale=scale, zero_point=zp, bits=spec.bits, axis=axis,
-                 dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype), group_size=group_size(x.shape, spec))
+    scale = rounded_scale(scale, spec)  # a given scale too: the codes are those of the scale that is stored
+    values = _codes(x, scale, zp, spec)
+    dtype = getattr(spec, "scale_dtype", None)  # stored in it: the rounded scales are exact there
+    out = QArray(values=values, scale=scale if dtype is None else scale.astype(dtype), zero_point=zp, bits=spec.bits,
+                 axis=axis, dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype),
+                 group_size=group_size(x.shape, spec))
     return _leaves.place_like(out, x)
 
 

@@ -45,9 +45,10 @@ class QuantSpec(Format):
         clips neither the minimum (at ``-2^(b-1)``) nor the maximum (at ``2^(b-1)-1``); None (default):
         full range with ``MSE()`` calibration, which then picks per scale the better grid (see
         :class:`MSE`), narrow otherwise.
-      scale_dtype: None (float32 scales), or ``float16`` / ``bfloat16``: calibrated scales are rounded
-        to that format (and held in float32), so a file format that stores them so (GGUF ``Q4_0`` and
-        ``Q8_0`` keep one float16 scale per block of 32) holds the quantized values exactly.
+      scale_dtype: None (float32 scales), or ``float16`` / ``bfloat16``: scales (calibrated or given)
+        are rounded to that format and a ``QArray`` stores them in it (2 bytes each; arithmetic with
+        them runs in float32), so a file format that stores them so (GGUF ``Q4_0`` and ``Q8_0`` keep
+        one float16 scale per block of 32) holds the quantized values exactly.
 
     Examples:
       >>> QuantSpec(bits=4, granularity=PER_CHANNEL).qmax
