@@ -190,7 +190,7 @@ def _add_compress(sub: Any) -> None:
     comp.add_argument("--bits", type=float, default=None, help="with --recipe auto: average bits per weight of the "
                       "compressed layers, scales included (4.25 = int4 in groups of 128)")
     comp.add_argument("--choices", type=_bit_widths, default=None, help="with --recipe auto: the bit widths a layer "
-                      "may get (default 2,3,4,8; GPTQ, groups of 128, MSE grid)")
+                      "may get (default 2,3,4,5,6,8; GPTQ, groups of 128, MSE grid)")
     comp.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (default: the "
                       "embedded Python documentation)")
     comp.add_argument("--samples", type=_at_least(1), default=128,

@@ -395,7 +395,7 @@ def test_cli_recipe_auto_passes_bits_and_choices(src, tmp_path, monkeypatch):
     assert cli.main(["compress", str(src), "--out", str(tmp_path / "b"), "--recipe", "auto", "--bits", "3.5",
                      "--choices", "3,4"]) == 0
     assert got == [jb.recipe.Auto(bits=4.25), jb.recipe.Auto(bits=3.5, choices=(3, 4))]
-    assert got[0].choices == (2, 3, 4, 8) and got[0].plan(4) == jb.recipe.PRESETS["gptq-int4"][0]
+    assert got[0].choices == (2, 3, 4, 5, 6, 8) and got[0].plan(4) == jb.recipe.PRESETS["gptq-int4"][0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -148,7 +148,7 @@ def test_a_budget_the_layers_cannot_meet_fails_after_the_first_run(monkeypatch):
 
 def test_an_auto_recipe_saves_as_a_recipe_file_that_loads_back_equal(measured, tmp_path):
     _, _, _, sens = measured
-    recipe = jb.recipe.auto(sens, jb.recipe.Auto(bits=3.3))  # GPTQ with its options, and the dense head rule
+    recipe = jb.recipe.auto(sens, jb.recipe.Auto(bits=3.3, choices=CHOICES))  # GPTQ with its options, and the dense head rule
     path = tmp_path / "auto.toml"
     path.write_text(jb.recipe.to_toml(recipe))
     dense = jb.Plan()  # a rule that leaves its layers as they are reads back as the empty plan

@@ -23,7 +23,7 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
     """Measures each layer's output error at every bit width of ``options``, then picks bits per layer.
 
     The measurement is the engine's own: one :func:`compress` run per choice with every block linear at
-    that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 8) 4 runs of 2 block
+    that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 5, 6, 8) 6 runs of 2 block
     passes each, 8 block passes per block in all. A layer's error at a width is the absolute output
     error ``tr(D^T H D)`` = relative error x output energy ``tr(W^T H W)`` (``LayerRow.error * .energy``),
     on its calibration inputs as that run saw them (the layers before it at the same width); summed over

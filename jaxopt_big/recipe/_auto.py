@@ -50,7 +50,7 @@ class Auto:
     """
 
     bits: float
-    choices: tuple[int, ...] = (2, 3, 4, 8)
+    choices: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     quantizer: Quantizer = GPTQ(_quant.QuantSpec(bits=4, granularity=_quant.Group(128), calibration=_quant.MSE()))
 
     def __post_init__(self):
