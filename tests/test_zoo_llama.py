@@ -164,21 +164,10 @@ def test_scanned_layers_apply_a_right_padded_mask_as_numpy_does(tmp_path):
     assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 
 
-def write_sharded(directory, tensors, cfg):
-    """``tensors`` in two safetensors shards with an index, and ``cfg`` as config.json."""
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for shard, members in shards.items():
-        save_file({k: tensors[k] for k in members}, str(directory / shard))
-    weight_map = {k: shard for shard, members in shards.items() for k in members}
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps(cfg))
-
-
 def test_sharded_index(tmp_path):
     cfg = CONFIGS["llama"]
     tensors = hf_tensors(cfg)
-    write_sharded(tmp_path, tensors, cfg)
+    write_sharded(tmp_path, cfg, tensors)
     model = zoo.load_llama(tmp_path, scan_layers=True)
     assert np.abs(np.asarray(model(jnp.asarray(IDS))) - numpy_llama(tensors, cfg, IDS)).max() <= 1e-4
 
@@ -319,7 +308,7 @@ def test_lazy_sharded_bf16_checkpoint_compresses_as_the_loaded_one(tmp_path):
 
     cfg = CONFIGS["qwen2"]  # biases and tied embeddings too
     tensors = {k: v.astype(jnp.bfloat16) for k, v in hf_tensors(cfg).items()}
-    write_sharded(tmp_path, tensors, cfg)
+    write_sharded(tmp_path, cfg, tensors)
     lazy = zoo.load_llama(tmp_path, lazy=True)
     handle = lazy.layers[1].mlp.down_proj.kernel.get_value()
     assert jb.oneshot.is_lazy(handle) and handle.shape == (48, 32)  # not read yet
