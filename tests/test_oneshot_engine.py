@@ -430,8 +430,9 @@ def test_sharded_calibration_gives_the_single_device_result(shape, chain):
             np.testing.assert_allclose(np.asarray(a.dense()), np.asarray(b.dense()), atol=1e-5)
             assert np.mean(_codes(a) == _codes(b)) >= 0.85
             np.testing.assert_array_equal(np.asarray(a.dense()) == 0, np.asarray(b.dense()) == 0)
-        if "fsdp" in shape:   # compressed leaves keep the parameter's sharding
-            assert jax.tree.leaves(b)[0].sharding.spec[0] == "fsdp"
+        first = jax.tree.leaves(b)[0]   # int3 packs 8 rows into 3, which no longer split over 4 devices
+        if "fsdp" in shape and first.shape[0] % shape["fsdp"] == 0:   # compressed leaves keep the sharding
+            assert first.sharding.spec[0] == "fsdp"
 
 
 # ------------------------------------------------------------------ bad input
