@@ -269,14 +269,18 @@ class _Migrating(Quantizer):
     needs_hessian: ClassVar[bool] = True
     migrates: ClassVar[bool] = True
 
-    def _inner(self) -> Quantizer:
+    def __post_init__(self):
         inner = RTN(self.quant) if isinstance(self.quant, _quant.Format) else self.quant
         owner = type(self).__name__
         if not isinstance(inner, Quantizer):
             raise TypeError(f"{owner} needs a Quantizer (RTN, GPTQ) or a QuantSpec, got {self.quant!r}")
         if inner.migrates:
             raise TypeError(f"{owner} wraps a quantizer that does not migrate scales itself, got {inner.describe()}")
-        return inner
+        _checks.store(self, quant=inner, spec=inner.spec, **self._checked_options())
+
+    def _checked_options(self) -> dict[str, Any]:
+        """The method's own options, checked (stored by ``__post_init__``)."""
+        return {}
 
     def solve(self, w, hessian, *, pruned=None, path="kernel"):
         return self.quant.solve(w, hessian, pruned=pruned, path=path)
@@ -320,9 +324,8 @@ class AWQ(_Migrating):
     spec: _quant.Format = dataclasses.field(init=False, repr=False)
     name: ClassVar[str] = "awq"
 
-    def __post_init__(self):
-        inner = self._inner()
-        _checks.store(self, quant=inner, spec=inner.spec, grid=_checks.integer("AWQ.grid", self.grid, low=1))
+    def _checked_options(self) -> dict[str, Any]:
+        return {"grid": _checks.integer("AWQ.grid", self.grid, low=1)}
 
     def input_scales(self, kernels, stats):
         return _quant.awq_scales(kernels, stats.hessian, self.spec, act_scale=stats.absmean, grid=self.grid).scales
@@ -352,10 +355,8 @@ class SmoothQuant(_Migrating):
     spec: _quant.Format = dataclasses.field(init=False, repr=False)
     name: ClassVar[str] = "smoothquant"
 
-    def __post_init__(self):
-        inner = self._inner()
-        _checks.store(self, quant=inner, spec=inner.spec,
-                      alpha=_checks.number("SmoothQuant.alpha", self.alpha, low=0, high=1))
+    def _checked_options(self) -> dict[str, Any]:
+        return {"alpha": _checks.number("SmoothQuant.alpha", self.alpha, low=0, high=1)}
 
     def input_scales(self, kernels, stats):
         return _quant.smoothquant_scales(stats.absmax, kernels, alpha=self.alpha)
