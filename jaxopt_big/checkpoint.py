@@ -200,9 +200,11 @@ def _static_differences(saved: dict[str, Any], leaf: Any, prefix: str = "") -> l
     wanted = _record(leaf)
     saved_value = lambda name: _show(saved["static"][name]) if name in saved["static"] else "no such field"
     wanted_value = lambda name: repr(getattr(leaf, name)) if name in wanted["static"] else "no such field"
+    defaults = {f.name: f.default for f in _fields(leaf)}  # a field newer than the checkpoint: saved as its default
     out = [f"{prefix}{name}: checkpoint {saved_value(name)} vs target {wanted_value(name)}"
            for name in sorted(set(saved["static"]) | set(wanted["static"]))
-           if not _same(saved["static"], wanted["static"], name)]
+           if not _same(saved["static"], wanted["static"], name)
+           and not (name not in saved["static"] and getattr(leaf, name) == defaults.get(name, dataclasses.MISSING))]
     for name in sorted(set(saved["nested"]) | set(wanted["nested"])):
         if name not in saved["nested"]:
             out.append(f"{prefix}{name}: checkpoint plain arrays vs target {wanted['nested'][name]['class']}")

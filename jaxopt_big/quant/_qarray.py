@@ -22,7 +22,8 @@ from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant._calibrate import (calibrate_checked, check_input, expand, from_int, group_size, rounded_scale,
                                           to_int)
-from jaxopt_big.quant import _matmul, _options
+from jaxopt_big.quant import _matmul, _options, _w8a8
+from jaxopt_big.quant._w8a8 import integer_contract
 
 __all__ = ["QArray", "quantize", "dequantize", "container_bits", "integer_contract"]
 
@@ -99,6 +100,9 @@ class QArray(_leaves.Compressed):
       group_size: entries per scale along the grouped axis when the last group is shorter, None
         otherwise (static): ``Group(128)`` on 176 inputs stores two scale rows, for inputs
         ``[0, 128)`` and ``[128, 176)``; equal groups are read off the scale's shape.
+      activations: None (weight-only), or the grid the layer's input is put on at run time (static):
+        a symmetric per-token ``QuantSpec`` (W8A8: int8 per token), from the spec's ``activations``.
+        The contraction then runs ``int8 x int8 -> int32`` (see :mod:`jaxopt_big.quant._w8a8`).
     """
 
     values: Any
@@ -109,13 +113,15 @@ class QArray(_leaves.Compressed):
     dense_shape: tuple[int, ...] = struct.field(pytree_node=False)
     dense_dtype: Any = struct.field(pytree_node=False)
     group_size: int | None = struct.field(pytree_node=False, default=None)
+    activations: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def kind(self) -> str:
         c = self.stored_bits
         codes = f" {self.values.kind}" if _leaves.is_compressed(self.values) else ""
         return (f"int{self.bits}" + (f" in int{c}" if c != self.bits else "") + codes
-                + ("" if self.zero_point is None else " affine"))
+                + ("" if self.zero_point is None else " affine")
+                + ("" if self.activations is None else f" a{self.activations.bits}"))
 
     @property
     def scale32(self) -> jax.Array:
@@ -150,7 +156,11 @@ class QArray(_leaves.Compressed):
         contraction with the dense value; the gradient is always that of the dense contraction.
 
         A Dense layer on a few rows (a decode step) streams the packed codes tile by tile instead
-        (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel."""
+        (:func:`jaxopt_big.quant._matmul.streamed_matmul`), never building the float kernel. With
+        ``activations`` the input is quantized per token and the contraction runs on the two integer
+        grids (:func:`jaxopt_big.quant._w8a8.contract`)."""
+        if self.activations is not None:
+            return _w8a8.contract(c, x, self)
         if not _leaves.is_compressed(self.values) and self.group_size is None:  # tiles assume equal groups
             y = _matmul.streamed_matmul(c, x, self.values, self.stored_bits, self.scale32, self.zero_point)
             if y is not None:
@@ -169,25 +179,6 @@ def _dense(leaf: QArray) -> jax.Array:
     return from_int(q, expand(leaf.scale32, shape, group), zp).astype(leaf.dense_dtype)
 
 
-def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
-    """``c(x, ints * scale)`` by integer arithmetic, or None when ``scale`` (or the input's) varies
-    along the contraction.
-
-    With the input on an integer grid too (``c.int_input``) it runs ``int8 x int8 -> int32``; else
-    it contracts the input with the integer weights (the dequantization happens in the matmul).
-    Either way one rescale of the output follows.
-    """
-    x_int = c.int_input
-    out_scale = c.out_scale(x, None if x_int is None else x_int[1], scale)
-    if out_scale is None:
-        return None
-    if x_int is None:
-        acc = c(x, ints.astype(x.dtype))
-    else:
-        acc = c(x_int[0].astype(jnp.int8), ints.astype(jnp.int8), preferred_element_type=jnp.int32)
-    return (acc.astype(jnp.float32) * out_scale).astype(c.dtype)
-
-
 def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None, *, path: str = "") -> QArray:
     x = check_input(x, path)
     if scale is None:
@@ -201,7 +192,7 @@ def integer_quantize(x, spec: _options.IntegerGrid, scale=None, zero_point=None,
     dtype = getattr(spec, "scale_dtype", None)  # stored in it: the rounded scales are exact there
     out = QArray(values=values, scale=scale if dtype is None else scale.astype(dtype), zero_point=zp, bits=spec.bits,
                  axis=axis, dense_shape=tuple(x.shape), dense_dtype=np.dtype(x.dtype),
-                 group_size=group_size(x.shape, spec))
+                 group_size=group_size(x.shape, spec), activations=getattr(spec, "activations", None))
     return _leaves.place_like(out, x)
 
 

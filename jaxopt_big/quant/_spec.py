@@ -49,12 +49,21 @@ class QuantSpec(Format):
         are rounded to that format and a ``QArray`` stores them in it (2 bytes each; arithmetic with
         them runs in float32), so a file format that stores them so (GGUF ``Q4_0`` and ``Q8_0`` keep
         one float16 scale per block of 32) holds the quantized values exactly.
+      activations: None (weight-only), or the grid a layer's input is put on at run time, one scale
+        per token: a symmetric ``QuantSpec`` with ``granularity=PER_TOKEN`` (W8A8:
+        ``QuantSpec(bits=8, granularity=PER_CHANNEL, activations=QuantSpec(bits=8, granularity=PER_TOKEN))``).
+        Kernels quantized with it are ``QArray`` leaves that carry it, and their layer runs as
+        ``int8 x int8 -> int32`` (see :mod:`jaxopt_big.quant._w8a8`).
 
     Examples:
       >>> QuantSpec(bits=4, granularity=PER_CHANNEL).qmax
       7
       >>> QuantSpec().calibration, QuantSpec(symmetric=False).calibration
       (AbsMax(), MinMax())
+      >>> QuantSpec(bits=8, activations=QuantSpec(bits=8))
+      Traceback (most recent call last):
+      ...
+      ValueError: QuantSpec.activations must be None or a symmetric QuantSpec with granularity=PER_TOKEN (inputs are quantized per token at run time), got QuantSpec(bits=8, ...)
       >>> QuantSpec(bits=9)
       Traceback (most recent call last):
       ...
@@ -68,6 +77,7 @@ class QuantSpec(Format):
     calibration: Calibration | None = None
     narrow: bool | None = None
     scale_dtype: Any = None
+    activations: QuantSpec | None = None
 
     def __post_init__(self):
         _checks.store(self, bits=_checks.integer("QuantSpec.bits", self.bits, low=2, high=8),
@@ -87,6 +97,11 @@ class QuantSpec(Format):
         if not isinstance(self.calibration, (AbsMax, MinMax, Percentile, MSE)):
             raise TypeError(f"QuantSpec.calibration must be AbsMax(), MinMax(), Percentile(q) or MSE(), "
                             f"got {self.calibration!r}")
+        a = self.activations
+        if a is not None and not (isinstance(a, QuantSpec) and a.symmetric and isinstance(a.granularity, PerToken)
+                                  and a.activations is None):
+            raise ValueError(f"QuantSpec.activations must be None or a symmetric QuantSpec with "
+                             f"granularity=PER_TOKEN (inputs are quantized per token at run time), got {a!r}")
 
     @property
     def full_range(self) -> bool:

@@ -1,0 +1,118 @@
+"""Integer contractions: ``int8 x int8 -> int32`` matmuls, and the W8A8 execution of a kernel whose
+inputs are quantized at run time.
+
+A ``QArray`` quantized with a spec that has ``activations`` (for W8A8:
+``QuantSpec(bits=8, granularity=PER_CHANNEL, activations=QuantSpec(bits=8, granularity=PER_TOKEN))``)
+stands for a layer whose input is put on that grid on every call, one scale per token (row) from
+the row's own absmax. Its contraction is ``(q_x @ q_w) * s_x * s_w``: one integer dot accumulating
+in int32, which is exact, then one float rescale of the output; nothing float of the kernel's size
+is built. A weight scale that varies along the contraction (groups) or an affine weight cannot be
+factored out of the integer dot; such a layer computes the same numbers on the float path
+(quantized input times the dense kernel).
+
+XLA:CPU runs an int8 dot with a single row far slower than one with two rows (a decode step of one
+sequence), so a single row is padded to two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxopt_big import leaves as _leaves
+from jaxopt_big.quant import _options
+from jaxopt_big.quant._calibrate import calibrate_checked, from_int, to_int
+
+__all__ = ["integer_contract", "quantize_tokens", "contract"]
+
+
+def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
+    """``c(x, ints * scale)`` by integer arithmetic, or None when ``scale`` (or the input's) varies
+    along the contraction.
+
+    With the input on an integer grid too (``c.int_input``) it runs ``int8 x int8 -> int32``; else
+    it contracts the input with the integer weights (the dequantization happens in the matmul).
+    Either way one rescale of the output follows.
+    """
+    x_int = c.int_input
+    out_scale = c.out_scale(x, None if x_int is None else x_int[1], scale)
+    if out_scale is None:
+        return None
+    if x_int is None:
+        acc = c(x, ints.astype(x.dtype))
+    else:
+        acc = c(x_int[0].astype(jnp.int8), ints.astype(jnp.int8), preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * out_scale).astype(c.dtype)
+
+
+def quantize_tokens(x: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array, jax.Array]:
+    """``(codes, scale)`` of ``x`` on ``spec``'s grid (symmetric, per token): int8 codes shaped like ``x``
+    and a float32 scale ``(..., 1)``, with ``x == codes * scale`` up to rounding.
+
+    Examples:
+      >>> from jaxopt_big.quant._spec import QuantSpec, PER_TOKEN
+      >>> q, s = quantize_tokens(jnp.array([[1.0, -0.5], [0.0, 0.25]]), QuantSpec(granularity=PER_TOKEN))
+      >>> q.tolist(), (s * 127).ravel().tolist()
+      ([[127, -64], [0, 127]], [1.0, 0.25])
+    """
+    xf = x.astype(jnp.float32)
+    scale, _ = calibrate_checked(xf, spec)
+    return to_int(xf, spec, scale, None).astype(jnp.int8), scale
+
+
+def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array,
+                w_scale: jax.Array) -> jax.Array | None:
+    """A Dense layer's ``x @ kernel`` on int8 rows: ``(q @ w) * s * w_scale``, or None where it does not apply
+    (another contraction, or a weight scale varying along the input axis)."""
+    if c.conv or c.op is not lax.dot_general or w.ndim != 2 or w_scale.shape[0] != 1:
+        return None
+    dims = c.args[0] if c.args else c.kwargs.get("dimension_numbers")
+    if dims != (((q.ndim - 1,), (0,)), ((), ())):
+        return None
+    rows = q.reshape(-1, q.shape[-1])
+    m = rows.shape[0]
+    if m == 1:  # XLA:CPU's one-row int8 dot is slow; two rows are not
+        rows = jnp.pad(rows, ((0, 1), (0, 0)))
+    acc = lax.dot_general(rows, w.astype(jnp.int8), (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    y = acc[:m].astype(jnp.float32) * s.reshape(m, 1) * w_scale
+    return y.reshape(*q.shape[:-1], w.shape[1]).astype(c.dtype)
+
+
+def _integer(c: _leaves.Contraction, x: jax.Array, leaf: Any) -> jax.Array:
+    q, s = quantize_tokens(x, leaf.activations)
+    if leaf.zero_point is None:
+        ints, w_scale = leaf.int_values(), leaf.scale32
+        y = _dense_rows(c, q, s, ints, w_scale)
+        if y is None:
+            y = integer_contract(dataclasses.replace(c, int_input=(q, s)), x, ints, w_scale)
+        if y is not None:
+            return y
+    return c(from_int(q.astype(jnp.float32), s, None).astype(x.dtype), leaf.dense())
+
+
+def contract(c: _leaves.Contraction, x: jax.Array, leaf: Any) -> jax.Array:
+    """``c(x, kernel)`` of a kernel ``leaf`` (a ``QArray`` with ``activations``) whose input is quantized
+    per token on ``leaf.activations``: ``int8 x int8 -> int32`` where the scales allow it.
+
+    The gradient is that of the float contraction with the dense kernel (straight through the
+    rounding of the input), which is computed only when differentiated.
+    """
+    y = _integer(c, x, leaf)
+
+    @jax.custom_vjp
+    def f(a, kernel, out):
+        return out
+
+    def fwd(a, kernel, out):
+        return out, (a, kernel)
+
+    def bwd(res, g):
+        _, vjp = jax.vjp(lambda a, kernel: c(a, kernel.dense()), *res)
+        return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
+
+    f.defvjp(fwd, bwd)
+    return f(x, leaf, y)
