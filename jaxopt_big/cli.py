@@ -41,6 +41,17 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def _bit_widths(text: str) -> tuple[int, ...]:
     """An argparse type: ``b[,b...]``, bit widths."""
     parts = [p.strip() for p in text.split(",")]
@@ -106,12 +117,16 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from jaxopt_big import hf, parallel
-    from jaxopt_big.recipe import Recipe
+    from jaxopt_big.recipe import Recipe, with_smoothquant
 
     try:
         hf.model_type(args.src)
         hf.check_destination(args.out, overwrite=args.overwrite, src=args.src)  # before minutes of loading
         recipe = hf.read_recipe(args.recipe, bits=args.bits, choices=args.choices)
+        if args.smoothquant is not None:
+            if not isinstance(recipe, Recipe):
+                raise ValueError("--smoothquant does not go with --recipe auto (it measures without SmoothQuant)")
+            recipe = with_smoothquant(recipe, alpha=args.smoothquant)
         if args.rotate is not None:
             if not isinstance(recipe, Recipe):
                 raise ValueError("--rotate does not go with --recipe auto (it measures the unrotated model)")
@@ -205,6 +220,10 @@ def _add_compress(sub: Any) -> None:
                       help="rotate a decoder before calibrating (random Hadamard, seed recorded); online (the "
                       "default) adds an online Hadamard before down_proj that only our loaders run; offline "
                       "gives a plain Llama every export can write")
+    comp.add_argument("--smoothquant", nargs="?", const=0.5, default=None, type=_fraction, metavar="ALPHA",
+                      help="W8A8 with SmoothQuant: move activation outliers into the weights (strength ALPHA in "
+                      "[0, 1], default 0.5) and quantize each quantized layer's inputs to int8 per token at run "
+                      "time (e.g. --recipe int8 --smoothquant; --recipe w8a8 is W8A8 without it)")
     comp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new one is complete")
     comp.add_argument("--mesh", type=_mesh_axes, default=None, help="device mesh axes, e.g. data=8 or data=2,fsdp=4")
     comp.add_argument("--resume", action="store_true", help="continue a killed run of the same source, recipe and "

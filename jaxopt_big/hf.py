@@ -54,6 +54,7 @@ import numpy as np
 from jaxopt_big import checkpoint as _checkpoint
 from jaxopt_big import data as _data
 from jaxopt_big import export as _export
+from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import oneshot as _oneshot
 from jaxopt_big import recipe as _recipe
@@ -322,15 +323,20 @@ def _prepare(src: pathlib.Path, kind: str, texts: tuple[str, str], samples: int,
 
 def _perplexity_by_layer(model: Any, params: Any, ids: np.ndarray, batch_size: int = 8) -> float:
     """The perplexity of ``model`` on ``params`` over ``ids``, as :func:`jaxopt_big.data.perplexity` gives it,
-    computed one layer at a time over all sequences: one float layer is held (read from the checkpoint
-    when lazy, or densified when compressed), not the whole model."""
+    computed one layer at a time over all sequences: one layer is held (read from the checkpoint when
+    lazy), not the whole model. Compressed kernels of a layer run through their execution hooks, as
+    :func:`jaxopt_big.zoo.generate` runs them (a W8A8 kernel quantizes its inputs per token)."""
     from flax import nnx
 
     def runner(module: Any) -> Callable:
         graphdef, _, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]  # flax types the split as variadic
-        return jax.jit(lambda p, x, method=None: (nnx.merge(graphdef, p, rest) if method is None else
-                                                  getattr(nnx.merge(graphdef, p, rest), method))(x),
-                       static_argnames="method")
+
+        def call(p: Any, x: Any, method: str | None = None) -> Any:
+            m = nnx.merge(graphdef, p, rest)
+            if method is not None:
+                return getattr(m, method)(x)
+            return (_intercept.run_compressed(m) if _leaves.has_compressed(p) else m)(x)
+        return jax.jit(call, static_argnames="method")
 
     def part(state: Any) -> Any:
         return _oneshot.read_lazy(_leaves.densify(state))
@@ -340,7 +346,7 @@ def _perplexity_by_layer(model: Any, params: Any, ids: np.ndarray, batch_size: i
     hidden = [runner(model.embed_tokens)(embed, b) for b in batches]
     layer = runner(model.layers[0])  # every layer has the same structure: one compile
     for i in range(model.config.num_layers):
-        state = part(params["layers"][i])
+        state = _oneshot.read_lazy(params["layers"][i])
         hidden = [layer(state, x) for x in hidden]
     norm = runner(model.norm)
     head, head_params, method = ((runner(model.embed_tokens), embed, "attend") if model.lm_head is None

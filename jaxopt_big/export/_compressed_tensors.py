@@ -54,6 +54,19 @@ def _activations(spec: Any) -> dict[str, Any] | None:
             "dynamic": True}
 
 
+def _layer_activations(t: _layout.Tensor, activations: Any) -> dict[str, Any] | None:
+    """The input format of one quantized Linear: the one its ``QArray`` carries (W8A8), else ``activations``."""
+    own = getattr(t.leaf, "activations", None)
+    if own is None:
+        return _activations(activations)
+    if activations is not None and activations != own:
+        raise ValueError(f"{t.path}: the kernel quantizes its inputs as {own!r}, not as activations={activations!r}")
+    try:
+        return _activations(own)
+    except ValueError as e:
+        raise ValueError(f"{t.path}: {e}") from None
+
+
 def _quantized(t: _layout.Tensor, c: _layout.Codes, activations: dict[str, Any] | None
                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(weight args of the config, tensors) of one quantized Linear."""
@@ -85,14 +98,17 @@ def compressed_tensors(directory: str | os.PathLike[str], model: Any, params: An
     ``model.safetensors``, loadable by vLLM and by transformers (``compressed-tensors`` installed).
     Quantized kernels are written as their codes and scales, unchanged: weight-only
     (``pack-quantized``: W4A16 for int4 and narrower, W8A16 for int5..int8, symmetric or affine, per
-    output feature or per group of inputs), or with ``activations`` W8A8 (``int-quantized``: int8
-    per-channel kernels, int8 activations quantized per token at run time). Float tensors are written
-    as they are; Linear layers left float are listed in ``ignore``.
+    output feature or per group of inputs), or W8A8 (``int-quantized``: int8 per-channel kernels, int8
+    activations quantized per token at run time) for kernels that carry that activation format
+    (``QuantSpec(..., activations=...)``, the ``w8a8`` and ``smoothquant-int8`` presets) or for all
+    with ``activations``. A model mixing both is written as ``mixed-precision``, each group with its
+    format. Float tensors are written as they are; Linear layers left float are listed in ``ignore``.
 
     Args:
       directory: the output folder (must not exist or be empty); it appears only when complete.
       model: an unrolled :class:`jaxopt_big.zoo.Llama`; params: its parameters, compressed leaves as they are.
-      activations: None (weight-only) or ``QuantSpec(bits=8, granularity=PER_TOKEN)`` (W8A8).
+      activations: None (each kernel as it is: weight-only unless it carries an activation format) or
+        ``QuantSpec(bits=8, granularity=PER_TOKEN)`` (W8A8 for every kernel).
       tokenizer: a folder (or its ``tokenizer.json``) whose tokenizer files are copied alongside.
 
     Returns:
@@ -101,7 +117,7 @@ def compressed_tensors(directory: str | os.PathLike[str], model: Any, params: An
     Raises:
       ValueError: a kernel the format cannot hold exactly (naming it and what to use instead).
     """
-    act = _activations(activations)
+    _activations(activations)
     groups: dict[str, dict[str, Any]] = {}
     ignore, tensors = [], {}
     for t in _layout.tensors(model, params):
@@ -112,14 +128,17 @@ def compressed_tensors(directory: str | os.PathLike[str], model: Any, params: An
             if t.linear:
                 ignore.append(t.module)
             continue
+        act = _layer_activations(t, activations)
         args, written = _quantized(t, c, act)
         tensors.update(written)
-        group = groups.setdefault(json.dumps(args, sort_keys=True), {"targets": [], "weights": args})
+        fmt = "int-quantized" if act is not None else "pack-quantized"
+        group = groups.setdefault(json.dumps([args, act], sort_keys=True), {
+            "targets": [], "weights": args, "input_activations": act, "output_activations": None, "format": fmt})
         group["targets"].append(t.module)
-    fmt = "int-quantized" if act is not None else "pack-quantized"
-    config = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-              "config_groups": {f"group_{i}": {**g, "input_activations": act, "output_activations": None,
-                                               "format": fmt} for i, g in enumerate(groups.values())},
+    formats = {g["format"] for g in groups.values()}
+    config = {"quant_method": "compressed-tensors",
+              "format": formats.pop() if len(formats) == 1 else "mixed-precision", "quantization_status": "compressed",
+              "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
               "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None}
     from safetensors.numpy import save_file
 

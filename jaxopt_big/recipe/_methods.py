@@ -142,6 +142,9 @@ class Quantizer(Method):
         granularity = getattr(spec, "granularity", None)
         if isinstance(granularity, _quant.Group):
             grid += f" g{granularity.size}"
+        activations = getattr(spec, "activations", None)
+        if activations is not None:  # W8A8: inputs quantized at run time
+            grid += f" a{activations.bits}"
         return f"{self.name} {grid}"
 
 
