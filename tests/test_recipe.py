@@ -141,11 +141,11 @@ def _expected_pruner(part, description):
 def _expected_quant(part, description):
     """``gptq-int3`` -> GPTQ, 3 bits; ``gptq-q4_0`` -> GGUF's Q4_0 grid, 4 bits; ``awq-int4`` -> RTN, 4 bits
     (under AWQ); granularity, calibration and scale dtype as the description states them."""
-    m = re.fullmatch(r"(?:(gptq|rtn|awq|smoothquant)-)?(?:int(\d)|q(\d)_0)", part)
+    m = re.fullmatch(r"(?:(gptq|rtn|awq|smoothquant)-)?(?:int(\d)|q(\d)_0|w(\d)a8)", part)
     if m is None:
         return None
     method = "rtn" if m.group(1) in (None, "awq", "smoothquant") else m.group(1)
-    bits = int(m.group(2) or m.group(3))
+    bits = int(m.group(2) or m.group(3) or m.group(4))
     assert f"int{bits}" in description
     group = re.search(r"groups of (\d+)|\bg(\d+)\b", description)
     if group:
@@ -155,7 +155,9 @@ def _expected_quant(part, description):
         granularity = PER_CHANNEL
     calibration = jb.quant.MSE() if "MSE" in description else QuantSpec(bits=bits).calibration
     scale_dtype = "float16" if "float16 scales" in description else None
-    return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration, scale_dtype=scale_dtype)
+    activations = QuantSpec(bits=8, granularity=jb.quant.PER_TOKEN) if "inputs int8 per token" in description else None
+    return method, QuantSpec(bits=bits, granularity=granularity, calibration=calibration, scale_dtype=scale_dtype,
+                             activations=activations)
 
 
 def _expected_migration(part, description):
