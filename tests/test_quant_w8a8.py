@@ -58,7 +58,7 @@ def test_w8a8_layers_equal_numpy_for_every_batch_size_jitted_and_on_a_mesh(use_m
         assert q["a"]["kernel"].activations == A8 and q["a"]["kernel"].kind == "int8 a8"
         assert not jb.leaves.is_compressed(q["f"]["kernel"])
         run = jax.jit(jb.intercept.run_compressed(model.apply))
-        for shape in [(1, 32), (3, 5, 32), (1, 1, 32)]:  # one row is padded to two inside
+        for shape in [(1, 1, 32), (3, 5, 32)]:  # one row is padded to two inside
             x = rng.normal(size=shape).astype(np.float32)
             got = np.asarray(run({"params": q}, x))
             want = _w8a8_reference(jax.device_get(params), x)
