@@ -10,7 +10,8 @@ against the simulated W8A8 (densified weights, inputs fake-quantized per token b
 
 Speed: the jitted forward pass of the whole decoder on ``batch x 256`` tokens (a prefill), float32
 kernels vs W8A8 kernels, timed side by side; plus one Dense (1024 -> 4096) on 256 rows, and XLA:CPU's
-int8 dot on one row vs two (why a single row is padded to two).
+int8 dot on one row vs two (why a single row is padded to two); and decode speed (one row per step),
+where XLA:CPU's int8 dot with few rows is not faster than float32.
 """
 
 from __future__ import annotations
@@ -124,11 +125,16 @@ def main() -> None:
     t = interleaved({"float32": lambda: f_float(float_params, ids), "w8a8": lambda: f_w8a8(plain, ids)},
                     repeats=repeats, warmup=2)
     mm = _matmul_ratio(repeats * 4)
+    weight_only = jb.recipe.preset("int8").apply(float_params)
+    prompt = [list(test[0][:32])]
+    decode = {name: max(jb.zoo.generate(model, p, prompt, max_new_tokens=64).tokens_per_second for _ in range(3))
+              for name, p in (("float32", float_params), ("int8 weight-only", weight_only), ("W8A8", plain))}
     details = {
         "prefill tokens": batch * LENGTH, "prefill float32 s": t["float32"], "prefill W8A8 s": t["w8a8"],
         "prefill W8A8 / float32": t["w8a8"] / t["float32"],
         "Dense 1024x4096 on 256 rows: W8A8 / float32": mm["w8a8"] / mm["f32"],
         "int8 dot 1024x4096: 1 row / 2 rows (time)": mm["1 row"] / mm["2 rows"],
+        "decode tokens/s (batch 1, 64 new tokens; few rows per int8 dot)": decode,
         "perplexity": ppl, "test windows": len(test), "calibration windows": len(pool),
         "executed == simulated (relative perplexity gap)": {
             k: abs(ppl[f"{k} (executed)"] / ppl[f"{k} (simulated)"] - 1) for k in ("W8A8", "W8A8 + SmoothQuant 0.5")}}
