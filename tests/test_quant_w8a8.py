@@ -86,17 +86,24 @@ def test_w8a8_gradient_is_the_float_layers_and_it_runs_under_qat():
     np.testing.assert_allclose(jb.quant.qat(model.apply, activations=A8)({"params": q}, x), y, rtol=1e-6)
 
 
-def test_w8a8_group_and_affine_kernels_compute_w8a8_on_the_float_path():
-    x = np.random.default_rng(2).normal(size=(6, 64)).astype(np.float32)
-    w = np.random.default_rng(3).normal(size=(64, 8)).astype(np.float32)
+def test_w4a8_group_kernels_run_one_int32_dot_per_group_equal_to_numpy_and_affine_ones_the_float_path():
+    rng = np.random.default_rng(2)
+    x, w = rng.normal(size=(6, 80)).astype(np.float32), rng.normal(size=(80, 8)).astype(np.float32)
     model = nn.Dense(8, use_bias=False)
-    for spec in (QuantSpec(bits=4, granularity=Group(32), activations=A8),
-                 QuantSpec(bits=8, symmetric=False, granularity=PER_CHANNEL, activations=A8)):
-        q = jb.quant.quantize(w, spec)
-        sx = np.abs(x).max(axis=-1, keepdims=True) / 127
-        want = np.clip(np.round(x / sx), -127, 127) * sx @ np.asarray(q.dense())
-        got = jax.jit(jb.intercept.run_compressed(model.apply))({"params": {"kernel": q}}, x)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    run = jax.jit(jb.intercept.run_compressed(model.apply))
+    sx = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+    qx = np.clip(np.round(x / sx), -127, 127)
+    # Group(32) on 80 inputs: groups [0, 32), [32, 64) and the shorter [64, 80), int4 codes in [-7, 7]
+    q = jb.quant.quantize(w, QuantSpec(bits=4, granularity=Group(32), activations=A8))
+    want = np.zeros((6, 8), np.float32)
+    for lo, hi in ((0, 32), (32, 64), (64, 80)):
+        sw = np.abs(w[lo:hi]).max(axis=0, keepdims=True) / np.float32(7)
+        qw = np.clip(np.round(w[lo:hi] / sw), -7, 7)
+        want += (qx[:, lo:hi].astype(np.int64) @ qw.astype(np.int64)).astype(np.float32) * sw
+    np.testing.assert_allclose(run({"params": {"kernel": q}}, x), want * sx, rtol=1e-5, atol=1e-5)
+    assert "preferred_element_type=int32" in str(jax.make_jaxpr(run)({"params": {"kernel": q}}, x))
+    q = jb.quant.quantize(w, QuantSpec(bits=8, symmetric=False, granularity=PER_CHANNEL, activations=A8))
+    np.testing.assert_allclose(run({"params": {"kernel": q}}, x), qx * sx @ np.asarray(q.dense()), rtol=1e-5, atol=1e-5)
 
 
 def test_activation_format_survives_a_checkpoint_and_old_records_without_it_still_load(tmp_path):

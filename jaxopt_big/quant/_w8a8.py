@@ -6,9 +6,10 @@ A ``QArray`` quantized with a spec that has ``activations`` (for W8A8:
 stands for a layer whose input is put on that grid on every call, one scale per token (row) from
 the row's own absmax. Its contraction is ``(q_x @ q_w) * s_x * s_w``: one integer dot accumulating
 in int32, which is exact, then one float rescale of the output; nothing float of the kernel's size
-is built. A weight scale that varies along the contraction (groups) or an affine weight cannot be
-factored out of the integer dot; such a layer computes the same numbers on the float path
-(quantized input times the dense kernel).
+is built. A Dense kernel with group scales along its inputs (W4A8 with ``Group(128)``) runs one
+int32 dot per group and sums the rescaled groups. An affine weight, or group scales in another
+contraction, cannot be factored out of the integer dot; such a layer computes the same numbers on
+the float path (quantized input times the dense kernel).
 
 XLA:CPU runs an int8 dot with a single row far slower than one with two rows (a decode step of one
 sequence), so a single row is padded to two.
@@ -64,21 +65,45 @@ def quantize_tokens(x: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array
     return to_int(xf, spec, scale, None).astype(jnp.int8), scale
 
 
-def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array,
-                w_scale: jax.Array) -> jax.Array | None:
-    """A Dense layer's ``x @ kernel`` on int8 rows: ``(q @ w) * s * w_scale``, or None where it does not apply
-    (another contraction, or a weight scale varying along the input axis)."""
-    if c.conv or c.op is not lax.dot_general or w.ndim != 2 or w_scale.shape[0] != 1:
+def _int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def _grouped(rows: jax.Array, w: jax.Array, w_scale: jax.Array, size: int) -> jax.Array:
+    """``sum_g (rows_g @ w_g) * w_scale_g`` over groups of ``size`` inputs (the last may be shorter, padded
+    with zeros): one exact int32 dot per group, in a scan, so nothing ``groups x rows x out`` is built."""
+    groups, n = w_scale.shape
+    pad = groups * size - w.shape[0]
+    xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, size).transpose(1, 0, 2)
+    ws = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, size, n)
+    scales = w_scale[:, None, :]
+
+    def body(acc, group):
+        a, b, s = group
+        return acc + _int_dot(a, b).astype(jnp.float32) * s, None
+    # the first group starts the sum: the carry then has the operands' sharding
+    acc, _ = lax.scan(body, _int_dot(xs[0], ws[0]).astype(jnp.float32) * scales[0], (xs[1:], ws[1:], scales[1:]))
+    return acc
+
+
+def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array, w_scale: jax.Array,
+                group: int | None) -> jax.Array | None:
+    """A Dense layer's ``x @ kernel`` on int8 rows: ``(q @ w) * s * w_scale`` (by groups of inputs for group
+    scales), or None where it does not apply (another contraction or scale layout)."""
+    if c.conv or c.op is not lax.dot_general or w.ndim != 2 or w_scale.shape[1] not in (1, w.shape[1]):
         return None
     dims = c.args[0] if c.args else c.kwargs.get("dimension_numbers")
     if dims != (((q.ndim - 1,), (0,)), ((), ())):
         return None
-    rows = q.reshape(-1, q.shape[-1])
-    m = rows.shape[0]
+    rows, w = q.reshape(-1, q.shape[-1]), w.astype(jnp.int8)
+    m, groups = rows.shape[0], w_scale.shape[0]
     if m == 1:  # XLA:CPU's one-row int8 dot is slow; two rows are not
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
-    acc = lax.dot_general(rows, w.astype(jnp.int8), (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-    y = acc[:m].astype(jnp.float32) * s.reshape(m, 1) * w_scale
+    if groups == 1:
+        acc = _int_dot(rows, w).astype(jnp.float32) * w_scale
+    else:
+        acc = _grouped(rows, w, w_scale, group or w.shape[0] // groups)
+    y = acc[:m] * s.reshape(m, 1)
     return y.reshape(*q.shape[:-1], w.shape[1]).astype(c.dtype)
 
 
@@ -86,7 +111,7 @@ def _integer(c: _leaves.Contraction, x: jax.Array, leaf: Any) -> jax.Array:
     q, s = quantize_tokens(x, leaf.activations)
     if leaf.zero_point is None:
         ints, w_scale = leaf.int_values(), leaf.scale32
-        y = _dense_rows(c, q, s, ints, w_scale)
+        y = _dense_rows(c, q, s, ints, w_scale, leaf.group_size)
         if y is None:
             y = integer_contract(dataclasses.replace(c, int_input=(q, s)), x, ints, w_scale)
         if y is not None:
