@@ -19,15 +19,18 @@ matrix-vector path that converts the kernel to int32, so there are always severa
   ``x @ dequantized_kernel`` by float32 rounding: at most about ``6e-8 max|x| sum_k |w_k|`` on top of a
   float dot's own error (two planes would leave 1.6e-5 of it). llama.cpp instead rounds activations to
   ONE 8-bit plane, which changes the results; a W8A8 layer does that knowingly, this path never does.
-* **Tiles in cache.** The input axis is walked in tiles of :data:`TILES` input rows with ``lax.scan``;
-  each step unpacks one tile to int8 (an int4 byte's low and high nibbles are two int8 lanes, matched
-  with the even and odd inputs: no interleaving) and multiplies it by the planes, one integer dot per
-  scale group in the tile. Compiled temporaries are about one int8 tile; the kernel is never
-  materialized in float (nor as a whole in int8). A tile of codes of any width is whole bytes.
-* **Scales and zero points on the small output.** A group's int32 dot (at most ``128 * 127 * 512``,
-  exact in float32) is converted, its zero point subtracted as ``zero * sum(x_plane over the group)``,
-  and multiplied by its scale row; scales constant along the input (per channel, per tensor) multiply
-  the final output once.
+* **Tiles in cache.** The input axis is walked in tiles with ``lax.scan``: a tile is one scale group
+  or lies inside one (:data:`TILES` rows where they fit). Each step unpacks one tile to int8 (an int4
+  byte's low and high nibbles are two int8 lanes, matched with the even and odd inputs: no
+  interleaving) and multiplies the planes by it. Compiled temporaries are about one int8 tile; the
+  kernel is never materialized in float (nor as a whole in int8). A tile of codes is whole bytes.
+  (Measured on the decode benchmark: slicing a 256-row int4 tile into two 128-row groups made it
+  slower than float32, one 128-row group per tile made it faster; one dot over a whole int8 kernel is
+  slower than tiles, as its operands leave the cache.)
+* **Scales and zero points on the small output.** A tile's int32 dot (at most ``128 * 127 * 256``,
+  exact in float32) is converted, its zero point subtracted as ``zero * sum(x_plane over the tile)``
+  and multiplied by its scale row; scales and zero points constant along the input (per channel,
+  per tensor) apply once to the final output.
 
 What each backend gets: the same XLA program runs everywhere. It is built for XLA:CPU, where it is the
 fast path. On GPU and TPU XLA also has ``int8 x int8 -> int32`` dots, but the tile loop is a sequence of
@@ -47,7 +50,7 @@ __all__ = ["MAX_ROWS", "PLANES", "TILES", "split_planes", "streamed_matmul"]
 
 MAX_ROWS = 16      # input rows up to which the contraction is memory-bound (one decode step of a small batch)
 PLANES = 3         # int8 planes per input row: enough for float32 precision (see the module docstring)
-TILES = (256, 128)  # input rows per tile, the first that divides the input axis and its groups
+TILES = (256, 128)  # input rows per tile: the first that divides the input axis and its group, else the group
 _STEP = 254        # each plane's grid is this much finer than the previous one: its remainder fits int8
 
 
@@ -98,7 +101,8 @@ def streamed_matmul(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits
 
 
 def _tile(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits: int, scale: jax.Array) -> int | None:
-    """Input rows per tile where the streamed product applies, else None."""
+    """Input rows per tile where the streamed product applies, else None: a tile is one scale group or
+    lies inside one (slicing a tile into groups for several dots costs more than it saves)."""
     if c.conv or c.op is not lax.dot_general or c.int_input is not None or codes.ndim != 2:
         return None
     dims = c.args[0] if c.args else c.kwargs.get("dimension_numbers")
@@ -109,10 +113,11 @@ def _tile(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits: int, sca
         return None
     if not 2 <= bits <= 8 or codes.shape[0] * 8 != k * bits or scale.ndim != 2 or k % scale.shape[0]:
         return None
-    group = k // scale.shape[0]  # in input rows; an int4 group must not split a byte's pair
-    if bits == 4 and group % 2:
+    group = k // scale.shape[0]
+    tile = next((t for t in TILES if k % t == 0 and group % t == 0), group if group < TILES[-1] else None)
+    if tile is None or tile * bits % 8 or (bits == 4 and tile % 2):  # whole bytes; int4 pairs stay together
         return None
-    return next((t for t in TILES if k % t == 0 and (group % t == 0 or t % group == 0)), None)
+    return tile
 
 
 def _idot(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -132,31 +137,25 @@ def _scan(planes: jax.Array, codes: jax.Array, bits: int, scale: jax.Array, zero
     """``planes @ (ints - zero_point) * scale`` in float32, the scale left out where it is one row."""
     r, k = planes.shape
     n, grouped = codes.shape[1], scale.shape[0] > 1
-    chunk = min(tile, k // scale.shape[0])      # input rows of one integer dot: a group or a whole tile
-    tiles, per, lanes = k // tile, tile // chunk, 2 if bits == 4 else 1
+    tiles, lanes = k // tile, 2 if bits == 4 else 1
 
-    def by_chunk(a: jax.Array) -> jax.Array:
-        """Scale or zero-point rows, one per chunk: (tiles, per, n)."""
-        return jnp.repeat(a, k // chunk // a.shape[0], axis=0).reshape(tiles, per, n)
+    def by_tile(a: jax.Array) -> jax.Array:
+        """Scale or zero-point rows, one per tile: (tiles, n)."""
+        return jnp.repeat(a, tiles // a.shape[0], axis=0)
 
-    # the planes by tile, chunk and lane: (tiles, per, lanes, r, chunk / lanes)
-    xs = planes.reshape(r, tiles, per, chunk // lanes, lanes).transpose(1, 2, 4, 0, 3)
-    sums = planes.reshape(r, tiles, per, chunk).sum(-1, dtype=jnp.int32).astype(jnp.float32).transpose(1, 2, 0)
-    scales = by_chunk(scale) if grouped else None
-    zeros = by_chunk(zero_point) if grouped and zero_point is not None else None
+    xs = planes.reshape(r, tiles, tile // lanes, lanes).transpose(1, 3, 0, 2)  # (tiles, lanes, r, tile / lanes)
+    sums = planes.reshape(r, tiles, tile).sum(-1, dtype=jnp.int32).astype(jnp.float32).T  # exact: |sum| < 2**24
+    scales = by_tile(scale) if grouped else None
+    zeros = by_tile(zero_point) if grouped and zero_point is not None else None
 
     def body(acc, inputs):
         x, q, x_sum, s, z = inputs
-        w = _lanes(q, bits, tile)
-        for j in range(per):
-            rows = slice(j * chunk // lanes, (j + 1) * chunk // lanes)
-            y = sum(_idot(x[j, i], w[i][rows]) for i in range(lanes)).astype(jnp.float32)
-            y = y if z is None else y - x_sum[j][:, None] * z[j]
-            acc = acc + (y if s is None else y * s[j])
-        return acc, None
+        y = sum(_idot(xi, wi) for xi, wi in zip(x, _lanes(q, bits, tile))).astype(jnp.float32)
+        y = y if z is None else y - x_sum[:, None] * z
+        return acc + (y if s is None else y * s), None
 
     init = jnp.zeros((r, n), jnp.float32)
     acc, _ = lax.scan(body, init, (xs, codes.reshape(tiles, -1, n), sums, scales, zeros))
     if not grouped and zero_point is not None:  # one zero-point row: subtract it once
-        acc = acc - sums.sum((0, 1))[:, None] * zero_point
+        acc = acc - sums.sum(0)[:, None] * zero_point
     return acc
