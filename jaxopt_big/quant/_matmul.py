@@ -7,7 +7,7 @@ kernel (4x the bytes of int8, 8x those of int4) and reads it back, which makes i
 Converting tile by tile keeps the copy in cache but still costs a conversion per weight (1.16x float32
 tokens/s for int8 weights).
 
-:func:`streamed_matmul` instead multiplies integers by integers, which XLA:CPU runs as a fast
+:func:`streamed_matmul` instead multiplies integers by integers, which XLA:CPU runs as an
 ``int8 x int8 -> int32`` matrix product (through YNNPACK; a product of ONE row takes a slow
 matrix-vector path that converts the kernel to int32, so there are always several rows):
 
@@ -24,17 +24,18 @@ matrix-vector path that converts the kernel to int32, so there are always severa
   byte's low and high nibbles are two int8 lanes, matched with the even and odd inputs: no
   interleaving) and multiplies the planes by it. Compiled temporaries are about one int8 tile; the
   kernel is never materialized in float (nor as a whole in int8). A tile of codes is whole bytes.
-  (Measured on the decode benchmark: slicing a 256-row int4 tile into two 128-row groups made it
-  slower than float32, one 128-row group per tile made it faster; one dot over a whole int8 kernel is
-  slower than tiles, as its operands leave the cache.)
+  (Measured on a shared 2-core CPU: slicing a 256-row int4 tile into two 128-row groups made decoding
+  slower than float32, one 128-row group per tile made it faster; one dot over a whole int8 kernel was
+  slower than 256-row tiles, and 512-row tiles were no better.)
 * **Scales and zero points on the small output.** A tile's int32 dot (at most ``128 * 127 * 256``,
   exact in float32) is converted, its zero point subtracted as ``zero * sum(x_plane over the tile)``
   and multiplied by its scale row; scales and zero points constant along the input (per channel,
   per tensor) apply once to the final output.
 
-What each backend gets: the same XLA program runs everywhere. It is built for XLA:CPU, where it is the
-fast path. On GPU and TPU XLA also has ``int8 x int8 -> int32`` dots, but the tile loop is a sequence of
-small kernels, so it is not expected to beat a dense matmul there; no Pallas kernel is provided.
+What each backend gets: the same XLA program runs everywhere, but it is built and measured for XLA:CPU
+only. On GPU and TPU XLA has ``int8 x int8 -> int32`` dots too, so it runs and gives the same results;
+its speed there is unmeasured (the tile loop launches a few small kernels per tile, likely slower than
+one dense matmul). No Pallas kernel is provided.
 """
 
 from __future__ import annotations
