@@ -602,8 +602,8 @@ def test_int3_on_an_axis_where_three_bits_save_nothing_keeps_nibbles():
     assert q.kind == "int3 in int4" and q.values.shape == (3, 2)
 
 
-@pytest.mark.parametrize("bits, granularity, symmetric", [(3, Group(64), True), (3, PER_CHANNEL, False),
-                                                          (5, Group(256), True), (2, PER_CHANNEL, True)])
+@pytest.mark.parametrize("bits, granularity, symmetric", [(3, PER_CHANNEL, False), (5, Group(256), True),
+                                                          (2, PER_CHANNEL, True)])  # int3 Group(64): below
 def test_a_decode_step_on_packed_odd_widths_streams_and_equals_the_dense_matmul(bits, granularity, symmetric):
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(512, 8)).astype(np.float32)
@@ -616,6 +616,47 @@ def test_a_decode_step_on_packed_odd_widths_streams_and_equals_the_dense_matmul(
     assert streamed is not None                                                   # the tiled path, not a fallback
     np.testing.assert_allclose(streamed, x @ np.asarray(q.dense()), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(jb.leaves.contract(q, jnp.asarray(x), c), streamed, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity=PER_CHANNEL),
+                                  QuantSpec(bits=4, granularity=Group(128), symmetric=False),
+                                  QuantSpec(bits=3, granularity=Group(64))], ids=str)
+def test_a_decode_step_multiplies_integer_codes_and_keeps_float32_accuracy(spec):
+    # activations spanning 6 decades (an outlier feature), up to MAX_ROWS rows
+    rng = np.random.default_rng(0)
+    k, n = 512, 24
+    w = (rng.standard_t(3, size=(k, n)) + 0.2).astype(np.float32)
+    q = jb.quant.quantize(w, spec)
+    dense = np.asarray(q.dense(), np.float64)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    from jaxopt_big.quant import _matmul
+    run = jax.jit(lambda x, q: _matmul.streamed_matmul(c, x, q.values, q.stored_bits, q.scale32, q.zero_point))
+    for rows in (1, _matmul.MAX_ROWS):
+        x = (rng.normal(size=(rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, k))).astype(np.float32)
+        y = np.asarray(run(jnp.asarray(x), q))
+        x64 = x.astype(np.float64)
+        # float32 rounding: of each product (a dot's own error) and of each row's largest input (the planes)
+        bound = 1e-6 * (np.abs(x64) @ np.abs(dense)) + 2e-7 * np.abs(x64).max(1, keepdims=True) * np.abs(dense).sum(0)
+        assert np.all(np.abs(y - x64 @ dense) <= bound)
+    # the codes are multiplied as integers (int8 x int8 -> int32), never converted to float
+    hlo = run.lower(jnp.zeros((1, k)), q).as_text()
+    assert re.search(r"dot_general .*\(tensor<3x\d+xi8>, tensor<\d+x24xi8>\) -> tensor<3x24xi32>", hlo), hlo
+    assert not re.search(r"convert .*tensor<\d+x24xi8>\) -> tensor<\d+x24xf32>", hlo)
+
+
+def test_activation_planes_rebuild_the_rows_to_float32_rounding():
+    from jaxopt_big.quant import _matmul
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 300)) * 10.0 ** rng.uniform(-8, 8, (4, 1))
+    x[1] = 0.0                                                                      # an all-zero row
+    x = x.astype(np.float32)
+    planes, scales = _matmul.split_planes(jnp.asarray(x))
+    assert planes.dtype == jnp.int8 and planes.shape == (_matmul.PLANES * 4, 300)
+    assert np.abs(np.asarray(planes, np.int64)).max() <= 127
+    rebuilt = (np.asarray(planes, np.float64) * np.asarray(scales, np.float64)).reshape(_matmul.PLANES, 4, 300).sum(0)
+    assert np.all(np.abs(rebuilt - x) <= 2 ** -23 * np.abs(x).max(1, keepdims=True))
+    bad = np.asarray(_matmul.split_planes(jnp.asarray([[1.0, np.inf], [np.nan, 0.0]]))[1])
+    assert not np.isfinite(bad).any()                                                # inf or NaN is not hidden
 
 
 def test_scales_are_stored_in_the_scale_dtype():
