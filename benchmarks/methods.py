@@ -194,7 +194,8 @@ def main(quick: bool) -> dict:
     table = _table(decoder, encoder, stats)
     print(table)
     record = write("methods", ours=ppl["W4A8 GPTQ, rotated"], baseline=ppl["W4A8 GPTQ"],
-                   unit="ppl", goal="issue 30 ordering: GPTQ < RTN and AWQ < RTN at int4; rotation improves W4A8 and int3",
+                   unit="ppl",
+                   goal="issue 30 ordering: GPTQ < RTN and AWQ < RTN at int4; rotation improves W4A8 and int3",
                    holds=all(checks.values()),
                    details={"checks": checks, "decoder": decoder, "minilm": encoder, "outliers": stats,
                             "quick": quick})
