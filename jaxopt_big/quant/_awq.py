@@ -10,9 +10,12 @@ reference's 20 points) for the least output error on the calibration inputs.
 The error is measured from the input Hessian ``H = X^T X`` alone, as the engine's other solvers do:
 ``sum_k tr(D_k^T H D_k)`` with ``D_k = diag(1/s) Q(diag(s) W_k) - W_k`` summed over the kernels that
 read the same input (q/k/v, or gate/up), which share one ``s`` because one op is folded for all of
-them. The reference measures the output of the whole block instead; the per-linear error is what
-the Hessian gives without running the block once per candidate. ``α = 0`` is ``s = 1``, plain
-round-to-nearest, so the chosen scales are never worse than RTN on this error.
+them. The reference measures the output of the module the scaled linears feed instead (the
+attention for q/k/v, the MLP for gate/up; for o_proj and down_proj that module is the linear
+itself, and the two errors agree); the per-linear error is what the Hessian gives without running
+the block once per candidate. ``α = 0`` is ``s = 1``, plain round-to-nearest, so the chosen scales
+are never worse than RTN on this error. The statistic is llm-awq's ``a`` alone (AutoAWQ's default
+divides it by the kernels' normalized mean ``|w|`` to the power ``1 - α``).
 
 The reference's second step, :func:`awq_clip`, shrinks the range of each quantization group of each
 output channel (``|w| <= r max|w|``, ``r`` on a grid ``1, 1 - 1/n, ...`` down to ``1 - max_shrink``)
