@@ -14,12 +14,15 @@ stream) and ``down_proj``, before and after rotation, to show whether this small
 effect on planted outlier channels is tested in ``tests/test_zoo_rotate.py``.
 
 W4A8 is int4 per-output-channel weights with int8 per-token activations (W4A4: int4 per token);
-W8A8 int8 per channel with int8 per token. AWQ rows scale input channels before round to nearest
-(``AWQ int4 g128``) or GPTQ (``AWQ+GPTQ``); SmoothQuant (α 0.5) migrates activation range into the
-W8A8 weights. Both fold their scales into the op producing the layer's input where the block has one
-(Llama: the norms, up_proj before down_proj, v_proj before o_proj under MHA; MiniLM: the attention
-output LayerNorm before the intermediate dense only).
-Run: ``python benchmarks/methods.py [--quick]``.
+W8A8 int8 per channel with int8 per token. AWQ rows scale input channels, then clip each
+quantization group's range (all linears but q/k, as the reference), before round to nearest
+(``AWQ int4 g128``), or scale only before GPTQ (``AWQ+GPTQ``, AWQ's default there); the
+``scales only`` and ``clipped`` rows show each choice's other side. SmoothQuant (α 0.5) migrates
+activation range into the W8A8 weights. Both fold their scales into the op producing the layer's
+input where the block has one (Llama: the norms, up_proj before down_proj, v_proj before o_proj
+under MHA; MiniLM: the attention output LayerNorm before the intermediate dense only).
+Run: ``python benchmarks/methods.py [--quick] [--only REGEX]`` (``--only``: the configurations whose
+name matches, printed, no result files written).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -66,7 +70,9 @@ CONFIGS = [
     Config("RTN int4 g128", jb.Plan(quant=jb.RTN(_spec(4)))),
     Config("GPTQ int4 g128", jb.Plan(quant=jb.GPTQ(_spec(4)))),
     Config("AWQ int4 g128", jb.Plan(quant=jb.AWQ(_spec(4)))),
+    Config("AWQ int4 g128, scales only", jb.Plan(quant=jb.AWQ(_spec(4), clip=False))),
     Config("AWQ+GPTQ int4 g128", jb.Plan(quant=jb.AWQ(jb.GPTQ(_spec(4))))),
+    Config("AWQ+GPTQ int4 g128, clipped", jb.Plan(quant=jb.AWQ(jb.GPTQ(_spec(4)), clip=True))),
     Config("W8A8 (int8 channel, int8 token)", jb.Plan(quant=jb.RTN(INT8)), A8),
     Config("W8A8 + SmoothQuant 0.5", jb.Plan(quant=jb.SmoothQuant(jb.RTN(INT8), alpha=0.5)), A8),
     Config("W4A8 GPTQ", jb.Plan(quant=jb.GPTQ(INT4_CHANNEL)), A8, encoder=False),
@@ -165,6 +171,8 @@ def _table(decoder: dict, encoder: dict, stats: dict) -> str:
     lines += ["", "Outlier channels: max / median over channels of each channel's max |x| (decoder, 8 test windows)",
               "", "| block input | plain | rotated |", "|---|---|---|"]
     lines += [f"| {path} | {v:.2f} | {stats['rotated'][path]:.2f} |" for path, v in stats["plain"].items()]
+    if "W4A4 GPTQ" not in decoder or "W4A4 GPTQ, rotated" not in decoder:
+        return "\n".join(lines) + "\n"
     peak = {k: max(v for p, v in stats[k].items() if p.endswith("q_proj")) for k in stats}
     down = {k: max(v for p, v in stats[k].items() if p.endswith("down_proj")) for k in stats}
     a4 = {"plain": decoder["W4A4 GPTQ"]["metric"], "rotated": decoder["W4A4 GPTQ, rotated"]["metric"]}
@@ -178,23 +186,33 @@ def _table(decoder: dict, encoder: dict, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(quick: bool) -> dict:
-    decoder, stats = decoder_rows(quick, CONFIGS)
-    encoder = encoder_rows(quick, [c for c in CONFIGS if c.encoder])
+# (claim, configuration that must have the lower decoder perplexity, the one it is compared with)
+CHECKS = [
+    ("GPTQ < RTN at int4 g128 (decoder)", "GPTQ int4 g128", "RTN int4 g128"),
+    ("AWQ < RTN at int4 g128 (decoder)", "AWQ int4 g128", "RTN int4 g128"),
+    ("rotation improves W4A8 GPTQ (decoder)", "W4A8 GPTQ, rotated", "W4A8 GPTQ"),
+    ("rotation improves W4A8 RTN (decoder)", "W4A8 RTN, rotated", "W4A8 RTN"),
+    ("rotation improves int3 channel RTN (decoder)", "RTN int3 channel, rotated", "RTN int3 channel"),
+    ("rotation improves int3 g128 (decoder)", "GPTQ int3 g128, rotated", "GPTQ int3 g128"),
+    ("rotation improves int3 channel GPTQ (decoder)", "GPTQ int3 channel, rotated", "GPTQ int3 channel"),
+]
+
+
+def main(quick: bool, only: str | None = None) -> dict | None:
+    configs = [c for c in CONFIGS if only is None or re.search(only, c.name)]
+    decoder, stats = decoder_rows(quick, configs)
+    encoder = encoder_rows(quick, [c for c in configs if c.encoder])
     ppl = {k: v["metric"] for k, v in decoder.items()}
-    checks = {
-        "GPTQ < RTN at int4 g128 (decoder)": ppl["GPTQ int4 g128"] < ppl["RTN int4 g128"],
-        "AWQ < RTN at int4 g128 (decoder)": ppl["AWQ int4 g128"] < ppl["RTN int4 g128"],
-        "rotation improves W4A8 GPTQ (decoder)": ppl["W4A8 GPTQ, rotated"] < ppl["W4A8 GPTQ"],
-        "rotation improves W4A8 RTN (decoder)": ppl["W4A8 RTN, rotated"] < ppl["W4A8 RTN"],
-        "rotation improves int3 channel RTN (decoder)": ppl["RTN int3 channel, rotated"] < ppl["RTN int3 channel"],
-        "rotation improves int3 g128 (decoder)": ppl["GPTQ int3 g128, rotated"] < ppl["GPTQ int3 g128"],
-        "rotation improves int3 channel GPTQ (decoder)": ppl["GPTQ int3 channel, rotated"] < ppl["GPTQ int3 channel"],
-        "rotated float equals float (decoder, 1e-4)": abs(ppl["float, rotated"] / ppl["float"] - 1) <= 1e-4}
+    checks = {claim: ppl[better] < ppl[worse] for claim, better, worse in CHECKS if better in ppl and worse in ppl}
+    checks["rotated float equals float (decoder, 1e-4)"] = abs(ppl["float, rotated"] / ppl["float"] - 1) <= 1e-4
     table = _table(decoder, encoder, stats)
     print(table)
+    print(checks)
+    if only is not None:
+        return None
     record = write("methods", ours=ppl["W4A8 GPTQ, rotated"], baseline=ppl["W4A8 GPTQ"],
-                   unit="ppl", goal="issue 30 ordering: GPTQ < RTN and AWQ < RTN at int4; rotation improves W4A8 and int3",
+                   unit="ppl",
+                   goal="issue 30 ordering: GPTQ < RTN and AWQ < RTN at int4; rotation improves W4A8 and int3",
                    holds=all(checks.values()),
                    details={"checks": checks, "decoder": decoder, "minilm": encoder, "outliers": stats,
                             "quick": quick})
@@ -206,4 +224,7 @@ def main(quick: bool) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 calibration sequences, 16 test windows")
-    main(parser.parse_args().quick)
+    parser.add_argument("--only", default=None, help="regex: run only the configurations whose name it matches; "
+                                                     "print, write no result files")
+    args = parser.parse_args()
+    main(args.quick, args.only)

@@ -790,8 +790,8 @@ def _dense_tree(tree):
 def test_awq_equals_a_numpy_awq_and_beats_round_to_nearest_on_outlier_channels():
     x, params = _outlier_mlp(nn.RMSNorm)
     int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)
-    awq, awq_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=jb.AWQ(int4)))]),
-                                          progress=False)
+    awq, awq_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(  # scales alone
+        quant=jb.AWQ(int4, clip=False)))]), progress=False)
     want, errors = _np_migrated(params, x, _np_awq_scales, bits=4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(awq), want)
     assert [r.error for r in awq_report.rows] == pytest.approx(errors, rel=1e-3)   # statistics of x / s
@@ -850,8 +850,8 @@ class PostNormNet(nn.Module):
 def test_a_group_without_a_producer_in_its_block_gets_the_inner_method_and_says_so():
     x = jax.random.normal(jax.random.key(0), (32, D))
     params = PostNormNet().init(jax.random.key(1), x)["params"]
-    awq, report = jb.oneshot.compress(PostNormNet(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=jb.AWQ(INT4)))]),
-                                      progress=False)
+    awq, report = jb.oneshot.compress(PostNormNet(), params, [x], jb.Recipe([Rule(".*", jb.Plan(
+        quant=jb.AWQ(INT4, clip=False)))]), progress=False)
     rtn, _ = jb.oneshot.compress(PostNormNet(), params, [x], jb.Recipe([Rule(".*", jb.Plan(quant=INT4))]),
                                  progress=False)
     jax.tree.map(np.testing.assert_array_equal, _dense_tree(awq), _dense_tree(rtn))
@@ -869,5 +869,5 @@ def test_layers_reading_one_input_with_different_migrations_are_refused_naming_t
     x = jax.random.normal(jax.random.key(0), (16, D))
     params = TwoHeads().init(jax.random.key(1), x)["params"]
     recipe = jb.Recipe([Rule("a", jb.Plan(quant=jb.AWQ(INT4))), Rule("b", jb.Plan(quant=INT4))])
-    with pytest.raises(ValueError, match=r"share one migration.*a \(awq \+ rtn int4 g4\), b \(none\)"):
+    with pytest.raises(ValueError, match=r"share one migration.*a \(awq clip \+ rtn int4 g4\), b \(none\)"):
         jb.oneshot.compress(TwoHeads(), params, [x], recipe, progress=False)

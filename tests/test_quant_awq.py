@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -95,3 +96,88 @@ def test_awq_rejects_bad_input_naming_the_layer():
     assert short.scales.shape == (8,) and bool(jnp.all(jnp.isfinite(short.scales)))
     with pytest.raises(ValueError, match="down: AWQ inputs contain NaN"):
         jb.quant.awq_scales(w.at[0, 0].set(jnp.nan), h, spec, path="down")
+
+
+def _np_affine(w: np.ndarray, bits: int) -> np.ndarray:
+    """Min/max affine round to nearest, one scale and integer zero point per column."""
+    half, n = 2 ** (bits - 1), np.float32(2 ** bits - 1)
+    lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
+    scale = hi / n - lo / n
+    zero = np.round(-half - lo / scale)
+    return (np.clip(np.round(w / scale) + zero, -half, half - 1) - zero) * scale
+
+
+def _np_clip(w, x, quant, group, grid=20, max_shrink=0.5):
+    """The reference's clip loop, per input group and output column, on every row of x: clip to r * max|w|,
+    quantize, keep the r with the least squared error of the group's partial output (first minimum)."""
+    out, ratios = w.copy(), []
+    for start in range(0, w.shape[0], group):
+        wg, xg = w[start:start + group], x[:, start:start + group].astype(np.float64)
+        peak, best, best_r = np.abs(wg).max(0), np.full(w.shape[1], np.inf), np.ones(w.shape[1], w.dtype)
+        for i in range(int(max_shrink * grid)):
+            r = np.float32(1) - np.float32(i) / np.float32(grid)
+            err = np.sum((xg @ (quant(np.clip(wg, -r * peak, r * peak)) - wg)) ** 2, axis=0)
+            best_r, best = np.where(err < best, r, best_r), np.minimum(err, best)
+        out[start:start + group] = np.clip(wg, -best_r * peak, best_r * peak)
+        ratios.append(best_r)
+    return out, np.array(ratios)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_awq_clip_equals_numpy_reference_with_a_short_last_group(symmetric):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(128, 20)) * rng.uniform(0.3, 3.0, 20)
+    w = rng.standard_t(3, size=(20, 6)).astype(np.float32)   # heavy tails: some groups gain from clipping
+    # affine: non-negative weights, so the zero point is not the tie (-1/2) that a range clipped on both
+    # sides gives, which float rounding breaks either way
+    w = w if symmetric else np.abs(w)
+    group = 8 if symmetric else 20               # 8 + 8 + 4 inputs; or one group per column
+    spec = QuantSpec(bits=3, symmetric=symmetric, granularity=Group(group) if symmetric else PER_CHANNEL)
+    quant = (lambda v: _np_rtn(v, 3, None)) if symmetric else (lambda v: _np_affine(v, 3))
+    found = jb.quant.awq_clip(jnp.asarray(w), jnp.asarray(x.T @ x, jnp.float32), spec)
+    want, ratios = _np_clip(w, x, quant, group)
+    np.testing.assert_allclose(found.ratios, ratios, atol=1e-6)
+    np.testing.assert_allclose(found.kernel, want, rtol=1e-5, atol=1e-6)
+    assert 0 < np.mean(ratios < 1) < 1                       # the search chose, both ways
+    assert found.errors.shape == (10, ratios.shape[0], 6)
+
+
+class _QV(nn.Module):  # a norm, then q and v projections reading it (one group: one fold, one set of scales)
+    @nn.compact
+    def __call__(self, x):
+        h = nn.RMSNorm(name="norm")(x)
+        return nn.Dense(12, use_bias=False, name="q_proj")(h) + nn.Dense(12, use_bias=False, name="v_proj")(h)
+
+
+def test_awq_in_the_engine_scales_then_clips_all_but_q_and_k_as_numpy_does():
+    x = jax.random.normal(jax.random.key(0), (64, 32))
+    params = _QV().init(jax.random.key(1), x)["params"]
+    params["norm"]["scale"] = params["norm"]["scale"].at[jnp.array([3, 17])].set(20.0)   # outlier channels
+    params["v_proj"]["kernel"] = params["v_proj"]["kernel"].at[5, :4].mul(6.0)          # outlier weights
+    spec = QuantSpec(bits=4, granularity=PER_CHANNEL)
+    out, report = jb.oneshot.compress(_QV(), params, [x], jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec)))]),
+                                      progress=False)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xs = np.asarray(x, np.float64)
+    h = xs / np.sqrt(np.mean(xs * xs, -1, keepdims=True) + 1e-6) * p["norm"]["scale"]
+    s, _ = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None)
+    v_clipped, ratios = _np_clip(p["v_proj"]["kernel"] * s[:, None], h / s, lambda v: _np_rtn(v, 4, None), 32)
+    got = jax.tree.map(lambda a: np.asarray(jb.leaves.densify(a), np.float64), out, is_leaf=jb.leaves.is_compressed)
+    np.testing.assert_allclose(got["norm"]["scale"], p["norm"]["scale"] / s, rtol=1e-4)
+    np.testing.assert_allclose(got["q_proj"]["kernel"], _np_rtn(p["q_proj"]["kernel"] * s[:, None], 4, None),
+                               rtol=1e-4, atol=1e-6)   # q: scaled, not clipped
+    np.testing.assert_allclose(got["v_proj"]["kernel"], _np_rtn(v_clipped, 4, None), rtol=1e-4, atol=1e-6)
+    assert np.any(ratios < 1) and [r.method for r in report.rows] == ["awq clip + rtn int4"] * 2
+
+
+def test_awq_clips_before_round_to_nearest_not_before_gptq_unless_asked():
+    int4 = QuantSpec(bits=4, granularity=Group(128))
+    assert jb.AWQ(int4).clip and not jb.AWQ(jb.GPTQ(int4)).clip and jb.AWQ(jb.GPTQ(int4), clip=True).clip
+    assert jb.AWQ(int4).for_layer("layer_0/attention/self/key").clip is False
+    assert jb.AWQ(int4).for_layer("layers/1/self_attn/o_proj") == jb.AWQ(int4)
+    with pytest.raises(TypeError, match="AWQ.clip .* must be a bool, got 'yes'"):
+        jb.AWQ(int4, clip="yes")
+    with pytest.raises(ValueError, match=r"AWQ.max_shrink must be in \(0, 1\], got 0.0"):
+        jb.AWQ(int4, max_shrink=0.0)
+    with pytest.raises(ValueError, match=r"AWQ.no_clip is not a valid regex: '\(q_proj'"):
+        jb.AWQ(int4, no_clip="(q_proj")

@@ -81,7 +81,7 @@ def solve(path: str, w: jax.Array, hessian: jax.Array, plan: _recipe.Plan) -> So
       ValueError: the plan does not fit the layer, its kernel holds NaN/inf, or its Hessian is not
         positive definite after damping (the solver produced NaN); the message names ``path``.
     """
-    new, quant, error, energy, finite, bad_weights = _solve(w, hessian, plan, _Name(path))
+    new, quant, error, energy, finite, bad_weights = _solve(w, hessian, plan.for_layer(path), _Name(path))
     if int(bad_weights):  # the weight itself, not the calibration data
         raise ValueError(f"{path}/kernel: the weights hold NaN or inf ({int(bad_weights)} of {w.size} values)")
     if not bool(finite):

@@ -8,7 +8,7 @@ Examples:
   12
 """
 
-from jaxopt_big.quant._awq import AWQScales, awq_scales
+from jaxopt_big.quant._awq import AWQClip, AWQScales, awq_clip, awq_scales
 from jaxopt_big.quant._calibrate import calibrate, expand
 from jaxopt_big.quant._cluster import Clustered, KMeans, cluster, codebooks, kmeans, with_codebooks
 from jaxopt_big.quant._fake import fake_quant, ste
@@ -31,5 +31,5 @@ __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSO
            "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
            "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",
            "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq_params", "gptq_kernel", "gptq",
-           "awq_scales", "AWQScales", "smoothquant_scales", "scale_input_channels", "unscale_output_channels",
-           "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard"]
+           "awq_scales", "AWQScales", "awq_clip", "AWQClip", "smoothquant_scales", "scale_input_channels",
+           "unscale_output_channels", "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard"]

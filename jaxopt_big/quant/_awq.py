@@ -10,15 +10,24 @@ reference's 20 points) for the least output error on the calibration inputs.
 The error is measured from the input Hessian ``H = X^T X`` alone, as the engine's other solvers do:
 ``sum_k tr(D_k^T H D_k)`` with ``D_k = diag(1/s) Q(diag(s) W_k) - W_k`` summed over the kernels that
 read the same input (q/k/v, or gate/up), which share one ``s`` because one op is folded for all of
-them. The reference measures the output of the whole block instead; the per-linear error is what
-the Hessian gives without running the block once per candidate. ``α = 0`` is ``s = 1``, plain
-round-to-nearest, so the chosen scales are never worse than RTN on this error. The reference's
-second step, a search of per-group weight clipping ranges, is not done here.
+them. The reference measures the output of the module the scaled linears feed instead (the
+attention for q/k/v, the MLP for gate/up; for o_proj and down_proj that module is the linear
+itself, and the two errors agree); the per-linear error is what the Hessian gives without running
+the block once per candidate. ``α = 0`` is ``s = 1``, plain round-to-nearest, so the chosen scales
+are never worse than RTN on this error. The statistic is llm-awq's ``a`` alone (AutoAWQ's default
+divides it by the kernels' normalized mean ``|w|`` to the power ``1 - α``).
+
+The reference's second step, :func:`awq_clip`, shrinks the range of each quantization group of each
+output channel (``|w| <= r max|w|``, ``r`` on a grid ``1, 1 - 1/n, ...`` down to ``1 - max_shrink``)
+to the ratio with the least output error of that group's partial sum. That error is
+``d^T H_gg d`` with ``H_gg`` the group's diagonal block of the Hessian, so it is measured on every
+calibration row, not on the reference's 512 sampled tokens. Ratio 1 is no clipping.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -28,7 +37,7 @@ import jax.numpy as jnp
 from jaxopt_big import _checks
 from jaxopt_big.quant import _options
 
-__all__ = ["awq_scales", "AWQScales"]
+__all__ = ["awq_scales", "AWQScales", "awq_clip", "AWQClip"]
 
 
 class AWQScales(NamedTuple):
@@ -128,3 +137,103 @@ def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], h
     if not _checks.is_traced(act) and bool(jnp.any(act < 0)):
         raise ValueError(f"{path}: act_scale must be >= 0 (a mean |x|), got min {float(act.min())}")
     return _search(tuple(k.astype(jnp.float32) for k in group), hessian, act.astype(jnp.float32), spec, grid)
+
+
+class AWQClip(NamedTuple):
+    """What :func:`awq_clip` found.
+
+    Attributes:
+      kernel: the ``(d_in, d_out)`` kernel clipped to ``[-r m, r m]`` per group (``m`` its max ``|w|``).
+      ratios: ``(n_groups, d_out)`` the chosen ratio ``r`` per input group and output channel.
+      errors: ``(n_ratios, n_groups, d_out)`` output error ``d^T H_gg d`` of each candidate ratio
+        ``1 - i / grid``; ``errors[0]`` is unclipped round to nearest.
+    """
+
+    kernel: jax.Array
+    ratios: jax.Array
+    errors: jax.Array
+
+
+def _group_size(spec: _options.Format, d_in: int) -> int:
+    """The input rows one scale covers: the spec's group, else the whole input axis."""
+    granularity = getattr(spec, "granularity", None)
+    return granularity.span(d_in) if isinstance(granularity, _options.Group) else d_in
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """``(d_in, ...)`` -> ``(n_groups, size, ...)``, a short last group padded with zeros."""
+    pad = -x.shape[0] % size
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])
+
+
+def _clipped(kernel: jax.Array, peak: jax.Array, ratio: jax.Array, size: int) -> jax.Array:
+    """``kernel`` clipped to ``[-ratio * peak, ratio * peak]`` per group (both ``(n_groups, d_out)``)."""
+    bound = jnp.repeat(ratio * peak, size, axis=0)[: kernel.shape[0]]
+    return jnp.clip(kernel, -bound, bound)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "grid", "shrink"))
+def _clip_search(kernel: jax.Array, hessian: jax.Array, spec: _options.Format, grid: int, shrink: int) -> AWQClip:
+    size = _group_size(spec, kernel.shape[0])
+    peak = jnp.abs(_blocks(kernel, size)).max(axis=1)
+    n, pad = peak.shape[0], -kernel.shape[0] % size
+    blocks = jnp.pad(hessian, [(0, pad), (0, pad)]).reshape(n, size, n, size)
+    diagonal = jnp.moveaxis(jnp.diagonal(blocks, axis1=0, axis2=2), -1, 0)   # H_gg: (n, size, size)
+    ratios = 1.0 - jnp.arange(shrink, dtype=jnp.float32) / grid
+
+    def error(ratio):
+        d = _blocks(spec.fake_quant(_clipped(kernel, peak, jnp.full_like(peak, ratio), size)) - kernel, size)
+        return jnp.einsum("gio,gij,gjo->go", d, diagonal, d)
+
+    errors = jax.lax.map(error, ratios)  # one candidate at a time
+    best = ratios[jnp.argmin(jnp.where(jnp.isnan(errors), jnp.inf, errors), axis=0)]  # first minimum: least clipping
+    return AWQClip(_clipped(kernel, peak, best, size), best, errors)
+
+
+def awq_clip(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spec: _options.Format, *, grid: int = 20,
+             max_shrink: float = 0.5, path: str = "kernel") -> AWQClip:
+    """Searches AWQ's clipping ratio per quantization group and output channel of one kernel.
+
+    Each group of ``spec`` (``Group(size)`` along the input axis; the whole input axis for other
+    granularities) of each output channel is clipped to ``r`` times its largest ``|w|``, for ``r`` in
+    ``1, 1 - 1/grid, ...`` while ``1 - r < max_shrink``; the clipped kernel is quantized by the spec's
+    own calibration, and each group keeps the ``r`` with the least error ``d^T H_gg d`` of its
+    partial output (``d`` the group's weight error, ``H_gg`` its block of ``X^T X``).
+
+    Args:
+      kernel: ``(d_in, d_out)`` Dense kernel (after AWQ's scales, if any).
+      hessian: ``(d_in, d_in)`` input Hessian ``X^T X`` of the inputs the kernel reads.
+      spec: the weight format the kernel is quantized to afterwards.
+      grid: the ratios' step is ``1 / grid``.
+      max_shrink: in (0, 1]: the ratios stay above ``1 - max_shrink`` (the reference's 0.5: 10 of 20).
+      path: layer name used in error messages.
+
+    Returns:
+      :class:`AWQClip`: the clipped float kernel (quantize it next), the ratios and the errors.
+
+    Raises:
+      ValueError: naming ``path`` for a kernel that is not 2-d, a mismatched Hessian, NaN/Inf, a bad
+        ``grid`` / ``max_shrink``, or a spec layout the kernel does not fit.
+
+    Examples:
+      >>> from jaxopt_big.quant._spec import QuantSpec, Group
+      >>> w = jax.random.normal(jax.random.key(0), (64, 8)).at[5, 2].set(12.0)   # one outlier weight
+      >>> x = jax.random.normal(jax.random.key(1), (256, 64))
+      >>> found = awq_clip(w, x.T @ x, QuantSpec(bits=3, granularity=Group(32)))
+      >>> found.ratios.shape, float(found.ratios[0, 2]) < 1.0    # the outlier's group is clipped
+      ((2, 8), True)
+    """
+    if not isinstance(spec, _options.Format):
+        raise TypeError(f"{path}: AWQ clipping needs a QuantSpec or Format, got {spec!r}")
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+        raise ValueError(f"{path}: AWQ clipping needs a 2-d kernel (d_in, d_out), got shape {tuple(kernel.shape)}")
+    jax.eval_shape(functools.partial(spec.fake_quant, path=path), kernel)
+    if jnp.shape(hessian) != (kernel.shape[0],) * 2:
+        raise ValueError(f"{path}: hessian has shape {jnp.shape(hessian)}, expected {(kernel.shape[0],) * 2}")
+    grid = _checks.integer(f"{path}: AWQ grid", grid, low=1)
+    max_shrink = _checks.fraction(f"{path}: AWQ max_shrink", max_shrink, open_low=True, closed=True)
+    hessian = jnp.asarray(hessian, jnp.float32)
+    _checks.finite([(path, kernel), (f"{path} hessian", hessian)], "AWQ clipping inputs")
+    shrink = max(1, math.ceil(max_shrink * grid - 1e-9))   # ratios 1 - i/grid, i < max_shrink * grid
+    return _clip_search(kernel.astype(jnp.float32), hessian, spec, grid, shrink)

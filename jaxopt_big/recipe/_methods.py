@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+import re
+from typing import Any, ClassVar, NamedTuple, Self
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,8 @@ class Method:
       :meth:`data_free` counterpart instead;
     - :meth:`solve`: the per-layer solver, pure and jittable on the ``(d_in, d_out)`` float32 view;
     - optionally :meth:`well_posed` (a check of the Hessian the solver cannot report itself);
+    - optionally :meth:`for_layer`: the method for one layer by its name (the compile cache of
+      :meth:`solve` keys on the method, not on ``path``, so ``solve`` must not read ``path`` otherwise);
     - optionally ``migrates = True`` and :meth:`input_scales`: per-input-channel scales ``s`` that the
       engine folds into the model before solving (the kernels' rows times ``s``, the op producing
       their input divided by ``s``), as AWQ and SmoothQuant do.
@@ -91,6 +94,11 @@ class Method:
         float32 views of the planned layers that read this input), or None: no migration. Read only
         when ``migrates``; the engine then solves on ``diag(s) W`` with the statistics of ``x / s``."""
         return None
+
+    def for_layer(self, path: str) -> Self:
+        """The method as it runs on the layer named ``path`` (the engine asks before solving each
+        layer; the default: unchanged). AWQ does not clip q/k projections, for instance."""
+        return self
 
     def data_free(self) -> Method:
         """The method used without calibration data: :class:`Magnitude` or :class:`RTN`."""
@@ -279,10 +287,11 @@ class _Migrating(Quantizer):
             raise TypeError(f"{owner} needs a Quantizer (RTN, GPTQ) or a QuantSpec, got {self.quant!r}")
         if inner.migrates:
             raise TypeError(f"{owner} wraps a quantizer that does not migrate scales itself, got {inner.describe()}")
-        _checks.store(self, quant=inner, spec=inner.spec, **self._checked_options())
+        _checks.store(self, quant=inner, spec=inner.spec)
+        _checks.store(self, **self._checked_options())
 
     def _checked_options(self) -> dict[str, Any]:
-        """The method's own options, checked (stored by ``__post_init__``)."""
+        """The method's own options, checked (stored by ``__post_init__``, after the inner quantizer)."""
         return {}
 
     def solve(self, w, hessian, *, pruned=None, path="kernel"):
@@ -303,35 +312,69 @@ class _Migrating(Quantizer):
 
 @dataclasses.dataclass(frozen=True)
 class AWQ(_Migrating):
-    """Activation-aware scales (Lin et al., 2024), then the inner quantizer on the scaled weights.
+    """Activation-aware scales and clipping (Lin et al., 2024), then the inner quantizer on the result.
 
     Per group of linears reading one input, the scales ``s = a^α`` (``a`` the mean ``|x|`` per input
     channel, ``α`` searched on ``grid`` points for the least round-to-nearest output error; see
     :func:`jaxopt_big.quant.awq_scales`) multiply the kernels' rows and divide the op producing the
     input (an RMSNorm/LayerNorm or the linear before), where :func:`jaxopt_big.oneshot.compress` finds
-    one; without one the layers get the inner method alone (the report says ``(no fold)``).
+    one; without one the layers get no scales (the report says ``(no fold)``). Then, per layer, the
+    range of each quantization group of each output channel is clipped to the ratio of its largest
+    ``|w|`` with the least output error (:func:`jaxopt_big.quant.awq_clip`), except on the layers
+    ``no_clip`` names: as in the reference, the query and key projections, whose errors the attention
+    scores' softmax amplifies in a way a per-layer error does not see.
 
     Attributes:
       quant: the inner quantizer (``RTN``, ``GPTQ``) or a spec (round to nearest).
-      grid: candidate exponents ``α = i / grid``, ``i = 0..grid-1``.
+      grid: candidate exponents ``α = i / grid``, ``i = 0..grid-1``; the clipping ratios' step ``1 / grid``.
+      clip: search the clipping ratios. None (default): before round to nearest, not before GPTQ,
+        whose error feedback reproduces the kernel it is given, so clipped weights would become its
+        target and the clipping error would go uncompensated (GPTQ picks each group's range itself).
+      max_shrink: in (0, 1]: clipping ratios stay above ``1 - max_shrink``.
+      no_clip: regex on the layer's path (``re.search``) of the layers never clipped.
 
     Examples:
       >>> import jaxopt_big as jb
       >>> int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128))
       >>> jb.AWQ(jb.GPTQ(int4)).describe(), jb.AWQ(int4).describe(), jb.AWQ(int4).data_free()
-      ('awq + gptq int4 g128', 'awq + rtn int4 g128', RTN(spec=QuantSpec(bits=4, ...)))
+      ('awq + gptq int4 g128', 'awq clip + rtn int4 g128', RTN(spec=QuantSpec(bits=4, ...)))
+      >>> jb.AWQ(int4).for_layer("layers/0/self_attn/k_proj").clip, jb.AWQ(int4).for_layer("layers/0/mlp/up_proj").clip
+      (False, True)
     """
 
     quant: Quantizer | _quant.Format
     grid: int = 20
+    clip: bool | None = None
+    max_shrink: float = 0.5
+    no_clip: str = r"(^|/)(q_proj|k_proj|query|key)$"
     spec: _quant.Format = dataclasses.field(init=False, repr=False)
     name: ClassVar[str] = "awq"
 
     def _checked_options(self) -> dict[str, Any]:
-        return {"grid": _checks.integer("AWQ.grid", self.grid, low=1)}
+        inner: Quantizer = self.quant  # type: ignore[assignment]  # __post_init__ stored the Quantizer
+        clip = not inner.needs_hessian if self.clip is None else _checks.flag("AWQ.clip (or None)", self.clip)
+        if not isinstance(self.no_clip, str):
+            raise TypeError(f"AWQ.no_clip must be a regex string, got {self.no_clip!r}")
+        try:
+            re.compile(self.no_clip)
+        except re.error as e:
+            raise ValueError(f"AWQ.no_clip is not a valid regex: {self.no_clip!r} ({e})") from None
+        return {"grid": _checks.integer("AWQ.grid", self.grid, low=1), "clip": clip,
+                "max_shrink": _checks.fraction("AWQ.max_shrink", self.max_shrink, open_low=True, closed=True)}
 
     def input_scales(self, kernels, stats):
         return _quant.awq_scales(kernels, stats.hessian, self.spec, act_scale=stats.absmean, grid=self.grid).scales
+
+    def for_layer(self, path: str) -> Self:
+        return dataclasses.replace(self, clip=False) if self.clip and re.search(self.no_clip, path) else self
+
+    def solve(self, w, hessian, *, pruned=None, path="kernel"):
+        if self.clip:
+            w = _quant.awq_clip(w, hessian, self.spec, grid=self.grid, max_shrink=self.max_shrink, path=path).kernel
+        return self.quant.solve(w, hessian, pruned=pruned, path=path)
+
+    def _label(self) -> str:
+        return f"{self.name} clip" if self.clip else self.name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,12 @@ class Plan:
         """The plan's methods in the order they run: the pruner, then the quantizer."""
         return tuple(m for m in (self.pruner, self.quantizer) if m is not None)
 
+    def for_layer(self, path: str) -> Plan:
+        """The plan as it runs on the layer named ``path``: each method's :meth:`Method.for_layer`."""
+        pruner = None if self.pruner is None else self.pruner.for_layer(path)
+        quantizer = None if self.quantizer is None else self.quantizer.for_layer(path)
+        return self if (pruner, quantizer) == (self.pruner, self.quantizer) else Plan(sparsity=pruner, quant=quantizer)
+
     def describe(self) -> str:
         """A short label for the report, e.g. ``sparsegpt 2:4 + gptq int4 g128``.
 

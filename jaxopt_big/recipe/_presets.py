@@ -41,8 +41,8 @@ PRESETS: dict[str, tuple[Plan, str]] = {
     "rtn-int4": (Plan(quant=_group128(4)), "round to nearest int4, groups of 128, MSE grid"),
     "int8": (Plan(quant=_quant.QuantSpec(bits=8, granularity=_quant.PER_CHANNEL)), "int8 per output channel"),
     "awq-int4": (Plan(quant=AWQ(_group128(4))),
-                 "AWQ scales (20-point grid, folded into the norm or linear before), then round to nearest int4, "
-                 "groups of 128, MSE grid"),
+                 "AWQ scales (20-point grid, folded into the norm or linear before) and clipping search (not on "
+                 "q/k), then round to nearest int4, groups of 128, MSE grid"),
     "awq+gptq-int4": (Plan(quant=AWQ(GPTQ(_group128(4)))),
                       "AWQ scales (20-point grid, folded into the norm or linear before), then GPTQ int4, groups of "
                       "128, MSE grid"),

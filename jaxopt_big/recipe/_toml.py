@@ -59,7 +59,8 @@ def load(path: str | Any) -> Recipe:
     ``calibration`` (``absmax`` | ``minmax`` | ``mse``), ``method`` (a quantizer's
     name: ``rtn`` | ``gptq``, optionally after a migration and ``+``: ``awq`` = ``awq+rtn``,
     ``awq+gptq``, ``smoothquant``, ``smoothquant+gptq``) and the options of those methods (GPTQ:
-    ``act_order``, ``block_size``, ``damp``; AWQ: ``grid``; SmoothQuant: ``alpha``). A key left out
+    ``act_order``, ``block_size``, ``damp``; AWQ: ``grid``, ``clip``, ``max_shrink``, ``no_clip``;
+    SmoothQuant: ``alpha``). A key left out
     means what it means in Python: ``[rule.quant]`` defaults to ``QuantSpec()`` (8 bits, symmetric,
     ``tensor``, ``absmax``; ``minmax`` if ``symmetric = false``) and ``method = "rtn"``, so ``bits = 8``
     alone is ``QuantSpec(bits=8)``; ``prune`` defaults to ``magnitude``. A rule without
@@ -77,7 +78,7 @@ def load(path: str | Any) -> Recipe:
       >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\n[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "awq+gptq"\\n'
       ...                  'grid = 10\\ndamp = 0.05\\n')
       >>> load(f).rules[0].value.quant
-      AWQ(quant=GPTQ(spec=QuantSpec(bits=4, ...), act_order=False, block_size=128, damp=0.05), grid=10)
+      AWQ(quant=GPTQ(spec=QuantSpec(bits=4, ...), act_order=False, block_size=128, damp=0.05), grid=10, clip=False, ...)
       >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\nsparsty = 0.5\\n')
       >>> load(f)
       Traceback (most recent call last):
