@@ -149,11 +149,13 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     if pruned is not None and jnp.shape(pruned) != (d_in, d_out):
         raise ValueError(f"{path}: pruned mask has shape {jnp.shape(pruned)}, expected {(d_in, d_out)}")
     hessian = jnp.asarray(hessian, jnp.float32)
-    perm = jnp.argsort(-jnp.diagonal(hessian), stable=True) if act_order else jnp.arange(d_in)
-    w = kernel.T.astype(jnp.float32)
-    hinv, dead = _calibration.inverse_hessian(hessian[perm][:, perm], damp=damp)
-    w = jnp.where(dead[None, :], 0.0, w[:, perm])
-    pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.asarray(pruned, bool).T[:, perm]
+    # act_order's visiting order; in input order nothing is gathered, so the inverse below is the very
+    # expression of the method's well-posedness check and XLA computes it once for both
+    perm = jnp.argsort(-jnp.diagonal(hessian), stable=True) if act_order else None
+    visit = (lambda x: x) if perm is None else (lambda x: x[..., perm])  # noqa: E731
+    hinv, dead = _calibration.inverse_hessian(hessian if perm is None else visit(hessian)[perm], damp=damp)
+    w = jnp.where(dead[None, :], 0.0, visit(kernel.T.astype(jnp.float32)))
+    pruned = jnp.zeros_like(w, bool) if pruned is None else visit(jnp.asarray(pruned, bool).T)
     dynamic = group is not None and not act_order
     if group is not None and dynamic:  # filled group by group from the updated weights
         scale = jnp.ones((-(-d_in // group), d_out), jnp.float32)
@@ -162,14 +164,14 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
         scale, zero = spec.calibrate(kernel.astype(jnp.float32), path=path)
         scale = jnp.broadcast_to(scale, (scale.shape[0], d_out))
         zero = None if zero is None else jnp.broadcast_to(zero, scale.shape)
-    groups = perm // group if group is not None else jnp.zeros(d_in, jnp.int32)
+    groups = visit(jnp.arange(d_in)) // group if group is not None else jnp.zeros(d_in, jnp.int32)
     w, scale, zero = _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group or 1, dynamic, block_size)
     for i1 in range(d_in - d_in % block_size, d_in, block_size):  # a shorter last block, if any
         i2 = min(i1 + block_size, d_in)
         q1, err1, scale, zero = _gptq_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2],
                                             pruned[:, i1:i2], spec, group or 1, dynamic)
         w = w.at[:, i1:i2].set(q1).at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
-    q = jnp.zeros_like(w).at[:, perm].set(w).T  # back to the original input order, (d_in, d_out)
+    q = (w if perm is None else jnp.zeros_like(w).at[:, perm].set(w)).T  # in input order, (d_in, d_out)
     return _no_worse_than_rtn(kernel, hessian, q, scale, zero, spec, path)
 
 
