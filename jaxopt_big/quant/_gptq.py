@@ -167,8 +167,8 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
         zero = None if spec.symmetric else jnp.zeros_like(scale)
     else:
         scale, zero = spec.calibrate(kernel.astype(jnp.float32), path=path)
-        both = lambda z: None if z is None else jnp.tile(jnp.broadcast_to(z, (z.shape[0], d_out)), 2)  # noqa: E731
-        scale, zero = both(scale), both(zero)
+        twice = lambda z: jnp.tile(jnp.broadcast_to(z, (z.shape[0], d_out)), 2)  # noqa: E731 - GPTQ's and RTN's rows
+        scale, zero = twice(scale), None if zero is None else twice(zero)
     groups = visit(jnp.arange(d_in)) // group if group is not None else jnp.zeros(d_in, jnp.int32)
     w, scale, zero = _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group or 1, dynamic, block_size, d_out)
     for i1 in range(d_in - d_in % block_size, d_in, block_size):  # a shorter last block, if any
