@@ -297,6 +297,8 @@ def main(quick: bool, skip: frozenset[str] = frozenset()) -> dict:
                           "peak_mb": run["peak_mb"], "runtime_mb_subtracted": runtime_mb, "bound_mb": bound_mb,
                           "per_block_s": run["per_block_s"], "phases": run["phases"], "floor": base,
                           "engine_s": engine_s, "engine_over_floor": engine_s / base["floor_s"],
+                          # the solvers alone (compiles included) against the numpy GPTQ of the floor
+                          "solve_over_numpy_gptq": run["phases"].get("solve", 0.0) / base["solve_s"],
                           "resume": resumed, "mesh": mesh, "skipped": sorted(skip),
                           "calibration": f"{SAMPLES} sequences x {LENGTH} tokens"})
 

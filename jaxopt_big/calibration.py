@@ -200,9 +200,11 @@ def inverse_hessian(hessian: jax.typing.ArrayLike, *, damp: float = 0.01) -> tup
     diag = jnp.diagonal(h)
     dead = diag == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * jnp.mean(jnp.where(dead, 1.0, diag)))
-    lower = jnp.linalg.cholesky(h)
-    inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(h.shape[0], dtype=h.dtype))
-    return jnp.triu(jnp.linalg.cholesky(inv).T), dead
+    # H = R R^T with R upper triangular (the Cholesky factor of H with its inputs reversed), so
+    # H^-1 = R^-T R^-1 and U = R^-1: one factorization and one triangular solve, 2.5x fewer flops
+    # than inverting H and factoring the inverse
+    upper = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    return jnp.triu(jax.scipy.linalg.solve_triangular(upper, jnp.eye(h.shape[0], dtype=h.dtype))), dead
 
 
 def map_kernels(fn: Callable[..., Any], params: Any, per_layer: Mapping[str, Any], option: Any = None, *,

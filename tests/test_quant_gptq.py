@@ -1,5 +1,7 @@
 """GPTQ against a numpy reference of the same algorithm, and against round-to-nearest."""
 
+import re
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from jaxopt_big import calibration
 from jaxopt_big.quant import MSE, PER_CHANNEL, Group, MinMax, QArray, QuantSpec, gptq_kernel, gptq_params
+from jaxopt_big.recipe import GPTQ
 
 
 # ---- numpy reference ---------------------------------------------------------------------------
@@ -208,3 +211,21 @@ def test_gptq_with_a_shorter_last_group_matches_numpy_and_beats_rtn(act_order):
     err = lambda k: float(np.sum((x @ (np.asarray(k, np.float64) - w)) ** 2))  # noqa: E731
     assert err(ours) == pytest.approx(err(ref), rel=0.02)
     assert err(ours) < 0.8 * err(spec.fake_quant(w))
+
+
+def test_inverse_hessian_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    u, dead = calibration.inverse_hessian(H, damp=0.01)
+    h = H.astype(np.float64) + 0.01 * np.mean(np.diag(H)) * np.eye(64)
+    ref = np.linalg.cholesky(np.linalg.inv(h)).T
+    np.testing.assert_array_equal(np.tril(np.asarray(u), -1), 0)
+    np.testing.assert_allclose(np.asarray(u), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert not np.asarray(dead).any()
+
+
+def test_gptq_and_its_well_posedness_check_factor_the_hessian_once():
+    """The engine compiles a layer's GPTQ with the method's check that the damped Hessian inverts:
+    both read one factorization (input-order GPTQ gathers nothing, so XLA merges the two inverses,
+    and an inverse is one Cholesky factorization, not two)."""
+    method = GPTQ(QuantSpec(bits=4, granularity=Group(16)))
+    hlo = jax.jit(lambda w, h: (method.solve(w, h).dense(), method.well_posed(h))).lower(W, H).compile().as_text()
+    assert len(re.findall(r'custom_call_target="[^"]*potrf', hlo)) == 1

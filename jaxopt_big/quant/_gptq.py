@@ -32,11 +32,12 @@ from jaxopt_big.quant import _spec
 __all__ = ["gptq_params", "gptq_kernel", "gptq"]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "group", "dynamic"))
-def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
+@functools.partial(jax.jit, static_argnames=("spec", "group", "dynamic", "feedback"))
+def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic, feedback):
     """One block of inputs of ``W`` (rows = outputs). ``groups[i]``: scale row of block column i;
-    ``pruned1``: weights that stay zero (their rounding error is their whole value). Blocks start at
-    a group boundary; the last block may end with a shorter group."""
+    ``pruned1``: weights that stay zero (their rounding error is their whole value). Only the first
+    ``feedback`` rows spread their rounding error; the others are just rounded. Blocks start at a
+    group boundary; the last block may end with a shorter group."""
     rows, cols = w1.shape
     short = cols % group  # width of a shorter last group, 0 if none
 
@@ -59,19 +60,19 @@ def _gptq_block(w1, hinv1, scale, zero, groups, pruned1, spec, group, dynamic):
         w = w1[:, i]
         q = spec.fake_quant(w[None, :], scale[g][None], None if zero is None else zero[g][None])[0]
         q = jnp.where(pruned1[:, i], 0.0, q)
-        err = (w - q) / hinv1[i, i]
+        err = jnp.where(jnp.arange(rows) < feedback, (w - q) / hinv1[i, i], 0.0)
         w1 = w1 - err[:, None] * hinv1[i][None, :]  # upper triangular: columns >= i; column i becomes q
         return w1.at[:, i].set(q), err1.at[:, i].set(err), scale, zero
 
     return jax.lax.fori_loop(0, cols, body, (w1, jnp.zeros_like(w1), scale, zero))
 
 
-def _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group, dynamic, block_size):
+def _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group, dynamic, block_size, feedback):
     """The whole blocks of ``block_size`` inputs, in a loop (one block traced and compiled, whatever the
     layer's width: a Python loop made compile time grow with it). The lazy update of the later inputs
     multiplies by the block's rows of ``hinv`` with the earlier columns masked out: ``hinv`` is upper
     triangular, so the rows' own columns are the only others touched, and they are then set to the
-    block's quantized values."""
+    block's quantized values. Only the first ``feedback`` rows are updated (see :func:`_gptq_block`)."""
     d_in = w.shape[1]
     if d_in < block_size:
         return w, scale, zero
@@ -82,8 +83,8 @@ def _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group, dynamic, blo
         i1 = b * block_size
         cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i1, block_size, axis)  # noqa: E731
         q1, err1, scale, zero = _gptq_block(cut(w, 1), cut(cut(hinv, 0), 1), scale, zero, cut(groups, 0),
-                                            cut(pruned, 1), spec, group, dynamic)
-        w = w - err1 @ jnp.where(later[None, :] >= i1 + block_size, cut(hinv, 0), 0.0)
+                                            cut(pruned, 1), spec, group, dynamic, feedback)
+        w = w.at[:feedback].add(-(err1[:feedback] @ jnp.where(later[None, :] >= i1 + block_size, cut(hinv, 0), 0.0)))
         return jax.lax.dynamic_update_slice_in_dim(w, q1, i1, 1), scale, zero
 
     return jax.lax.fori_loop(0, d_in // block_size, body, (w, scale, zero))
@@ -149,48 +150,55 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     if pruned is not None and jnp.shape(pruned) != (d_in, d_out):
         raise ValueError(f"{path}: pruned mask has shape {jnp.shape(pruned)}, expected {(d_in, d_out)}")
     hessian = jnp.asarray(hessian, jnp.float32)
-    perm = jnp.argsort(-jnp.diagonal(hessian), stable=True) if act_order else jnp.arange(d_in)
-    w = kernel.T.astype(jnp.float32)
-    hinv, dead = _calibration.inverse_hessian(hessian[perm][:, perm], damp=damp)
-    w = jnp.where(dead[None, :], 0.0, w[:, perm])
-    pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.asarray(pruned, bool).T[:, perm]
+    # act_order's visiting order; in input order nothing is gathered, so the inverse below is the very
+    # expression of the method's well-posedness check and XLA computes it once for both
+    perm = jnp.argsort(-jnp.diagonal(hessian), stable=True) if act_order else None
+    visit = (lambda x: x) if perm is None else (lambda x: x[..., perm])  # noqa: E731
+    hinv, dead = _calibration.inverse_hessian(hessian if perm is None else visit(hessian)[perm], damp=damp)
+    # round-to-nearest rides along as d_out more rows, the original weights: calibrated and rounded
+    # by the same code on the same grid, but with no error feedback
+    x = visit(kernel.T.astype(jnp.float32))
+    w = jnp.concatenate([jnp.where(dead[None, :], 0.0, x), x])
+    pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.concatenate(
+        [visit(jnp.asarray(pruned, bool).T), jnp.zeros_like(x, bool)])
     dynamic = group is not None and not act_order
     if group is not None and dynamic:  # filled group by group from the updated weights
-        scale = jnp.ones((-(-d_in // group), d_out), jnp.float32)
+        scale = jnp.ones((-(-d_in // group), 2 * d_out), jnp.float32)
         zero = None if spec.symmetric else jnp.zeros_like(scale)
     else:
         scale, zero = spec.calibrate(kernel.astype(jnp.float32), path=path)
-        scale = jnp.broadcast_to(scale, (scale.shape[0], d_out))
-        zero = None if zero is None else jnp.broadcast_to(zero, scale.shape)
-    groups = perm // group if group is not None else jnp.zeros(d_in, jnp.int32)
-    w, scale, zero = _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group or 1, dynamic, block_size)
+        twice = lambda z: jnp.tile(jnp.broadcast_to(z, (z.shape[0], d_out)), 2)  # noqa: E731 - GPTQ's and RTN's rows
+        scale, zero = twice(scale), None if zero is None else twice(zero)
+    groups = visit(jnp.arange(d_in)) // group if group is not None else jnp.zeros(d_in, jnp.int32)
+    w, scale, zero = _full_blocks(w, hinv, scale, zero, groups, pruned, spec, group or 1, dynamic, block_size, d_out)
     for i1 in range(d_in - d_in % block_size, d_in, block_size):  # a shorter last block, if any
         i2 = min(i1 + block_size, d_in)
         q1, err1, scale, zero = _gptq_block(w[:, i1:i2], hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2],
-                                            pruned[:, i1:i2], spec, group or 1, dynamic)
-        w = w.at[:, i1:i2].set(q1).at[:, i2:].add(-err1 @ hinv[i1:i2, i2:])
-    q = jnp.zeros_like(w).at[:, perm].set(w).T  # back to the original input order, (d_in, d_out)
-    return _no_worse_than_rtn(kernel, hessian, q, scale, zero, spec, path)
+                                            pruned[:, i1:i2], spec, group or 1, dynamic, d_out)
+        w = w.at[:, i1:i2].set(q1).at[:d_out, i2:].add(-(err1[:d_out] @ hinv[i1:i2, i2:]))
+    q = (w if perm is None else jnp.zeros_like(w).at[:, perm].set(w)).T  # in input order, (d_in, 2 d_out)
+    halves = lambda a: None if a is None else (a[:, :d_out], a[:, d_out:])  # noqa: E731 - (GPTQ, round-to-nearest)
+    return _no_worse_than_rtn(kernel, hessian, halves(q), halves(scale), halves(zero), spec, path)
 
 
 def _no_worse_than_rtn(kernel, hessian, q, scale, zero, spec, path):
     """Per output feature, GPTQ's codes and scales unless round-to-nearest on the spec's own grid
-    (same calibration) has less output error ``d^T H d`` on the calibration inputs.
+    (same calibration) has less output error ``d^T H d`` on the calibration inputs. ``q``, ``scale``
+    and ``zero`` (None when symmetric) are pairs: (GPTQ's, round-to-nearest's).
 
     GPTQ is greedy, so on a rare feature (e.g. a clipped MSE grid at 3 bits) rounding can win; output
     features are independent in this error and have their own scales, so each keeps the better one.
     """
     x = kernel.astype(jnp.float32)
-    rtn_scale, rtn_zero = spec.calibrate(x, path=path)
 
     def output_error(k):
         d = k - x
         return jnp.sum(d * (hessian @ d), axis=0)
 
-    keep = output_error(q) <= output_error(spec.fake_quant(x, rtn_scale, rtn_zero))
+    keep = output_error(q[0]) <= output_error(q[1])
     pick = lambda ours, rtn: jnp.where(keep, ours, rtn)  # noqa: E731 - broadcasts over the input axis
-    return spec.quantize(pick(q, x).astype(kernel.dtype), pick(scale, rtn_scale),
-                         None if zero is None else pick(zero, rtn_zero), path=path)
+    return spec.quantize(pick(q[0], x).astype(kernel.dtype), pick(*scale), None if zero is None else pick(*zero),
+                         path=path)
 
 
 def gptq_params(params: Any, hessians: Mapping[str, jax.typing.ArrayLike], spec: _spec.QuantSpec, *,
