@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
+from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
 from jaxopt_big import quant as _quant
 from jaxopt_big import recipe as _recipe
@@ -15,34 +18,49 @@ from jaxopt_big.oneshot import _engine, _model
 
 __all__ = ["auto"]
 
+Loss = Callable[[Any, Any], jax.Array]
+
 
 def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], options: _recipe.Auto, *,
-         blocks: str | None = None, mesh: Any = None, progress: bool = True,
+         loss: Loss | None = None, blocks: str | None = None, mesh: Any = None, progress: bool = True,
          row_mask: Callable[[Any], jax.typing.ArrayLike] | None = None, sequential: bool = False,
          data_axis: str = "data") -> tuple[_recipe.Recipe, _recipe.Sensitivity]:
-    """Measures each layer's output error at every bit width of ``options``, then picks bits per layer.
+    """Estimates each layer's effect on the loss at every bit width of ``options``, then picks bits per layer.
 
-    The measurement is the engine's own: one :func:`compress` run per choice with every block linear at
-    that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 5, 6, 8) 6 runs of 2 block
-    passes each, 8 block passes per block in all. A layer's error at a width is the absolute output
-    error ``tr(D^T H D)`` = relative error x output energy ``tr(W^T H W)`` (``LayerRow.error * .energy``),
-    on its calibration inputs as that run saw them (the layers before it at the same width); summed over
-    a stacked kernel's layers. Its bytes at each width are those the quantized leaf stores (codes and
-    scales, :func:`jaxopt_big.quant.layer_bytes`). Then :func:`jaxopt_big.recipe.auto` allocates.
+    The quantized weights are the engine's own: one :func:`compress` run per choice with every block
+    linear at that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 5, 6, 8) 6
+    runs of 2 block passes each. A layer's cost at a width is its Fisher-weighted output error on the
+    float model: ``sum((dL/dy)**2 * (dy)**2)`` over the calibration batches, tokens and output features,
+    where ``y`` is the layer's output, ``dL/dy`` the gradient of ``loss`` (one backward pass of the float
+    model per batch) and ``dy = x (W_b - W)`` the change that layer's quantized kernel at that width
+    makes on its float inputs ``x``; summed over a stacked kernel's layers. This is the diagonal Fisher
+    (second-order) estimate of the loss increase, as HAWQ-v2 and ModelOpt's AutoQuantize score layers;
+    it weighs each output feature and token by how much the loss depends on it, which the plain output
+    error does not. Costs are taken to add up across layers (the knapsack's assumption). A layer's bytes
+    at each width are those the quantized leaf stores (codes and scales,
+    :func:`jaxopt_big.quant.layer_bytes`). Then :func:`jaxopt_big.recipe.auto` allocates.
+
+    The backward passes run the whole float model at once (not block by block), with its parameters
+    and one batch's activations and their gradients in memory.
 
     Args:
       model_or_apply, params, calibration_batches, blocks, mesh, progress, row_mask, sequential,
-        data_axis: as for :func:`compress`.
+        data_axis: as for :func:`compress` (``mesh`` places the engine's runs only).
       options: the budget and the choices (:class:`jaxopt_big.recipe.Auto`).
+      loss: ``loss(outputs, batch) -> scalar`` of the model's outputs on one calibration batch (as
+        given); for a language model the next-token loss. Default: the cross-entropy of the outputs
+        (their first array, read as logits over the last axis) against the float model's own most
+        likely class, which needs no labels; weighted by ``row_mask(batch)`` when given.
 
     Returns:
       ``(recipe, sensitivity)``: one exact rule per kernel, to pass to :func:`compress`; and the
-      measurements, to allocate again at another budget without measuring
+      estimates, to allocate again at another budget without measuring
       (``jb.recipe.auto(sensitivity, jb.recipe.Auto(bits=...))``).
 
     Raises:
       ValueError: ``options.bits`` outside what the choices reach on the model's layers (after the
-        first run, which finds the layers), and whatever :func:`compress` raises.
+        first run, which finds the layers); a compressed layer the model never calls as a layer;
+        and whatever :func:`compress` raises.
 
     Examples:
       >>> import flax.linen as nn, jax, jaxopt_big as jb
@@ -64,25 +82,117 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
     """
     if not isinstance(options, _recipe.Auto):
         raise TypeError(f"auto needs jb.recipe.Auto options, got {type(options).__name__}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"auto: loss must be a function loss(outputs, batch) -> scalar, got {loss!r}")
     batches = list(calibration_batches)
-    flat = _model.wrap(model_or_apply, params).flat()
-    errors: dict[str, dict[int, float]] = {}
+    model = _model.wrap(model_or_apply, params)
+    flat = model.flat()
+    quantized: dict[int, dict[str, Any]] = {}
     sizes: dict[str, dict[int, int]] = {}
     kernels: dict[str, Any] = {}
     for bits in options.choices:
-        _, report = _engine.compress(model_or_apply, params, batches, options.uniform(bits), blocks=blocks, mesh=mesh,
-                                     progress=progress, row_mask=row_mask, sequential=sequential, data_axis=data_axis)
-        for row in report.rows:
-            layer = errors.setdefault(_kernel_path(row.path, flat), {})
-            layer[bits] = layer.get(bits, 0.0) + row.error * row.energy
+        out, report = _engine.compress(model_or_apply, params, batches, options.uniform(bits), blocks=blocks,
+                                       mesh=mesh, progress=progress, row_mask=row_mask, sequential=sequential,
+                                       data_axis=data_axis)
+        done = _model.wrap(model_or_apply, out).flat()
+        quantized[bits] = {p: done[p] for p in (_kernel_path(row.path, flat) for row in report.rows)}
         if not sizes:  # the first run found the layers: a budget they cannot meet fails now, not after all runs
-            kernels = _leaves.densify({p: flat[p] for p in errors})
+            kernels = _leaves.densify({p: flat[p] for p in quantized[bits]})
             sizes = _quant.layer_bytes(kernels, bits=options.choices, spec=options.spec,
                                        where=lambda p, x: True)
             _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
                                 _weights(kernels)).budget(options.bits)
-    sensitivity = _recipe.Sensitivity(errors, sizes, _weights(kernels))
+    loss_fn = loss or _own_class_loss(row_mask)
+    costs = _fisher_costs(model, batches, quantized, loss_fn)
+    sensitivity = _recipe.Sensitivity(costs, sizes, _weights(kernels))
     return _recipe.auto(sensitivity, options), sensitivity
+
+
+def _own_class_loss(row_mask: Callable[[Any], jax.typing.ArrayLike] | None) -> Loss:
+    """Cross-entropy against the most likely class: ``-max(log_softmax(z))``, whose gradient is ``p - onehot``."""
+    def loss(outputs: Any, batch: Any) -> jax.Array:
+        logits = jax.tree.leaves(outputs)[0].astype(jnp.float32)
+        nll = -jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        return jnp.sum(nll if row_mask is None else nll * jnp.asarray(row_mask(batch), jnp.float32))
+    return loss
+
+
+def _fisher_costs(model: _model.Model, batches: list[Any], quantized: dict[int, dict[str, Any]],
+                  loss: Loss) -> dict[str, dict[int, float]]:
+    """``{kernel path: {bits: sum over batches of sum((dL/dy)**2 * (x (W_b - W))**2)}}`` on the float model."""
+    targets = set(next(iter(quantized.values())))
+    where = lambda path, module: f"{path}/kernel" in targets  # noqa: E731
+    forward = _forward(model)
+
+    def run(params, impl, args, kwargs):
+        with jax.disable_jit():  # a scanned stack loops in Python: one intercepted call per layer (as capture)
+            return _intercept.replace(forward(params), where, _keyed(impl))(*args, **kwargs)
+
+    def perturbed(params, eps, args, kwargs):  # each layer's output plus its own zero: d loss / d eps = d loss / dy
+        return run(params, lambda key, call: call.run() + eps[key], args, kwargs)
+
+    @jax.jit
+    def gradients(params, eps, args, kwargs, d_outputs):  # the backward pass from d loss / d outputs
+        return jax.vjp(lambda e: perturbed(params, e, args, kwargs), eps)[1](d_outputs)[0]
+
+    @jax.jit
+    def costs(params, grads, quantized, args, kwargs):
+        out: dict[str, dict[int, jax.Array]] = {}
+
+        def impl(key, call):
+            path, index = f"{call.path}/kernel", int(key.partition("@")[2] or 0)
+            g2 = jnp.square(grads[key].astype(jnp.float32))
+            for bits, layers in quantized.items():
+                new = _leaves.densify(layers[path])
+                new = new[index] if new.ndim > call.kernel.ndim else new  # one layer of a stacked kernel
+                zeroed = {k: new - call.kernel if k == "kernel" else jnp.zeros_like(v) for k, v in call.params.items()}
+                dy = call.run(params=zeroed).astype(jnp.float32)  # x (W_b - W): the layer on the change, no bias
+                total = out.setdefault(path, {})
+                total[bits] = total.get(bits, 0.0) + jnp.sum(g2 * jnp.square(dy))
+            return call.run()
+        run(params, impl, args, kwargs)
+        return out
+
+    params = model.params
+    shapes: dict[str, jax.ShapeDtypeStruct] = {}
+    args0, kwargs0 = _engine._as_call(batches[0])
+    jax.eval_shape(lambda: run(params, lambda key, call: shapes.setdefault(key, call.run()), args0, kwargs0))
+    eps = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    outputs = jax.jit(perturbed)
+    totals: dict[str, dict[int, float]] = {}
+    for batch in batches:
+        args, kwargs = _engine._as_call(batch)
+        d_outputs = jax.grad(loss)(outputs(params, eps, args, kwargs), batch)
+        grads = gradients(params, eps, args, kwargs, d_outputs)
+        for path, by_bits in jax.device_get(costs(params, grads, quantized, args, kwargs)).items():
+            layer = totals.setdefault(path, {})
+            for bits, value in by_bits.items():
+                layer[bits] = layer.get(bits, 0.0) + float(value)
+    missing = sorted(targets - set(totals))
+    if missing:
+        raise ValueError(f"auto: compressed layers {missing} are never called as layers by the model, so their "
+                         "effect on the loss cannot be estimated")
+    return totals
+
+
+def _keyed(impl: Callable[[str, _intercept.Call], Any]) -> Callable[[_intercept.Call], Any]:
+    """``impl(key, call)`` with each call's key as :func:`jaxopt_big.intercept.capture` names it: ``path``,
+    then ``path@1``, ``path@2``... (the layers of a scanned stack, in order)."""
+    seen: dict[str, int] = {}
+
+    def keyed(call: _intercept.Call) -> Any:
+        i = seen[call.path] = seen.get(call.path, -1) + 1
+        return impl(call.path if i == 0 else f"{call.path}@{i}", call)
+    return keyed
+
+
+def _forward(model: _model.Model) -> Callable[[Any], Any]:
+    """``params -> f(*args, **kwargs)``: the whole model, in a form :mod:`jaxopt_big.intercept` can wrap
+    (an nnx module, or a function calling a linen apply)."""
+    if isinstance(model, _model._Nnx):
+        return lambda params: nnx.merge(model.graphdef, params, model.others)
+    assert isinstance(model, _model._Linen)
+    return lambda params: lambda *a, **k: model.apply({"params": params, **(model.extra or {})}, *a, **k)
 
 
 def _weights(kernels: dict[str, Any]) -> dict[str, int]:
