@@ -29,16 +29,18 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
 
     The quantized weights are the engine's own: one :func:`compress` run per choice with every block
     linear at that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 5, 6, 8) 6
-    runs of 2 block passes each. A layer's cost at a width is its Fisher-weighted output error on the
-    float model: ``sum((dL/dy)**2 * (dy)**2)`` over the calibration batches, tokens and output features,
-    where ``y`` is the layer's output, ``dL/dy`` the gradient of ``loss`` (one backward pass of the float
-    model per batch) and ``dy = x (W_b - W)`` the change that layer's quantized kernel at that width
-    makes on its float inputs ``x``; summed over a stacked kernel's layers. This is the diagonal Fisher
-    (second-order) estimate of the loss increase, as HAWQ-v2 and ModelOpt's AutoQuantize score layers;
-    it weighs each output feature and token by how much the loss depends on it, which the plain output
-    error does not. Costs are taken to add up across layers (the knapsack's assumption). A layer's bytes
-    at each width are those the quantized leaf stores (codes and scales,
-    :func:`jaxopt_big.quant.layer_bytes`). Then :func:`jaxopt_big.recipe.auto` allocates.
+    runs of 2 block passes each. A layer's cost at a width is the second-order estimate of the loss
+    increase its quantized kernel ``W_b`` makes alone:
+    ``sum(g * dy) + sum(g**2 * dy**2) / 2`` over the calibration batches, tokens and output features,
+    where ``y`` is the layer's output in the float model, ``g = dL/dy`` the gradient of ``loss`` (one
+    backward pass of the float model per batch) and ``dy = x (W_b - W)`` the change of the output on the
+    layer's float inputs ``x``; summed over a stacked kernel's layers. The squared gradient stands for
+    the curvature (the diagonal empirical Fisher, as HAWQ-v2 and ModelOpt's AutoQuantize score layers);
+    the first-order term matters as much: a trained model is not at a minimum of its calibration loss
+    (weight decay), and rounding and clipping move weights along its gradient. Costs are taken to add up
+    across layers (the knapsack's assumption). A layer's bytes at each width are those its quantized
+    leaf stores (codes and scales, :func:`jaxopt_big.quant.layer_bytes`). Then
+    :func:`jaxopt_big.recipe.auto` allocates.
 
     The backward passes run the whole float model at once (not block by block), with its parameters
     and one batch's activations and their gradients in memory.
@@ -48,7 +50,8 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
         data_axis: as for :func:`compress` (``mesh`` places the engine's runs only).
       options: the budget and the choices (:class:`jaxopt_big.recipe.Auto`).
       loss: ``loss(outputs, batch) -> scalar`` of the model's outputs on one calibration batch (as
-        given); for a language model the next-token loss. Default: the cross-entropy of the outputs
+        given), summed (not averaged) over its tokens or examples, as the Fisher term assumes; for a
+        language model the summed next-token loss. Default: the cross-entropy of the outputs
         (their first array, read as logits over the last axis) against the float model's own most
         likely class, which needs no labels; weighted by ``row_mask(batch)`` when given.
 
@@ -95,11 +98,11 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
                                        mesh=mesh, progress=progress, row_mask=row_mask, sequential=sequential,
                                        data_axis=data_axis)
         done = _model.wrap(model_or_apply, out).flat()
-        quantized[bits] = {p: done[p] for p in (_kernel_path(row.path, flat) for row in report.rows)}
+        layers = [_kernel_path(row.path, flat) for row in report.rows]  # a stacked kernel: one row per layer
+        quantized[bits] = {p: done[p] for p in layers}
         if not sizes:  # the first run found the layers: a budget they cannot meet fails now, not after all runs
             kernels = _leaves.densify({p: flat[p] for p in quantized[bits]})
-            sizes = _quant.layer_bytes(kernels, bits=options.choices, spec=options.spec,
-                                       where=lambda p, x: True)
+            sizes = {p: _layer_bytes(x, layers.count(p), options) for p, x in kernels.items()}
             _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
                                 _weights(kernels)).budget(options.bits)
     loss_fn = loss or _own_class_loss(row_mask)
@@ -119,7 +122,8 @@ def _own_class_loss(row_mask: Callable[[Any], jax.typing.ArrayLike] | None) -> L
 
 def _fisher_costs(model: _model.Model, batches: list[Any], quantized: dict[int, dict[str, Any]],
                   loss: Loss) -> dict[str, dict[int, float]]:
-    """``{kernel path: {bits: sum over batches of sum((dL/dy)**2 * (x (W_b - W))**2)}}`` on the float model."""
+    """``{kernel path: {bits: sum over batches of sum(g * dy + g**2 * dy**2 / 2)}}`` on the float model, with
+    ``g = dL/dy`` and ``dy = x (W_b - W)``."""
     targets = set(next(iter(quantized.values())))
     where = lambda path, module: f"{path}/kernel" in targets  # noqa: E731
     forward = _forward(model)
@@ -141,14 +145,14 @@ def _fisher_costs(model: _model.Model, batches: list[Any], quantized: dict[int, 
 
         def impl(key, call):
             path, index = f"{call.path}/kernel", int(key.partition("@")[2] or 0)
-            g2 = jnp.square(grads[key].astype(jnp.float32))
+            g = grads[key].astype(jnp.float32)
             for bits, layers in quantized.items():
                 new = _leaves.densify(layers[path])
                 new = new[index] if new.ndim > call.kernel.ndim else new  # one layer of a stacked kernel
                 zeroed = {k: new - call.kernel if k == "kernel" else jnp.zeros_like(v) for k, v in call.params.items()}
                 dy = call.run(params=zeroed).astype(jnp.float32)  # x (W_b - W): the layer on the change, no bias
                 total = out.setdefault(path, {})
-                total[bits] = total.get(bits, 0.0) + jnp.sum(g2 * jnp.square(dy))
+                total[bits] = total.get(bits, 0.0) + jnp.sum(g * dy + jnp.square(g * dy) / 2)
             return call.run()
         run(params, impl, args, kwargs)
         return out
@@ -193,6 +197,13 @@ def _forward(model: _model.Model) -> Callable[[Any], Any]:
         return lambda params: nnx.merge(model.graphdef, params, model.others)
     assert isinstance(model, _model._Linen)
     return lambda params: lambda *a, **k: model.apply({"params": params, **(model.extra or {})}, *a, **k)
+
+
+def _layer_bytes(kernel: Any, layers: int, options: _recipe.Auto) -> dict[int, int]:
+    """Bytes of a kernel at each choice; a stacked one is stored as its layers, each quantized alone."""
+    one = kernel[0] if layers > 1 else kernel
+    return {b: layers * n for b, n in _quant.layer_bytes({"k": one}, bits=options.choices, spec=options.spec,
+                                                          where=lambda p, x: True)["k"].items()}
 
 
 def _weights(kernels: dict[str, Any]) -> dict[str, int]:
