@@ -15,11 +15,14 @@ Checked on the calibration windows only (never the test windows): how well each 
 calibration loss increase of quantizing one layer alone (rank correlation over layers, at 3 and 4 bits),
 for auto's cost and for the plain output error ``tr(D^T H D)`` that auto used before; and whether
 single-layer increases add up to the increase of the whole configuration.
-Run: ``python benchmarks/auto_bits.py``.
+``--measured``: auto measures each cost (the calibration loss with that one layer quantized, one forward
+pass per layer and width) instead of estimating it; results in ``auto_bits_measured``.
+Run: ``python benchmarks/auto_bits.py [--measured]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
@@ -51,7 +54,7 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def main() -> dict:
+def main(measured: bool) -> dict:
     from flax import nnx
 
     model = trained_decoder(ARTIFACT)
@@ -78,7 +81,8 @@ def main() -> dict:
 
     t = time.perf_counter()
     options = jb.recipe.Auto(bits=4.25, choices=CHOICES)
-    auto, sens = jb.oneshot.auto(model, None, batches, options, loss=next_token_loss, progress=False)
+    auto, sens = jb.oneshot.auto(model, None, batches, options, loss=next_token_loss, measured=measured,
+                                 progress=False)
     measure_seconds = time.perf_counter() - t
     paths = sorted(sens.weights)
     n = sens.total_weights()
@@ -131,9 +135,10 @@ def main() -> dict:
     holds = same["perplexity"] < int4["perplexity"] and same["bytes"] <= int4["bytes"]
     lines = [f"Trained decoder, {len(paths)} block linears ({n:,} weights), {len(pool)} calibration windows of "
              f"{CAL_LENGTH}, {len(test)} test windows of {LENGTH}; measuring {len(CHOICES)} widths took "
-             f"{measure_seconds:.0f} s ({len(CHOICES)} engine runs and one forward + backward pass of the float "
-             f"model per calibration batch). Bits per weight count the scales. Predicted / measured calibration loss "
-             "increase (the costs, summed over the layers, over the tokens): " + ", ".join(
+             f"{measure_seconds:.0f} s ({len(CHOICES)} engine runs, then "
+             f"{'one forward pass per layer and width' if measured else 'one forward + backward pass'} of the "
+             "model over the calibration batches). Bits per weight count the scales. Predicted / measured "
+             "calibration loss increase (the costs, summed over the layers, over the tokens): " + ", ".join(
                  f"{k} {v['predicted'] / tokens / (v['calibration_loss'] - base):.3f}" for k, v in rows.items()
                  if k != "float") + ".", "",
              "| model | test perplexity | calibration loss | bytes of the linears | bits per weight | widths |",
@@ -153,14 +158,18 @@ def main() -> dict:
     lines += [f"goal ({'holds' if holds else 'does NOT hold'}): auto < uniform int4 in test perplexity at <= its bytes"]
     print("\n".join(lines))
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "auto_bits_table.md").write_text("\n".join(lines) + "\n")
-    return write("auto_bits", ours=same["perplexity"], baseline=int4["perplexity"], unit="ppl",
-                 goal="auto (GPTQ 2/3/4/5/6/8 bits per layer, second-order loss estimate) < uniform GPTQ int4 "
-                      "g128 in perplexity, at <= its bytes",
+    name = "auto_bits_measured" if measured else "auto_bits"
+    (HERE / "results" / f"{name}_table.md").write_text("\n".join(lines) + "\n")
+    return write(name, ours=same["perplexity"], baseline=int4["perplexity"], unit="ppl",
+                 goal="auto (GPTQ 2/3/4/5/6/8 bits per layer, "
+                      f"{'measured single-layer loss increase' if measured else 'second-order loss estimate'}) "
+                      "< uniform GPTQ int4 g128 in perplexity, at <= its bytes",
                  holds=holds, details={"rows": rows, "rank_correlation": ranks,
                                        "measure_seconds": round(measure_seconds, 1),
                                        "calibration_windows": len(pool), "test_windows": len(test)})
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measured", action="store_true", help="auto measures each cost instead of estimating it")
+    main(parser.parse_args().measured)

@@ -117,13 +117,14 @@ class TwoHeads(nn.Module):
         return 0.01 * big + 10 * nn.Dense(D, name="small", kernel_init=nn.initializers.normal(0.1))(x)
 
 
-def test_the_layer_the_loss_depends_on_gets_the_bits_not_the_one_with_the_larger_output_error():
+@pytest.mark.parametrize("measured", [False, True])
+def test_the_layer_the_loss_depends_on_gets_the_bits_not_the_one_with_the_larger_output_error(measured):
     x = jax.random.normal(jax.random.key(0), (128, D))
     target = jax.random.normal(jax.random.key(2), (128, D))
     params = TwoHeads().init(jax.random.key(1), x)["params"]
     loss = lambda out, batch: jnp.sum((out - target) ** 2)  # noqa: E731
     options = jb.recipe.Auto(bits=5.25, choices=(2, 8), quantizer=RTN)  # room for one layer at 8 bits
-    recipe, sens = jb.oneshot.auto(TwoHeads(), params, [x], options, loss=loss, progress=False)
+    recipe, sens = jb.oneshot.auto(TwoHeads(), params, [x], options, loss=loss, measured=measured, progress=False)
     chosen = _allocation(recipe, sens.weights)
     assert chosen == {"big/kernel": 2, "small/kernel": 8}
     swapped = jb.Recipe([jb.Rule("big", options.plan(8)), jb.Rule("small", options.plan(2))])
@@ -134,6 +135,11 @@ def test_the_layer_the_loss_depends_on_gets_the_bits_not_the_one_with_the_larger
         if name == "auto":  # mixed widths store what the sensitivity counted
             assert out["big"]["kernel"].nbytes + out["small"]["kernel"].nbytes == sens.nbytes(chosen)
     assert losses["auto"] < losses["swapped"]
+    if measured:  # a measured cost is the loss with that one kernel quantized, the other float, minus the float loss
+        base = float(loss(TwoHeads().apply({"params": params}, x), x))
+        one = {**params, "small": {**params["small"], "kernel": out["small"]["kernel"].dense()}}
+        assert sens.errors["small/kernel"][2] == pytest.approx(float(loss(TwoHeads().apply({"params": one}, x), x))
+                                                               - base, rel=1e-4)
 
 
 def test_a_scanned_decoder_gets_the_costs_and_bytes_of_its_unrolled_twin():
