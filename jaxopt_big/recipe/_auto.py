@@ -92,9 +92,10 @@ class Sensitivity:
 
     Attributes:
       errors: ``{path: {bits: cost}}``: what compressing the kernel at that width costs, taken to add up
-        across layers; :func:`jaxopt_big.oneshot.auto` measures the Fisher-weighted output error
-        ``sum((dL/dy)**2 * (x W' - x W)**2)`` over the calibration tokens and output features, summed over
-        the kernel's layers (every layer of a stacked kernel): a second-order estimate of the loss increase.
+        across layers; :func:`jaxopt_big.oneshot.auto` estimates the loss increase to second order,
+        ``sum(g * dy + (g * dy)**2 / 2)`` with ``g = dL/dy`` on the layer's output ``y`` and ``dy = x W' - x W``,
+        over the calibration tokens and output features and the kernel's layers (every layer of a stacked
+        kernel), or measures it (the loss with that kernel alone quantized, minus the float loss).
       sizes: ``{path: {bits: bytes stored}}`` (codes, scales and zero points).
       weights: ``{path: number of weights}``.
     """
