@@ -148,7 +148,7 @@ def main(measured: bool) -> dict:
     lines += ["", "Rank correlation (Spearman, over layers) of each score with the calibration loss increase of "
               "quantizing that layer alone; and the sum of those single-layer increases over the increase of "
               "quantizing all layers together (1 = they add up):", "",
-              "| bits | second-order cost (auto) | output error tr(D^T H D) (before) | sum of single / joint |",
+              "| bits | auto's cost | output error tr(D^T H D) (before) | sum of single / joint |",
               "|---|---|---|---|"]
     lines += [f"| {b} | {r['auto_cost']:.3f} | {r['output_error']:.3f} | {r['sum_of_single / joint']:.3f} |"
               for b, r in ranks.items()]
