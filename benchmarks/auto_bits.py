@@ -1,14 +1,23 @@
 """Automatic mixed precision on the trained decoder: ``auto`` against uniform GPTQ at the same or fewer bytes.
 
-The decoder is the small Llama of ``benchmarks/train_decoder.py``. ``jb.oneshot.auto`` measures every
-block linear's absolute output error at 2, 3, 4 and 8 bits (GPTQ, groups of 128, MSE grid: the
-``gptq-int4`` preset's grid; one engine run per width) on calibration windows of the training split;
-``jb.recipe.auto`` then picks bits per layer by the exact knapsack under a budget of average bits per
-weight, scales included. Held-out perplexity (test split) and the stored bytes of the compressed
-linears, side by side: float; uniform int4 g128; uniform int3 g128; auto at 4.25 bits per weight;
-auto at exactly uniform int4's bytes; auto at 5.25. Goal (issue 30): auto has lower perplexity than
-uniform int4 at the same or fewer bytes.
-Run: ``python benchmarks/auto_bits.py [--quick]``.
+The decoder is the small Llama of ``benchmarks/train_decoder.py``. ``jb.oneshot.auto`` quantizes every
+block linear at 2, 3, 4, 5, 6 and 8 bits (GPTQ, groups of 128, MSE grid: the ``gptq-int4`` preset's
+grid; one engine run per width) on calibration windows of the training split, and scores each layer
+and width by the second-order estimate of the calibration next-token loss increase its quantized kernel
+makes alone (gradient term plus diagonal-Fisher term on the layer's output; one backward pass of the
+float model per batch); ``jb.recipe.auto`` then picks bits per layer by the exact knapsack
+under a budget of average bits per weight, scales included. Held-out perplexity (test split) and the
+stored bytes of the compressed linears, side by side: float; uniform int3/int4/int5 g128; auto at
+exactly each uniform width's bytes. Goal (issue 30): auto has lower perplexity than uniform int4 at
+the same or fewer bytes.
+
+Checked on the calibration windows only (never the test windows): how well each score predicts the
+calibration loss increase of quantizing one layer alone (rank correlation over layers, at 3 and 4 bits),
+for auto's cost and for the plain output error ``tr(D^T H D)`` that auto used before; and whether
+single-layer increases add up to the increase of the whole configuration.
+``--measured``: auto measures each cost (the calibration loss with that one layer quantized, one forward
+pass per layer and width) instead of estimating it; results in ``auto_bits_measured``.
+Run: ``python benchmarks/auto_bits.py [--measured]``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 HERE = pathlib.Path(__file__).parent
@@ -30,87 +40,136 @@ from decoder_quality import BATCH, CAL_LENGTH  # noqa: E402
 from train_decoder import ARTIFACT, LENGTH, trained_decoder  # noqa: E402
 
 CHOICES = (2, 3, 4, 5, 6, 8)
+UNIFORM = (3, 4, 5)
 
 
-def main(quick: bool) -> dict:
+def next_token_loss(logits, ids):
+    """Summed next-token negative log-likelihood of one calibration batch (the loss auto's Fisher uses)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, jnp.asarray(ids)[:, 1:, None], axis=-1).sum()
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main(measured: bool) -> dict:
     from flax import nnx
 
-    model = trained_decoder(ARTIFACT.with_name("decoder_quick") if quick else ARTIFACT)
+    model = trained_decoder(ARTIFACT)
     splits = jb.data.docs_corpus()
-    test = jb.data.windows(splits.test, LENGTH)[: 16 if quick else 64]
+    test = jb.data.windows(splits.test, LENGTH)[:64]
     pool = jb.data.windows(splits.train, CAL_LENGTH)
-    pool = pool[np.random.default_rng(0).permutation(len(pool))][: 16 if quick else 64]
+    pool = pool[np.random.default_rng(0).permutation(len(pool))][:64]
     batches = [pool[i:i + BATCH] for i in range(0, len(pool), BATCH)]
+    graphdef, others = nnx.graphdef(model), nnx.state(model, lambda p, x: not isinstance(x, nnx.Param))
+    floats = nnx.state(model, nnx.Param)
+    flat_float = dict(zip(jb.tree.paths(floats), jax.tree.leaves(floats)))
 
     def perplexity(params):
-        others = nnx.state(model, lambda p, x: not isinstance(x, nnx.Param))
-        return jb.data.perplexity(nnx.merge(nnx.graphdef(model), jb.leaves.densify(params), others), None, test)
+        return jb.data.perplexity(nnx.merge(graphdef, jb.leaves.densify(params), others), None, test)
 
-    weights: dict = {}
+    @jax.jit
+    def calibration_loss(params):
+        m = nnx.merge(graphdef, params, others)
+        return sum(next_token_loss(m(b), b) for b in batches) / sum(b.size - len(b) for b in batches)
 
-    def measure(options):
-        t = time.perf_counter()
-        recipe, sens = jb.oneshot.auto(model, None, batches, options, progress=False)
-        weights["n"] = sens.total_weights()
-        return recipe, sens, time.perf_counter() - t
+    def with_layers(replaced):  # the float parameters with some kernels replaced (dense)
+        flat = {**flat_float, **replaced}
+        return jax.tree.unflatten(jax.tree.structure(floats), [flat[p] for p in jb.tree.paths(floats)])
 
-    done: list = []
-    rows = {"float": {"perplexity": perplexity(nnx.state(model, nnx.Param)), "bytes": 0, "bpw": 32.0,
-                      "output_error": 0.0, "widths": "-"}}
+    t = time.perf_counter()
+    options = jb.recipe.Auto(bits=4.25, choices=CHOICES)
+    auto, sens = jb.oneshot.auto(model, None, batches, options, loss=next_token_loss, measured=measured,
+                                 progress=False)
+    measure_seconds = time.perf_counter() - t
+    paths = sorted(sens.weights)
+    n = sens.total_weights()
+    at = {b: sens.average_bits({p: b for p in paths}) for b in CHOICES}  # uniform widths, scales included
+
+    rows = {"float": {"perplexity": perplexity(floats), "bytes": 4 * n, "bpw": 32.0, "widths": "-",
+                      "calibration_loss": float(calibration_loss(floats))}}
+    compressed, plans = {}, []
 
     def run(name, recipe):
-        key = [(path, next(r for r in recipe.rules if r.matches(path)).value) for path in sens.weights]
-        same = [n for k, n in done if k == key]
+        plan = [next(r for r in recipe.rules if r.matches(p)).value for p in paths]
+        same = [m for k, m in plans if k == plan]
         if same:  # the same plan per layer as an earlier row: measured once
             rows[name] = {**rows[same[0]], "same_as": same[0]}
             return
         out, report = jb.oneshot.compress(model, None, batches, recipe, progress=False)
         flat = dict(zip(jb.tree.paths(out), jax.tree.leaves(out, is_leaf=jb.leaves.is_compressed)))
-        kernels = [flat[f"{r.path}/kernel"] for r in report.rows]
-        stored = sum(k.nbytes for k in kernels)
-        chosen = [k.bits for k in kernels]
-        rows[name] = {"perplexity": perplexity(out), "bytes": stored, "bpw": 8 * stored / weights["n"],
-                      "output_error": sum(r.error * r.energy for r in report.rows),
+        kernels = {p: flat[p] for p in paths}
+        stored = sum(k.nbytes for k in kernels.values())
+        chosen = [k.bits for k in kernels.values()]
+        compressed[name] = (kernels, report)
+        rows[name] = {"perplexity": perplexity(out), "bytes": stored, "bpw": 8 * stored / n,
+                      "calibration_loss": float(calibration_loss(jb.leaves.densify(out))),
+                      "predicted": sens.error({p: k.bits for p, k in kernels.items()}),
                       "widths": ", ".join(f"{chosen.count(b)}x{b}" for b in CHOICES if b in chosen)}
-        done.append((key, name))
+        plans.append((plan, name))
         print(name, rows[name], flush=True)
 
-    # the defaults (GPTQ, groups of 128, MSE grid, float32 scales, choices 2, 3, 4, 5, 6, 8)
-    options = jb.recipe.Auto(bits=4.25, choices=CHOICES)
-    auto, sens, measure_seconds = measure(options)
-    rows["float"]["bytes"] = 4 * weights["n"]
-    at = {b: sens.average_bits({p: b for p in sens.weights}) for b in CHOICES}  # uniform widths, scales included
-    run("GPTQ int4 g128", options.uniform(4))
-    run("GPTQ int3 g128", options.uniform(3))
-    run("auto 4.25 bpw", auto)
-    run(f"auto at int4's bytes ({at[4]:.4g} bpw)", jb.recipe.auto(sens, jb.recipe.Auto(bits=at[4])))
-    run("auto 5.25 bpw", jb.recipe.auto(sens, jb.recipe.Auto(bits=5.25)))
-    spread = {b: max(e[b] for e in sens.errors.values()) / min(e[b] for e in sens.errors.values()) for b in CHOICES}
-    int4, same = rows["GPTQ int4 g128"], rows[f"auto at int4's bytes ({at[4]:.4g} bpw)"]
+    def auto_name(b):
+        return f"auto at int{b}'s bytes ({at[b]:.4g} bpw)"
+
+    for b in UNIFORM:
+        run(f"GPTQ int{b} g128", options.uniform(b))
+        run(auto_name(b), jb.recipe.auto(sens, jb.recipe.Auto(bits=at[b])))
+
+    # does each score rank the layers by their calibration loss increase alone? (calibration windows only)
+    base = rows["float"]["calibration_loss"]
+    single, ranks = {}, {}
+    for b in (3, 4):
+        kernels, report = compressed[f"GPTQ int{b} g128"]
+        single[b] = {p: float(calibration_loss(with_layers({p: kernels[p].dense()}))) - base for p in paths}
+        output_error = {f"{r.path}/kernel": r.error * r.energy for r in report.rows}
+        ranks[b] = {"auto_cost": spearman([sens.errors[p][b] for p in paths], [single[b][p] for p in paths]),
+                    "output_error": spearman([output_error[p] for p in paths], [single[b][p] for p in paths]),
+                    "sum_of_single / joint": sum(single[b].values()) / (rows[f"GPTQ int{b} g128"]["calibration_loss"]
+                                                                         - base)}
+    tokens = sum(b.size - len(b) for b in batches)
+
+    int4, same = rows["GPTQ int4 g128"], rows[auto_name(4)]
     holds = same["perplexity"] < int4["perplexity"] and same["bytes"] <= int4["bytes"]
-    lines = [f"Trained decoder, {len(sens.weights)} block linears ({weights['n']:,} weights), {len(pool)} calibration "
-             f"windows of {CAL_LENGTH}, {len(test)} test windows of {LENGTH}; measuring {len(CHOICES)} widths took "
-             f"{measure_seconds:.0f} s ({len(CHOICES)} engine runs). Bits per weight count the scales (each width is "
-             f"packed at its own width: int3 {at[3]:.4g} bpw, int5 {at[5]:.4g}). Largest / smallest layer output "
-             "error at " + ", ".join(
-                 f"{b} bits: {v:.3g}" for b, v in spread.items()) + ".", "",
-             "| model | test perplexity | bytes of the linears | bits per weight | summed output error | widths |",
+    lines = [f"Trained decoder, {len(paths)} block linears ({n:,} weights), {len(pool)} calibration windows of "
+             f"{CAL_LENGTH}, {len(test)} test windows of {LENGTH}; measuring {len(CHOICES)} widths took "
+             f"{measure_seconds:.0f} s ({len(CHOICES)} engine runs, then "
+             f"{'one forward pass per layer and width' if measured else 'one forward + backward pass'} of the "
+             "model over the calibration batches). Bits per weight count the scales. Predicted / measured "
+             "calibration loss increase (the costs, summed over the layers, over the tokens): " + ", ".join(
+                 f"{k} {v['predicted'] / tokens / (v['calibration_loss'] - base):.3f}" for k, v in rows.items()
+                 if k != "float") + ".", "",
+             "| model | test perplexity | calibration loss | bytes of the linears | bits per weight | widths |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['perplexity']:.4f} | {v['bytes']:,} | {v['bpw']:.4g} | {v['output_error']:.4g} | "
+    lines += [f"| {k} | {v['perplexity']:.4f} | {v['calibration_loss']:.5f} | {v['bytes']:,} | {v['bpw']:.4g} | "
               f"{v['widths']}{' (= ' + v['same_as'] + ')' if 'same_as' in v else ''} |" for k, v in rows.items()]
-    lines += ["", f"auto / uniform int4 perplexity at the same bytes: {same['perplexity'] / int4['perplexity']:.4f} "
-              f"({'holds' if holds else 'does NOT hold'}: auto < int4 at <= its bytes)"]
+    lines += ["", "Rank correlation (Spearman, over layers) of each score with the calibration loss increase of "
+              "quantizing that layer alone; and the sum of those single-layer increases over the increase of "
+              "quantizing all layers together (1 = they add up):", "",
+              "| bits | auto's cost | output error tr(D^T H D) (before) | sum of single / joint |",
+              "|---|---|---|---|"]
+    lines += [f"| {b} | {r['auto_cost']:.3f} | {r['output_error']:.3f} | {r['sum_of_single / joint']:.3f} |"
+              for b, r in ranks.items()]
+    lines += [""] + [f"auto / uniform int{b} test perplexity at int{b}'s bytes: "
+                     f"{rows[auto_name(b)]['perplexity'] / rows[f'GPTQ int{b} g128']['perplexity']:.5f}"
+                     for b in UNIFORM]
+    lines += [f"goal ({'holds' if holds else 'does NOT hold'}): auto < uniform int4 in test perplexity at <= its bytes"]
     print("\n".join(lines))
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "auto_bits_table.md").write_text("\n".join(lines) + "\n")
-    return write("auto_bits", ours=same["perplexity"], baseline=int4["perplexity"], unit="ppl",
-                 goal="auto (GPTQ 2/3/4/5/6/8 bits per layer) < uniform GPTQ int4 g128 in perplexity, at <= its bytes",
-                 holds=holds, details={"rows": rows,
-                                       "error_spread": spread, "measure_seconds": round(measure_seconds, 1),
-                                       "calibration_windows": len(pool), "test_windows": len(test), "quick": quick})
+    name = "auto_bits_measured" if measured else "auto_bits"
+    (HERE / "results" / f"{name}_table.md").write_text("\n".join(lines) + "\n")
+    return write(name, ours=same["perplexity"], baseline=int4["perplexity"], unit="ppl",
+                 goal="auto (GPTQ 2/3/4/5/6/8 bits per layer, "
+                      f"{'measured single-layer loss increase' if measured else 'second-order loss estimate'}) "
+                      "< uniform GPTQ int4 g128 in perplexity, at <= its bytes",
+                 holds=holds, details={"rows": rows, "rank_correlation": ranks,
+                                       "measure_seconds": round(measure_seconds, 1),
+                                       "calibration_windows": len(pool), "test_windows": len(test)})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the quick decoder, 16 calibration and test windows")
-    main(parser.parse_args().quick)
+    parser.add_argument("--measured", action="store_true", help="auto measures each cost instead of estimating it")
+    main(parser.parse_args().measured)

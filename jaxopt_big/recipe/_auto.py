@@ -1,8 +1,8 @@
-"""Automatic mixed precision: bits per layer under an average-bits budget, from measured output errors.
+"""Automatic mixed precision: bits per layer under an average-bits budget, from estimated loss increases.
 
 :class:`Auto` says what to choose among (one quantizer at several bit widths) and the budget;
-:class:`Sensitivity` holds what was measured per kernel (the output error and the stored bytes of each
-choice); :func:`auto` picks the bits per kernel with the exact knapsack
+:class:`Sensitivity` holds what was measured per kernel (the cost, an estimate of the loss increase, and
+the stored bytes of each choice); :func:`auto` picks the bits per kernel with the exact knapsack
 (:func:`jaxopt_big.quant.allocate_bits`) and returns an ordinary :class:`Recipe`, one exact rule per
 kernel. The measurement runs the one-shot engine, which lives above this package: use
 :func:`jaxopt_big.oneshot.auto` (measure, then allocate) on a model.
@@ -91,10 +91,11 @@ class Sensitivity:
     """What each bit-width choice costs, per kernel (by its leaf path, as recipe rules match it).
 
     Attributes:
-      errors: ``{path: {bits: absolute output error}}``: ``tr(D^T H D) = ||X W' - X W||^2`` summed over
-        the kernel's layers (every layer of a stacked kernel) on the calibration inputs, as the engine
-        measured it. Absolute, not relative, errors add up across layers: the sum is the total squared
-        output perturbation of the compressed layers.
+      errors: ``{path: {bits: cost}}``: what compressing the kernel at that width costs, taken to add up
+        across layers; :func:`jaxopt_big.oneshot.auto` estimates the loss increase to second order,
+        ``sum(g * dy + (g * dy)**2 / 2)`` with ``g = dL/dy`` on the layer's output ``y`` and ``dy = x W' - x W``,
+        over the calibration tokens and output features and the kernel's layers (every layer of a stacked
+        kernel), or measures it (the loss with that kernel alone quantized, minus the float loss).
       sizes: ``{path: {bits: bytes stored}}`` (codes, scales and zero points).
       weights: ``{path: number of weights}``.
     """
@@ -129,7 +130,7 @@ class Sensitivity:
         return sum(self.sizes[p][b] for p, b in allocation.items())
 
     def error(self, allocation: Mapping[str, int]) -> float:
-        """Summed output error of the layers at ``{path: bits}``."""
+        """Summed cost of the layers at ``{path: bits}``."""
         return sum(self.errors[p][b] for p, b in allocation.items())
 
     def average_bits(self, allocation: Mapping[str, int]) -> float:
@@ -152,7 +153,7 @@ class Sensitivity:
 
 
 def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
-    """The recipe of least summed output error within ``options.bits`` average bits per weight.
+    """The recipe of least summed cost within ``options.bits`` average bits per weight.
 
     Picks one of ``options.choices`` per kernel with the exact multiple-choice knapsack
     (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
