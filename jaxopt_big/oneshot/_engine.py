@@ -628,9 +628,10 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
             hessians = _calibrate(step, stage, model.with_kernels(base, new), data)[0]
             runs += 1
         else:
-            hessians = [given[g] for g in stage]
+            hessians = [given.pop(g) for g in stage]
         current = model.with_kernels(base, new)
-        for g, hessian in zip(stage, hessians):
+        for g in stage:
+            hessian = hessians.pop(0)  # each Hessian is dropped once its group is solved
             for rel, kernel, layer in _solve_group(model, current, step, step.groups[g], hessian, plans, mesh,
                                                    notes.get(g, "")):
                 new[f"{rel}/kernel"] = kernel
