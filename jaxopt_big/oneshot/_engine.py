@@ -223,14 +223,12 @@ def _sums(xs: list[tuple[jax.Array, jax.Array]], totals: bool) -> tuple[jax.Arra
     error feedback turns such last-bit differences into different codes. Products of float32 values
     are exact in float64 and the sum's error is ~2^-29 of a float32 step, so every split gives the same
     float32 Hessian, but for an entry within that distance of a rounding tie."""
-    h, n, total = 0.0, 0.0, None
-    for rows, weights in xs:
-        r, w = rows.astype(jnp.float64), weights.astype(jnp.float64)[:, None]
-        h = h + (r * w).T @ r
-        n = n + w.sum()
-        if totals:
-            total = (0.0 if total is None else total) + (jnp.abs(r) * w).sum(axis=0)
-    return h.astype(jnp.float32), n.astype(jnp.float32), None if total is None else total.astype(jnp.float32)
+    wide = [(rows.astype(jnp.float64), weights.astype(jnp.float64)[:, None]) for rows, weights in xs]
+
+    def rounded(parts: list[jax.Array]) -> jax.Array:
+        return functools.reduce(jnp.add, parts).astype(jnp.float32)
+    return (rounded([(r * w).T @ r for r, w in wide]), rounded([w.sum() for _, w in wide]),
+            rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in wide]) if totals else None)
 
 
 def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()) -> list[tuple]:
