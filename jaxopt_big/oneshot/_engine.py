@@ -438,7 +438,9 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         to give the next block's inputs, so the result is the uninterrupted run's, bit for bit.
 
     Parameters may be lazy (``jb.zoo.load_llama(..., lazy=True)``: leaves that are read only when
-    their block is reached); then one float block is held at a time, plus the compressed result.
+    their block is reached; those outside the blocks, such as embeddings, only while the first
+    block's inputs are captured, and again when returned); then one float block is held at a time,
+    plus the compressed result.
 
     Returns:
       ``(compressed, report)``: the parameters with each targeted kernel replaced (a ``QArray`` where
