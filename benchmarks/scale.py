@@ -260,7 +260,7 @@ def main(quick: bool, skip: frozenset[str] = frozenset(), layers: int | None = N
     from common import write
 
     shape = QUICK if quick else FULL if layers is None else {**FULL, "num_hidden_layers": layers}
-    missing = 0 if layers is None else FULL["num_hidden_layers"] - layers
+    missing = 0 if quick or layers is None else FULL["num_hidden_layers"] - layers
     with tempfile.TemporaryDirectory(prefix="jb-scale-") as tmp:
         root = pathlib.Path(tmp)
         src = root / "llama"
