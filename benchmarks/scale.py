@@ -19,7 +19,11 @@ shards, with a byte-level ``tokenizer.json``), then, each in a subprocess:
 ``--quick`` does all of it on a smaller shape (hidden 512, 4 layers, vocab 4096). There the JAX
 runtime's own resident memory dwarfs the checkpoint, so the memory check subtracts it (the peak of
 the same command on a 2-layer, 64-wide model) instead of comparing the raw peak.
-Run: ``python benchmarks/scale.py [--quick]``.
+``--layers N`` keeps the 1B width with ``N`` layers (a shorter run, written as ``scale-layersN``):
+streaming holds one float block, so the peak grows with depth only by the compressed result; the
+memory check then compares the peak plus the compressed bytes of the missing layers with the
+16-layer bound (its checkpoint: this one plus the missing layers' bytes).
+Run: ``python benchmarks/scale.py [--quick | --layers N]``.
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ def compress(src: pathlib.Path, out: pathlib.Path, *extra: str, devices: int = 1
     last = re.search(r"([\d.]+) s in all, ([\d.]+) s per block \((\d+) blocks\), peak resident memory ([\d,]+) MiB",
                      lines[-1])
     assert last, lines[-1]
-    return {"wall_s": seconds, "cli_s": float(last[1]), "per_block_s": float(last[2]), "blocks": int(last[3]),
+    sizes = next(m for line in lines if (m := re.match(r"bytes: ([\d,]+) -> ([\d,]+)", line)))
+    return {"compressed_bytes": int(sizes[2].replace(",", "")),
+            "wall_s": seconds, "cli_s": float(last[1]), "per_block_s": float(last[2]), "blocks": int(last[3]),
             "peak_mb": float(last[4].replace(",", "")), "phases": phases}
 
 
@@ -199,7 +205,7 @@ def floor(src: pathlib.Path) -> dict:
     graphdef, _, rest = nnx.split(model.layers[0], nnx.Param, ...)
     block = jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x))
     embed = jax.jit(lambda table, i: jnp.take(table, i, axis=0))
-    table = model.embed_tokens.embedding.get_value()
+    table = jb.oneshot.read_lazy(model.embed_tokens.embedding.get_value())
     forward = solve = 0.0
     rng = np.random.default_rng(1)
     for i in range(model.config.num_layers):
@@ -250,10 +256,11 @@ def numpy_gptq(w, h, bits: int = 4, group: int = 128, damp: float = 0.01, block:
 
 # ---------------------------------------------------------------- the benchmark
 
-def main(quick: bool, skip: frozenset[str] = frozenset()) -> dict:
+def main(quick: bool, skip: frozenset[str] = frozenset(), layers: int | None = None) -> dict:
     from common import write
 
-    shape = QUICK if quick else FULL
+    shape = QUICK if quick else FULL if layers is None else {**FULL, "num_hidden_layers": layers}
+    missing = 0 if quick or layers is None else FULL["num_hidden_layers"] - layers
     with tempfile.TemporaryDirectory(prefix="jb-scale-") as tmp:
         root = pathlib.Path(tmp)
         src = root / "llama"
@@ -269,7 +276,11 @@ def main(quick: bool, skip: frozenset[str] = frozenset()) -> dict:
             tiny = root / "tiny"
             write_checkpoint(tiny, TINY, shards=1)
             runtime_mb = compress(tiny, root / "tiny-out")["peak_mb"]
-        bound_mb = 1.3 * ckpt_bytes / 2**20 + acts_mb
+        outer = write_checkpoint(root / "no-layers", {**shape, "num_hidden_layers": 0}, 1)  # embeddings, head, norm
+        n = shape["num_hidden_layers"]
+        full_ckpt_mb = (ckpt_bytes + missing * (ckpt_bytes - outer) / n) / 2**20
+        bound_mb = 1.3 * full_ckpt_mb + acts_mb  # the issue's goal: 1.3 x the bf16 checkpoint + one block's activations
+        missing_mb = missing * (run["compressed_bytes"] - outer) / n / 2**20  # their compressed result
         resumed: dict = {}
         if "resume" not in skip:
             resumed = killed_then_resumed(src, root / "resumed", KILL_AFTER)
@@ -283,18 +294,21 @@ def main(quick: bool, skip: frozenset[str] = frozenset()) -> dict:
     ratio = run["cli_s"] / base["floor_s"]
     engine_s = sum(run["phases"].get(p, 0.0) for p in ("load", "capture", "calibrate", "solve", "propagate",
                                                           "assemble"))
-    checks = {"peak_memory<=1.3x_ckpt+acts": run["peak_mb"] - runtime_mb <= bound_mb,
+    checks = {"peak_memory<=1.3x_ckpt+acts": run["peak_mb"] - runtime_mb + missing_mb <= bound_mb,
               "time<=1.5x_floor": ratio <= 1.5,
               "resume_identical": None if "resume" in skip else bool(resumed["identical"])
               and not resumed["output_existed_when_killed"] and resumed["blocks_on_disk_when_killed"] >= KILL_AFTER,
               "mesh_codes>=99.9%": None if "mesh" in skip else all(m["same_codes"] >= 0.999 for m in mesh.values())}
-    return write("scale", ours=run["cli_s"], baseline=base["floor_s"], unit="s",
+    name = "scale" if layers is None else f"scale-layers{layers}"
+    return write(name, ours=run["cli_s"], baseline=base["floor_s"], unit="s",
                  goal="jaxopt-big compress gptq-int4 of a sharded bf16 1B-shaped Llama: time <= 1.5x the floor "
                       "(3 forward passes + numpy GPTQ), peak RSS <= 1.3x the bf16 checkpoint + one block's "
                       "activations, resume after SIGKILL identical, mesh codes >= 99.9% equal",
                  holds=all(checks.values()),  # a skipped check (None) does not hold
                  details={"checks": checks, "quick": quick, "shape": shape, "checkpoint_mb": ckpt_bytes / 2**20,
+                          "full_checkpoint_mb": full_ckpt_mb,
                           "peak_mb": run["peak_mb"], "runtime_mb_subtracted": runtime_mb, "bound_mb": bound_mb,
+                          "missing_layers": missing, "missing_layers_compressed_mb_added": missing_mb,
                           "per_block_s": run["per_block_s"], "phases": run["phases"], "floor": base,
                           "engine_s": engine_s, "engine_over_floor": engine_s / base["floor_s"],
                           # the solvers alone (compiles included) against the numpy GPTQ of the floor
@@ -312,10 +326,11 @@ def floor_run(src: pathlib.Path) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, vocab 4096")
+    parser.add_argument("--layers", type=int, default=None, help="the 1B width with this many layers (default 16)")
     parser.add_argument("--skip", default="", help="comma-separated parts not to run: resume, mesh")
     parser.add_argument("--floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         print(json.dumps(floor(pathlib.Path(args.floor))))
     else:
-        main(args.quick, frozenset(p for p in args.skip.split(",") if p))
+        main(args.quick, frozenset(p for p in args.skip.split(",") if p), args.layers)

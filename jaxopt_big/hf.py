@@ -25,9 +25,10 @@ killed run left (its process is gone) are removed, with a line saying so, unless
 one over: each finished block is saved there atomically, so a killed run continues from its last
 finished block.
 
-Decoders stream: their layers are read from the safetensors files one at a time when the engine
-reaches them (``jb.zoo.load_llama(..., lazy=True)``), and perplexity is measured one layer at a time,
-so one float layer is held at a time, besides the embeddings, the head and the compressed result.
+Decoders stream: every tensor is read from the safetensors files when it is needed
+(``jb.zoo.load_llama(..., lazy=True)``): a layer when the engine reaches it, the embeddings while it
+captures the first layer's inputs, and perplexity is measured one layer at a time, so one float layer
+is held at a time besides the compressed result.
 """
 
 from __future__ import annotations

@@ -435,6 +435,37 @@ def test_sharded_calibration_gives_the_single_device_result(shape, chain):
             assert first.sharding.spec[0] == "fsdp"
 
 
+def test_data_parallel_hessians_have_the_single_device_bits(monkeypatch):
+    """Issue 29: rows split over data=8 are summed in another order than on one device; the Hessians the
+    solvers get are still the same float32 bits (each batch's float64 Hessian, rounded, added up), so
+    GPTQ's codes are too."""
+    x = _data(rows=256, key=3)
+    params = MLPNet().init(jax.random.key(4), x)["params"]
+    recipe = jb.Recipe([Rule(".*", jb.Plan(quant=jb.GPTQ(INT4)))])
+    solve = _solve.solve
+
+    def run(mesh):
+        seen = {}
+
+        def spy(path, w, h, plan):
+            seen[path] = np.asarray(h)
+            return solve(path, w, h, plan)
+        monkeypatch.setattr(_solve, "solve", spy)
+        out, _ = jb.oneshot.compress(MLPNet(), params, [x[:128], x[128:]], recipe, progress=False, mesh=mesh)
+        return seen, out
+    single, ours = run(None)
+    split, theirs = run(jb.parallel.make_mesh(data=8))
+    first, second = (b.astype(np.float64) for b in (x[:128], x[128:]))   # per batch, then added in float32
+    np.testing.assert_array_equal(single["layer_0/up"], (first.T @ first).astype(np.float32)
+                                  + (second.T @ second).astype(np.float32))
+    for path, h in single.items():
+        np.testing.assert_array_equal(split[path], h, err_msg=path)
+    for a, b in zip(jax.tree.leaves(ours, is_leaf=jb.leaves.is_compressed),
+                    jax.tree.leaves(theirs, is_leaf=jb.leaves.is_compressed)):
+        if jb.leaves.is_compressed(a):
+            np.testing.assert_array_equal(_codes(a), _codes(b))
+
+
 # ------------------------------------------------------------------ bad input
 
 @pytest.fixture(scope="module")

@@ -300,7 +300,7 @@ def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
 
 
 def test_lazy_sharded_bf16_checkpoint_compresses_as_the_loaded_one(tmp_path):
-    """Streaming (issue 29): layers left as Lazy handles, read as stored (bfloat16, two shards) when the
+    """Streaming (issue 29): every tensor left as a Lazy handle, read as stored (bfloat16, two shards) when the
     engine reaches them, give the compressed result of the model read whole, bit for bit."""
     from flax import nnx
 
@@ -312,6 +312,8 @@ def test_lazy_sharded_bf16_checkpoint_compresses_as_the_loaded_one(tmp_path):
     lazy = zoo.load_llama(tmp_path, lazy=True)
     handle = lazy.layers[1].mlp.down_proj.kernel.get_value()
     assert jb.oneshot.is_lazy(handle) and handle.shape == (48, 32)  # not read yet
+    # nor the embeddings and final norm (float32 embeddings and head were 500 MB at the 1B shape)
+    assert all(jb.oneshot.is_lazy(x) for x in jax.tree.leaves(nnx.state(lazy, nnx.Param)))
     expected = tensors["model.layers.1.mlp.down_proj.weight"].astype(np.float32).T
     assert np.array_equal(np.asarray(handle.read()), expected)
     spec = jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(16))

@@ -197,23 +197,48 @@ def _layout(runner: Any, static: _model.Static, params: Any, rest: Any, arrays: 
 
 
 @functools.partial(jax.jit, static_argnames=("runner", "static", "stage", "extra"))
-def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()):
-    """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
-    statistics only for the groups in ``extra`` (None for the others: no cost without migration)."""
+def _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra=()):
+    """``[([(rows, weights)], max|x|)]`` of the groups in ``stage``, on one batch: the rows of each input
+    the group reads, and ``max|x|`` only for the groups in ``extra`` (None for the others)."""
     args, kwargs = static.join(arrays)
     groups, inputs = _groups(_record(runner, params, rest, args, kwargs)[1])
     out = []
     for g in stage:
-        h, n, top, total = 0.0, 0.0, None, None
+        xs, top = [], None
         for k in groups[g].keys:
             x, view = inputs[k]
             rows, weights = view.rows(x, row_mask)
-            h = h + (rows * weights[:, None]).T @ rows
-            n = n + weights.sum()
+            xs.append((rows, weights))
             if g in extra:
-                a = jnp.abs(rows)
-                top = _maximum(top, jnp.max(jnp.where(weights[:, None] > 0, a, 0.0), axis=0))
-                total = (0.0 if total is None else total) + (a * weights[:, None]).sum(axis=0)
+                top = _maximum(top, jnp.max(jnp.where(weights[:, None] > 0, jnp.abs(rows), 0.0), axis=0))
+        out.append((xs, top))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("totals",))
+def _sums(xs: list[tuple[jax.Array, jax.Array]], totals: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(X^T X, rows, sum|x|)`` (the last only with ``totals``) of weighted rows, summed in float64 and
+    rounded to float32. A float32 sum's bits depend on its order, which depends on how the rows are
+    split over a mesh's data axis (each device sums its rows, then the devices' sums are added); GPTQ's
+    error feedback turns such last-bit differences into different codes. Products of float32 values
+    are exact in float64 and the sum's error is ~2^-29 of a float32 step, so every split gives the same
+    float32 Hessian, but for an entry within that distance of a rounding tie."""
+    wide = [(rows.astype(jnp.float64), weights.astype(jnp.float64)[:, None]) for rows, weights in xs]
+
+    def rounded(parts: list[jax.Array]) -> jax.Array:
+        return functools.reduce(jnp.add, parts).astype(jnp.float32)
+    return (rounded([(r * w).T @ r for r, w in wide]), rounded([w.sum() for _, w in wide]),
+            rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in wide]) if totals else None)
+
+
+def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()) -> list[tuple]:
+    """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
+    statistics only for the groups in ``extra`` (None for the others: no cost without migration). The
+    block runs in float32 as given; only the sums are formed in float64 (:func:`_sums`)."""
+    out = []
+    for g, (xs, top) in zip(stage, _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra)):
+        with jax.enable_x64(True):
+            h, n, total = _sums(xs, g in extra)
         out.append((h, n, top, total))
     return out
 
@@ -413,7 +438,9 @@ def compress(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any
         to give the next block's inputs, so the result is the uninterrupted run's, bit for bit.
 
     Parameters may be lazy (``jb.zoo.load_llama(..., lazy=True)``: leaves that are read only when
-    their block is reached); then one float block is held at a time, plus the compressed result.
+    their block is reached; those outside the blocks, such as embeddings, only while the first
+    block's inputs are captured, and again when returned); then one float block is held at a time,
+    plus the compressed result.
 
     Returns:
       ``(compressed, report)``: the parameters with each targeted kernel replaced (a ``QArray`` where
@@ -540,10 +567,11 @@ def _prepare(model: _model.Model, working: Any, calibration_batches: Iterable[An
     batches = [_place(b, mesh, data_axis) for b in raw]
     block_list = model.blocks(blocks, _on_batch0(lambda: model.stacked(*batches[0]), hint))
     block_list = _model.in_call_order(block_list, _on_batch0(lambda: model.call_order(block_list, *batches[0]), hint))
-    first = _on_batch0(lambda: model.capture(working, block_list[0], *batches[0]),
+    front = model.outside(working, block_list)  # lazy embeddings read for the capture only
+    first = _on_batch0(lambda: model.capture(front, block_list[0], *batches[0]),
                        ("" if block_list[0].whole else f" up to {block_list[0].name}") + hint)
     static, first_arrays = _model.Static.split(*first)
-    inputs = [first_arrays] + [_model.Static.split(*model.capture(working, block_list[0], *b))[1]
+    inputs = [first_arrays] + [_model.Static.split(*model.capture(front, block_list[0], *b))[1]
                                for b in batches[1:]]
     data = _Data(static, inputs, masks)
     return data, _block_layouts(model, working, block_list, batches[0], data)
@@ -600,9 +628,10 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
             hessians = _calibrate(step, stage, model.with_kernels(base, new), data)[0]
             runs += 1
         else:
-            hessians = [given[g] for g in stage]
+            hessians = [given.pop(g) for g in stage]
         current = model.with_kernels(base, new)
-        for g, hessian in zip(stage, hessians):
+        for g in stage:
+            hessian = hessians.pop(0)  # each Hessian is dropped once its group is solved
             for rel, kernel, layer in _solve_group(model, current, step, step.groups[g], hessian, plans, mesh,
                                                    notes.get(g, "")):
                 new[f"{rel}/kernel"] = kernel

@@ -266,6 +266,14 @@ class Model:
             self._read = (block, read_lazy(node))
         return self._read[1]
 
+    def outside(self, params: Any, blocks: Sequence[Block]) -> Any:
+        """``params`` with the lazy leaves outside ``blocks`` read (the embeddings, a head): what the
+        model needs to run up to its first block. Held only while the first block's inputs are captured."""
+        def read(path: str, x: Any) -> Any:
+            inside = any(b.whole or _under(path, b.path) for b in blocks)
+            return x.read() if is_lazy(x) and not inside else x
+        return _tree.map_with_path(read, params)
+
     def kernel(self, params: Any, block: Block, rel: str) -> jax.Array:
         """The kernel of layer ``rel`` (a module path inside ``block``) in ``params``: the block's
         layer of it when the block is one layer of a stack."""

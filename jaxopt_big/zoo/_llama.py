@@ -456,10 +456,11 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
     ``transformers``); tensors are read one at a time and cast to ``dtype``. A tied model may also
     store ``lm_head.weight`` (ignored).
 
-    With ``lazy=True`` (unrolled layers only) the decoder layers' tensors are not read: each is a
+    With ``lazy=True`` (unrolled layers only) no tensor is read: each is a
     :class:`~jaxopt_big.zoo.Lazy` handle (shape and dtype from the file's header) that
-    ``jb.oneshot.compress`` reads when it reaches the layer, so a checkpoint bigger than memory
-    compresses one float layer at a time; the embeddings, final norm and head are read now.
+    ``jb.oneshot.compress`` reads when it reaches the layer (the embeddings: while it captures the
+    first layer's inputs; the final norm and head: when it returns them), so a checkpoint bigger than
+    memory compresses one float layer at a time.
 
     Raises:
       FileNotFoundError: a file is missing. ValueError (one line naming the file, field or tensor): an
@@ -497,7 +498,7 @@ def load_llama(directory: str | pathlib.Path, *, scan_layers: bool = False, dtyp
         return value
 
     def read(path: str, like: jax.ShapeDtypeStruct) -> Any:
-        if lazy and path.startswith("layers/"):
+        if lazy:
             name, transpose = _hf_name(path)
             return checkpoint.lazy(name, path, tuple(like.shape), transpose, dtype)
         layers = _layer_paths(path, config, scan_layers)
