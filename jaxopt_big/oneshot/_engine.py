@@ -215,20 +215,23 @@ def _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra=())
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("totals",))
-def _sums(xs: list[tuple[jax.Array, jax.Array]], totals: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+@functools.partial(jax.jit, static_argnames=("totals", "wide"))
+def _sums(xs: list[tuple[jax.Array, jax.Array]], totals: bool,
+          wide: bool = True) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(X^T X, rows, sum|x|)`` (the last only with ``totals``) of weighted rows, summed in float64 and
     rounded to float32. A float32 sum's bits depend on its order, which depends on how the rows are
     split over a mesh's data axis (each device sums its rows, then the devices' sums are added); GPTQ's
     error feedback turns such last-bit differences into different codes. Products of float32 values
     are exact in float64 and the sum's error is ~2^-29 of a float32 step, so every split gives the same
-    float32 Hessian, but for an entry within that distance of a rounding tie."""
-    wide = [(rows.astype(jnp.float64), weights.astype(jnp.float64)[:, None]) for rows, weights in xs]
+    float32 Hessian, but for an entry within that distance of a rounding tie. With ``wide`` False (TPUs,
+    which emulate float64 slowly) the sums stay float32 and their bits may depend on the split."""
+    dtype = jnp.float64 if wide else jnp.float32
+    cast = [(rows.astype(dtype), weights.astype(dtype)[:, None]) for rows, weights in xs]
 
     def rounded(parts: list[jax.Array]) -> jax.Array:
         return functools.reduce(jnp.add, parts).astype(jnp.float32)
-    return (rounded([(r * w).T @ r for r, w in wide]), rounded([w.sum() for _, w in wide]),
-            rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in wide]) if totals else None)
+    return (rounded([(r * w).T @ r for r, w in cast]), rounded([w.sum() for _, w in cast]),
+            rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in cast]) if totals else None)
 
 
 def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()) -> list[tuple]:
@@ -237,8 +240,9 @@ def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra
     block runs in float32 as given; only the sums are formed in float64 (:func:`_sums`)."""
     out = []
     for g, (xs, top) in zip(stage, _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra)):
-        with jax.enable_x64(True):
-            h, n, total = _sums(xs, g in extra)
+        exact = jax.default_backend() != "tpu"
+        with jax.enable_x64(exact):
+            h, n, total = _sums(xs, g in extra, exact)
         out.append((h, n, top, total))
     return out
 
