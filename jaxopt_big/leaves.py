@@ -108,9 +108,11 @@ class Contraction:
         x_part = x_scale.reshape([x_scale.shape[d] for d in x_free] + [1] * len(k_free))
         return x_part * kernel_scale.reshape([1] * len(x_free) + [kernel_scale.shape[d] for d in k_free])
 
-    def straight_through(self, x: jax.Array, kernel: jax.Array, y: jax.Array) -> jax.Array:
+    def straight_through(self, x: jax.Array, kernel: Any, y: jax.Array,
+                         dense: Callable[[Any], jax.Array] | None = None) -> jax.Array:
         """``y`` forward with the gradient of ``c(x, kernel)``: for a ``y`` that equals that contraction
-        but is computed another way (integer arithmetic, which has no useful gradient)."""
+        but is computed another way (integer arithmetic, which has no useful gradient). A compressed
+        ``kernel`` comes with ``dense``, its float value, computed only when differentiated."""
         @jax.custom_vjp
         def f(a, k, y):
             return y
@@ -119,7 +121,7 @@ class Contraction:
             return y, (a, k)
 
         def bwd(res, g):
-            _, vjp = jax.vjp(self, *res)
+            _, vjp = jax.vjp(lambda a, k: self(a, k if dense is None else dense(k)), *res)
             return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
 
         f.defvjp(fwd, bwd)

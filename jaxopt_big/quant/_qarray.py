@@ -168,7 +168,7 @@ class QArray(_leaves.Compressed):
         y = None if self.zero_point is not None else integer_contract(c, x, self.int_values(), self.scale32)
         if y is None:
             return c(x, self.dense())
-        return y if c.int_input is None else c.straight_through(x, self.dense(), y)
+        return y if c.int_input is None else c.straight_through(x, self, y, dense=QArray.dense)
 
 
 @jax.jit  # one program per leaf layout when called eagerly, not one per op

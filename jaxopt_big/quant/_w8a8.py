@@ -126,18 +126,4 @@ def contract(c: _leaves.Contraction, x: jax.Array, leaf: Any) -> jax.Array:
     The gradient is that of the float contraction with the dense kernel (straight through the
     rounding of the input), which is computed only when differentiated.
     """
-    y = _integer(c, x, leaf)
-
-    @jax.custom_vjp
-    def f(a, kernel, out):
-        return out
-
-    def fwd(a, kernel, out):
-        return out, (a, kernel)
-
-    def bwd(res, g):
-        _, vjp = jax.vjp(lambda a, kernel: c(a, kernel.dense()), *res)
-        return (*vjp(g.astype(y.dtype)), jnp.zeros_like(g))
-
-    f.defvjp(fwd, bwd)
-    return f(x, leaf, y)
+    return c.straight_through(x, leaf, _integer(c, x, leaf), dense=lambda k: k.dense())
