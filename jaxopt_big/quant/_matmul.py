@@ -26,9 +26,10 @@ matrix-vector path that converts the kernel to int32, so there are always severa
   kernel is never materialized in float (nor as a whole in int8). A tile of codes is whole bytes.
   (Measured on a shared 2-core CPU: slicing a 256-row int4 tile into two 128-row groups made decoding
   slower than float32, one 128-row group per tile made it faster; one dot over a whole int8 kernel was
-  slower than 256-row tiles, and 512-row tiles were no better. Two tiles per loop step, as separate dots
+  slower than 256-row tiles, and 512-row tiles were no better. Two tiles under 256 rows per loop step, as separate dots
   (``lax.scan`` unrolled twice), took 0.65-0.75x the CPU time of one per step for int4 group 128 at
-  2048x5632 and 5632x2048; four per step were slower than two.)
+  2048x5632 and 5632x2048; four per step were slower than two, and two 256-row int8 tiles per step
+  took 1.1x the time of one.)
 * **Scales and zero points on the small output.** A tile's int32 dot (at most ``128 * 127 * 256``,
   exact in float32) is converted, its zero point subtracted as ``zero * sum(x_plane over the tile)``
   and multiplied by its scale row; scales and zero points constant along the input (per channel,
@@ -55,7 +56,6 @@ MAX_ROWS = 16      # input rows up to which the contraction is memory-bound (one
 PLANES = 3         # int8 planes per input row: enough for float32 precision (see the module docstring)
 TILES = (256, 128)  # input rows per tile: the first that divides the input axis and its group, else the group
 _STEP = 254        # each plane's grid is this much finer than the previous one: its remainder fits int8
-_UNROLL = 2        # tiles per loop step: halves XLA:CPU's per-step overhead (4 was slower, see the docstring)
 
 
 def split_planes(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +159,8 @@ def _scan(planes: jax.Array, codes: jax.Array, bits: int, scale: jax.Array, zero
         return acc + (y if s is None else y * s), None
 
     init = jnp.zeros((r, n), jnp.float32)
-    acc, _ = lax.scan(body, init, (xs, codes.reshape(tiles, -1, n), sums, scales, zeros), unroll=_UNROLL)
+    acc, _ = lax.scan(body, init, (xs, codes.reshape(tiles, -1, n), sums, scales, zeros),
+                      unroll=2 if tile < TILES[0] else 1)  # ~256 rows per step (see the docstring)
     if not grouped and zero_point is not None:  # one zero-point row: subtract it once
         acc = acc - sums.sum(0)[:, None] * zero_point
     return acc
