@@ -115,10 +115,12 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
             sizes = {p: _layer_bytes(x, layers.count(p), options) for p, x in kernels.items()}
             _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
                                 _weights(kernels)).budget(options.bits)
+    # the costs run the whole float model: lazy parameters (a streamed checkpoint) are read for them
+    whole = _model.wrap(model_or_apply, _model.read_lazy(params))
     if measured:
-        costs = _measured_costs(model, batches, quantized, loss, row_mask)
+        costs = _measured_costs(whole, batches, quantized, loss, row_mask)
     else:
-        costs = _taylor_costs(model, batches, quantized, loss or _own_class_loss(row_mask))
+        costs = _taylor_costs(whole, batches, quantized, loss or _own_class_loss(row_mask))
     sensitivity = _recipe.Sensitivity(costs, sizes, _weights(kernels))
     return _recipe.auto(sensitivity, options), sensitivity
 

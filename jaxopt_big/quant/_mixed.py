@@ -159,7 +159,7 @@ def allocate_bits(sensitivities: Mapping[str, Mapping[int, float]], sizes: Mappi
                 continue
             cand = np.full(capacity + 1, np.inf)
             cand[c:] = best[: capacity + 1 - c] + s
-            better = cand < new
+            better = cand <= new  # a tie goes to the wider choice (bits are in increasing order)
             new[better], picks[i, better] = cand[better], j
         best = new
     out, room = {}, capacity

@@ -157,7 +157,8 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
 
     Picks one of ``options.choices`` per kernel with the exact multiple-choice knapsack
     (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
-    scales included, and returns a :class:`Recipe` of one exact rule per kernel (its path escaped),
+    scales included, each kernel's costs taken non-negative and non-increasing in bits (a wider
+    width never costs more; a tie goes to it), and returns a :class:`Recipe` of one exact rule per kernel (its path escaped),
     after a rule that leaves the head and embeddings dense. Print it, or pass it to
     :func:`jaxopt_big.oneshot.compress`.
 
@@ -176,7 +177,7 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
         path, bits = next(iter(missing.items()))
         raise ValueError(f"{path}: no measurement for bits {bits} of Auto.choices={options.choices}")
     chosen = sensitivity.only(options.choices)
-    allocation = _quant.allocate_bits(chosen.errors, chosen.sizes, chosen.budget(options.bits))
+    allocation = _quant.allocate_bits(_monotone(chosen.errors), chosen.sizes, chosen.budget(options.bits))
     return Recipe([_HEAD, *(_tree.Rule(re.escape(p), options.plan(b)) for p, b in allocation.items())])
 
 
@@ -250,3 +251,16 @@ def _quant_table(plan: Plan) -> dict[str, Any] | None:
 def _value(v: Any) -> str:
     """A TOML value: JSON's strings, numbers and booleans are TOML's."""
     return json.dumps(v)
+
+
+def _monotone(costs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+    """Each kernel's costs made non-negative and non-increasing in bits. A calibration set's gradient
+    term can make a width look better than float or than a wider width; that is noise the budget
+    allocation would exploit (fewer bits where they seem to help), not a gain that carries to new data."""
+    out: dict[str, dict[int, float]] = {}
+    for path, by_bits in costs.items():
+        running, out[path] = 0.0, {}
+        for bits in sorted(by_bits, reverse=True):
+            running = max(running, float(by_bits[bits]))
+            out[path][bits] = running
+    return out
