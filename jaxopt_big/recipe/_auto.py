@@ -158,8 +158,8 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
     Picks one of ``options.choices`` per kernel with the exact multiple-choice knapsack
     (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
     scales included, each kernel's costs taken non-negative and non-increasing in bits (a wider
-    width never costs more; a tie goes to it), and returns a :class:`Recipe` of one exact rule per kernel (its path escaped),
-    after a rule that leaves the head and embeddings dense. Print it, or pass it to
+    width never costs more; a tie goes to it), and returns a :class:`Recipe` of one exact rule per
+    kernel (its path escaped), after a rule that leaves the head and embeddings dense. Print it, or pass it to
     :func:`jaxopt_big.oneshot.compress`.
 
     Examples:
