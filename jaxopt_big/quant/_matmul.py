@@ -49,6 +49,7 @@ from jax import lax
 
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
+from jaxopt_big.quant._w8a8 import int_dot
 
 __all__ = ["MAX_ROWS", "PLANES", "TILES", "split_planes", "streamed_matmul"]
 
@@ -124,10 +125,6 @@ def _tile(c: _leaves.Contraction, x: jax.Array, codes: jax.Array, bits: int, sca
     return tile
 
 
-def _idot(x: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-
-
 def _lanes(tile_codes: jax.Array, bits: int, tile: int) -> list[jax.Array]:
     """One tile's codes as int8: the low and high nibbles of int4 bytes (even and odd inputs), else all rows."""
     if bits == 4:
@@ -154,7 +151,7 @@ def _scan(planes: jax.Array, codes: jax.Array, bits: int, scale: jax.Array, zero
 
     def body(acc, inputs):
         x, q, x_sum, s, z = inputs
-        y = sum(_idot(xi, wi) for xi, wi in zip(x, _lanes(q, bits, tile))).astype(jnp.float32)
+        y = sum(int_dot(xi, wi) for xi, wi in zip(x, _lanes(q, bits, tile))).astype(jnp.float32)
         y = y if z is None else y - x_sum[:, None] * z
         return acc + (y if s is None else y * s), None
 

@@ -65,7 +65,8 @@ def quantize_tokens(x: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array
     return to_int(xf, spec, scale, None).astype(jnp.int8), scale
 
 
-def _int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` of 2-d int8 operands, accumulated exactly in int32."""
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
 
 
@@ -80,9 +81,9 @@ def _grouped(rows: jax.Array, w: jax.Array, w_scale: jax.Array, size: int) -> ja
 
     def body(acc, group):
         a, b, s = group
-        return acc + _int_dot(a, b).astype(jnp.float32) * s, None
+        return acc + int_dot(a, b).astype(jnp.float32) * s, None
     # the first group starts the sum: the carry then has the operands' sharding
-    acc, _ = lax.scan(body, _int_dot(xs[0], ws[0]).astype(jnp.float32) * scales[0], (xs[1:], ws[1:], scales[1:]))
+    acc, _ = lax.scan(body, int_dot(xs[0], ws[0]).astype(jnp.float32) * scales[0], (xs[1:], ws[1:], scales[1:]))
     return acc
 
 
@@ -100,7 +101,7 @@ def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array
     if m == 1:  # XLA:CPU's one-row int8 dot is slow; two rows are not
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
     if groups == 1:
-        acc = _int_dot(rows, w).astype(jnp.float32) * w_scale
+        acc = int_dot(rows, w).astype(jnp.float32) * w_scale
     else:
         acc = _grouped(rows, w, w_scale, group or w.shape[0] // groups)
     y = acc[:m] * s.reshape(m, 1)
