@@ -1,6 +1,7 @@
-"""Automatic mixed precision (issue 30): jb.oneshot.auto quantizes each layer at every bit width with the engine
-and scores it by its Fisher-weighted output error under a loss; jb.recipe.auto picks bits per layer by the exact
-knapsack under an average-bits budget."""
+"""Automatic mixed precision (issue 30): jb.oneshot.auto quantizes each layer at every bit width with the engine,
+per fold of the calibration batches on the other folds, and scores it on the fold by a second-order estimate of the
+loss increase; jb.recipe.auto checks the allocation on held-out folds against uniform bits and picks bits per layer
+by the exact knapsack under an average-bits budget."""
 
 import dataclasses
 import itertools
@@ -71,15 +72,32 @@ def _allocation(recipe, paths):
     return out
 
 
-def _brute_force(sens, budget):
+def _brute_force(sens, budget, choices=CHOICES, errors=None):
+    """(least summed cost, {path: bits}) within ``budget`` bytes among ``choices``."""
     paths = sorted(sens.weights)
+    errors = errors or sens.errors
     best = None
-    for combo in itertools.product(CHOICES, repeat=len(paths)):
+    for combo in itertools.product(choices, repeat=len(paths)):
         if sum(sens.sizes[p][b] for p, b in zip(paths, combo)) <= budget:
-            err = sum(sens.errors[p][b] for p, b in zip(paths, combo))
+            err = sum(errors[p][b] for p, b in zip(paths, combo))
             if best is None or err < best[0]:
                 best = (err, dict(zip(paths, combo)))
     return best
+
+
+def _reference_costs(params, batch, kernels, layers):
+    """{layer: sum(g * dy + (g * dy)**2 / 2)} on ``batch``, in float64, for the quantized ``kernels``."""
+    eps = {p: jnp.zeros((len(batch), D)) for p in layers}
+    grads = jax.grad(lambda e: _loss(_reference_forward(params, batch, e)[0], batch))(eps)
+    inputs = _reference_forward(params, batch, eps)[1]
+    out = {}
+    for p in layers:
+        block, name = p.split("/")
+        new = np.asarray(kernels[block][name]["kernel"].dense(), np.float64)
+        dy = np.asarray(inputs[p], np.float64) @ (new - np.asarray(params[block][name]["kernel"]))
+        g = np.asarray(grads[p], np.float64)  # d loss / d output: gradient term + diagonal Fisher term
+        out[p] = np.sum(g * dy) + np.sum(g ** 2 * dy ** 2) / 2
+    return out
 
 
 def test_costs_are_the_second_order_loss_estimates_of_the_engines_kernels(measured):
@@ -87,24 +105,51 @@ def test_costs_are_the_second_order_loss_estimates_of_the_engines_kernels(measur
     layers = [f"layer_{i}/{n}" for i in (0, 1) for n in ("down", "up")]
     assert sorted(sens.weights) == [f"{p}/kernel" for p in layers]
     batches = [x[:128], x[128:]]
+    assert len(sens.folds) == 2  # batch i is fold i
     for bits in (2, 4):  # the kernels the engine makes at this width, on the float model's inputs and gradients
         out, _ = jb.oneshot.compress(Net(), params, batches, _auto(4.25).uniform(bits), progress=False)
-        expected = dict.fromkeys(layers, 0.0)
-        for batch in batches:
-            eps = {p: jnp.zeros((len(batch), D)) for p in layers}
-            grads = jax.grad(lambda e, b=batch: _loss(_reference_forward(params, b, e)[0], b))(eps)
-            inputs = _reference_forward(params, batch, eps)[1]
+        for fold, batch in enumerate(batches):  # round to nearest: the same kernels from either fold
+            expected = _reference_costs(params, batch, out, layers)
             for p in layers:
-                block, name = p.split("/")
-                new = np.asarray(out[block][name]["kernel"].dense(), np.float64)
-                dy = np.asarray(inputs[p], np.float64) @ (new - np.asarray(params[block][name]["kernel"]))
-                g = np.asarray(grads[p], np.float64)  # d loss / d output: gradient term + diagonal Fisher term
-                expected[p] += np.sum(g * dy) + np.sum(g ** 2 * dy ** 2) / 2
+                assert sens.folds[fold][f"{p}/kernel"][bits] == pytest.approx(expected[p], rel=2e-3), (p, bits)
         for p in layers:
-            assert sens.errors[f"{p}/kernel"][bits] == pytest.approx(expected[p], rel=2e-3), (p, bits)
+            assert sens.errors[f"{p}/kernel"][bits] == pytest.approx(sum(f[f"{p}/kernel"][bits] for f in sens.folds))
         assert sens.sizes["layer_0/up/kernel"][bits] == out["layer_0"]["up"]["kernel"].nbytes  # what is stored
     for path, errors in sens.errors.items():  # 8 bits cost far less than 2 (the gradient term has either sign)
         assert abs(errors[8]) < abs(errors[2]) / 10, path
+
+
+class Wide(nn.Module):
+    """One linear with more inputs (128) than a fold has tokens (48): GPTQ can fit a fold's data almost exactly."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(D, name="dense")(x)
+
+
+def test_each_folds_cost_is_measured_with_kernels_fitted_on_the_other_folds():
+    x = jax.random.normal(jax.random.key(0), (96, D))
+    teacher = jax.random.normal(jax.random.key(2), (D, D)) / np.sqrt(D)
+    params = Wide().init(jax.random.key(1), x)["params"]
+    batches = [x[:48], x[48:]]
+    loss = lambda out, batch: jnp.sum((out - batch @ teacher) ** 2)  # noqa: E731
+    gptq = jb.GPTQ(jb.quant.QuantSpec(bits=4, granularity=jb.quant.Group(128)))
+    options = jb.recipe.Auto(bits=2.25, choices=(2,), quantizer=gptq)
+    _, sens = jb.oneshot.auto(Wide(), params, batches, options, loss=loss, progress=False)
+    w = np.asarray(params["dense"]["kernel"], np.float64)
+
+    fitted = [jb.oneshot.compress(Wide(), params, [b], options.uniform(2), progress=False)[0]["dense"]["kernel"]
+              for b in batches]  # GPTQ's kernel fitted on each batch alone
+
+    def cost(kernel, batch):  # the second-order estimate, by hand
+        dy = np.asarray(batch, np.float64) @ (np.asarray(kernel.dense(), np.float64) - w)
+        g = np.asarray(jax.grad(loss)(Wide().apply({"params": params}, batch), batch), np.float64)
+        return np.sum(g * dy) + np.sum(g ** 2 * dy ** 2) / 2
+
+    held_out = [cost(fitted[1 - f], batches[f]) for f in (0, 1)]
+    assert [f["dense/kernel"][2] for f in sens.folds] == pytest.approx(held_out, rel=2e-3)
+    in_sample = [cost(fitted[f], batches[f]) for f in (0, 1)]  # scored on the data the kernel was fitted to
+    assert sum(in_sample) < sum(held_out) / 3, (in_sample, held_out)
 
 
 class TwoHeads(nn.Module):
@@ -167,7 +212,8 @@ def test_a_scanned_decoder_gets_the_costs_and_bytes_of_its_unrolled_twin():
 
 @pytest.mark.parametrize("bits", [2.5, 3.3, 4.25, 6.0])
 def test_allocation_is_the_brute_force_optimum_within_the_budget_and_uses_it(measured, bits):
-    _, _, _, sens = measured
+    _, _, _, checked = measured
+    sens = jb.recipe.Sensitivity(checked.errors, checked.sizes, checked.weights)  # no held-out check
     recipe = jb.recipe.auto(sens, _auto(bits))
     got = _allocation(recipe, sens.weights)
     budget = int(np.floor(bits * sens.total_weights() / 8))
@@ -179,6 +225,76 @@ def test_allocation_is_the_brute_force_optimum_within_the_budget_and_uses_it(mea
     for path, b in got.items():  # no single upgrade still fits
         for up in (c for c in CHOICES if c > b):
             assert used - sens.sizes[path][b] + sens.sizes[path][up] > budget, (path, b, up)
+
+
+def test_the_check_keeps_the_lowest_width_whose_allocation_wins_on_the_held_out_folds():
+    """Three folds of synthetic costs; the held-out loss of a mix is a fixed table (not the costs): in-sample the
+    mix with 2-bit layers looks best, held out it is worse than uniform; without 2 bits the mix is better."""
+    paths = [f"l{i}" for i in range(4)]
+    sizes = {p: {b: 16 * b for b in (2, 3, 4, 8)} for p in paths}
+    rng = np.random.default_rng(0)
+    folds = tuple({p: {2: 0.35 + rng.random() / 100, 3: 0.32, 4: 0.3, 8: 0.0} for p in paths[:3]}
+                  | {"l3": {2: 9.0, 3: 6.0, 4: 5.0, 8: 0.0}} for _ in range(3))
+    errors = {p: {b: sum(f[p][b] for f in folds) for b in (2, 3, 4, 8)} for p in paths}
+
+    def held_out(fold, mix):  # 2 bits hurt far more on new data than the costs say
+        return sum({2: 5.0, 3: 1.0, 4: 1.0, 8: 0.0}[b] * (3 if p == "l3" else 1) for p, b in mix.items()) + fold
+
+    sens = jb.recipe.Sensitivity(errors, sizes, dict.fromkeys(paths, 128), folds, held_out)
+    budget = 5 * 4 * 128 // 8  # 5 bits per weight: room for l3 at 8 bits
+    expected = {}
+    for lowest in (2, 3, 4):  # each fold's mix chosen by brute force on the other two folds' costs
+        widths = tuple(b for b in (2, 3, 4, 8) if b >= lowest)
+        mixes = [_brute_force(sens, budget, widths, {p: {b: sum(g[p][b] for j, g in enumerate(folds) if j != f)
+                                                         for b in widths} for p in paths})[1] for f in range(3)]
+        expected[lowest] = sum(held_out(f, dict.fromkeys(paths, 4)) - held_out(f, mixes[f]) for f in range(3))
+    check = sens.check(5)
+    assert check.uniform == 4 and check.gains == pytest.approx(expected)
+    assert expected[2] < 0 < expected[3] == expected[4] and check.lowest == 4  # a tie: the fewer, wider widths
+    options = jb.recipe.Auto(bits=5, choices=(2, 3, 4, 8), quantizer=RTN)
+    got = _allocation(jb.recipe.auto(sens, options), paths)
+    assert got == _brute_force(sens, budget, (4, 8))[1] == {"l0": 4, "l1": 4, "l2": 4, "l3": 8}
+    no_check = jb.recipe.Sensitivity(errors, sizes, dict.fromkeys(paths, 128))  # what the costs alone pick
+    assert 2 in _allocation(jb.recipe.auto(no_check, options), paths).values()
+
+
+class Planted(nn.Module):
+    """Two linears side by side; the loss (below) holds ``liar`` at its float output, so its gradient there is 0
+    and the second-order estimate (gradient and squared-gradient terms) says quantizing it costs nothing."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.concatenate([nn.Dense(D, name="liar")(x), nn.Dense(D, name="honest")(x)], axis=-1)
+
+
+def test_a_layer_whose_estimate_lies_is_caught_on_held_out_folds_and_the_recipe_stays_uniform():
+    x = jax.random.normal(jax.random.key(0), (128, D))
+    params = Planted().init(jax.random.key(1), x)["params"]
+    teacher = jax.random.normal(jax.random.key(2), (D, D)) / np.sqrt(D)
+    liar = lambda batch: batch @ params["liar"]["kernel"] + params["liar"]["bias"]  # noqa: E731
+
+    def loss(out, batch):
+        return jnp.sum((out[:, :D] - liar(batch)) ** 2) + jnp.sum((out[:, D:] - batch @ teacher) ** 2)
+
+    options = jb.recipe.Auto(bits=4.25, choices=(2, 4, 6), quantizer=RTN)
+    recipe, sens = jb.oneshot.auto(Planted(), params, [x[:64], x[64:]], options, loss=loss, progress=False)
+    assert sens.errors["liar/kernel"] == {2: 0.0, 4: 0.0, 6: 0.0}  # the lie
+    unchecked = jb.recipe.auto(jb.recipe.Sensitivity(sens.errors, sens.sizes, sens.weights), options)
+    mix = _allocation(unchecked, sens.weights)
+    assert mix == {"liar/kernel": 2, "honest/kernel": 6}  # what the costs alone pick (the old recipe)
+
+    def real(bits):  # the loss increase over all batches, each kernel rounded to nearest at its width by hand
+        new = {}
+        for name in ("liar", "honest"):
+            w = np.asarray(params[name]["kernel"], np.float64)
+            step = np.abs(w).max(axis=0) / (2 ** (bits[f"{name}/kernel"] - 1) - 1)  # one group of 128 inputs
+            new[name] = {**params[name], "kernel": jnp.asarray(np.round(w / step) * step, jnp.float32)}
+        return float(loss(Planted().apply({"params": new}, x), x) - loss(Planted().apply({"params": params}, x), x))
+
+    assert real(mix) > 2 * real(dict.fromkeys(sens.weights, 4))  # and the mix is really worse than uniform int4
+    check = sens.check(4.25)
+    assert check.uniform == 4 and check.gains[2] < 0 and check.lowest is None
+    assert _allocation(recipe, sens.weights) == dict.fromkeys(sens.weights, 4)
 
 
 def test_at_uniform_int4_bytes_auto_has_no_more_error_and_compresses_to_those_bytes(measured):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -29,9 +29,12 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
          data_axis: str = "data") -> tuple[_recipe.Recipe, _recipe.Sensitivity]:
     """Estimates each layer's effect on the loss at every bit width of ``options``, then picks bits per layer.
 
-    The quantized weights are the engine's own: one :func:`compress` run per choice with every block
-    linear at that width (``options.uniform(bits)``), so with the default choices (2, 3, 4, 5, 6, 8) 6
-    runs of 2 block passes each. A layer's cost at a width is the second-order estimate of the loss
+    The quantized weights are the engine's own: one :func:`compress` run per choice and fold with every
+    block linear at that width (``options.uniform(bits)``), on the batches of the other folds (batch ``i``
+    is in fold ``i % options.folds``), so with the defaults (choices 2, 3, 4, 5, 6, 8 and 2 folds) 12 runs
+    of 2 block passes each, on half the batches each. A layer's cost at a width is summed over the folds,
+    each measured on the fold's own batches with the kernels fitted on the others (a kernel is never
+    scored on the data it was fitted to). The cost is the second-order estimate of the loss
     increase its quantized kernel ``W_b`` makes alone:
     ``sum(g * dy) + sum(g**2 * dy**2) / 2`` over the calibration batches, tokens and output features,
     where ``y`` is the layer's output in the float model, ``g = dL/dy`` the gradient of ``loss`` (one
@@ -42,10 +45,17 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
     (weight decay), and rounding and clipping move weights along its gradient. Costs are taken to add up
     across layers (the knapsack's assumption). A layer's bytes at each width are those its quantized
     leaf stores (codes and scales, :func:`jaxopt_big.quant.layer_bytes`). Then
-    :func:`jaxopt_big.recipe.auto` allocates.
+    :func:`jaxopt_big.recipe.auto` allocates, after checking on each held-out fold which lowest width to
+    choose among: the allocation chosen on the other folds against every layer at the widest uniform
+    width within the budget, both run in the whole model on the fold's batches (``loss``'s increase
+    over the float model; without ``loss``, the KL divergence of the float model's predictions to the
+    quantized one's), which also catches layers whose errors do not add up. When no mix is better there,
+    the recipe is that uniform width. With fewer batches than folds, or ``options.folds=1``: one run per
+    width on all batches, costs in-sample, no check.
 
-    The backward passes run the whole float model at once (not block by block), with its parameters
-    and one batch's activations and their gradients in memory.
+    The backward passes and the checks run the whole model at once (not block by block), with its
+    parameters and one batch's activations and their gradients in memory; the returned sensitivity
+    keeps every fold's quantized kernels at every width, to check again at another budget.
 
     Args:
       model_or_apply, params, calibration_batches, blocks, mesh, progress, row_mask, sequential,
@@ -67,8 +77,8 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
 
     Returns:
       ``(recipe, sensitivity)``: one exact rule per kernel, to pass to :func:`compress`; and the
-      estimates, to allocate again at another budget without measuring
-      (``jb.recipe.auto(sensitivity, jb.recipe.Auto(bits=...))``).
+      estimates (per fold, with the held-out check), to allocate again at another budget without
+      measuring (``jb.recipe.auto(sensitivity, jb.recipe.Auto(bits=...))``).
 
     Raises:
       ValueError: ``options.bits`` outside what the choices reach on the model's layers (after the
@@ -98,30 +108,41 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
     if loss is not None and not callable(loss):
         raise TypeError(f"auto: loss must be a function loss(outputs, batch) -> scalar, got {loss!r}")
     batches = list(calibration_batches)
+    folds = options.folds if len(batches) >= options.folds else 1
+    held = [[i for i in range(len(batches)) if i % folds == f] for f in range(folds)]  # fold f's own batches
     model = _model.wrap(model_or_apply, params)
     flat = model.flat()
-    quantized: dict[int, dict[str, Any]] = {}
+    quantized: list[dict[int, dict[str, Any]]] = [{} for _ in range(folds)]  # per fold: fitted on the others
     sizes: dict[str, dict[int, int]] = {}
     kernels: dict[str, Any] = {}
-    for bits in options.choices:
-        out, report = _engine.compress(model_or_apply, params, batches, options.uniform(bits), blocks=blocks,
-                                       mesh=mesh, progress=progress, row_mask=row_mask, sequential=sequential,
-                                       data_axis=data_axis)
-        done = _model.wrap(model_or_apply, out).flat()
-        layers = [_kernel_path(row.path, flat) for row in report.rows]  # a stacked kernel: one row per layer
-        quantized[bits] = {p: done[p] for p in layers}
-        if not sizes:  # the first run found the layers: a budget they cannot meet fails now, not after all runs
-            kernels = _leaves.densify({p: flat[p] for p in quantized[bits]})
-            sizes = {p: _layer_bytes(x, layers.count(p), options) for p, x in kernels.items()}
-            _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
-                                _weights(kernels)).budget(options.bits)
+    for fold, by_bits in enumerate(quantized):
+        fit = [b for i, b in enumerate(batches) if folds == 1 or i % folds != fold]
+        for bits in options.choices:
+            out, report = _engine.compress(model_or_apply, params, fit, options.uniform(bits), blocks=blocks,
+                                           mesh=mesh, progress=progress, row_mask=row_mask, sequential=sequential,
+                                           data_axis=data_axis)
+            done = _model.wrap(model_or_apply, out).flat()
+            layers = [_kernel_path(row.path, flat) for row in report.rows]  # a stacked kernel: one row per layer
+            by_bits[bits] = {p: done[p] for p in layers}
+            if not sizes:  # the first run found the layers: a budget they cannot meet fails now, not after all runs
+                kernels = _leaves.densify({p: flat[p] for p in by_bits[bits]})
+                sizes = {p: _layer_bytes(x, layers.count(p), options) for p, x in kernels.items()}
+                _recipe.Sensitivity({p: dict.fromkeys(options.choices, 0.0) for p in sizes}, sizes,
+                                    _weights(kernels)).budget(options.bits)
     # the costs run the whole float model: lazy parameters (a streamed checkpoint) are read for them
     whole = _model.wrap(model_or_apply, _model.read_lazy(params))
-    if measured:
-        costs = _measured_costs(whole, batches, quantized, loss, row_mask)
-    else:
-        costs = _taylor_costs(whole, batches, quantized, loss or _own_class_loss(row_mask))
-    sensitivity = _recipe.Sensitivity(costs, sizes, _weights(kernels))
+    increase = _increase(whole, batches, loss, row_mask)
+    costs = [_measured_costs(whole, q, increase, own) if measured
+             else _taylor_costs(whole, [batches[i] for i in own], q, loss or _own_class_loss(row_mask))
+             for q, own in zip(quantized, held)]
+
+    def held_out(fold: int, allocation: Mapping[str, int]) -> float:
+        new = {p: _leaves.densify(quantized[fold][b][p]) for p, b in allocation.items()}
+        return increase(_replaced(whole.params, new), held[fold])
+
+    total = {p: {b: sum(c[p][b] for c in costs) for b in by_bits} for p, by_bits in costs[0].items()}
+    sensitivity = _recipe.Sensitivity(total, sizes, _weights(kernels), tuple(costs) if folds > 1 else (),
+                                      held_out if folds > 1 else None)
     return _recipe.auto(sensitivity, options), sensitivity
 
 
@@ -193,15 +214,13 @@ def _taylor_costs(model: _model.Model, batches: list[Any], quantized: dict[int, 
     return totals
 
 
-def _measured_costs(model: _model.Model, batches: list[Any], quantized: dict[int, dict[str, Any]],
-                    loss: Loss | None, row_mask: Callable[[Any], jax.typing.ArrayLike] | None
-                    ) -> dict[str, dict[int, float]]:
-    """``{kernel path: {bits: sum over batches of loss(quantized) - loss(float)}}``, one kernel quantized at a
-    time; without ``loss``, the KL divergence of the float model's predictions to the quantized one's."""
+def _increase(model: _model.Model, batches: list[Any], loss: Loss | None,
+              row_mask: Callable[[Any], jax.typing.ArrayLike] | None) -> Callable[[Any, list[int]], float]:
+    """``(params, indices) -> sum over those batches of loss(params) - loss(float)``; without ``loss``, the KL
+    divergence of the float model's predictions to those of ``params``."""
     run = jax.jit(lambda params, args, kwargs: model.call(params, args, kwargs))
     calls = [_engine._as_call(b) for b in batches]
-    floats = [run(model.params, *c) for c in calls]
-    paths = _tree.paths(model.params)
+    floats: dict[int, Any] = {}
 
     def cost(out: Any, ref: Any, batch: Any) -> float:
         if loss is not None:
@@ -210,13 +229,29 @@ def _measured_costs(model: _model.Model, batches: list[Any], quantized: dict[int
         kl = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
         return float(jnp.sum(kl if row_mask is None else kl * jnp.asarray(row_mask(batch), jnp.float32)))
 
+    def increase(params: Any, indices: list[int]) -> float:
+        for i in indices:
+            if i not in floats:
+                floats[i] = run(model.params, *calls[i])
+        return sum(cost(run(params, *calls[i]), floats[i], batches[i]) for i in indices)
+    return increase
+
+
+def _replaced(params: Any, new: Mapping[str, Any]) -> Any:
+    """``params`` with the leaves at the paths of ``new`` replaced."""
+    paths = _tree.paths(params)
+    flat = dict(zip(paths, jax.tree.leaves(params)), **new)
+    return jax.tree.unflatten(jax.tree.structure(params), [flat[p] for p in paths])
+
+
+def _measured_costs(model: _model.Model, quantized: dict[int, dict[str, Any]],
+                    increase: Callable[[Any, list[int]], float], indices: list[int]) -> dict[str, dict[int, float]]:
+    """``{kernel path: {bits: increase}}`` over the batches at ``indices``, one kernel quantized at a time."""
     totals: dict[str, dict[int, float]] = {}
     for bits, layers in quantized.items():
         for path, leaf in layers.items():
-            new = dict(zip(paths, jax.tree.leaves(model.params)), **{path: _leaves.densify(leaf)})
-            params = jax.tree.unflatten(jax.tree.structure(model.params), [new[p] for p in paths])
-            totals.setdefault(path, {})[bits] = sum(cost(run(params, *c), ref, b)
-                                                    for c, ref, b in zip(calls, floats, batches))
+            totals.setdefault(path, {})[bits] = increase(_replaced(model.params, {path: _leaves.densify(leaf)}),
+                                                         indices)
     return totals
 
 

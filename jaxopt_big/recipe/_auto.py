@@ -2,7 +2,9 @@
 
 :class:`Auto` says what to choose among (one quantizer at several bit widths) and the budget;
 :class:`Sensitivity` holds what was measured per kernel (the cost, an estimate of the loss increase, and
-the stored bytes of each choice); :func:`auto` picks the bits per kernel with the exact knapsack
+the stored bytes of each choice, per fold of the calibration batches) and, when the model measured it, a
+way to measure a mix on held-out batches; :func:`auto` checks on those held-out batches which widths to
+choose among (:meth:`Sensitivity.check`), picks the bits per kernel with the exact knapsack
 (:func:`jaxopt_big.quant.allocate_bits`) and returns an ordinary :class:`Recipe`, one exact rule per
 kernel. The measurement runs the one-shot engine, which lives above this package: use
 :func:`jaxopt_big.oneshot.auto` (measure, then allocate) on a model.
@@ -14,7 +16,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxopt_big import _checks
@@ -25,7 +27,10 @@ from jaxopt_big.recipe._plan import Plan, Recipe
 from jaxopt_big.recipe._presets import _HEAD
 from jaxopt_big.recipe._toml import _CALIBRATIONS, _GRANULARITIES, _options, _rule_of
 
-__all__ = ["Auto", "Sensitivity", "auto", "to_toml"]
+__all__ = ["Auto", "Check", "Sensitivity", "auto", "to_toml"]
+
+# held_out(fold, {path: bits}): the loss increase of that mix on the fold's calibration batches
+HeldOut = Callable[[int, Mapping[str, int]], float]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,9 +41,24 @@ class Auto:
       bits: average bits per weight over the compressed layers, scales (and zero points) included,
         as llama.cpp counts "bits per weight": int4 in groups of 128 with float32 scales is 4.25.
         A Python, NumPy or JAX scalar.
-      choices: the bit widths a layer may get.
+      choices: the bit widths a layer may get. Default ``(2, 3, 4, 5, 6, 8)``: every width at which the
+        codes pack densely from 2 up to 6 bits, each a distinct step of error and bytes, and 8 (int8,
+        which the W8A8 and decode paths run natively) for the layers that need more than 6; 7 is left
+        out (one engine run fewer per fold; a layer needing more than 6 bits gets 8). The lowest
+        widths are where the costs are least reliable (the second-order estimate is taken far from
+        where it holds, and GPTQ's error compensation fits the calibration data most): whether they are
+        used is decided on held-out calibration batches (``folds``), not assumed.
       quantizer: the method and grid of every choice; its spec's ``bits`` is replaced by each choice.
         Default: GPTQ, symmetric, groups of 128, MSE grid (the ``gptq-int4`` preset's).
+      folds: the calibration batches are split into this many folds (batch ``i`` in fold ``i % folds``)
+        and each fold's costs are measured with the kernels the engine fits on the other folds, so that
+        no cost is measured on the data its kernel was fitted to (GPTQ at 2 bits fits its calibration
+        data far better than new data). Then :meth:`Sensitivity.check` tries, for each lowest width, the
+        allocation chosen on the other folds against uniform bits on each held-out fold, and the recipe
+        is the best of them, or uniform when none is better on the held-out folds: never worse than the
+        widest uniform width within the budget on held-out calibration data. The engine runs ``folds``
+        times per width, on ``(folds - 1) / folds`` of the batches each. 1: one run per width on all
+        batches, costs in-sample, no check (as with fewer batches than folds).
 
     Examples:
       >>> Auto(bits=4.25).plan(3).describe()
@@ -47,11 +67,16 @@ class Auto:
       Traceback (most recent call last):
       ...
       ValueError: Auto.choices: QuantSpec.bits must be an int in [2, 8], got 9
+      >>> Auto(bits=4.25, folds=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: Auto.folds must be an int >= 1, got 0
     """
 
     bits: float
     choices: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     quantizer: Quantizer = GPTQ(_quant.QuantSpec(bits=4, granularity=_quant.Group(128), calibration=_quant.MSE()))
+    folds: int = 2
 
     def __post_init__(self):
         bits = _checks.number("Auto.bits", self.bits, above=0)
@@ -68,7 +93,7 @@ class Auto:
                 self.plan(b)
             except ValueError as e:
                 raise ValueError(f"Auto.choices: {e}") from None
-        _checks.store(self, bits=float(bits), choices=choices)
+        _checks.store(self, bits=float(bits), choices=choices, folds=_checks.integer("Auto.folds", self.folds, low=1))
 
     @property
     def spec(self) -> _quant.QuantSpec:
@@ -98,11 +123,17 @@ class Sensitivity:
         kernel), or measures it (the loss with that kernel alone quantized, minus the float loss).
       sizes: ``{path: {bits: bytes stored}}`` (codes, scales and zero points).
       weights: ``{path: number of weights}``.
+      folds: the costs of each fold of the calibration batches (``errors`` is their sum), each measured
+        with kernels fitted on the other folds; empty when not split.
+      held_out: ``held_out(fold, {path: bits})``: the loss increase of that mix on the fold's batches, with
+        the kernels fitted on the other folds (what :meth:`check` compares); None when not measured.
     """
 
     errors: Mapping[str, Mapping[int, float]]
     sizes: Mapping[str, Mapping[int, int]]
     weights: Mapping[str, int]
+    folds: tuple[Mapping[str, Mapping[int, float]], ...] = ()
+    held_out: HeldOut | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.weights:
@@ -115,11 +146,21 @@ class Sensitivity:
             if set(self.errors[path]) != set(self.sizes[path]):
                 raise ValueError(f"{path}: errors are for bits {sorted(self.errors[path])}, sizes for bits "
                                  f"{sorted(self.sizes[path])}")
+            for i, fold in enumerate(self.folds):
+                if set(fold.get(path, ())) != set(self.errors[path]):
+                    raise ValueError(f"{path}: fold {i} has costs for bits {sorted(fold.get(path, ()))}, errors "
+                                     f"for bits {sorted(self.errors[path])}")
+        if self.held_out is not None and not callable(self.held_out):
+            raise TypeError(f"Sensitivity.held_out must be a function held_out(fold, allocation) -> float, "
+                            f"got {self.held_out!r}")
+        _checks.store(self, folds=tuple(self.folds))
 
     def only(self, choices: tuple[int, ...]) -> Sensitivity:
         """The measurements of these bit widths only."""
-        return Sensitivity({p: {b: e[b] for b in choices} for p, e in self.errors.items()},
-                           {p: {b: s[b] for b in choices} for p, s in self.sizes.items()}, self.weights)
+        def pick(costs: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[int, Any]]:
+            return {p: {b: c[b] for b in choices} for p, c in costs.items()}
+        return Sensitivity(pick(self.errors), pick(self.sizes), self.weights, tuple(pick(f) for f in self.folds),
+                           self.held_out)
 
     def total_weights(self) -> int:
         """The number of weights of all layers."""
@@ -151,16 +192,93 @@ class Sensitivity:
                              f"{len(self.weights)} layers (scales included): [{lowest:.4g}, {highest:.4g}]")
         return math.floor(round(bits * self.total_weights() / 8, 6))  # 4.25 bpw of 2**k weights is exact
 
+    def uniform(self, budget: int) -> int:
+        """The most bits every layer can have within ``budget`` bytes."""
+        widths = sorted(next(iter(self.sizes.values())))
+        return max((b for b in widths if self.nbytes(dict.fromkeys(self.weights, b)) <= budget), default=widths[0])
+
+    def allocate(self, budget: int, lowest: int | None = None, costs: Mapping[str, Mapping[int, float]] | None = None
+                 ) -> dict[str, int]:
+        """``{path: bits}`` of least summed cost (``costs``, default ``errors``) within ``budget`` bytes, among
+        the widths ``>= lowest``; each kernel's costs taken non-negative and non-increasing in bits (a wider
+        width never costs more; a tie goes to it)."""
+        costs = self.errors if costs is None else costs
+        keep = lambda by_bits: {b: v for b, v in by_bits.items() if lowest is None or b >= lowest}  # noqa: E731
+        return _quant.allocate_bits(_monotone({p: keep(c) for p, c in costs.items()}),
+                                    {p: keep(s) for p, s in self.sizes.items()}, budget)
+
+    def check(self, bits: float) -> Check:
+        """Which widths to choose among at ``bits``, decided on held-out calibration batches.
+
+        For each lowest width whose uniform bytes fit the budget, and each fold: the allocation among the
+        widths ``>= lowest`` chosen on the other folds' costs, measured on the fold's batches against every
+        layer at the widest uniform width within the budget (:attr:`held_out`); the gains summed over folds.
+        The single-layer costs alone cannot show what this shows: a cost that does not carry to new data,
+        and layers whose errors do not add up.
+
+        Raises:
+          ValueError: no :attr:`held_out` or fewer than 2 folds.
+
+        Examples:
+          >>> errors = {"a": {2: 1.0, 8: 0.0}, "b": {2: 5.0, 8: 0.0}}  # the costs: b needs 8 bits, a does not
+          >>> mix = lambda fold, bits: 3.0 if bits == {"a": 2, "b": 8} else 2.0  # held out: that mix is worse
+          >>> s = Sensitivity(errors, {"a": {2: 2, 8: 8}, "b": {2: 2, 8: 8}}, {"a": 8, "b": 8}, (errors, errors), mix)
+          >>> s.check(bits=5)
+          Check(uniform=2, gains={2: -2.0}, lowest=None)
+        """
+        if self.held_out is None or len(self.folds) < 2:
+            raise ValueError(f"Sensitivity.check needs held_out and at least 2 folds, got {len(self.folds)} folds "
+                             f"and held_out={self.held_out!r}")
+        budget = self.budget(bits)
+        uniform = self.uniform(budget)
+        measured: dict[tuple[int, tuple[int, ...]], float] = {}
+
+        def loss(fold: int, allocation: Mapping[str, int]) -> float:
+            key = (fold, tuple(allocation[p] for p in sorted(allocation)))
+            if key not in measured:
+                measured[key] = float(self.held_out(fold, allocation))  # type: ignore[misc]
+            return measured[key]
+
+        gains = {}
+        for lowest in sorted(next(iter(self.sizes.values()))):
+            if self.nbytes(dict.fromkeys(self.weights, lowest)) > budget:
+                break
+            gains[lowest] = sum(loss(f, dict.fromkeys(self.weights, uniform))
+                                - loss(f, self.allocate(budget, lowest, _sum(self.folds[:f] + self.folds[f + 1:])))
+                                for f in range(len(self.folds)))
+        best = max(gains, key=lambda lowest: (gains[lowest], lowest))  # a tie: the fewer, wider widths
+        return Check(uniform, gains, best if gains[best] > 0 else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What :meth:`Sensitivity.check` found at one budget.
+
+    Attributes:
+      uniform: the most bits every layer can have within the budget.
+      gains: ``{lowest width: held-out loss of uniform minus that of the allocation among widths >= it}``,
+        summed over the folds (positive: the mix is better on data its costs were not measured on).
+      lowest: the lowest width of the best gain (of equal gains, the widest), or None when no gain is
+        positive (then uniform).
+    """
+
+    uniform: int
+    gains: Mapping[int, float]
+    lowest: int | None
+
 
 def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
-    """The recipe of least summed cost within ``options.bits`` average bits per weight.
+    """The recipe of least summed cost within ``options.bits`` average bits per weight, checked on held-out data.
 
     Picks one of ``options.choices`` per kernel with the exact multiple-choice knapsack
     (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
     scales included, each kernel's costs taken non-negative and non-increasing in bits (a wider
-    width never costs more; a tie goes to it), and returns a :class:`Recipe` of one exact rule per
-    kernel (its path escaped), after a rule that leaves the head and embeddings dense. Print it, or pass it to
-    :func:`jaxopt_big.oneshot.compress`.
+    width never costs more; a tie goes to it). When the sensitivity can be checked on held-out
+    calibration folds (as :func:`jaxopt_big.oneshot.auto` measures it with ``folds >= 2``),
+    :meth:`Sensitivity.check` first decides the lowest width to choose among, or every layer at the
+    widest uniform width within the budget when no mix beats it on the held-out folds. Returns a
+    :class:`Recipe` of one exact rule per kernel (its path escaped), after a rule that leaves the head
+    and embeddings dense. Print it, or pass it to :func:`jaxopt_big.oneshot.compress`.
 
     Examples:
       >>> s = Sensitivity(errors={"a/kernel": {2: 9.0, 4: 1.0}, "b/kernel": {2: 2.0, 4: 1.0}},
@@ -177,7 +295,13 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
         path, bits = next(iter(missing.items()))
         raise ValueError(f"{path}: no measurement for bits {bits} of Auto.choices={options.choices}")
     chosen = sensitivity.only(options.choices)
-    allocation = _quant.allocate_bits(_monotone(chosen.errors), chosen.sizes, chosen.budget(options.bits))
+    budget = chosen.budget(options.bits)
+    if chosen.held_out is None or len(chosen.folds) < 2:
+        allocation = chosen.allocate(budget)
+    else:
+        check = chosen.check(options.bits)
+        allocation = (dict.fromkeys(chosen.weights, check.uniform) if check.lowest is None
+                      else chosen.allocate(budget, check.lowest))
     return Recipe([_HEAD, *(_tree.Rule(re.escape(p), options.plan(b)) for p, b in allocation.items())])
 
 
@@ -264,3 +388,8 @@ def _monotone(costs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, f
             running = max(running, float(by_bits[bits]))
             out[path][bits] = running
     return out
+
+
+def _sum(folds: tuple[Mapping[str, Mapping[int, float]], ...]) -> dict[str, dict[int, float]]:
+    """The costs of several folds added up."""
+    return {p: {b: sum(f[p][b] for f in folds) for b in by_bits} for p, by_bits in folds[0].items()}
