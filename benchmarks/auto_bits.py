@@ -126,8 +126,8 @@ def main(measured: bool, folds: int) -> dict:
         run(f"GPTQ int{b} g128", options.uniform(b))
         if sens.held_out is not None:  # what the held-out check found (calibration folds only)
             check = sens.check(at[b])
-            checks[b] = {"uniform": check.uniform, "lowest": check.lowest,
-                         "gains_per_token": {k: v / tokens for k, v in check.gains.items()}}
+            checks[b] = {"uniform": check.uniform, "lowest": check.lowest, "fold": check.fold,
+                         "gains_per_token": {k: [g / tokens for g in v] for k, v in check.gains.items()}}
         run(auto_name(b), jb.recipe.auto(sens, jb.recipe.Auto(bits=at[b])))
 
     # does each score rank the layers by their calibration loss increase alone? (calibration windows only)
@@ -159,14 +159,15 @@ def main(measured: bool, folds: int) -> dict:
               f"{v['bytes']:,} | {v['bpw']:.4g} | "
               f"{v['widths']}{' (= ' + v['same_as'] + ')' if 'same_as' in v else ''} |" for k, v in rows.items()]
     if checks:
-        lines += ["", "Held-out check (calibration folds only): per lowest width, the calibration loss of the "
-                  "widest uniform width within the budget minus that of the allocation among widths >= it "
-                  "chosen on the other fold, per token, summed over the held-out folds (> 0: the mix is better); "
-                  "the recipe keeps the best lowest width, or uniform when none is > 0:", "",
-                  "| budget | uniform | gain per lowest width (nats per token) | chosen |", "|---|---|---|---|"]
+        lines += ["", "Held-out check (calibration folds only): per lowest width and held-out fold, the calibration "
+                  "loss of the widest uniform width within the budget minus that of the allocation among widths "
+                  ">= it chosen on the other fold, over all calibration tokens (> 0: the mix is better); the "
+                  "recipe is the allocation of the best positive gain, or uniform when none is > 0:", "",
+                  "| budget | uniform | gain per lowest width, fold 0 / fold 1 (nats per token) | chosen |",
+                  "|---|---|---|---|"]
         for b, c in checks.items():
-            chosen = "uniform" if c["lowest"] is None else f"widths >= {c['lowest']}"
-            gains = ", ".join(f"{k}: {v:+.2e}" for k, v in c["gains_per_token"].items())
+            chosen = "uniform" if c["lowest"] is None else f"widths >= {c['lowest']}, fold {c['fold']}'s"
+            gains = ", ".join(f"{k}: " + " / ".join(f"{g:+.2e}" for g in v) for k, v in c["gains_per_token"].items())
             lines.append(f"| int{b}'s bytes | int{c['uniform']} | {gains} | {chosen} |")
     lines += ["", "Rank correlation (Spearman, over layers) of each score with the calibration loss increase of "
               "quantizing that layer alone; and the sum of those single-layer increases over the increase of "

@@ -45,13 +45,13 @@ def auto(model_or_apply: Any, params: Any, calibration_batches: Iterable[Any], o
     (weight decay), and rounding and clipping move weights along its gradient. Costs are taken to add up
     across layers (the knapsack's assumption). A layer's bytes at each width are those its quantized
     leaf stores (codes and scales, :func:`jaxopt_big.quant.layer_bytes`). Then
-    :func:`jaxopt_big.recipe.auto` allocates, after checking on each held-out fold which lowest width to
-    choose among: the allocation chosen on the other folds against every layer at the widest uniform
-    width within the budget, both run in the whole model on the fold's batches (``loss``'s increase
-    over the float model; without ``loss``, the KL divergence of the float model's predictions to the
-    quantized one's), which also catches layers whose errors do not add up. When no mix is better there,
-    the recipe is that uniform width. With fewer batches than folds, or ``options.folds=1``: one run per
-    width on all batches, costs in-sample, no check.
+    :func:`jaxopt_big.recipe.auto` allocates, checking each allocation chosen on all folds but one (for
+    each lowest width) against every layer at the widest uniform width within the budget, both run in
+    the whole model on the held-out fold's batches (``loss``'s increase over the float model; without
+    ``loss``, the KL divergence of the float model's predictions to the quantized one's), which also
+    catches layers whose errors do not add up: the recipe is the one that beat uniform by the most,
+    or that uniform width when none did. With fewer batches than folds, or ``options.folds=1``: one
+    run per width on all batches, costs in-sample, the allocation on them unchecked.
 
     The backward passes and the checks run the whole model at once (not block by block), with its
     parameters and one batch's activations and their gradients in memory; the returned sensitivity

@@ -53,10 +53,10 @@ class Auto:
       folds: the calibration batches are split into this many folds (batch ``i`` in fold ``i % folds``)
         and each fold's costs are measured with the kernels the engine fits on the other folds, so that
         no cost is measured on the data its kernel was fitted to (GPTQ at 2 bits fits its calibration
-        data far better than new data). Then :meth:`Sensitivity.check` tries, for each lowest width, the
-        allocation chosen on the other folds against uniform bits on each held-out fold, and the recipe
-        is the best of them, or uniform when none is better on the held-out folds: never worse than the
-        widest uniform width within the budget on held-out calibration data. The engine runs ``folds``
+        data far better than new data). Then :meth:`Sensitivity.check` tries, for each lowest width and
+        fold, the allocation chosen on the other folds against uniform bits on the held-out fold, and the
+        recipe is the one that beat uniform by the most there, or uniform when none did: never worse than
+        the widest uniform width within the budget on held-out calibration data. The engine runs ``folds``
         times per width, on ``(folds - 1) / folds`` of the batches each. 1: one run per width on all
         batches, costs in-sample, no check (as with fewer batches than folds).
 
@@ -208,13 +208,14 @@ class Sensitivity:
                                     {p: keep(s) for p, s in self.sizes.items()}, budget)
 
     def check(self, bits: float) -> Check:
-        """Which widths to choose among at ``bits``, decided on held-out calibration batches.
+        """The allocation at ``bits`` that beat uniform bits on data that chose neither it nor its kernels.
 
         For each lowest width whose uniform bytes fit the budget, and each fold: the allocation among the
-        widths ``>= lowest`` chosen on the other folds' costs, measured on the fold's batches against every
-        layer at the widest uniform width within the budget (:attr:`held_out`); the gains summed over folds.
-        The single-layer costs alone cannot show what this shows: a cost that does not carry to new data,
-        and layers whose errors do not add up.
+        widths ``>= lowest`` chosen on the other folds' costs, and its gain on the fold's own batches over
+        every layer at the widest uniform width within the budget (:attr:`held_out`, with kernels fitted
+        on the other folds). The best of them is kept if its gain is positive, else uniform. The
+        single-layer costs alone cannot show what this shows: a cost that does not carry to new data, and
+        layers whose errors do not add up.
 
         Raises:
           ValueError: no :attr:`held_out` or fewer than 2 folds.
@@ -223,31 +224,28 @@ class Sensitivity:
           >>> errors = {"a": {2: 1.0, 8: 0.0}, "b": {2: 5.0, 8: 0.0}}  # the costs: b needs 8 bits, a does not
           >>> mix = lambda fold, bits: 3.0 if bits == {"a": 2, "b": 8} else 2.0  # held out: that mix is worse
           >>> s = Sensitivity(errors, {"a": {2: 2, 8: 8}, "b": {2: 2, 8: 8}}, {"a": 8, "b": 8}, (errors, errors), mix)
-          >>> s.check(bits=5)
-          Check(uniform=2, gains={2: -2.0}, lowest=None)
+          >>> check = s.check(bits=5)
+          >>> check.gains, check.lowest, check.allocation
+          ({2: (-1.0, -1.0)}, None, {'a': 2, 'b': 2})
         """
         if self.held_out is None or len(self.folds) < 2:
             raise ValueError(f"Sensitivity.check needs held_out and at least 2 folds, got {len(self.folds)} folds "
                              f"and held_out={self.held_out!r}")
         budget = self.budget(bits)
-        uniform = self.uniform(budget)
-        measured: dict[tuple[int, tuple[int, ...]], float] = {}
-
-        def loss(fold: int, allocation: Mapping[str, int]) -> float:
-            key = (fold, tuple(allocation[p] for p in sorted(allocation)))
-            if key not in measured:
-                measured[key] = float(self.held_out(fold, allocation))  # type: ignore[misc]
-            return measured[key]
-
-        gains = {}
+        uniform = dict.fromkeys(self.weights, self.uniform(budget))
+        gains: dict[int, tuple[float, ...]] = {}
+        mixes: dict[tuple[int, int], dict[str, int]] = {}
         for lowest in sorted(next(iter(self.sizes.values()))):
             if self.nbytes(dict.fromkeys(self.weights, lowest)) > budget:
                 break
-            gains[lowest] = sum(loss(f, dict.fromkeys(self.weights, uniform))
-                                - loss(f, self.allocate(budget, lowest, _sum(self.folds[:f] + self.folds[f + 1:])))
-                                for f in range(len(self.folds)))
-        best = max(gains, key=lambda lowest: (gains[lowest], lowest))  # a tie: the fewer, wider widths
-        return Check(uniform, gains, best if gains[best] > 0 else None)
+            for f in range(len(self.folds)):
+                mixes[lowest, f] = self.allocate(budget, lowest, _sum(self.folds[:f] + self.folds[f + 1:]))
+            gains[lowest] = tuple(float(self.held_out(f, uniform)) - float(self.held_out(f, mixes[lowest, f]))
+                                  for f in range(len(self.folds)))
+        gain, lowest, fold = max((g, lowest, f) for lowest, by_fold in gains.items() for f, g in enumerate(by_fold))
+        if gain <= 0:  # (of equal gains, the fewer and wider widths)
+            return Check(uniform[next(iter(uniform))], gains, None, None, uniform)
+        return Check(uniform[next(iter(uniform))], gains, lowest, fold, mixes[lowest, fold])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,15 +254,17 @@ class Check:
 
     Attributes:
       uniform: the most bits every layer can have within the budget.
-      gains: ``{lowest width: held-out loss of uniform minus that of the allocation among widths >= it}``,
-        summed over the folds (positive: the mix is better on data its costs were not measured on).
-      lowest: the lowest width of the best gain (of equal gains, the widest), or None when no gain is
-        positive (then uniform).
+      gains: ``{lowest width: per fold, the held-out loss of uniform minus that of the allocation among
+        widths >= it chosen on the other folds}`` (positive: the mix is better on data that did not choose it).
+      lowest, fold: where the best positive gain is (of equal gains, the widest lowest width), or None (uniform).
+      allocation: ``{path: bits}``: the allocation of the best positive gain, else every layer at ``uniform``.
     """
 
     uniform: int
-    gains: Mapping[int, float]
+    gains: Mapping[int, tuple[float, ...]]
     lowest: int | None
+    fold: int | None
+    allocation: Mapping[str, int]
 
 
 def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
@@ -274,9 +274,10 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
     (:func:`jaxopt_big.quant.allocate_bits`) under the budget ``floor(bits * weights / 8)`` bytes,
     scales included, each kernel's costs taken non-negative and non-increasing in bits (a wider
     width never costs more; a tie goes to it). When the sensitivity can be checked on held-out
-    calibration folds (as :func:`jaxopt_big.oneshot.auto` measures it with ``folds >= 2``),
-    :meth:`Sensitivity.check` first decides the lowest width to choose among, or every layer at the
-    widest uniform width within the budget when no mix beats it on the held-out folds. Returns a
+    calibration folds (as :func:`jaxopt_big.oneshot.auto` measures it with ``folds >= 2``), the
+    allocation is :meth:`Sensitivity.check`'s: among those chosen on all folds but one, the one that
+    beat the widest uniform width within the budget by the most on its held-out fold, or that uniform
+    width when none beat it there (never worse than uniform on held-out calibration data). Returns a
     :class:`Recipe` of one exact rule per kernel (its path escaped), after a rule that leaves the head
     and embeddings dense. Print it, or pass it to :func:`jaxopt_big.oneshot.compress`.
 
@@ -296,12 +297,8 @@ def auto(sensitivity: Sensitivity, options: Auto) -> Recipe:
         raise ValueError(f"{path}: no measurement for bits {bits} of Auto.choices={options.choices}")
     chosen = sensitivity.only(options.choices)
     budget = chosen.budget(options.bits)
-    if chosen.held_out is None or len(chosen.folds) < 2:
-        allocation = chosen.allocate(budget)
-    else:
-        check = chosen.check(options.bits)
-        allocation = (dict.fromkeys(chosen.weights, check.uniform) if check.lowest is None
-                      else chosen.allocate(budget, check.lowest))
+    checked = chosen.held_out is not None and len(chosen.folds) >= 2
+    allocation = chosen.check(options.bits).allocation if checked else chosen.allocate(budget)
     return Recipe([_HEAD, *(_tree.Rule(re.escape(p), options.plan(b)) for p, b in allocation.items())])
 
 
