@@ -21,8 +21,10 @@ single-layer increases add up to the increase of the whole configuration.
 ``--measured``: auto measures each cost (the calibration loss with that one layer quantized, one forward
 pass per layer and width) instead of estimating it; results in ``auto_bits_measured``. ``--folds 1``:
 auto as before the held-out check (one engine run per width on all batches, in-sample costs, no
-check); results in ``auto_bits_folds1``.
-Run: ``python benchmarks/auto_bits.py [--measured] [--folds N]``.
+check); results in ``auto_bits_folds1``. ``--calibration validation``: calibration windows from the
+validation split, which the decoder was not trained on (then the validation perplexity is not held out;
+the test perplexity still is); results in ``auto_bits_validation_calibration``.
+Run: ``python benchmarks/auto_bits.py [--measured] [--folds N] [--calibration train|validation]``.
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def main(measured: bool, folds: int) -> dict:
+def main(measured: bool, folds: int, calibration: str = "train") -> dict:
     from flax import nnx
 
     model = trained_decoder(ARTIFACT)
     splits = jb.data.docs_corpus()
     test = jb.data.windows(splits.test, LENGTH)[:64]
     validation = jb.data.windows(splits.validation, LENGTH)[:64]
-    pool = jb.data.windows(splits.train, CAL_LENGTH)
+    pool = jb.data.windows(getattr(splits, calibration), CAL_LENGTH)
     pool = pool[np.random.default_rng(0).permutation(len(pool))][:64]
     batches = [pool[i:i + BATCH] for i in range(0, len(pool), BATCH)]
     graphdef, others = nnx.graphdef(model), nnx.state(model, lambda p, x: not isinstance(x, nnx.Param))
@@ -144,7 +146,9 @@ def main(measured: bool, folds: int) -> dict:
 
     int4, same = rows["GPTQ int4 g128"], rows[auto_name(4)]
     holds = same["perplexity"] < int4["perplexity"] and same["bytes"] <= int4["bytes"]
-    lines = [f"Trained decoder, {len(paths)} block linears ({n:,} weights), {len(pool)} calibration windows of "
+    source = calibration + " split" + ("" if calibration == "train" else "; the validation perplexity is not held out")
+    lines = [f"Trained decoder, {len(paths)} block linears ({n:,} weights), {len(pool)} calibration windows "
+             f"(from the {source}) of "
              f"{CAL_LENGTH} ({len(batches)} batches, {folds} folds), {len(validation)} validation and {len(test)} "
              f"test windows of {LENGTH}; measuring {len(CHOICES)} widths took "
              f"{measure_seconds:.0f} s ({len(CHOICES) * folds} engine runs, then "
@@ -183,7 +187,8 @@ def main(measured: bool, folds: int) -> dict:
     lines += [f"goal ({'holds' if holds else 'does NOT hold'}): auto < uniform int4 in test perplexity at <= its bytes"]
     print("\n".join(lines))
     (HERE / "results").mkdir(exist_ok=True)
-    name = ("auto_bits_measured" if measured else "auto_bits") + ("" if folds == 2 else f"_folds{folds}")
+    name = (("auto_bits_measured" if measured else "auto_bits") + ("" if folds == 2 else f"_folds{folds}")
+            + ("" if calibration == "train" else f"_{calibration}_calibration"))
     (HERE / "results" / f"{name}_table.md").write_text("\n".join(lines) + "\n")
     return write(name, ours=same["perplexity"], baseline=int4["perplexity"], unit="ppl",
                  goal="auto (GPTQ 2/3/4/5/6/8 bits per layer, "
@@ -198,5 +203,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measured", action="store_true", help="auto measures each cost instead of estimating it")
     parser.add_argument("--folds", type=int, default=2, help="calibration folds of auto (1: in-sample costs, no check)")
+    parser.add_argument("--calibration", choices=("train", "validation"), default="train",
+                        help="the split the calibration windows come from (the decoder was trained on 'train')")
     args = parser.parse_args()
-    main(args.measured, args.folds)
+    main(args.measured, args.folds, args.calibration)
