@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from jaxopt_big import cli
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -83,13 +85,11 @@ def test_files_written(demo):
     assert len(saved) == 14  # every row with a model (CV has none)
 
 
-def test_report_command_reads_a_saved_model(demo):
-    out = demo[0]
-    target = out / "models" / "int8_ptq"
-    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(target)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "Dense_0/kernel" in proc.stdout and "int8" in proc.stdout
+def test_report_command_reads_a_saved_model(demo, capsys):
+    target = demo[0] / "models" / "int8_ptq"  # in this process: the fixture ran the `python -m` entry point
+    assert cli.main(["report", str(target)]) == 0
+    stdout = capsys.readouterr().out
+    assert "Dense_0/kernel" in stdout and "int8" in stdout
 
 
 def test_results_name_every_row_and_set_other_tasks_apart(demo):
@@ -109,19 +109,20 @@ def test_pareto_front_is_the_undominated_points():
     assert front == [5, 1, 4]
 
 
-def test_demo_on_an_unwritable_folder_exits_2_before_training(tmp_path):
+def test_demo_on_an_unwritable_folder_exits_2_before_training(tmp_path, capsys, monkeypatch):
+    from jaxopt_big import demo
+    monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: pytest.fail("trained"))
     blocked = tmp_path / "file"
     blocked.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "demo", "--quick", "--out", str(blocked / "out")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not writable" in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert cli.main(["demo", "--quick", "--out", str(blocked / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "not writable" in err and "Traceback" not in err and out == ""
 
 
-def test_report_command_missing_directory_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jaxopt_big.cli", "report", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+def test_report_command_missing_directory_exits_2(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
 
 
 def test_a_second_run_into_the_same_folder_replaces_the_first(tmp_path):
