@@ -18,7 +18,8 @@ from jaxopt_big.quant._hadamard import hadamard, hadamard_supported, hadamard_tr
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
 from jaxopt_big.quant._ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
-from jaxopt_big.quant._qarray import QArray, container_bits, dequantize, quantize
+from jaxopt_big.quant._matmul import DecodeArray
+from jaxopt_big.quant._qarray import QArray, container_bits, decode_layout, dequantize, quantize
 from jaxopt_big.quant._qat import Gradient, qat
 from jaxopt_big.quant._smoothquant import scale_input_channels, smoothquant_scales, unscale_output_channels
 from jaxopt_big.quant._spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity,
@@ -26,7 +27,7 @@ from jaxopt_big.quant._spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, Abs
 
 __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "PerToken",
            "PER_TOKEN", "Granularity", "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand",
-           "fake_quant", "ste", "QArray", "quantize", "dequantize", "container_bits", "quantize_params",
+           "fake_quant", "ste", "QArray", "DecodeArray", "decode_layout", "quantize", "dequantize", "container_bits", "quantize_params",
            "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat", "Gradient", "LSQ",
            "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
            "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",

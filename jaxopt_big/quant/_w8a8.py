@@ -18,6 +18,7 @@ sequence), so a single row is padded to two.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import _options
 from jaxopt_big.quant._calibrate import calibrate_checked, from_int, to_int
 
-__all__ = ["integer_contract", "quantize_tokens", "contract"]
+__all__ = ["integer_contract", "quantize_tokens", "contract", "int_dot", "tile_sum"]
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
@@ -65,26 +66,45 @@ def quantize_tokens(x: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array
     return to_int(xf, spec, scale, None).astype(jnp.int8), scale
 
 
-def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` of 2-d int8 operands, accumulated exactly in int32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+def int_dot(a: jax.Array, b: jax.Array, axis: int = 0) -> jax.Array:
+    """``a @ b`` (``axis`` 0) or ``a @ b.T`` (``axis`` 1) of 2-d int8 operands, accumulated exactly in int32."""
+    return lax.dot_general(a, b, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def tile_sum(xs: jax.Array, ws: jax.Array, lanes: Callable[[jax.Array], list[jax.Array]], *,
+             scales: jax.Array | None = None, zeros: jax.Array | None = None, sums: jax.Array | None = None,
+             axis: int = 0, unroll: int = 1) -> jax.Array:
+    """``sum_t (sum_l xs[t, l] @ lanes(ws[t])[l] - sums[t] * zeros[t]) * scales[t]`` in float32, one tile per
+    step of a ``lax.scan`` (so nothing ``tiles x rows x out`` is built, and a tile's unpacked codes stay in cache).
+
+    ``xs``: int8 input rows per tile and lane, ``(tiles, lanes, r, k_lane)``; ``ws``: the codes of each tile;
+    ``lanes`` unpacks one tile to int8 operands matched with ``xs[t]``'s lanes, contracted on their ``axis``
+    (0: ``(k_lane, n)``, 1: ``(n, k_lane)``). Per tile, optional: ``scales`` and ``zeros`` ``(tiles, 1 or n)``,
+    ``sums`` ``(tiles, r)`` (each row's input sum over the tile, which a zero point multiplies). Each tile's
+    int32 dot is exact; tiles are added in float32.
+    """
+    def step(x, w, s, z, x_sum):
+        y = sum(int_dot(a, b, axis) for a, b in zip(x, lanes(w))).astype(jnp.float32)
+        y = y if z is None else y - x_sum[:, None] * z
+        return y if s is None else y * s
+
+    def body(acc, inputs):
+        return acc + step(*inputs), None
+    inputs = (xs, ws, scales, zeros, sums)
+    # the first tile starts the sum: the carry then has the operands' sharding
+    acc, _ = lax.scan(body, step(*jax.tree.map(lambda a: a[0], inputs)), jax.tree.map(lambda a: a[1:], inputs),
+                      unroll=unroll)
+    return acc
 
 
 def _grouped(rows: jax.Array, w: jax.Array, w_scale: jax.Array, size: int) -> jax.Array:
     """``sum_g (rows_g @ w_g) * w_scale_g`` over groups of ``size`` inputs (the last may be shorter, padded
-    with zeros): one exact int32 dot per group, in a scan, so nothing ``groups x rows x out`` is built."""
+    with zeros): one exact int32 dot per group (:func:`tile_sum`)."""
     groups, n = w_scale.shape
     pad = groups * size - w.shape[0]
-    xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, size).transpose(1, 0, 2)
+    xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, 1, size).transpose(1, 2, 0, 3)
     ws = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, size, n)
-    scales = w_scale[:, None, :]
-
-    def body(acc, group):
-        a, b, s = group
-        return acc + int_dot(a, b).astype(jnp.float32) * s, None
-    # the first group starts the sum: the carry then has the operands' sharding
-    acc, _ = lax.scan(body, int_dot(xs[0], ws[0]).astype(jnp.float32) * scales[0], (xs[1:], ws[1:], scales[1:]))
-    return acc
+    return tile_sum(xs, ws, lambda tile: [tile], scales=w_scale)
 
 
 def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array, w_scale: jax.Array,
