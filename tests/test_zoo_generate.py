@@ -230,11 +230,14 @@ def test_decode_step_kernels_give_the_dense_matmul_without_a_float_copy_of_the_k
     q = jb.quant.quantize(w, spec)
     dense = np.asarray(q.dense(), np.float64)
     layer = nnx.Linear(k, n, use_bias=False, rngs=nnx.Rngs(0))
-    layer.kernel.set_value(q)
-    run = jax.jit(lambda x: jb.intercept.run_compressed(layer)(x))
-    for shape in [(1, k), (2, 3, k)]:  # one decode row; a batch of a few
-        x = jax.random.normal(jax.random.key(1), shape)
-        y = np.asarray(run(x))
-        np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
-    memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
-    assert memory.temp_size_in_bytes < k * n  # a float32 kernel would be 4 * k * n bytes
+    arranged = jb.quant.decode_layout(q)  # what generate runs: int8/int4 in the decode layout, same bytes
+    assert isinstance(arranged, jb.quant.DecodeArray) == (spec.bits != 3) and arranged.nbytes == q.nbytes
+    for kernel in {id(q): q, id(arranged): arranged}.values():
+        layer.kernel.set_value(kernel)
+        run = jax.jit(lambda x: jb.intercept.run_compressed(layer)(x))
+        for shape in [(1, k), (2, 3, k)]:  # one decode row; a batch of a few
+            x = jax.random.normal(jax.random.key(1), shape)
+            y = np.asarray(run(x))
+            np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
+        memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
+        assert memory.temp_size_in_bytes < k * n  # a float32 kernel would be 4 * k * n bytes

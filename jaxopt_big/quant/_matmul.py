@@ -54,7 +54,7 @@ from jax import lax
 from jaxopt_big import _bits
 from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant._calibrate import expand, from_int
-from jaxopt_big.quant._w8a8 import tile_sum
+from jaxopt_big.quant._w8a8 import int_dot, tile_sum
 
 __all__ = ["MAX_ROWS", "PLANES", "TILES", "DecodeArray", "arrange", "decode_matmul", "split_planes",
            "streamed_matmul"]
@@ -258,20 +258,25 @@ def _lanes(tile_codes: jax.Array, bits: int, tile: int) -> list[jax.Array]:
 def _walk(planes: jax.Array, tiles: jax.Array, bits: int, scale: jax.Array, zero_point: jax.Array | None,
           tile: int, axis: int) -> jax.Array:
     """``planes @ (ints - zero_point) * scale`` in float32, the scale left out where it is one row; ``tiles``
-    holds one tile of codes per entry, its inputs along ``axis``."""
+    holds one tile of codes per entry, its inputs along ``axis``. Codes ``(n, tile)`` (the decode layout) are
+    the dot's left operand: XLA:CPU multiplies a large left operand with contiguous rows fastest."""
     r, k = planes.shape
     count, lanes, grouped = k // tile, 2 if bits == 4 else 1, scale.shape[0] > 1
 
     def by_tile(a: jax.Array) -> jax.Array:
-        """Scale or zero-point rows, one per tile: (tiles, n)."""
-        return jnp.repeat(a, count // a.shape[0], axis=0)
+        """Scale or zero-point rows, one per tile, shaped to broadcast against a tile's dot."""
+        a = jnp.repeat(a, count // a.shape[0], axis=0)
+        return a[:, :, None] if axis else a[:, None, :]
 
     xs = planes.reshape(r, count, tile // lanes, lanes).transpose(1, 3, 0, 2)  # (tiles, lanes, r, tile / lanes)
     sums = planes.reshape(r, count, tile).sum(-1, dtype=jnp.int32).astype(jnp.float32).T  # exact: |sum| < 2**24
     acc = tile_sum(xs, tiles, functools.partial(_lanes, bits=bits, tile=tile),
+                   dot=(lambda x, w: int_dot(w, x, 1)) if axis else int_dot,
                    scales=by_tile(scale) if grouped else None,
-                   zeros=by_tile(zero_point) if grouped and zero_point is not None else None, sums=sums,
-                   axis=axis, unroll=2 if tile < TILES[0] else 1)  # ~256 inputs per step (see the docstring)
+                   zeros=by_tile(zero_point) if grouped and zero_point is not None else None,
+                   sums=sums[:, None, :] if axis else sums[:, :, None],
+                   unroll=2 if tile < TILES[0] else 1)  # ~256 inputs per step (see the docstring)
+    acc = acc.T if axis else acc
     if not grouped and zero_point is not None:  # one zero-point row: subtract it once
         acc = acc - sums.sum(0)[:, None] * zero_point
     return acc

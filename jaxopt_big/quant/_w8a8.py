@@ -72,20 +72,20 @@ def int_dot(a: jax.Array, b: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def tile_sum(xs: jax.Array, ws: jax.Array, lanes: Callable[[jax.Array], list[jax.Array]], *,
-             scales: jax.Array | None = None, zeros: jax.Array | None = None, sums: jax.Array | None = None,
-             axis: int = 0, unroll: int = 1) -> jax.Array:
-    """``sum_t (sum_l xs[t, l] @ lanes(ws[t])[l] - sums[t] * zeros[t]) * scales[t]`` in float32, one tile per
+             dot: Callable[[jax.Array, jax.Array], jax.Array] = int_dot, scales: jax.Array | None = None,
+             zeros: jax.Array | None = None, sums: jax.Array | None = None, unroll: int = 1) -> jax.Array:
+    """``sum_t (sum_l dot(xs[t, l], lanes(ws[t])[l]) - sums[t] * zeros[t]) * scales[t]`` in float32, one tile per
     step of a ``lax.scan`` (so nothing ``tiles x rows x out`` is built, and a tile's unpacked codes stay in cache).
 
     ``xs``: int8 input rows per tile and lane, ``(tiles, lanes, r, k_lane)``; ``ws``: the codes of each tile;
-    ``lanes`` unpacks one tile to int8 operands matched with ``xs[t]``'s lanes, contracted on their ``axis``
-    (0: ``(k_lane, n)``, 1: ``(n, k_lane)``). Per tile, optional: ``scales`` and ``zeros`` ``(tiles, 1 or n)``,
-    ``sums`` ``(tiles, r)`` (each row's input sum over the tile, which a zero point multiplies). Each tile's
-    int32 dot is exact; tiles are added in float32.
+    ``lanes`` unpacks one tile to the int8 operands matched with ``xs[t]``'s lanes; ``dot`` is their exact int32
+    product (:func:`int_dot`: ``(r, n)`` from codes ``(k_lane, n)``). ``scales``, ``zeros`` and ``sums`` (each row's
+    input sum over the tile, which a zero point multiplies) are optional, one entry per tile, each broadcasting
+    against ``dot``'s output.
     """
     def step(x, w, s, z, x_sum):
-        y = sum(int_dot(a, b, axis) for a, b in zip(x, lanes(w))).astype(jnp.float32)
-        y = y if z is None else y - x_sum[:, None] * z
+        y = sum(dot(a, b) for a, b in zip(x, lanes(w))).astype(jnp.float32)
+        y = y if z is None else y - x_sum * z
         return y if s is None else y * s
 
     def body(acc, inputs):
@@ -104,7 +104,7 @@ def _grouped(rows: jax.Array, w: jax.Array, w_scale: jax.Array, size: int) -> ja
     pad = groups * size - w.shape[0]
     xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, 1, size).transpose(1, 2, 0, 3)
     ws = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, size, n)
-    return tile_sum(xs, ws, lambda tile: [tile], scales=w_scale)
+    return tile_sum(xs, ws, lambda tile: [tile], scales=w_scale[:, None])
 
 
 def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array, w_scale: jax.Array,
