@@ -27,10 +27,11 @@ from jaxopt_big.quant._spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, Abs
 
 __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSOR", "PER_CHANNEL", "PerToken",
            "PER_TOKEN", "Granularity", "AbsMax", "MinMax", "Percentile", "MSE", "Calibration", "calibrate", "expand",
-           "fake_quant", "ste", "QArray", "DecodeArray", "decode_layout", "quantize", "dequantize", "container_bits", "quantize_params",
+           "fake_quant", "ste", "QArray", "quantize", "dequantize", "container_bits", "quantize_params",
            "dequantize_params", "fake_quant_params", "calibrate_activations", "Scale", "qat", "Gradient", "LSQ",
            "Learned", "lsq", "lsq_export", "Binary", "Ternary", "Float8", "F8", "SubByteArray", "Float8Array",
            "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",
            "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq_params", "gptq_kernel", "gptq",
            "awq_scales", "AWQScales", "awq_clip", "AWQClip", "smoothquant_scales", "scale_input_channels",
-           "unscale_output_channels", "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard"]
+           "unscale_output_channels", "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard",
+           "DecodeArray", "decode_layout"]
