@@ -88,12 +88,13 @@ def tile_sum(xs: jax.Array, ws: jax.Array, lanes: Callable[[jax.Array], list[jax
         y = y if z is None else y - x_sum * z
         return y if s is None else y * s
 
-    def body(acc, inputs):
-        return acc + step(*inputs), None
     inputs = (xs, ws, scales, zeros, sums)
+
+    def at(t: jax.Array | int) -> jax.Array:  # tile t, read in place (slicing off the first tile copies the rest)
+        return step(*jax.tree.map(lambda a: a[t], inputs))
+
     # the first tile starts the sum: the carry then has the operands' sharding
-    acc, _ = lax.scan(body, step(*jax.tree.map(lambda a: a[0], inputs)), jax.tree.map(lambda a: a[1:], inputs),
-                      unroll=unroll)
+    acc, _ = lax.scan(lambda acc, t: (acc + at(t), None), at(0), jnp.arange(1, xs.shape[0]), unroll=unroll)
     return acc
 
 
