@@ -7,7 +7,7 @@ kernel (4x the bytes of int8, 8x those of int4) and reads it back, which makes i
 Converting tile by tile keeps the copy in cache but still costs a conversion per weight (1.16x float32
 tokens/s for int8 weights).
 
-:func:`streamed_matmul` instead multiplies integers by integers, which XLA:CPU runs as an
+:func:`decode_matmul` instead multiplies integers by integers, which XLA:CPU runs as an
 ``int8 x int8 -> int32`` matrix product (through YNNPACK; a product of ONE row takes a slow
 matrix-vector path that converts the kernel to int32, so there are always several rows):
 
@@ -19,21 +19,40 @@ matrix-vector path that converts the kernel to int32, so there are always severa
   ``x @ dequantized_kernel`` by float32 rounding: at most about ``6e-8 max|x| sum_k |w_k|`` on top of a
   float dot's own error (two planes would leave 1.6e-5 of it). llama.cpp instead rounds activations to
   ONE 8-bit plane, which changes the results; a W8A8 layer does that knowingly, this path never does.
-* **Tiles in cache.** The input axis is walked in tiles with ``lax.scan``: a tile is one scale group
-  or lies inside one (:data:`TILES` rows where they fit). Each step unpacks one tile to int8 (an int4
-  byte's low and high nibbles are two int8 lanes, matched with the even and odd inputs: no
-  interleaving) and multiplies the planes by it. Compiled temporaries are about one int8 tile; the
-  kernel is never materialized in float (nor as a whole in int8). A tile of codes is whole bytes.
-  (Measured on a shared 2-core CPU: slicing a 256-row int4 tile into two 128-row groups made decoding
-  slower than float32, one 128-row group per tile made it faster; one dot over a whole int8 kernel was
-  slower than 256-row tiles, and 512-row tiles were no better. Two tiles under 256 rows per loop step, as separate dots
-  (``lax.scan`` unrolled twice), took 0.65-0.75x the CPU time of one per step for int4 group 128 at
-  2048x5632 and 5632x2048; four per step were slower than two, and two 256-row int8 tiles per step
-  took 1.1x the time of one.)
-* **Scales and zero points on the small output.** A tile's int32 dot (at most ``128 * 127 * 256``,
-  exact in float32) is converted, its zero point subtracted as ``zero * sum(x_plane over the tile)``
-  and multiplied by its scale row; scales and zero points constant along the input (per channel,
-  per tensor) apply once to the final output.
+* **The decode layout** (:class:`DecodeArray`, arranged once by ``jb.quant.decode_layout``, which
+  :func:`jaxopt_big.zoo.generate` calls before its decode loop): the codes of each output are
+  contiguous along the input, ``(tiles, out, tile bytes)``, the order llama.cpp and PyTorch keep. The
+  codes are the dot's LEFT operand (``codes (out, tile) x planes (r, tile)^T``): YNNPACK then reads
+  them as they lie. The bytes are those of the ``QArray`` moved, never unpacked (an int4 byte holds the
+  same two inputs in both layouts), so the leaf is no bigger. A ``QArray`` run directly
+  (:func:`streamed_matmul`) takes the same walk over its own layout (codes ``(tile, out)``, the right
+  operand), which XLA:CPU multiplies slower (see the measurements below).
+* **Tiles in cache.** The input axis is walked in tiles with ``lax.scan``
+  (``jaxopt_big.quant._w8a8.tile_sum``, the walker the W8A8 group dots use too): a tile is one scale
+  group or lies inside one (:data:`TILES` inputs where they fit); a per-channel int8 kernel in the
+  decode layout is one tile (one dot). Each step unpacks one tile to int8 (an int4 byte's low and high
+  nibbles are two int8 lanes, matched with the even and odd inputs: no interleaving) and multiplies the
+  planes by it. Compiled temporaries are about one int8 tile; the kernel is never materialized in float
+  (nor as a whole in int8). A tile of codes is whole bytes.
+* **Scales and zero points on the small output.** A tile's int32 dot (exact; at most ``127**2 * tile``,
+  below ``2**31`` as a tile has at most 2**16 inputs) is converted to float32 (exact up to ``2**24``, else
+  rounded like a float dot's own sum), its zero point subtracted as ``zero * sum(x_plane over the tile)``
+  and multiplied by its scale row; scales and zero points constant along the input (per channel, per
+  tensor) apply once to the final output.
+
+Measured (XLA:CPU, AMD EPYC with avx512_vnni, 2 cores loaded 5-7x over by other jobs, one 2048x5632
+kernel and one input row, fastest of 25 interleaved rounds, three runs): float32 ``x @ w`` 1.8-2.1 ms
+(memory-bound, both cores); int8 per channel in the decode layout 1.2-1.8 ms, in the ``QArray`` layout
+2.2-3.4 ms (the bare int8 dot: 0.8-1.4 ms with the codes on the left, 1.4 ms on the right); int4 group
+128 in either layout 2.3-2.8 ms, no faster than float32. Group scales need one dot per group: a dot over
+128 inputs of all 5632 outputs costs 0.33 ms, a quarter to a third of one over all 2048 inputs, so the
+sixteen group dots cost more than reading float32 weights; int8 codes with group 128 (no unpacking)
+take the same time as int4, so unpacking is not the cost. Tried and slower: group dots batched over
+groups (``dot_general`` with the group as batch dim: 1.3x for int4, 40x for int8), several groups per
+dot with block-diagonal inputs (the compute grows with the groups: 48 rows took 8 ms), int4 lanes
+interleaved back into one dot per group (5x); padding the three planes to four rows changed nothing.
+(Earlier, in the ``QArray`` layout: two tiles under 256 inputs per loop step, as separate dots, took
+0.65-0.75x the CPU time of one per step for int4 group 128; four were slower than two.)
 
 What each backend gets: the same XLA program runs everywhere, but it is built and measured for XLA:CPU
 only. On GPU and TPU XLA has ``int8 x int8 -> int32`` dots too, so it runs and gives the same results;
@@ -184,7 +203,7 @@ def _tile(bits: int, k: int, groups: int) -> int | None:
     """Inputs per tile of the decode layout: a per-channel int8 kernel is one tile, else as :func:`_group_tile`."""
     if bits not in (4, 8) or k % groups:
         return None
-    return k if bits == 8 and groups == 1 else _group_tile(k, k // groups, bits)
+    return k if bits == 8 and groups == 1 and k <= 2 ** 16 else _group_tile(k, k // groups, bits)  # no int32 overflow
 
 
 def _group_tile(k: int, group: int, bits: int) -> int | None:
