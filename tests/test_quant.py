@@ -676,6 +676,15 @@ def test_the_decode_layout_holds_each_outputs_codes_contiguously_in_the_same_byt
         np.testing.assert_allclose(run(jnp.asarray(rows), d), rows @ np.asarray(q.dense()), rtol=1e-5, atol=1e-5)
 
 
+def test_a_long_int8_decode_row_does_not_overflow_its_int32_sums():
+    k = 133_376  # 127 * 127 * k > 2**31: one int32 dot over the whole input would wrap around
+    q = jb.quant.quantize(jnp.ones((k, 2)), QuantSpec(bits=8, granularity=PER_CHANNEL))
+    d = jb.quant.decode_layout(q)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    y = jax.jit(lambda x, d: jb.leaves.contract(d, x, c))(jnp.ones((1, k)), d)
+    np.testing.assert_allclose(y, [[k, k]], rtol=1e-6)
+
+
 def test_what_has_no_decode_layout_stays_as_it_is():
     w = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
     keep = {"odd": jb.quant.quantize(w, QuantSpec(bits=3)), "short": jb.quant.quantize(w[:176], QuantSpec(
