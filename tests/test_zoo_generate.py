@@ -248,4 +248,6 @@ def test_decode_step_kernels_give_the_dense_matmul_without_a_float_copy_of_the_k
             y = np.asarray(run(x))
             np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
         memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
-        assert memory.temp_size_in_bytes < k * n  # a float32 kernel would be 4 * k * n bytes
+        # a float32 kernel would be 4 * k * n bytes; int8/int4 codes are not even copied whole (int3 unpacks
+        # tiles of 256 x n int8, two thirds of its packed bytes)
+        assert memory.temp_size_in_bytes < (kernel.nbytes if spec.bits in (4, 8) else k * n)
