@@ -80,7 +80,9 @@ def generate(model: Llama, params: Any, prompt_ids: Any, *, max_new_tokens: int,
       model: a :class:`~jaxopt_big.zoo.Llama` (unrolled or ``scan_layers``; its weights may be
         abstract, as :func:`jaxopt_big.hf.load_compressed` builds it, when ``params`` are given).
       params: the model's parameters as an ``nnx.State`` (compressed leaves allowed), or None for
-        the model's own.
+        the model's own. Int8/int4 ``QArray`` kernels are re-arranged for the decode loop
+        (:func:`jaxopt_big.quant.decode_layout`) on each call; params arranged beforehand skip that
+        and keep one copy of the weights in memory.
       prompt_ids: ``(batch, length)`` (or ``(length,)``) integer token ids.
       max_new_tokens: tokens to generate per sequence.
       attention_mask: ``prompt_ids``-shaped, 1 for real tokens and 0 for padding, on either side;
