@@ -8,7 +8,8 @@
   prefill), each candidate's fastest round (the machine may be shared: the fastest round is the least
   disturbed one; the medians are kept as ``median_speedup_vs_float32``). Every linear and the LM head are
   quantized; int8 and int4 weights run the integer decode path (``jaxopt_big/quant/_matmul.py``).
-* Memory: the compiled temporaries of one decode step per candidate (``memory_analysis()``): the
+* Memory: the compiled temporaries of one decode step per candidate (``memory_analysis()``), with the
+  kernels in the decode layout that ``generate`` runs (``jb.quant.decode_layout``: the same bytes): the
   packed kernels are unpacked tile by tile, never as a float copy of a layer's weights.
 * Quality, on the small trained decoder of ``benchmarks/train_decoder.py`` (its full run when saved,
   else its ``--quick`` variant, trained on a quarter of the text, which this script trains if missing):
@@ -61,7 +62,7 @@ def candidates(model: jb.zoo.Llama) -> dict[str, tuple[object, CacheFormat]]:
 
 def step_temporaries(model: jb.zoo.Llama, params, fmt: CacheFormat, length: int) -> int:
     """Compiled temporary bytes of one decode step (one token against a cache of ``length`` slots)."""
-    graphdef = nnx.graphdef(model)
+    graphdef, params = nnx.graphdef(model), jb.quant.decode_layout(params)
     dtype = nnx.to_pure_dict(params)["embed_tokens"]["embedding"].dtype
     c = model.config
     cache = jb.zoo.KVCache.empty(layers=c.num_layers, batch=1, kv_heads=c.num_kv_heads, length=length,

@@ -620,28 +620,77 @@ def test_a_decode_step_on_packed_odd_widths_streams_and_equals_the_dense_matmul(
 
 @pytest.mark.parametrize("spec", [QuantSpec(bits=8, granularity=PER_CHANNEL),
                                   QuantSpec(bits=4, granularity=Group(128), symmetric=False),
+                                  QuantSpec(bits=4, granularity=PER_CHANNEL),
                                   QuantSpec(bits=3, granularity=Group(64))], ids=str)
 def test_a_decode_step_multiplies_integer_codes_and_keeps_float32_accuracy(spec):
-    # activations spanning 6 decades (an outlier feature), up to MAX_ROWS rows
+    # activations spanning 6 decades (an outlier feature), up to MAX_ROWS rows; the codes as stored and,
+    # for int8/int4, in the decode layout
     rng = np.random.default_rng(0)
     k, n = 512, 24
     w = (rng.standard_t(3, size=(k, n)) + 0.2).astype(np.float32)
     q = jb.quant.quantize(w, spec)
+    arranged = jb.quant.decode_layout(q)
+    assert isinstance(arranged, jb.quant.DecodeArray) == (spec.bits in (4, 8)) and arranged.nbytes == q.nbytes
     dense = np.asarray(q.dense(), np.float64)
     c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
     from jaxopt_big.quant import _matmul
-    run = jax.jit(lambda x, q: _matmul.streamed_matmul(c, x, q.values, q.stored_bits, q.scale32, q.zero_point))
-    for rows in (1, _matmul.MAX_ROWS):
-        x = (rng.normal(size=(rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, k))).astype(np.float32)
-        y = np.asarray(run(jnp.asarray(x), q))
-        x64 = x.astype(np.float64)
-        # float32 rounding: of each product (a dot's own error) and of each row's largest input (the planes)
-        bound = 1e-6 * (np.abs(x64) @ np.abs(dense)) + 2e-7 * np.abs(x64).max(1, keepdims=True) * np.abs(dense).sum(0)
-        assert np.all(np.abs(y - x64 @ dense) <= bound)
+    stored = jax.jit(lambda x, q: _matmul.streamed_matmul(c, x, q.values, q.stored_bits, q.scale32, q.zero_point))
+    runs = [stored] + ([jax.jit(lambda x, d: _matmul.decode_matmul(c, x, d))] if arranged is not q else [])
+    for run, kernel in zip(runs, [q, arranged]):
+        for rows in (1, _matmul.MAX_ROWS):
+            x = (rng.normal(size=(rows, k)) * 10.0 ** rng.uniform(-3, 3, (rows, k))).astype(np.float32)
+            y = np.asarray(run(jnp.asarray(x), kernel))
+            x64 = x.astype(np.float64)
+            # float32 rounding: of each product (a dot's own error) and of each row's largest input (the planes)
+            bound = (1e-6 * (np.abs(x64) @ np.abs(dense))
+                     + 2e-7 * np.abs(x64).max(1, keepdims=True) * np.abs(dense).sum(0))
+            assert np.all(np.abs(y - x64 @ dense) <= bound)
     # the codes are multiplied as integers (int8 x int8 -> int32), never converted to float
-    hlo = run.lower(jnp.zeros((1, k)), q).as_text()
+    hlo = stored.lower(jnp.zeros((1, k)), q).as_text()
     assert re.search(r"dot_general .*\(tensor<3x\d+xi8>, tensor<\d+x24xi8>\) -> tensor<3x24xi32>", hlo), hlo
     assert not re.search(r"convert .*tensor<\d+x24xi8>\) -> tensor<\d+x24xf32>", hlo)
+    if arranged is not q:  # the decode layout: each output's codes (24 rows) contiguous, the left operand
+        hlo = runs[1].lower(jnp.zeros((1, k)), arranged).as_text()
+        assert re.search(r"dot_general .*\(tensor<24x\d+xi8>, tensor<3x\d+xi8>\) -> tensor<24x3xi32>", hlo), hlo
+        assert not re.search(r"convert .*tensor<24x\d+xi8>\) -> tensor<24x\d+xf32>", hlo)
+
+
+@pytest.mark.parametrize("bits, granularity", [(8, PER_CHANNEL), (4, Group(128)), (8, Group(64))])
+def test_the_decode_layout_holds_each_outputs_codes_contiguously_in_the_same_bytes(bits, granularity):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(512, 6)).astype(np.float32)
+    q = jb.quant.quantize(w, QuantSpec(bits=bits, granularity=granularity, symmetric=bits == 8))
+    d = jb.quant.decode_layout({"a": {"kernel": q}})["a"]["kernel"]
+    codes = np.asarray(q.int_values()).astype(np.int64)                      # (512, 6) signed codes
+    tile = d.tile
+    ref = codes.reshape(512 // tile, tile, 6).transpose(0, 2, 1)               # (tiles, out, tile)
+    if bits == 4:                                                              # even input: low nibble
+        ref = ((ref[..., 0::2] & 15) | ((ref[..., 1::2] & 15) << 4)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(d.codes), ref.astype(d.codes.dtype))
+    assert d.nbytes == q.nbytes and d.shape == (512, 6) and d.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(d.dense()), np.asarray(q.dense()))
+    x = rng.normal(size=(3, 2, 512)).astype(np.float32)                        # a few rows, and many: dense
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((2,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    run = jax.jit(lambda rows, d: jb.leaves.contract(d, rows, c))
+    for rows in (x[:1, :1], x):
+        np.testing.assert_allclose(run(jnp.asarray(rows), d), rows @ np.asarray(q.dense()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_int8_decode_row_does_not_overflow_its_int32_sums():
+    k = 133_376  # 127 * 127 * k > 2**31: one int32 dot over the whole input would wrap around
+    q = jb.quant.quantize(jnp.ones((k, 2)), QuantSpec(bits=8, granularity=PER_CHANNEL))
+    d = jb.quant.decode_layout(q)
+    c = jb.leaves.Contraction(jax.lax.dot_general, ((((1,), (0,)), ((), ())),), {}, conv=False, dtype=jnp.float32)
+    y = jax.jit(lambda x, d: jb.leaves.contract(d, x, c))(jnp.ones((1, k)), d)
+    np.testing.assert_allclose(y, [[k, k]], rtol=1e-6)
+
+
+def test_what_has_no_decode_layout_stays_as_it_is():
+    w = np.random.default_rng(0).normal(size=(256, 4)).astype(np.float32)
+    keep = {"odd": jb.quant.quantize(w, QuantSpec(bits=3)), "short": jb.quant.quantize(w[:176], QuantSpec(
+        bits=4, granularity=Group(128))), "w8a8": jb.quant.quantize(w, QuantSpec(
+        bits=8, granularity=PER_CHANNEL, activations=QuantSpec(bits=8, granularity=PER_TOKEN))), "float": w}
+    assert all(v is keep[k] for k, v in jb.quant.decode_layout(keep).items())
 
 
 def test_activation_planes_rebuild_the_rows_to_float32_rounding():

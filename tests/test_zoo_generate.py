@@ -42,12 +42,20 @@ def weights(model, kind):
     return jb.sparsity.pack_params(jb.sparsity.apply_masks(state, masks), masks)
 
 
-def full_logits(model, params, ids):
-    """The model's forward over ``ids`` (1, n) without a cache, compressed kernels run by their hooks."""
-    clone = nnx.clone(model)
-    nnx.update(clone, params)
-    run = jb.intercept.run_compressed(clone) if jb.leaves.has_compressed(params) else clone
-    return np.asarray(run(jnp.asarray(ids)[None]).astype(jnp.float32))[0]
+def full_logits(model, params, rows):
+    """The model's forward over each row of ``rows`` without a cache, compressed kernels run by their hooks;
+    one jitted batch: the rows padded at the end (a causal model's logits before the padding do not change)."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+
+    @jax.jit
+    def forward(params, ids):
+        m = nnx.merge(graphdef, params, rest)
+        return (jb.intercept.run_compressed(m) if jb.leaves.has_compressed(params) else m)(ids)
+    logits = np.asarray(forward(params, jnp.asarray(ids)).astype(jnp.float32))
+    return [y[:len(r)] for y, r in zip(logits, rows)]
 
 
 PROMPTS = [np.array([3, 9, 27, 17]), np.array([5, 11, 2, 40, 33, 8, 1])]
@@ -69,8 +77,8 @@ def test_greedy_tokens_are_the_argmax_of_the_full_forward_at_every_step(model, k
     ids, mask = padded(side)
     out = jb.zoo.generate(model, params, ids, attention_mask=mask, max_new_tokens=NEW, bucket=BUCKET)
     assert out.tokens.shape == (len(PROMPTS), NEW) and out.prompt_length == BUCKET
-    for prompt, tokens in zip(PROMPTS, out.tokens):
-        logits = full_logits(model, params, np.concatenate([prompt, tokens[:-1]]))
+    rows = [np.concatenate([prompt, tokens[:-1]]) for prompt, tokens in zip(PROMPTS, out.tokens)]
+    for prompt, tokens, logits in zip(PROMPTS, out.tokens, full_logits(model, params, rows)):
         np.testing.assert_array_equal(logits[len(prompt) - 1:].argmax(-1), tokens)
 
 
@@ -230,11 +238,16 @@ def test_decode_step_kernels_give_the_dense_matmul_without_a_float_copy_of_the_k
     q = jb.quant.quantize(w, spec)
     dense = np.asarray(q.dense(), np.float64)
     layer = nnx.Linear(k, n, use_bias=False, rngs=nnx.Rngs(0))
-    layer.kernel.set_value(q)
-    run = jax.jit(lambda x: jb.intercept.run_compressed(layer)(x))
-    for shape in [(1, k), (2, 3, k)]:  # one decode row; a batch of a few
-        x = jax.random.normal(jax.random.key(1), shape)
-        y = np.asarray(run(x))
-        np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
-    memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
-    assert memory.temp_size_in_bytes < k * n  # a float32 kernel would be 4 * k * n bytes
+    arranged = jb.quant.decode_layout(q)  # what generate runs: int8/int4 in the decode layout, same bytes
+    assert isinstance(arranged, jb.quant.DecodeArray) == (spec.bits != 3) and arranged.nbytes == q.nbytes
+    for kernel in {id(q): q, id(arranged): arranged}.values():
+        layer.kernel.set_value(kernel)
+        run = jax.jit(lambda x: jb.intercept.run_compressed(layer)(x))
+        for shape in [(1, k), (2, 3, k)]:  # one decode row; a batch of a few
+            x = jax.random.normal(jax.random.key(1), shape)
+            y = np.asarray(run(x))
+            np.testing.assert_allclose(y, np.asarray(x, np.float64) @ dense, rtol=1e-4, atol=1e-4)
+        memory = run.lower(jnp.zeros((1, k))).compile().memory_analysis()
+        # a float32 kernel would be 4 * k * n bytes; int8/int4 codes are not even copied whole (int3 unpacks
+        # tiles of 256 x n int8, two thirds of its packed bytes)
+        assert memory.temp_size_in_bytes < (kernel.nbytes if spec.bits in (4, 8) else k * n)

@@ -18,7 +18,8 @@ from jaxopt_big.quant._hadamard import hadamard, hadamard_supported, hadamard_tr
 from jaxopt_big.quant._lsq import LSQ, Learned, lsq, lsq_export
 from jaxopt_big.quant._mixed import allocate_bits, allocation_rules, layer_bytes, sensitivity
 from jaxopt_big.quant._ptq import Scale, calibrate_activations, dequantize_params, fake_quant_params, quantize_params
-from jaxopt_big.quant._qarray import QArray, container_bits, dequantize, quantize
+from jaxopt_big.quant._matmul import DecodeArray
+from jaxopt_big.quant._qarray import QArray, container_bits, decode_layout, dequantize, quantize
 from jaxopt_big.quant._qat import Gradient, qat
 from jaxopt_big.quant._smoothquant import scale_input_channels, smoothquant_scales, unscale_output_channels
 from jaxopt_big.quant._spec import (MSE, PER_CHANNEL, PER_TENSOR, PER_TOKEN, AbsMax, Calibration, Format, Granularity,
@@ -32,4 +33,5 @@ __all__ = ["QuantSpec", "Format", "PerTensor", "PerChannel", "Group", "PER_TENSO
            "pack_bits", "unpack_bits", "Clustered", "KMeans", "cluster", "kmeans", "codebooks", "with_codebooks",
            "sensitivity", "layer_bytes", "allocate_bits", "allocation_rules", "gptq_params", "gptq_kernel", "gptq",
            "awq_scales", "AWQScales", "awq_clip", "AWQClip", "smoothquant_scales", "scale_input_channels",
-           "unscale_output_channels", "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard"]
+           "unscale_output_channels", "hadamard", "hadamard_supported", "hadamard_transform", "random_hadamard",
+           "DecodeArray", "decode_layout"]

@@ -18,6 +18,7 @@ sequence), so a single row is padded to two.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ from jaxopt_big import leaves as _leaves
 from jaxopt_big.quant import _options
 from jaxopt_big.quant._calibrate import calibrate_checked, from_int, to_int
 
-__all__ = ["integer_contract", "quantize_tokens", "contract"]
+__all__ = ["integer_contract", "quantize_tokens", "contract", "int_dot", "tile_sum"]
 
 
 def integer_contract(c: _leaves.Contraction, x: jax.Array, ints: jax.Array, scale: jax.Array) -> jax.Array | None:
@@ -65,26 +66,46 @@ def quantize_tokens(x: jax.Array, spec: _options.IntegerGrid) -> tuple[jax.Array
     return to_int(xf, spec, scale, None).astype(jnp.int8), scale
 
 
-def int_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` of 2-d int8 operands, accumulated exactly in int32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+def int_dot(a: jax.Array, b: jax.Array, axis: int = 0) -> jax.Array:
+    """``a @ b`` (``axis`` 0) or ``a @ b.T`` (``axis`` 1) of 2-d int8 operands, accumulated exactly in int32."""
+    return lax.dot_general(a, b, (((1,), (axis,)), ((), ())), preferred_element_type=jnp.int32)
+
+
+def tile_sum(xs: jax.Array, ws: jax.Array, lanes: Callable[[jax.Array], list[jax.Array]], *,
+             dot: Callable[[jax.Array, jax.Array], jax.Array] = int_dot, scales: jax.Array | None = None,
+             zeros: jax.Array | None = None, sums: jax.Array | None = None, unroll: int = 1) -> jax.Array:
+    """``sum_t (sum_l dot(xs[t, l], lanes(ws[t])[l]) - sums[t] * zeros[t]) * scales[t]`` in float32, one tile per
+    step of a ``lax.scan`` (so nothing ``tiles x rows x out`` is built, and a tile's unpacked codes stay in cache).
+
+    ``xs``: int8 input rows per tile and lane, ``(tiles, lanes, r, k_lane)``; ``ws``: the codes of each tile;
+    ``lanes`` unpacks one tile to the int8 operands matched with ``xs[t]``'s lanes; ``dot`` is their exact int32
+    product (:func:`int_dot`: ``(r, n)`` from codes ``(k_lane, n)``). ``scales``, ``zeros`` and ``sums`` (each row's
+    input sum over the tile, which a zero point multiplies) are optional, one entry per tile, each broadcasting
+    against ``dot``'s output.
+    """
+    def step(x, w, s, z, x_sum):
+        y = sum(dot(a, b) for a, b in zip(x, lanes(w))).astype(jnp.float32)
+        y = y if z is None else y - x_sum * z
+        return y if s is None else y * s
+
+    inputs = (xs, ws, scales, zeros, sums)
+
+    def at(t: jax.Array | int) -> jax.Array:  # tile t, read in place (slicing off the first tile copies the rest)
+        return step(*jax.tree.map(lambda a: a[t], inputs))
+
+    # the first tile starts the sum: the carry then has the operands' sharding
+    acc, _ = lax.scan(lambda acc, t: (acc + at(t), None), at(0), jnp.arange(1, xs.shape[0]), unroll=unroll)
+    return acc
 
 
 def _grouped(rows: jax.Array, w: jax.Array, w_scale: jax.Array, size: int) -> jax.Array:
     """``sum_g (rows_g @ w_g) * w_scale_g`` over groups of ``size`` inputs (the last may be shorter, padded
-    with zeros): one exact int32 dot per group, in a scan, so nothing ``groups x rows x out`` is built."""
+    with zeros): one exact int32 dot per group (:func:`tile_sum`)."""
     groups, n = w_scale.shape
     pad = groups * size - w.shape[0]
-    xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, size).transpose(1, 0, 2)
+    xs = jnp.pad(rows, ((0, 0), (0, pad))).reshape(rows.shape[0], groups, 1, size).transpose(1, 2, 0, 3)
     ws = jnp.pad(w, ((0, pad), (0, 0))).reshape(groups, size, n)
-    scales = w_scale[:, None, :]
-
-    def body(acc, group):
-        a, b, s = group
-        return acc + int_dot(a, b).astype(jnp.float32) * s, None
-    # the first group starts the sum: the carry then has the operands' sharding
-    acc, _ = lax.scan(body, int_dot(xs[0], ws[0]).astype(jnp.float32) * scales[0], (xs[1:], ws[1:], scales[1:]))
-    return acc
+    return tile_sum(xs, ws, lambda tile: [tile], scales=w_scale[:, None])
 
 
 def _dense_rows(c: _leaves.Contraction, q: jax.Array, s: jax.Array, w: jax.Array, w_scale: jax.Array,

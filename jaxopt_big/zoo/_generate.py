@@ -5,7 +5,8 @@ compiled program), reads them once into a preallocated :class:`~jaxopt_big.zoo.K
 ``bucket + max_new_tokens`` slots, and generates inside one ``lax.while_loop``: each step runs the
 model on one token per sequence against the cache. Compressed kernels (``QArray`` int8/int4,
 ``PackedSparse``, ``LowRank``...) run through :func:`jaxopt_big.intercept.run_compressed`, so a
-quantized model generates from its packed weights.
+quantized model generates from its packed weights; int8 and int4 kernels are first re-arranged into
+the decode layout (:func:`jaxopt_big.quant.decode_layout`: the same bytes, each output's codes contiguous).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import nnx
 from jaxopt_big import _checks
 from jaxopt_big import intercept as _intercept
 from jaxopt_big import leaves as _leaves
+from jaxopt_big import quant as _quant
 from jaxopt_big.zoo._kvcache import CacheFormat, KVCache
 from jaxopt_big.zoo._llama import Llama
 
@@ -78,7 +80,9 @@ def generate(model: Llama, params: Any, prompt_ids: Any, *, max_new_tokens: int,
       model: a :class:`~jaxopt_big.zoo.Llama` (unrolled or ``scan_layers``; its weights may be
         abstract, as :func:`jaxopt_big.hf.load_compressed` builds it, when ``params`` are given).
       params: the model's parameters as an ``nnx.State`` (compressed leaves allowed), or None for
-        the model's own.
+        the model's own. Int8/int4 ``QArray`` kernels are re-arranged for the decode loop
+        (:func:`jaxopt_big.quant.decode_layout`) on each call; params arranged beforehand skip that
+        and keep one copy of the weights in memory.
       prompt_ids: ``(batch, length)`` (or ``(length,)``) integer token ids.
       max_new_tokens: tokens to generate per sequence.
       attention_mask: ``prompt_ids``-shaped, 1 for real tokens and 0 for padding, on either side;
@@ -174,7 +178,8 @@ def _split(model: Llama, params: Any) -> tuple[Any, Any]:
     if params is not None and not isinstance(params, nnx.State):
         raise TypeError(f"params must be an nnx.State (e.g. nnx.state(model, nnx.Param)) or None, "
                         f"got {type(params).__name__}")
-    return graphdef, nnx.merge_state(own if params is None else params, rest)
+    # int8/int4 kernels re-arranged once for the decode steps (same bytes), not in every step
+    return graphdef, nnx.merge_state(_quant.decode_layout(own if params is None else params), rest)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "fmt", "total"))
