@@ -155,7 +155,8 @@ def test_awq_in_the_engine_scales_then_clips_all_but_q_and_k_as_numpy_does():
     params["norm"]["scale"] = params["norm"]["scale"].at[jnp.array([3, 17])].set(20.0)   # outlier channels
     params["v_proj"]["kernel"] = params["v_proj"]["kernel"].at[5, :4].mul(6.0)          # outlier weights
     spec = QuantSpec(bits=4, granularity=PER_CHANNEL)
-    out, report = jb.oneshot.compress(_QV(), params, [x], jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec)))]),
+    awq = jb.AWQ(spec, score=jb.recipe.AWQScore.LAYER)   # the numpy search below scores each layer's own output
+    out, report = jb.oneshot.compress(_QV(), params, [x], jb.Recipe([jb.Rule(".*", jb.Plan(quant=awq))]),
                                       progress=False)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     xs = np.asarray(x, np.float64)
@@ -181,3 +182,117 @@ def test_awq_clips_before_round_to_nearest_not_before_gptq_unless_asked():
         jb.AWQ(int4, max_shrink=0.0)
     with pytest.raises(ValueError, match=r"AWQ.no_clip is not a valid regex: '\(q_proj'"):
         jb.AWQ(int4, no_clip="(q_proj")
+
+
+# --- the reference's module-output search, in a tiny pre-norm attention + MLP block ---
+
+D, HEADS = 16, 2
+
+
+class _Attention(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        q, k, v = (nn.Dense(D, use_bias=False, name=n)(h).reshape(*h.shape[:-1], HEADS, D // HEADS)
+                   for n in ("q_proj", "k_proj", "v_proj"))
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // HEADS), axis=-1)
+        return nn.Dense(D, use_bias=False, name="o_proj")(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(h.shape))
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        gate, up = (nn.Dense(32, use_bias=False, name=n)(h) for n in ("gate_proj", "up_proj"))
+        return nn.Dense(D, use_bias=False, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class _Block(nn.Module):  # one Llama layer (multi-head: v_proj produces o_proj's input alone)
+    @nn.compact
+    def __call__(self, x):
+        x = x + _Attention(name="self_attn")(nn.RMSNorm(name="input_layernorm")(x))
+        return x + _MLP(name="mlp")(nn.RMSNorm(name="post_attention_layernorm")(x))
+
+
+def _np_rms(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def _np_attention(h, p):
+    """Attention output and the context o_proj reads."""
+    q, k, v = (np.einsum("btd,de->bte", h, p[n]["kernel"]).reshape(*h.shape[:-1], HEADS, D // HEADS)
+               for n in ("q_proj", "k_proj", "v_proj"))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // HEADS)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    ctx = np.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdims=True), v).reshape(h.shape)
+    return ctx @ p["o_proj"]["kernel"], ctx
+
+
+def _np_mlp(h, p):
+    """MLP output and the input down_proj reads."""
+    g, u = h @ p["gate_proj"]["kernel"], h @ p["up_proj"]["kernel"]
+    inner = g / (1 + np.exp(-g)) * u
+    return inner @ p["down_proj"]["kernel"], inner
+
+
+def _np_module_search(x, p, names, module, bits, duo=False):
+    """AutoAWQ's _search_best_scale on ``module(x, params)``: ``names``' kernels Q(W s) / s, the rest float."""
+    a = np.abs(x).reshape(-1, x.shape[-1]).mean(0)
+    want = module(x, p)
+    w = None
+    if duo:   # per-channel RTN: each output channel's whole input column is one group
+        w = np.concatenate([np.abs(p[n]["kernel"]) / (np.abs(p[n]["kernel"]).max(0) + 1e-6) for n in names], 1).mean(1)
+    errors, cands = [], []
+    for i in range(20):
+        s = a ** (i / 20) if w is None else a ** (i / 20) / (w ** (1 - i / 20) + 1e-4)
+        s = np.maximum(s, 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        q = {**p, **{n: {"kernel": _np_rtn(p[n]["kernel"] * s[:, None], bits, None) / s[:, None]} for n in names}}
+        errors.append(np.sum((module(x, q) - want) ** 2))
+        cands.append(s)
+    return cands[int(np.argmin(errors))], np.array(errors)
+
+
+def _np_awq_block(params, x, bits, layer_score=False):
+    """Every group's scales from the float block (attention output for q/k/v, MLP output for gate/up, own
+    output for o and down; or each layer's own output), folded, then round to nearest."""
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+    attn, mlp = p["self_attn"], p["mlp"]
+    x = np.asarray(x, np.float64)
+    h1 = _np_rms(x, p["input_layernorm"]["scale"])
+    _, ctx = _np_attention(h1, attn)
+    h2 = _np_rms(x + _np_attention(h1, attn)[0], p["post_attention_layernorm"]["scale"])
+    _, inner = _np_mlp(h2, mlp)
+
+    def own(names):   # the layers' own outputs, summed
+        return lambda x, q: np.concatenate([x @ q[n]["kernel"] for n in names], -1)
+    search = {"qkv": (h1, attn, ("q_proj", "k_proj", "v_proj"), lambda x, q: _np_attention(x, q)[0]),
+              "o": (ctx, attn, ("o_proj",), own(("o_proj",))),
+              "gu": (h2, mlp, ("gate_proj", "up_proj"), lambda x, q: _np_mlp(x, q)[0]),
+              "down": (inner, mlp, ("down_proj",), own(("down_proj",)))}
+    found = {k: _np_module_search(x, q, names, own(names) if layer_score else module, bits)
+             for k, (x, q, names, module) in search.items()}
+    s = {k: v[0] for k, v in found.items()}
+    kernels = {"q_proj": s["qkv"], "k_proj": s["qkv"], "v_proj": s["qkv"], "o_proj": s["o"],
+               "gate_proj": s["gu"], "up_proj": s["gu"], "down_proj": s["down"]}
+    outputs = {"v_proj": s["o"], "up_proj": s["down"]}
+    out = {"input_layernorm": {"scale": p["input_layernorm"]["scale"] / s["qkv"]},
+           "post_attention_layernorm": {"scale": p["post_attention_layernorm"]["scale"] / s["gu"]}}
+    for module in ("self_attn", "mlp"):
+        out[module] = {n: {"kernel": _np_rtn(w["kernel"] * kernels[n][:, None] / outputs.get(n, 1.0), bits, None)}
+                       for n, w in p[module].items()}
+    return out, {k: v[1] for k, v in found.items()}
+
+
+def test_awq_scores_scales_on_the_module_output_as_the_reference():
+    x = jax.random.normal(jax.random.key(2), (4, 8, D))
+    params = _Block().init(jax.random.key(3), x)["params"]
+    for norm in ("input_layernorm", "post_attention_layernorm"):  # outlier channels, as in LLMs
+        params[norm]["scale"] = params[norm]["scale"].at[jnp.array([2, 11])].set(20.0)
+    spec = QuantSpec(bits=3, granularity=PER_CHANNEL)
+    out, _ = jb.oneshot.compress(_Block(), params, [x[:2], x[2:]],
+                                 jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec, clip=False)))]), progress=False)
+    want, errors = _np_awq_block(params, x, 3)
+    layer = _np_awq_block(params, x, 3, layer_score=True)[1]
+    # the layer-output score chooses otherwise for q/k/v and gate/up: this checks the module-output search
+    assert [k for k in errors if np.argmin(errors[k]) != np.argmin(layer[k])] == ["qkv", "gu"]
+    got = jax.tree.map(lambda a: np.asarray(jb.leaves.densify(a), np.float64), out, is_leaf=jb.leaves.is_compressed)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
