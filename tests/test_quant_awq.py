@@ -20,14 +20,26 @@ def _np_rtn(w: np.ndarray, bits: int, group: int | None) -> np.ndarray:
     return (np.clip(np.round(blocks / scale), -qmax, qmax) * scale).reshape(d_in, d_out)
 
 
-def _np_awq(kernels, x, bits, group, grid=20):
-    """The reference's loop: a = mean|x|, s = a^r clamped, s / sqrt(max s * min s), least output error."""
+def _np_weight_mean(kernels, group):
+    """AutoAWQ's w_mean: |w| over its quantization group's max |w| (+1e-6), averaged over all output channels."""
+    def normed(w):
+        g = group or w.shape[0]
+        blocks = np.abs(w).reshape(w.shape[0] // g, g, w.shape[1])
+        return (blocks / (blocks.max(axis=1, keepdims=True) + 1e-6)).reshape(w.shape)
+    return np.concatenate([normed(w) for w in kernels], axis=1).mean(axis=1)
+
+
+def _np_awq(kernels, x, bits, group, grid=20, duo=False, joint=False):
+    """The reference's loop: a = mean|x|, s = a^r clamped (duo: a^r / (w_mean^(1-r) + 1e-4)), s / sqrt(max s *
+    min s), least output error: of each kernel's output summed, or (joint) of the sum of their outputs."""
     a = np.abs(x).mean(axis=0)
+    w_mean = _np_weight_mean(kernels, group)
     best, best_s, errors = np.inf, None, []
     for i in range(grid):
-        s = np.maximum(a ** (i / grid), 1e-4)
+        s = np.maximum(a ** (i / grid) / (w_mean ** (1 - i / grid) + 1e-4) if duo else a ** (i / grid), 1e-4)
         s = s / np.sqrt(s.max() * s.min())
-        err = sum(np.sum((x @ (_np_rtn(w * s[:, None], bits, group) / s[:, None]) - x @ w) ** 2) for w in kernels)
+        d = [x @ (_np_rtn(w * s[:, None], bits, group) / s[:, None]) - x @ w for w in kernels]
+        err = np.sum(sum(d) ** 2) if joint else sum(np.sum(e ** 2) for e in d)
         errors.append(err)
         if err < best:
             best, best_s = err, s
@@ -42,15 +54,15 @@ def _layer(seed, d_in=32, outliers=(3, 17), factor=50.0, rows=256):
     return x, w
 
 
-@pytest.mark.parametrize("bits,group", [(4, 8), (3, None)])
-def test_awq_equals_numpy_reference(bits, group):
+@pytest.mark.parametrize("bits,group,duo", [(4, 8, False), (3, None, False), (4, 8, True)])
+def test_awq_equals_numpy_reference(bits, group, duo):
     x, w = _layer(0)
     w2 = np.random.default_rng(1).normal(size=(32, 5))
     spec = QuantSpec(bits=bits, granularity=Group(group) if group else PER_CHANNEL)
     found = jb.quant.awq_scales([jnp.asarray(w, jnp.float32), jnp.asarray(w2, jnp.float32)],
                                 jnp.asarray(x.T @ x, jnp.float32), spec,
-                                act_scale=jnp.asarray(np.abs(x).mean(0), jnp.float32))
-    want_s, want_errors = _np_awq([w, w2], x, bits, group)
+                                act_scale=jnp.asarray(np.abs(x).mean(0), jnp.float32), duo=duo)
+    want_s, want_errors = _np_awq([w, w2], x, bits, group, duo=duo)
     np.testing.assert_allclose(found.errors, want_errors, rtol=2e-3)
     np.testing.assert_allclose(found.scales, want_s, rtol=1e-4)
     assert float(found.alpha) == pytest.approx(np.argmin(want_errors) / 20)
@@ -150,18 +162,21 @@ class _QV(nn.Module):  # a norm, then q and v projections reading it (one group:
 
 
 def test_awq_in_the_engine_scales_then_clips_all_but_q_and_k_as_numpy_does():
-    x = jax.random.normal(jax.random.key(0), (64, 32))
-    params = _QV().init(jax.random.key(1), x)["params"]
+    x = jax.random.normal(jax.random.key(7), (64, 32))
+    params = _QV().init(jax.random.key(8), x)["params"]
     params["norm"]["scale"] = params["norm"]["scale"].at[jnp.array([3, 17])].set(20.0)   # outlier channels
     params["v_proj"]["kernel"] = params["v_proj"]["kernel"].at[5, :4].mul(6.0)          # outlier weights
     spec = QuantSpec(bits=4, granularity=PER_CHANNEL)
-    awq = jb.AWQ(spec, score=jb.recipe.AWQScore.LAYER)   # the numpy search below scores each layer's own output
-    out, report = jb.oneshot.compress(_QV(), params, [x], jb.Recipe([jb.Rule(".*", jb.Plan(quant=awq))]),
+    out, report = jb.oneshot.compress(_QV(), params, [x], jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec)))]),
                                       progress=False)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     xs = np.asarray(x, np.float64)
     h = xs / np.sqrt(np.mean(xs * xs, -1, keepdims=True) + 1e-6) * p["norm"]["scale"]
-    s, _ = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None)
+    # q and v feed no module but the block itself, whose output is their sum: the error of that sum, which
+    # chooses another alpha than the layers' own errors do
+    s, errors = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None, joint=True)
+    layer = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None)[1]
+    assert np.argmin(errors) != np.argmin(layer)
     v_clipped, ratios = _np_clip(p["v_proj"]["kernel"] * s[:, None], h / s, lambda v: _np_rtn(v, 4, None), 32)
     got = jax.tree.map(lambda a: np.asarray(jb.leaves.densify(a), np.float64), out, is_leaf=jb.leaves.is_compressed)
     np.testing.assert_allclose(got["norm"]["scale"], p["norm"]["scale"] / s, rtol=1e-4)
@@ -182,6 +197,12 @@ def test_awq_clips_before_round_to_nearest_not_before_gptq_unless_asked():
         jb.AWQ(int4, max_shrink=0.0)
     with pytest.raises(ValueError, match=r"AWQ.no_clip is not a valid regex: '\(q_proj'"):
         jb.AWQ(int4, no_clip="(q_proj")
+    assert jb.AWQ(int4, score="layer").score is jb.recipe.AWQScore.LAYER            # as a recipe file spells it
+    assert jb.AWQ(int4).for_layer("mlp/up_proj").score is jb.recipe.AWQScore.MODULE  # the reference's default
+    with pytest.raises(ValueError, match="AWQ.score must be one of module, block, layer, got 'output'"):
+        jb.AWQ(int4, score="output")
+    with pytest.raises(TypeError, match="AWQ.duo must be a bool, got 1"):
+        jb.AWQ(int4, duo=1)
 
 
 # --- the reference's module-output search, in a tiny pre-norm attention + MLP block ---
@@ -233,17 +254,13 @@ def _np_mlp(h, p):
     return inner @ p["down_proj"]["kernel"], inner
 
 
-def _np_module_search(x, p, names, module, bits, duo=False):
+def _np_module_search(x, p, names, module, bits):
     """AutoAWQ's _search_best_scale on ``module(x, params)``: ``names``' kernels Q(W s) / s, the rest float."""
     a = np.abs(x).reshape(-1, x.shape[-1]).mean(0)
     want = module(x, p)
-    w = None
-    if duo:   # per-channel RTN: each output channel's whole input column is one group
-        w = np.concatenate([np.abs(p[n]["kernel"]) / (np.abs(p[n]["kernel"]).max(0) + 1e-6) for n in names], 1).mean(1)
     errors, cands = [], []
     for i in range(20):
-        s = a ** (i / 20) if w is None else a ** (i / 20) / (w ** (1 - i / 20) + 1e-4)
-        s = np.maximum(s, 1e-4)
+        s = np.maximum(a ** (i / 20), 1e-4)
         s = s / np.sqrt(s.max() * s.min())
         q = {**p, **{n: {"kernel": _np_rtn(p[n]["kernel"] * s[:, None], bits, None) / s[:, None]} for n in names}}
         errors.append(np.sum((module(x, q) - want) ** 2))
@@ -288,8 +305,11 @@ def test_awq_scores_scales_on_the_module_output_as_the_reference():
     for norm in ("input_layernorm", "post_attention_layernorm"):  # outlier channels, as in LLMs
         params[norm]["scale"] = params[norm]["scale"].at[jnp.array([2, 11])].set(20.0)
     spec = QuantSpec(bits=3, granularity=PER_CHANNEL)
-    out, _ = jb.oneshot.compress(_Block(), params, [x[:2], x[2:]],
-                                 jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec, clip=False)))]), progress=False)
+    out, report = jb.oneshot.compress(_Block(), params, [x[:2], x[2:]],
+                                      jb.Recipe([jb.Rule(".*", jb.Plan(quant=jb.AWQ(spec, clip=False)))]),
+                                      progress=False)
+    # statistics once (the whole model feeds no next block), then per group the float block and 20 candidates
+    assert report.block_passes == 1 + 4 * (1 + 20)
     want, errors = _np_awq_block(params, x, 3)
     layer = _np_awq_block(params, x, 3, layer_score=True)[1]
     # the layer-output score chooses otherwise for q/k/v and gate/up: this checks the module-output search

@@ -80,7 +80,8 @@ class Report:
         on the layer's calibration inputs (as they were when it was compressed).
       blocks: number of blocks.
       block_passes: block runs over the whole calibration set, per block (2 by default: statistics,
-        then outputs); the embeddings run once more, up to the first block only.
+        then outputs; AWQ's scale search adds one per candidate and one of the float block, per group
+        it scores on a module's output); the embeddings run once more, up to the first block only.
       seconds: wall time.
       phases: seconds per step of the pipeline (``capture``, ``calibrate``, ``solve``, ``propagate``,
         ``assemble``; ``load`` where block parameters are read when their block is reached), each
@@ -621,7 +622,8 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
         first = list(migrations) if sequential else planned
         hessians, stats = _calibrate(step, first, base, data, extra=tuple(migrations))
         runs += 1
-        new, scales, notes = _migrate(model, step, base, data, migrations, stats, plans)
+        new, scales, notes, searched = _migrate(model, step, base, data, migrations, stats, plans)
+        runs += searched
         for rel, value in new.items():
             if step.block.param(rel) not in plans:  # a planned kernel's solved layer holds its folded value
                 folded.setdefault(step.block.param(rel), {})[step.block.index] = value
@@ -681,11 +683,13 @@ def _migrations(step: _Step, planned: list[int], plans: dict[str, _recipe.Plan])
 @_timed("solve")
 def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migrations: dict[int, _recipe.Method],
              stats: dict[int, _recipe.InputStats], plans: dict[str, _recipe.Plan]
-             ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str]]:
+             ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str], int]:
     """Every migrating group's scales from the float block's kernels and statistics, then all of them
-    folded: ``(folded leaves by path inside the block, scales by group, report notes by group)``. A group
-    whose input no module of the block produces alone is not migrated: it is noted ``(no fold)``."""
+    folded: ``(folded leaves by path inside the block, scales by group, report notes by group, block runs
+    of the scales' searches)``. A group whose input no module of the block produces alone is not
+    migrated: it is noted ``(no fold)``."""
     _find_producers(step, base, data, list(migrations))
+    passes = [0]  # block runs of InputStats.output_error, each candidate counted as one
     scales: dict[int, jax.Array] = {}
     notes: dict[int, str] = {}
     for g, method in migrations.items():
@@ -696,23 +700,25 @@ def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migration
         planned = tuple((rel, view) for rel, view in zip(group.paths, group.views)
                         if step.block.param(f"{rel}/kernel") in plans)
         kernels = tuple(view.matrix(model.kernel(base, _model.Block(""), rel)) for rel, view in planned)
-        s = method.input_scales(kernels, stats[g]._replace(output_error=_output_error(step, base, data, g, planned)))
+        s = method.input_scales(kernels, stats[g]._replace(output_error=_output_error(step, base, data, g, planned,
+                                                                                       passes)))
         if s is not None:
             scales[g] = jnp.asarray(s, jnp.float32)
     params, new = base, dict[str, jax.Array]()
     for g, s in scales.items():
         fold = _fold(params, step.producers[g], step.groups[g], s)  # type: ignore[arg-type]  # has a producer
         params, new = _with(params, fold), {**new, **fold}
-    return new, scales, notes
+    return new, scales, notes, passes[0]
 
 
-def _output_error(step: _Step, params: Any, data: _Data, g: int, planned: tuple[tuple[str, _linear.View], ...]
-                  ) -> Callable[..., jax.Array]:
+def _output_error(step: _Step, params: Any, data: _Data, g: int, planned: tuple[tuple[str, _linear.View], ...],
+                  passes: list[int]) -> Callable[..., jax.Array]:
     """:attr:`InputStats.output_error` of group ``g``: candidate scales ``(n, d_in)`` and a weight format
     -> ``(n,)`` squared errors, summed over the calibration rows (the row mask weighs them), of the
     output at :func:`_measure_point` (the block's output with ``block``), the ``planned`` kernels
     being ``diag(1/s) Q(diag(s) W)`` and every other leaf the float ``params``. The block runs once per
-    chunk of candidates (:func:`_grid_chunk`) per batch, vmapped over the chunk."""
+    chunk of candidates (:func:`_grid_chunk`) per batch, vmapped over the chunk; ``passes[0]`` counts the
+    block runs (the float one, then one per candidate)."""
     def measure(candidates: jax.Array, spec: Any, *, block: bool = False) -> jax.Array:
         point = None if block else _measure_point(step, g)
         chunk = _grid_chunk(step, data.inputs[0], planned, candidates.shape[0])
@@ -721,6 +727,7 @@ def _output_error(step: _Step, params: Any, data: _Data, g: int, planned: tuple[
             want = _point_output(step.runner, data.static, point, params, step.rest, arrays)
             total = total + _scale_errors(step.runner, data.static, point, spec, planned, chunk, params, step.rest,
                                           arrays, mask, want, candidates)
+        passes[0] += 1 + candidates.shape[0]
         return total
     return measure
 

@@ -160,7 +160,11 @@ def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], h
     if hessian is not None and jnp.shape(hessian) != (d_in, d_in):
         raise ValueError(f"{path}: hessian has shape {jnp.shape(hessian)}, expected {(d_in, d_in)}")
     hessian = None if hessian is None else jnp.asarray(hessian, jnp.float32)
-    act = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0)) if act_scale is None else jnp.asarray(act_scale)
+    if act_scale is None:
+        assert hessian is not None  # checked above
+        act = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
+    else:
+        act = jnp.asarray(act_scale)
     if act.shape != (d_in,):
         raise ValueError(f"{path}: act_scale has shape {act.shape}, expected {(d_in,)}")
     grid = _checks.integer(f"{path}: AWQ grid", grid, low=1)
