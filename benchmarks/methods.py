@@ -17,7 +17,12 @@ W4A8 is int4 per-output-channel weights with int8 per-token activations (W4A4: i
 W8A8 int8 per channel with int8 per token. AWQ rows scale input channels, then clip each
 quantization group's range (all linears but q/k, as the reference), before round to nearest
 (``AWQ int4 g128``), or scale only before GPTQ (``AWQ+GPTQ``, AWQ's default there); the
-``scales only`` and ``clipped`` rows show each choice's other side. SmoothQuant (α 0.5) migrates
+``scales only`` and ``clipped`` rows show each choice's other side. AWQ chooses its scales on the
+output of the module each group feeds, with AutoAWQ's duo scaling (its defaults); the ``layer
+score``, ``block score`` and ``no duo`` rows show the other choices. The decoder rows also give the
+validation perplexity and, for the int4 g128 rows, the per-window NLL difference to RTN int4 g128
+with its standard error, on both splits (defaults are chosen on validation or by the reference,
+never on test). SmoothQuant (α 0.5) migrates
 activation range into the W8A8 weights. Both fold their scales into the op producing the layer's
 input where the block has one (Llama: the norms, up_proj before down_proj, v_proj before o_proj
 under MHA; MiniLM: the attention output LayerNorm before the intermediate dense only).
@@ -73,7 +78,7 @@ CONFIGS = [
     Config("AWQ int4 g128, scales only", jb.Plan(quant=jb.AWQ(_spec(4), clip=False))),
     Config("AWQ int4 g128, layer score", jb.Plan(quant=jb.AWQ(_spec(4), score=jb.recipe.AWQScore.LAYER))),
     Config("AWQ int4 g128, block score", jb.Plan(quant=jb.AWQ(_spec(4), score=jb.recipe.AWQScore.BLOCK))),
-    Config("AWQ int4 g128, duo", jb.Plan(quant=jb.AWQ(_spec(4), duo=True))),
+    Config("AWQ int4 g128, no duo", jb.Plan(quant=jb.AWQ(_spec(4), duo=False))),
     Config("AWQ+GPTQ int4 g128", jb.Plan(quant=jb.AWQ(jb.GPTQ(_spec(4))))),
     Config("AWQ+GPTQ int4 g128, clipped", jb.Plan(quant=jb.AWQ(jb.GPTQ(_spec(4)), clip=True))),
     Config("W8A8 (int8 channel, int8 token)", jb.Plan(quant=jb.RTN(INT8)), A8),

@@ -162,8 +162,8 @@ class _QV(nn.Module):  # a norm, then q and v projections reading it (one group:
 
 
 def test_awq_in_the_engine_scales_then_clips_all_but_q_and_k_as_numpy_does():
-    x = jax.random.normal(jax.random.key(7), (64, 32))
-    params = _QV().init(jax.random.key(8), x)["params"]
+    x = jax.random.normal(jax.random.key(1), (64, 32))
+    params = _QV().init(jax.random.key(2), x)["params"]
     params["norm"]["scale"] = params["norm"]["scale"].at[jnp.array([3, 17])].set(20.0)   # outlier channels
     params["v_proj"]["kernel"] = params["v_proj"]["kernel"].at[5, :4].mul(6.0)          # outlier weights
     spec = QuantSpec(bits=4, granularity=PER_CHANNEL)
@@ -174,8 +174,8 @@ def test_awq_in_the_engine_scales_then_clips_all_but_q_and_k_as_numpy_does():
     h = xs / np.sqrt(np.mean(xs * xs, -1, keepdims=True) + 1e-6) * p["norm"]["scale"]
     # q and v feed no module but the block itself, whose output is their sum: the error of that sum, which
     # chooses another alpha than the layers' own errors do
-    s, errors = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None, joint=True)
-    layer = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None)[1]
+    s, errors = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None, duo=True, joint=True)
+    layer = _np_awq([p["q_proj"]["kernel"], p["v_proj"]["kernel"]], h, 4, None, duo=True)[1]
     assert np.argmin(errors) != np.argmin(layer)
     v_clipped, ratios = _np_clip(p["v_proj"]["kernel"] * s[:, None], h / s, lambda v: _np_rtn(v, 4, None), 32)
     got = jax.tree.map(lambda a: np.asarray(jb.leaves.densify(a), np.float64), out, is_leaf=jb.leaves.is_compressed)
@@ -255,12 +255,14 @@ def _np_mlp(h, p):
 
 
 def _np_module_search(x, p, names, module, bits):
-    """AutoAWQ's _search_best_scale on ``module(x, params)``: ``names``' kernels Q(W s) / s, the rest float."""
+    """AutoAWQ's _search_best_scale (duo scaling) on ``module(x, params)``: ``names``' kernels Q(W s) / s, the
+    rest float."""
     a = np.abs(x).reshape(-1, x.shape[-1]).mean(0)
+    w = _np_weight_mean([p[n]["kernel"] for n in names], None)
     want = module(x, p)
     errors, cands = [], []
     for i in range(20):
-        s = np.maximum(a ** (i / 20), 1e-4)
+        s = np.maximum(a ** (i / 20) / (w ** (1 - i / 20) + 1e-4), 1e-4)
         s = s / np.sqrt(s.max() * s.min())
         q = {**p, **{n: {"kernel": _np_rtn(p[n]["kernel"] * s[:, None], bits, None) / s[:, None]} for n in names}}
         errors.append(np.sum((module(x, q) - want) ** 2))

@@ -13,7 +13,9 @@ propagate (:func:`_propagate`); finally assemble the compressed leaves (:func:`_
 3. each targeted layer's plan runs on its 2-d view (:mod:`._solve`), in the order the block calls
    the layers; when a plan's method migrates scales (AWQ, SmoothQuant: ``Method.input_scales``), all
    of the block's scales come first, from the same run of the block on its float weights (plus
-   ``max|x|`` and ``mean|x|`` per input channel), and are folded before anything is solved: the
+   ``max|x|`` and ``mean|x|`` per input channel; AWQ also scores its candidate scales on the output
+   of the module each group feeds, running the float block with that group's kernels rounded at each
+   candidate: :func:`_output_error`), and are folded before anything is solved: the
    group's kernels' rows times ``s``, and the output channels of the module that produces their input
    (a norm, or a linear before: found once per block shape by trying a random fold on calibration
    batch 0) divided by ``s``; the group then solves on ``diag(s) W`` with the Hessian of ``x / s``. A
