@@ -318,3 +318,14 @@ def test_awq_scores_scales_on_the_module_output_as_the_reference():
     assert [k for k in errors if np.argmin(errors[k]) != np.argmin(layer[k])] == ["qkv", "gu"]
     got = jax.tree.map(lambda a: np.asarray(jb.leaves.densify(a), np.float64), out, is_leaf=jb.leaves.is_compressed)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_a_recipe_file_sets_the_awq_score_and_duo(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\nmethod = "awq+gptq"\n'
+                    'score = "layer"\nduo = false\n')
+    awq = jb.recipe.load(path).rules[0].value.quant
+    assert (awq.score, awq.duo, awq.quant.name) == (jb.recipe.AWQScore.LAYER, False, "gptq")
+    path.write_text('[[rule]]\npattern = "a"\n[rule.quant]\nbits = 4\nmethod = "awq"\nscore = "output"\n')
+    with pytest.raises(jb.recipe.RecipeFileError, match="recipe.toml:6: AWQ.score must be one of module, block"):
+        jb.recipe.load(path)
