@@ -822,7 +822,7 @@ def test_awq_equals_a_numpy_awq_and_beats_round_to_nearest_on_outlier_channels()
     x, params = _outlier_mlp(nn.RMSNorm)
     int4 = jb.quant.QuantSpec(bits=4, granularity=jb.quant.PER_CHANNEL)
     awq, awq_report = jb.oneshot.compress(NormMLP(), params, [x], jb.Recipe([Rule(".*", jb.Plan(  # scales alone
-        quant=jb.AWQ(int4, clip=False)))]), progress=False)
+        quant=jb.AWQ(int4, clip=False, duo=False)))]), progress=False)   # llm-awq's a^alpha, as _np_awq_scales
     want, errors = _np_migrated(params, x, _np_awq_scales, bits=4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), _dense_tree(awq), want)
     assert [r.error for r in awq_report.rows] == pytest.approx(errors, rel=1e-3)   # statistics of x / s

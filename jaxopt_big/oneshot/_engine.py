@@ -13,7 +13,9 @@ propagate (:func:`_propagate`); finally assemble the compressed leaves (:func:`_
 3. each targeted layer's plan runs on its 2-d view (:mod:`._solve`), in the order the block calls
    the layers; when a plan's method migrates scales (AWQ, SmoothQuant: ``Method.input_scales``), all
    of the block's scales come first, from the same run of the block on its float weights (plus
-   ``max|x|`` and ``mean|x|`` per input channel), and are folded before anything is solved: the
+   ``max|x|`` and ``mean|x|`` per input channel; AWQ also scores its candidate scales on the output
+   of the module each group feeds, running the float block with that group's kernels rounded at each
+   candidate: :func:`_output_error`), and are folded before anything is solved: the
    group's kernels' rows times ``s``, and the output channels of the module that produces their input
    (a norm, or a linear before: found once per block shape by trying a random fold on calibration
    batch 0) divided by ``s``; the group then solves on ``diag(s) W`` with the Hessian of ``x / s``. A
@@ -80,7 +82,8 @@ class Report:
         on the layer's calibration inputs (as they were when it was compressed).
       blocks: number of blocks.
       block_passes: block runs over the whole calibration set, per block (2 by default: statistics,
-        then outputs); the embeddings run once more, up to the first block only.
+        then outputs; AWQ's scale search adds one per candidate and one of the float block, per group
+        it scores on a module's output); the embeddings run once more, up to the first block only.
       seconds: wall time.
       phases: seconds per step of the pipeline (``capture``, ``calibrate``, ``solve``, ``propagate``,
         ``assemble``; ``load`` where block parameters are read when their block is reached), each
@@ -621,7 +624,8 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
         first = list(migrations) if sequential else planned
         hessians, stats = _calibrate(step, first, base, data, extra=tuple(migrations))
         runs += 1
-        new, scales, notes = _migrate(model, step, base, data, migrations, stats, plans)
+        new, scales, notes, searched = _migrate(model, step, base, data, migrations, stats, plans)
+        runs += searched
         for rel, value in new.items():
             if step.block.param(rel) not in plans:  # a planned kernel's solved layer holds its folded value
                 folded.setdefault(step.block.param(rel), {})[step.block.index] = value
@@ -681,11 +685,13 @@ def _migrations(step: _Step, planned: list[int], plans: dict[str, _recipe.Plan])
 @_timed("solve")
 def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migrations: dict[int, _recipe.Method],
              stats: dict[int, _recipe.InputStats], plans: dict[str, _recipe.Plan]
-             ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str]]:
+             ) -> tuple[dict[str, jax.Array], dict[int, jax.Array], dict[int, str], int]:
     """Every migrating group's scales from the float block's kernels and statistics, then all of them
-    folded: ``(folded leaves by path inside the block, scales by group, report notes by group)``. A group
-    whose input no module of the block produces alone is not migrated: it is noted ``(no fold)``."""
+    folded: ``(folded leaves by path inside the block, scales by group, report notes by group, block runs
+    of the scales' searches)``. A group whose input no module of the block produces alone is not
+    migrated: it is noted ``(no fold)``."""
     _find_producers(step, base, data, list(migrations))
+    passes = [0]  # block runs of InputStats.output_error, each candidate counted as one
     scales: dict[int, jax.Array] = {}
     notes: dict[int, str] = {}
     for g, method in migrations.items():
@@ -693,16 +699,106 @@ def _migrate(model: _model.Model, step: _Step, base: Any, data: _Data, migration
         if step.producers[g] is None:
             notes[g] = " (no fold)"
             continue
-        kernels = tuple(view.matrix(model.kernel(base, _model.Block(""), rel)) for rel, view in
-                        zip(group.paths, group.views) if step.block.param(f"{rel}/kernel") in plans)
-        s = method.input_scales(kernels, stats[g])
+        planned = tuple((rel, view) for rel, view in zip(group.paths, group.views)
+                        if step.block.param(f"{rel}/kernel") in plans)
+        kernels = tuple(view.matrix(model.kernel(base, _model.Block(""), rel)) for rel, view in planned)
+        s = method.input_scales(kernels, stats[g]._replace(output_error=_output_error(step, base, data, g, planned,
+                                                                                       passes)))
         if s is not None:
             scales[g] = jnp.asarray(s, jnp.float32)
     params, new = base, dict[str, jax.Array]()
     for g, s in scales.items():
         fold = _fold(params, step.producers[g], step.groups[g], s)  # type: ignore[arg-type]  # has a producer
         params, new = _with(params, fold), {**new, **fold}
-    return new, scales, notes
+    return new, scales, notes, passes[0]
+
+
+def _output_error(step: _Step, params: Any, data: _Data, g: int, planned: tuple[tuple[str, _linear.View], ...],
+                  passes: list[int]) -> Callable[..., jax.Array]:
+    """:attr:`InputStats.output_error` of group ``g``: candidate scales ``(n, d_in)`` and a weight format
+    -> ``(n,)`` squared errors, summed over the calibration rows (the row mask weighs them), of the
+    output at :func:`_measure_point` (the block's output with ``block``), the ``planned`` kernels
+    being ``diag(1/s) Q(diag(s) W)`` and every other leaf the float ``params``. The block runs once per
+    chunk of candidates (:func:`_grid_chunk`) per batch, vmapped over the chunk; ``passes[0]`` counts the
+    block runs (the float one, then one per candidate)."""
+    def measure(candidates: jax.Array, spec: Any, *, block: bool = False) -> jax.Array:
+        point = None if block else _measure_point(step, g)
+        chunk = _grid_chunk(step, data.inputs[0], planned, candidates.shape[0])
+        total = jnp.zeros(candidates.shape[0], jnp.float32)
+        for arrays, mask in zip(data.inputs, data.masks):
+            want = _point_output(step.runner, data.static, point, params, step.rest, arrays)
+            total = total + _scale_errors(step.runner, data.static, point, spec, planned, chunk, params, step.rest,
+                                          arrays, mask, want, candidates)
+        passes[0] += 1 + candidates.shape[0]
+        return total
+    return measure
+
+
+def _measure_point(step: _Step, g: int) -> str | None:
+    """Where AWQ's reference measures group ``g``'s error: the output of the module the group feeds,
+    read at the last targeted linear the block calls under the group's common parent module
+    (Llama's q/k/v: ``self_attn`` -> ``o_proj``; gate/up: ``mlp`` -> ``down_proj``); a lone layer's own
+    output; None (the block's output) when that last linear is one of the group (e.g. BERT's
+    ``attention/self`` holds only q/k/v)."""
+    paths = step.groups[g].paths
+    if len(paths) == 1:
+        return paths[0]
+    common: list[str] = []
+    for names in zip(*(p.split("/")[:-1] for p in paths)):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    prefix = "/".join(common)
+    under = [p for group in step.groups for p in group.paths if not prefix or p.startswith(f"{prefix}/")]
+    return None if under[-1] in paths else under[-1]
+
+
+def _grid_chunk(step: _Step, arrays: list, planned: tuple[tuple[str, _linear.View], ...], n: int) -> int:
+    """Candidates per block run: as many as keep the run's outputs of every targeted linear plus the
+    candidate kernels within about 512 MiB (float32), at least one."""
+    x = arrays[0]
+    rows = np.size(x) // max(np.shape(x)[-1], 1) if np.ndim(x) else 1
+    widths = sum(view.d_out for group in step.groups for view in group.views)
+    per = 4 * (rows * widths + sum(view.d_in * view.d_out for _, view in planned))
+    return int(min(n, max(1, (512 << 20) // per)))
+
+
+def _measured(runner: Any, static: _model.Static, point: str | None, params: Any, rest: Any, arrays: list
+              ) -> jax.Array:
+    """The output of the linear at ``point`` (a path inside the block), or the block's output (None)."""
+    args, kwargs = static.join(arrays)
+    fn = runner.bind(params, rest)
+    if point is None:
+        return _first(fn(*args, **kwargs))
+    seen = []
+
+    def impl(call):
+        seen.append(call.run())
+        return seen[-1]
+    _intercept.replace(fn, lambda path, module: path == point and _is_target(path, module), impl)(*args, **kwargs)
+    return seen[-1]
+
+
+_point_output = jax.jit(_measured, static_argnames=("runner", "static", "point"))
+
+
+@functools.partial(jax.jit, static_argnames=("runner", "static", "point", "spec", "planned", "chunk"))
+def _scale_errors(runner, static, point, spec, planned, chunk, params, rest, arrays, mask, want, candidates):
+    flat = _leaves_of(params)
+
+    def error(s):
+        new = {}
+        for rel, view in planned:
+            x = flat[f"{rel}/kernel"]
+            w = view.matrix(x).astype(jnp.float32)
+            new[f"{rel}/kernel"] = view.unview(spec.fake_quant(w * s[:, None]) / s[:, None]).astype(x.dtype)
+        d = jnp.square(_measured(runner, static, point, _with(params, new), rest, arrays).astype(jnp.float32)
+                       - want.astype(jnp.float32))
+        if mask is not None:
+            m = jnp.asarray(mask, jnp.float32)
+            d = d * m.reshape(m.shape + (1,) * (d.ndim - m.ndim))
+        return jnp.sum(d)
+    return jax.lax.map(error, candidates, batch_size=chunk)
 
 
 def _leaves_of(params: Any) -> dict[str, jax.Array]:

@@ -5,17 +5,19 @@ input channel ``j`` of a kernel by ``s_j`` before quantizing and divides the inp
 (folded into the preceding RMSNorm weight or linear), so those weights get a finer relative grid:
 ``X W ≈ (X diag(1/s)) Q(diag(s) W)``. The scales are ``s = a^α / sqrt(max(a^α) min(a^α))`` with
 ``a`` the mean ``|x|`` per input channel, and ``α`` searched on a grid ``0, 1/n, ..., (n-1)/n`` (the
-reference's 20 points) for the least output error on the calibration inputs.
+reference's 20 points) for the least output error on the calibration inputs. With ``duo`` (AutoAWQ's
+default, not llm-awq's) ``a^α`` is ``a^α / (w^(1-α) + 1e-4)`` instead, ``w`` the mean over output
+channels of ``|W|`` normalized to its quantization group's largest ``|W|``.
 
-The error is measured from the input Hessian ``H = X^T X`` alone, as the engine's other solvers do:
-``sum_k tr(D_k^T H D_k)`` with ``D_k = diag(1/s) Q(diag(s) W_k) - W_k`` summed over the kernels that
-read the same input (q/k/v, or gate/up), which share one ``s`` because one op is folded for all of
-them. The reference measures the output of the module the scaled linears feed instead (the
-attention for q/k/v, the MLP for gate/up; for o_proj and down_proj that module is the linear
-itself, and the two errors agree); the per-linear error is what the Hessian gives without running
-the block once per candidate. ``α = 0`` is ``s = 1``, plain round-to-nearest, so the chosen scales
-are never worse than RTN on this error. The statistic is llm-awq's ``a`` alone (AutoAWQ's default
-divides it by the kernels' normalized mean ``|w|`` to the power ``1 - α``).
+What the error measures is the caller's (``measure``). The reference measures the output of the
+module the scaled linears feed (the attention for q/k/v, the MLP for gate/up; for o_proj and
+down_proj the linear itself); :func:`jaxopt_big.oneshot.compress` does that by running the block
+(see :class:`jaxopt_big.AWQ`). Without ``measure`` the error is the linears' own output error from
+the input Hessian ``H = X^T X`` alone: ``sum_k tr(D_k^T H D_k)`` with
+``D_k = diag(1/s) Q(diag(s) W_k) - W_k`` summed over the kernels that read the same input (q/k/v, or
+gate/up), which share one ``s`` because one op is folded for all of them. Without ``duo``, ``α = 0``
+is ``s = 1``, plain round-to-nearest, so the chosen scales are never worse than RTN on the error
+measured.
 
 The reference's second step, :func:`awq_clip`, shrinks the range of each quantization group of each
 output channel (``|w| <= r max|w|``, ``r`` on a grid ``1, 1 - 1/n, ...`` down to ``1 - max_shrink``)
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -46,18 +48,36 @@ class AWQScales(NamedTuple):
     Attributes:
       scales: ``(d_in,)`` per-input-channel scales ``s`` (multiply the kernels' rows, divide the input).
       alpha: the chosen exponent (a float32 scalar).
-      errors: ``(grid,)`` output error per candidate ``α = i / grid``; ``errors[0]`` is plain RTN's.
+      errors: ``(grid,)`` output error per candidate ``α = i / grid``; without ``duo``, ``errors[0]``
+        is plain RTN's.
+      candidates: ``(grid, d_in)`` the candidate scales, one row per ``α``.
     """
 
     scales: jax.Array
     alpha: jax.Array
     errors: jax.Array
+    candidates: jax.Array
 
 
-def _candidate(act: jax.Array, alpha: jax.Array) -> jax.Array:
-    """The reference's scales for one ``α``: ``a^α`` (at least 1e-4), normalized to geometric mid-range 1."""
-    s = jnp.maximum(act ** alpha, 1e-4)
-    return s / jnp.sqrt(s.max() * s.min())
+def _weight_mean(kernels: tuple[jax.Array, ...], spec: _options.Format) -> jax.Array:
+    """``(d_in,)`` mean over the output channels of all kernels of ``|w|`` / its group's max ``|w|`` (+1e-6)."""
+    d_in = kernels[0].shape[0]
+    size = _group_size(spec, d_in)
+    parts = []
+    for k in kernels:
+        peak = jnp.repeat(jnp.abs(_blocks(k, size)).max(axis=1), size, axis=0)[:d_in]
+        parts.append(jnp.abs(k) / (peak + 1e-6))
+    return jnp.concatenate(parts, axis=1).mean(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("grid",))
+def _candidates(act: jax.Array, weight: jax.Array | None, grid: int) -> jax.Array:
+    """The reference's scales per ``α = i / grid``: ``a^α`` (or ``a^α / (w^(1-α) + 1e-4)``), at least
+    1e-4, normalized to geometric mid-range 1: ``(grid, d_in)``."""
+    alphas = jnp.arange(grid, dtype=jnp.float32)[:, None] / grid
+    s = act ** alphas if weight is None else act ** alphas / (weight ** (1 - alphas) + 1e-4)
+    s = jnp.maximum(s, 1e-4)
+    return s / jnp.sqrt(s.max(axis=1, keepdims=True) * s.min(axis=1, keepdims=True))
 
 
 def _output_error(kernel: jax.Array, hessian: jax.Array, s: jax.Array, spec: _options.Format) -> jax.Array:
@@ -66,35 +86,41 @@ def _output_error(kernel: jax.Array, hessian: jax.Array, s: jax.Array, spec: _op
     return jnp.sum(d * (hessian @ d))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "grid"))
-def _search(kernels: tuple[jax.Array, ...], hessian: jax.Array, act: jax.Array, spec: _options.Format,
-            grid: int) -> AWQScales:
-    alphas = jnp.arange(grid, dtype=jnp.float32) / grid
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _hessian_errors(kernels: tuple[jax.Array, ...], hessian: jax.Array, candidates: jax.Array,
+                    spec: _options.Format) -> jax.Array:
+    # one candidate at a time: memory of one kernel set, not `grid`
+    return jax.lax.map(lambda s: sum(_output_error(k, hessian, s, spec) for k in kernels), candidates)
 
-    def error(alpha):
-        s = _candidate(act, alpha)
-        return sum(_output_error(k, hessian, s, spec) for k in kernels)
 
-    errors = jax.lax.map(error, alphas)  # one candidate at a time: memory of one kernel set, not `grid`
+@jax.jit
+def _pick(candidates: jax.Array, errors: jax.Array) -> AWQScales:
     best = jnp.argmin(jnp.where(jnp.isnan(errors), jnp.inf, errors))  # first minimum, as the reference
-    return AWQScales(_candidate(act, alphas[best]), alphas[best], errors)
+    return AWQScales(candidates[best], best.astype(jnp.float32) / candidates.shape[0], errors, candidates)
 
 
-def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], hessian: jax.typing.ArrayLike,
+def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], hessian: jax.typing.ArrayLike | None,
                spec: _options.Format, *, act_scale: jax.typing.ArrayLike | None = None, grid: int = 20,
+               duo: bool = False, measure: Callable[[jax.Array], jax.Array] | None = None,
                path: str = "kernel") -> AWQScales:
     """Searches AWQ's per-input-channel scales for the kernels that read one input.
 
     Args:
       kernels: a Dense kernel ``(d_in, d_out)`` or a sequence of them with the same ``d_in`` (the
         linears fed by one op, which all get the same scales).
-      hessian: ``(d_in, d_in)`` input Hessian ``X^T X`` of the calibration inputs.
+      hessian: ``(d_in, d_in)`` input Hessian ``X^T X`` of the calibration inputs; may be None when
+        ``measure`` and ``act_scale`` are given.
       spec: the weight format (e.g. ``QuantSpec(bits=4, granularity=Group(128))``); the kernels are
         quantized by its own calibration (round-to-nearest).
       act_scale: ``(d_in,)`` mean ``|x|`` per input channel (the reference's statistic). None: the
         root mean square ``sqrt(diag H)``, which the Hessian holds (any constant factor cancels in
         the normalization).
       grid: number of candidate exponents ``α = i / grid``, ``i = 0..grid-1``.
+      duo: also divide by the kernels' normalized mean ``|w|`` to the power ``1 - α`` (AutoAWQ's
+        ``duo_scaling``).
+      measure: ``(grid, d_in)`` candidate scales -> ``(grid,)`` output errors, the caller's measure
+        (e.g. the output of the module the kernels feed). None: the kernels' own output error from
+        ``hessian``.
       path: layer name used in error messages.
 
     Returns:
@@ -103,7 +129,7 @@ def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], h
 
     Raises:
       ValueError: naming ``path`` for a kernel that is not 2-d, mismatched shapes, NaN/Inf, a
-        negative ``act_scale``, or a spec layout the kernel does not fit.
+        negative ``act_scale``, a spec layout the kernel does not fit, or no Hessian to read.
 
     Examples:
       >>> from jaxopt_big.quant._spec import QuantSpec, PER_CHANNEL
@@ -113,6 +139,10 @@ def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], h
       >>> found = awq_scales(w, x.T @ x, spec, act_scale=jnp.abs(x).mean(0))
       >>> found.scales.shape, bool(found.errors.min() < found.errors[0])   # better than RTN (alpha 0)
       ((16,), True)
+      >>> out = lambda s: jnp.stack([jnp.sum(((x / c) @ spec.fake_quant(w * c[:, None]) - x @ w) ** 2) for c in s])
+      >>> bool(jnp.allclose(awq_scales(w, None, spec, act_scale=jnp.abs(x).mean(0), measure=out).errors,
+      ...                   found.errors, rtol=1e-3))    # the caller's measure: here the same error
+      True
     """
     if not isinstance(spec, _options.Format):
         raise TypeError(f"{path}: AWQ needs a QuantSpec or Format, got {spec!r}")
@@ -125,18 +155,28 @@ def awq_scales(kernels: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike], h
                              f"{[tuple(k.shape) for k in group]}")
         jax.eval_shape(functools.partial(spec.fake_quant, path=f"{path}[{i}]" if len(group) > 1 else path), k)
     d_in = group[0].shape[0]
-    if jnp.shape(hessian) != (d_in, d_in):
+    if hessian is None and (measure is None or act_scale is None):
+        raise ValueError(f"{path}: AWQ needs the input Hessian unless both measure and act_scale are given")
+    if hessian is not None and jnp.shape(hessian) != (d_in, d_in):
         raise ValueError(f"{path}: hessian has shape {jnp.shape(hessian)}, expected {(d_in, d_in)}")
-    hessian = jnp.asarray(hessian, jnp.float32)
-    act = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0)) if act_scale is None else jnp.asarray(act_scale)
+    hessian = None if hessian is None else jnp.asarray(hessian, jnp.float32)
+    if act_scale is None:
+        assert hessian is not None  # checked above
+        act = jnp.sqrt(jnp.maximum(jnp.diagonal(hessian), 0.0))
+    else:
+        act = jnp.asarray(act_scale)
     if act.shape != (d_in,):
         raise ValueError(f"{path}: act_scale has shape {act.shape}, expected {(d_in,)}")
     grid = _checks.integer(f"{path}: AWQ grid", grid, low=1)
-    _checks.finite([(path, k) for k in group] + [(f"{path} hessian", hessian), (f"{path} act_scale", act)],
-                   "AWQ inputs")
+    duo = _checks.flag(f"{path}: AWQ duo", duo)
+    _checks.finite([(path, k) for k in group] + [(f"{path} act_scale", act)]
+                   + ([] if hessian is None else [(f"{path} hessian", hessian)]), "AWQ inputs")
     if not _checks.is_traced(act) and bool(jnp.any(act < 0)):
         raise ValueError(f"{path}: act_scale must be >= 0 (a mean |x|), got min {float(act.min())}")
-    return _search(tuple(k.astype(jnp.float32) for k in group), hessian, act.astype(jnp.float32), spec, grid)
+    group = [k.astype(jnp.float32) for k in group]
+    candidates = _candidates(act.astype(jnp.float32), _weight_mean(tuple(group), spec) if duo else None, grid)
+    errors = _hessian_errors(tuple(group), hessian, candidates, spec) if measure is None else measure(candidates)
+    return _pick(candidates, jnp.asarray(errors, jnp.float32))
 
 
 class AWQClip(NamedTuple):

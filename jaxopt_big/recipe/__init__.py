@@ -24,12 +24,12 @@ Examples:
 """
 
 from jaxopt_big.recipe._auto import Auto, Sensitivity, auto, to_toml
-from jaxopt_big.recipe._methods import (AWQ, GPTQ, RTN, InputStats, Magnitude, Method, Pruner, Quantizer,
-                                        SmoothQuant, SparseGPT, Wanda)
+from jaxopt_big.recipe._methods import (AWQ, GPTQ, RTN, AWQScore, InputStats, Magnitude, Method, Pruner,
+                                        Quantizer, SmoothQuant, SparseGPT, Wanda)
 from jaxopt_big.recipe._plan import Plan, Recipe, Rotate
 from jaxopt_big.recipe._presets import PRESETS, preset, with_smoothquant
 from jaxopt_big.recipe._toml import RecipeFileError, load
 
 __all__ = ["Plan", "Recipe", "Rotate", "Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN",
-           "GPTQ", "AWQ", "SmoothQuant", "InputStats", "PRESETS", "preset", "with_smoothquant", "load",
+           "GPTQ", "AWQ", "AWQScore", "SmoothQuant", "InputStats", "PRESETS", "preset", "with_smoothquant", "load",
            "RecipeFileError", "Auto", "Sensitivity", "auto", "to_toml"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Self
 
 import jax
@@ -14,8 +17,8 @@ from jaxopt_big import calibration as _calibration
 from jaxopt_big import quant as _quant
 from jaxopt_big import sparsity as _sparsity
 
-__all__ = ["Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "SmoothQuant",
-           "InputStats", "Sparsity"]
+__all__ = ["Method", "Pruner", "Quantizer", "Magnitude", "Wanda", "SparseGPT", "RTN", "GPTQ", "AWQ", "AWQScore",
+           "SmoothQuant", "InputStats", "Sparsity"]
 
 Sparsity = float | _sparsity.NM
 
@@ -42,11 +45,17 @@ class InputStats(NamedTuple):
       hessian: ``(d_in, d_in)`` ``X^T X``.
       absmax: ``(d_in,)`` largest ``|x|`` per input channel.
       absmean: ``(d_in,)`` mean ``|x|`` per input channel.
+      output_error: given by the engine to a migration when the block can run:
+        ``output_error(candidates, spec, *, block=False)`` takes ``(n, d_in)`` candidate scales ``s`` and
+        a weight format and returns ``(n,)`` squared errors, over the calibration set, of the output of
+        the module these linears feed (``block=True``: of the block's output) when their kernels are
+        ``diag(1/s) Q(diag(s) W)`` (``Q`` the format's round to nearest) and the rest of the block is float.
     """
 
     hessian: jax.Array
     absmax: jax.Array
     absmean: jax.Array
+    output_error: Callable[..., jax.Array] | None = None
 
 
 class Method:
@@ -310,15 +319,35 @@ class _Migrating(Quantizer):
         return self.name
 
 
+class AWQScore(enum.Enum):
+    """What :class:`AWQ` compares candidate scales on (recipe files spell the value).
+
+    ``MODULE``: the output of the module the scaled linears feed, as the reference does (the attention
+    output for q/k/v, the MLP output for gate/up, the linear's own output for o_proj and down_proj);
+    ``BLOCK``: the block's output; ``LAYER``: the linears' own outputs, from the input Hessian alone
+    (no block run). The first two need :func:`jaxopt_big.oneshot.compress`; elsewhere ``LAYER`` is used.
+    """
+
+    MODULE = "module"
+    BLOCK = "block"
+    LAYER = "layer"
+
+
 @dataclasses.dataclass(frozen=True)
 class AWQ(_Migrating):
     """Activation-aware scales and clipping (Lin et al., 2024), then the inner quantizer on the result.
 
     Per group of linears reading one input, the scales ``s = a^α`` (``a`` the mean ``|x|`` per input
-    channel, ``α`` searched on ``grid`` points for the least round-to-nearest output error; see
-    :func:`jaxopt_big.quant.awq_scales`) multiply the kernels' rows and divide the op producing the
-    input (an RMSNorm/LayerNorm or the linear before), where :func:`jaxopt_big.oneshot.compress` finds
-    one; without one the layers get no scales (the report says ``(no fold)``). Then, per layer, the
+    channel, ``α`` searched on ``grid`` points; see :func:`jaxopt_big.quant.awq_scales`) multiply the
+    kernels' rows and divide the op producing the input (an RMSNorm/LayerNorm or the linear before),
+    where :func:`jaxopt_big.oneshot.compress` finds one; without one the layers get no scales (the
+    report says ``(no fold)``). ``α`` has the least error, with the group's kernels rounded to nearest
+    at that scale and the rest of the block float, of the output ``score`` names: by default, as the
+    reference, the output of the module the group feeds, which the engine reads at the last linear
+    the block calls under the group's common parent module (Llama: q/k/v -> ``self_attn``'s
+    ``o_proj``, gate/up -> ``mlp``'s ``down_proj``; a lone linear: its own output; the block's output
+    when that last linear is in the group). That costs one block run per candidate and group (the
+    candidates vmapped in chunks); ``AWQScore.LAYER`` needs none (the input Hessian alone). Then, per layer, the
     range of each quantization group of each output channel is clipped to the ratio of its largest
     ``|w|`` with the least output error (:func:`jaxopt_big.quant.awq_clip`), except on the layers
     ``no_clip`` names: as in the reference, the query and key projections, whose errors the attention
@@ -327,6 +356,12 @@ class AWQ(_Migrating):
     Attributes:
       quant: the inner quantizer (``RTN``, ``GPTQ``) or a spec (round to nearest).
       grid: candidate exponents ``α = i / grid``, ``i = 0..grid-1``; the clipping ratios' step ``1 / grid``.
+      score: an :class:`AWQScore` (or its value): the output the scales are chosen on. Default: the
+        module the linears feed, as the reference (AutoAWQ's ``module2inspect``, llm-awq's ``auto_scale``).
+      duo: ``s = a^α / (w^(1-α) + 1e-4)`` with ``w`` the kernels' mean ``|W|`` normalized per
+        quantization group (AutoAWQ's ``duo_scaling``, its default); False: llm-awq's and the paper's
+        ``a^α``. On the trained decoder of ``benchmarks/methods.py`` duo has the lower validation
+        perplexity (5.1206 vs 5.1241 at int4 g128).
       clip: search the clipping ratios. None (default): before round to nearest, not before GPTQ,
         whose error feedback reproduces the kernel it is given, so clipped weights would become its
         target and the clipping error would go uncompensated (GPTQ picks each group's range itself).
@@ -344,6 +379,8 @@ class AWQ(_Migrating):
 
     quant: Quantizer | _quant.Format
     grid: int = 20
+    score: AWQScore | str = AWQScore.MODULE
+    duo: bool = True
     clip: bool | None = None
     max_shrink: float = 0.5
     no_clip: str = r"(^|/)(q_proj|k_proj|query|key)$"
@@ -359,11 +396,21 @@ class AWQ(_Migrating):
             re.compile(self.no_clip)
         except re.error as e:
             raise ValueError(f"AWQ.no_clip is not a valid regex: {self.no_clip!r} ({e})") from None
-        return {"grid": _checks.integer("AWQ.grid", self.grid, low=1), "clip": clip,
+        try:
+            score = AWQScore(self.score)
+        except ValueError:
+            raise ValueError(f"AWQ.score must be one of {', '.join(s.value for s in AWQScore)}, "
+                             f"got {self.score!r}") from None
+        return {"grid": _checks.integer("AWQ.grid", self.grid, low=1), "clip": clip, "score": score,
+                "duo": _checks.flag("AWQ.duo", self.duo),
                 "max_shrink": _checks.fraction("AWQ.max_shrink", self.max_shrink, open_low=True, closed=True)}
 
     def input_scales(self, kernels, stats):
-        return _quant.awq_scales(kernels, stats.hessian, self.spec, act_scale=stats.absmean, grid=self.grid).scales
+        measure = None
+        if self.score is not AWQScore.LAYER and stats.output_error is not None:
+            measure = functools.partial(stats.output_error, spec=self.spec, block=self.score is AWQScore.BLOCK)
+        return _quant.awq_scales(kernels, stats.hessian, self.spec, act_scale=stats.absmean, grid=self.grid,
+                                 duo=self.duo, measure=measure).scales
 
     def for_layer(self, path: str) -> Self:
         return dataclasses.replace(self, clip=False) if self.clip and re.search(self.no_clip, path) else self
