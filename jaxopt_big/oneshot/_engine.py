@@ -197,11 +197,14 @@ def _layout(runner: Any, static: _model.Static, params: Any, rest: Any, arrays: 
 
 
 @functools.partial(jax.jit, static_argnames=("runner", "static", "stage", "extra"))
-def _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra=()):
-    """``[([(rows, weights)], max|x|)]`` of the groups in ``stage``, on one batch: the rows of each input
-    the group reads, and ``max|x|`` only for the groups in ``extra`` (None for the others)."""
+def _block_run(runner, static, stage, params, rest, arrays, row_mask, extra=()):
+    """The block's output and ``[([(rows, weights)], max|x|)]`` of the groups in ``stage``, on one batch:
+    the rows of each input the group reads, and ``max|x|`` only for the groups in ``extra`` (None for
+    the others). One program serves a block's statistics run and its output run (each ignores the
+    other's part): one compile per block shape, not two."""
     args, kwargs = static.join(arrays)
-    groups, inputs = _groups(_record(runner, params, rest, args, kwargs)[1])
+    result, calls = _record(runner, params, rest, args, kwargs)
+    groups, inputs = _groups(calls)
     out = []
     for g in stage:
         xs, top = [], None
@@ -212,7 +215,7 @@ def _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra=())
             if g in extra:
                 top = _maximum(top, jnp.max(jnp.where(weights[:, None] > 0, jnp.abs(rows), 0.0), axis=0))
         out.append((xs, top))
-    return out
+    return result, out
 
 
 @functools.partial(jax.jit, static_argnames=("totals", "wide"))
@@ -242,7 +245,7 @@ def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra
     """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
     statistics only for the groups in ``extra`` (None for the others: no cost without migration). The
     block runs in float32 as given; only the sums are formed in float64 (:func:`_sums`)."""
-    rows = _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra)
+    rows = _block_run(runner, static, stage, params, rest, arrays, row_mask, extra=extra)[1]
     exact = jax.default_backend() != "tpu"
     with jax.enable_x64(exact):
         sums = _sums([xs for xs, _ in rows], tuple(g in extra for g in stage), exact)
@@ -293,12 +296,6 @@ def _close(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.array_equal(a, b)
     tol = max(1e-4, 4 * float(jnp.finfo(b.dtype).eps))
     return jnp.max(jnp.abs(a - b), initial=0.0) <= tol * jnp.max(jnp.abs(b), initial=0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("runner", "static"))
-def _block_forward(runner, static, params, rest, arrays):
-    args, kwargs = static.join(arrays)
-    return runner.bind(params, rest)(*args, **kwargs)
 
 
 def _first(out: Any) -> jax.Array:
@@ -533,7 +530,7 @@ def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[An
             # the next block's inputs come from the compressed leaves themselves, resumed or not
             current = model.with_kernels(model.block_params(working, step.block), _in_block(step.block, saved[0]))
         if not step.block.whole:  # the whole model feeds no next block
-            data, passes = _propagate(step, data, current), passes + 1
+            data, passes = _propagate(step, data, current, tuple(_planned(step, plans))), passes + 1
         runs += passes
     done.update(_assemble(model.flat(), layers, folded))
     rows.extend(_row(layer) for layer in layers)
@@ -610,8 +607,7 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
     the float block, all folded before anything is solved (:func:`_migrate`; the folded leaves are
     recorded in ``folded`` by model path and layer). Appends each solved layer to ``layers``; returns
     the block's parameters with its folded and compressed leaves and the number of block runs."""
-    planned = [g for g, group in enumerate(step.groups)
-               if any(step.block.param(f"{p}/kernel") in plans for p in group.paths)]
+    planned = _planned(step, plans)
     stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
     base = model.block_params(working, step.block)
     migrations = _migrations(step, planned, plans)
@@ -643,6 +639,12 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
                 new[f"{rel}/kernel"] = kernel
                 layers.append(layer)
     return model.with_kernels(base, new), runs
+
+
+def _planned(step: _Step, plans: dict[str, _recipe.Plan]) -> list[int]:
+    """The block's groups with a planned layer."""
+    return [g for g, group in enumerate(step.groups) if any(step.block.param(f"{p}/kernel") in plans
+                                                             for p in group.paths)]
 
 
 @_timed("calibrate")
@@ -797,11 +799,13 @@ def _all_finite(x: jax.Array) -> jax.Array:
 
 
 @_timed("propagate")
-def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
-    """The block's outputs on its compressed parameters: the next block's inputs."""
+def _propagate(step: _Step, data: _Data, params: Any, stage: tuple[int, ...]) -> _Data:
+    """The block's outputs on its compressed parameters: the next block's inputs. The block runs as the
+    program of its statistics run over ``stage`` (the same compile; the rows are dropped)."""
     return dataclasses.replace(data, inputs=[
-        _next_inputs(step.block, arrays, _block_forward(step.runner, data.static, params, step.rest, arrays))
-        for arrays in data.inputs])
+        _next_inputs(step.block, arrays, _block_run(step.runner, data.static, stage, params, step.rest, arrays,
+                                                    mask, extra=())[0])
+        for arrays, mask in zip(data.inputs, data.masks)])
 
 
 @_timed("assemble")
