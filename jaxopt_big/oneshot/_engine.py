@@ -196,19 +196,19 @@ def _layout(runner: Any, static: _model.Static, params: Any, rest: Any, arrays: 
     return found["groups"]
 
 
-@functools.partial(jax.jit, static_argnames=("runner", "static", "stage", "extra"))
-def _block_run(runner, static, stage, params, rest, arrays, row_mask, extra=()):
-    """The block's output and ``[([(rows, weights)], max|x|)]`` of the groups in ``stage``, on one batch:
-    the rows of each input the group reads, and ``max|x|`` only for the groups in ``extra`` (None for
-    the others). One program serves a block's statistics run and its output run (each ignores the
-    other's part): one compile per block shape, not two."""
+@functools.partial(jax.jit, static_argnames=("runner", "static", "extra"))
+def _block_run(runner, static, params, rest, arrays, row_mask, extra=()):
+    """The block's output and, per group, ``([(rows, weights)], max|x|)`` on one batch: the rows of each
+    input the group reads, and ``max|x|`` only for the groups in ``extra`` (None for the others). One
+    program serves every statistics run of a block (any stage) and its output run, each using its
+    part: one compile per block shape (and ``extra``), not one per stage plus one for the output."""
     args, kwargs = static.join(arrays)
     result, calls = _record(runner, params, rest, args, kwargs)
     groups, inputs = _groups(calls)
     out = []
-    for g in stage:
+    for g, group in enumerate(groups):
         xs, top = [], None
-        for k in groups[g].keys:
+        for k in group.keys:
             x, view = inputs[k]
             rows, weights = view.rows(x, row_mask)
             xs.append((rows, weights))
@@ -245,7 +245,8 @@ def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra
     """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
     statistics only for the groups in ``extra`` (None for the others: no cost without migration). The
     block runs in float32 as given; only the sums are formed in float64 (:func:`_sums`)."""
-    rows = _block_run(runner, static, stage, params, rest, arrays, row_mask, extra=extra)[1]
+    every = _block_run(runner, static, params, rest, arrays, row_mask, extra=extra)[1]
+    rows = [every[g] for g in stage]
     exact = jax.default_backend() != "tpu"
     with jax.enable_x64(exact):
         sums = _sums([xs for xs, _ in rows], tuple(g in extra for g in stage), exact)
@@ -530,7 +531,7 @@ def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[An
             # the next block's inputs come from the compressed leaves themselves, resumed or not
             current = model.with_kernels(model.block_params(working, step.block), _in_block(step.block, saved[0]))
         if not step.block.whole:  # the whole model feeds no next block
-            data, passes = _propagate(step, data, current, tuple(_planned(step, plans))), passes + 1
+            data, passes = _propagate(step, data, current), passes + 1
         runs += passes
     done.update(_assemble(model.flat(), layers, folded))
     rows.extend(_row(layer) for layer in layers)
@@ -607,7 +608,8 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
     the float block, all folded before anything is solved (:func:`_migrate`; the folded leaves are
     recorded in ``folded`` by model path and layer). Appends each solved layer to ``layers``; returns
     the block's parameters with its folded and compressed leaves and the number of block runs."""
-    planned = _planned(step, plans)
+    planned = [g for g, group in enumerate(step.groups)
+               if any(step.block.param(f"{p}/kernel") in plans for p in group.paths)]
     stages = [[g] for g in planned] if sequential else ([planned] if planned else [])
     base = model.block_params(working, step.block)
     migrations = _migrations(step, planned, plans)
@@ -639,12 +641,6 @@ def _compress_block(model: _model.Model, working: Any, step: _Step, data: _Data,
                 new[f"{rel}/kernel"] = kernel
                 layers.append(layer)
     return model.with_kernels(base, new), runs
-
-
-def _planned(step: _Step, plans: dict[str, _recipe.Plan]) -> list[int]:
-    """The block's groups with a planned layer."""
-    return [g for g, group in enumerate(step.groups) if any(step.block.param(f"{p}/kernel") in plans
-                                                             for p in group.paths)]
 
 
 @_timed("calibrate")
@@ -799,12 +795,12 @@ def _all_finite(x: jax.Array) -> jax.Array:
 
 
 @_timed("propagate")
-def _propagate(step: _Step, data: _Data, params: Any, stage: tuple[int, ...]) -> _Data:
-    """The block's outputs on its compressed parameters: the next block's inputs. The block runs as the
-    program of its statistics run over ``stage`` (the same compile; the rows are dropped)."""
+def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
+    """The block's outputs on its compressed parameters: the next block's inputs (the program of its
+    statistics runs, :func:`_block_run`; the rows are dropped)."""
     return dataclasses.replace(data, inputs=[
-        _next_inputs(step.block, arrays, _block_run(step.runner, data.static, stage, params, step.rest, arrays,
-                                                    mask, extra=())[0])
+        _next_inputs(step.block, arrays, _block_run(step.runner, data.static, params, step.rest, arrays, mask,
+                                                    extra=())[0])
         for arrays, mask in zip(data.inputs, data.masks)])
 
 
