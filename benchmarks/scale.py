@@ -299,7 +299,7 @@ def main(quick: bool, skip: frozenset[str] = frozenset(), layers: int | None = N
               "resume_identical": None if "resume" in skip else bool(resumed["identical"])
               and not resumed["output_existed_when_killed"] and resumed["blocks_on_disk_when_killed"] >= KILL_AFTER,
               "mesh_codes>=99.9%": None if "mesh" in skip else all(m["same_codes"] >= 0.999 for m in mesh.values())}
-    name = "scale" if layers is None else f"scale-layers{layers}"
+    name = "scale_quick" if quick else "scale" if layers is None else f"scale-layers{layers}"
     return write(name, ours=run["cli_s"], baseline=base["floor_s"], unit="s",
                  goal="jaxopt-big compress gptq-int4 of a sharded bf16 1B-shaped Llama: time <= 1.5x the floor "
                       "(3 forward passes + numpy GPTQ), peak RSS <= 1.3x the bf16 checkpoint + one block's "

@@ -1,6 +1,7 @@
 """The block-wise one-shot engine: equality with the per-layer solvers on numpy statistics, every
 method, linen/nnx/scanned (nnx.scan and nn.scan)/DenseGeneral/Einsum models, meshes, and loud errors on bad input."""
 
+import contextlib
 import dataclasses
 from typing import ClassVar
 
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jaxopt_big as jb
-from jaxopt_big.oneshot import _solve
+from jaxopt_big.oneshot import _engine, _solve
 from jaxopt_big.quant import gptq_kernel
 from jaxopt_big.sparsity import NM, sparsegpt_kernel, wanda_kernel
 from jaxopt_big.tree import Rule
@@ -902,3 +903,55 @@ def test_layers_reading_one_input_with_different_migrations_are_refused_naming_t
     recipe = jb.Recipe([Rule("a", jb.Plan(quant=jb.AWQ(INT4))), Rule("b", jb.Plan(quant=INT4))])
     with pytest.raises(ValueError, match=r"share one migration.*a \(awq clip \+ rtn int4 g4\), b \(none\)"):
         jb.oneshot.compress(TwoHeads(), params, [x], recipe, progress=False)
+
+
+class WideMLP(nn.Module):  # inputs of two widths (24, then 48): two Hessian shapes per block
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(24, name="down")(jax.nn.relu(nn.Dense(48, name="up")(x)))
+
+
+class WideNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = WideMLP(name=f"layer_{i}")(x)
+        return x
+
+
+def test_each_block_shape_compiles_one_block_program_and_one_hessian_program(monkeypatch):
+    """Per block shape, calibrating and propagating compile two programs: the block run (the statistics
+    run and the output run are one program) and the Hessian sums of all its groups (not one per input
+    width); assembling compiles none (a 2-d kernel's leaf is its solver's QArray)."""
+    phases = ["other"]
+    timed = _engine._phase
+
+    @contextlib.contextmanager
+    def phase(name):
+        phases.append(name)
+        try:
+            with timed(name):
+                yield
+        finally:
+            phases.pop()
+
+    compiled: dict[str, list[str]] = {}
+
+    def listen(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.setdefault(phases[-1], []).append(kwargs.get("fun_name", "?"))
+
+    monkeypatch.setattr(_engine, "_phase", phase)
+    x = np.asarray(jax.random.normal(jax.random.key(3), (16, 24)))
+    params = WideNet().init(jax.random.key(4), x)["params"]
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        new, _ = jb.oneshot.compress(WideNet(), params, [x], jb.Recipe([Rule(r".*", jb.Plan(quant=INT4))]),
+                                     progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiled.get("calibrate", []) + compiled.get("propagate", [])) == 2, compiled
+    assert compiled.get("assemble", []) == [], compiled
+    kernel = params["layer_2"]["up"]["kernel"]  # and the leaf is the kernel on its grid
+    np.testing.assert_array_equal(np.asarray(new["layer_2"]["up"]["kernel"].dense()),
+                                  np.asarray(INT4.quantize(kernel).dense()))

@@ -199,55 +199,61 @@ def _layout(runner: Any, static: _model.Static, params: Any, rest: Any, arrays: 
     return found["groups"]
 
 
-@functools.partial(jax.jit, static_argnames=("runner", "static", "stage", "extra"))
-def _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra=()):
-    """``[([(rows, weights)], max|x|)]`` of the groups in ``stage``, on one batch: the rows of each input
-    the group reads, and ``max|x|`` only for the groups in ``extra`` (None for the others)."""
+@functools.partial(jax.jit, static_argnames=("runner", "static", "extra"))
+def _block_run(runner, static, params, rest, arrays, row_mask, extra=()):
+    """The block's output and, per group, ``([(rows, weights)], max|x|)`` on one batch: the rows of each
+    input the group reads, and ``max|x|`` only for the groups in ``extra`` (None for the others). One
+    program serves every statistics run of a block (any stage) and its output run, each using its
+    part: one compile per block shape (and ``extra``), not one per stage plus one for the output."""
     args, kwargs = static.join(arrays)
-    groups, inputs = _groups(_record(runner, params, rest, args, kwargs)[1])
+    result, calls = _record(runner, params, rest, args, kwargs)
+    groups, inputs = _groups(calls)
     out = []
-    for g in stage:
+    for g, group in enumerate(groups):
         xs, top = [], None
-        for k in groups[g].keys:
+        for k in group.keys:
             x, view = inputs[k]
             rows, weights = view.rows(x, row_mask)
             xs.append((rows, weights))
             if g in extra:
                 top = _maximum(top, jnp.max(jnp.where(weights[:, None] > 0, jnp.abs(rows), 0.0), axis=0))
         out.append((xs, top))
-    return out
+    return result, out
 
 
 @functools.partial(jax.jit, static_argnames=("totals", "wide"))
-def _sums(xs: list[tuple[jax.Array, jax.Array]], totals: bool,
-          wide: bool = True) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(X^T X, rows, sum|x|)`` (the last only with ``totals``) of weighted rows, summed in float64 and
-    rounded to float32. A float32 sum's bits depend on its order, which depends on how the rows are
-    split over a mesh's data axis (each device sums its rows, then the devices' sums are added); GPTQ's
-    error feedback turns such last-bit differences into different codes. Products of float32 values
-    are exact in float64 and the sum's error is ~2^-29 of a float32 step, so every split gives the same
-    float32 Hessian, but for an entry within that distance of a rounding tie. With ``wide`` False (TPUs,
+def _sums(groups: list[list[tuple[jax.Array, jax.Array]]], totals: tuple[bool, ...],
+          wide: bool = True) -> list[tuple[jax.Array, jax.Array, jax.Array | None]]:
+    """Per group, ``(X^T X, rows, sum|x|)`` (the last only where ``totals``) of its weighted rows, summed
+    in float64 and rounded to float32: one program for all groups of a stage (not one per input width).
+    A float32 sum's bits depend on its order, which depends on how the rows are split over a mesh's
+    data axis (each device sums its rows, then the devices' sums are added); GPTQ's error feedback
+    turns such last-bit differences into different codes. Products of float32 values are exact in
+    float64 and the sum's error is ~2^-29 of a float32 step, so every split gives the same float32
+    Hessian, but for an entry within that distance of a rounding tie. With ``wide`` False (TPUs,
     which emulate float64 slowly) the sums stay float32 and their bits may depend on the split."""
     dtype = jnp.float64 if wide else jnp.float32
-    cast = [(rows.astype(dtype), weights.astype(dtype)[:, None]) for rows, weights in xs]
 
     def rounded(parts: list[jax.Array]) -> jax.Array:
         return functools.reduce(jnp.add, parts).astype(jnp.float32)
-    return (rounded([(r * w).T @ r for r, w in cast]), rounded([w.sum() for _, w in cast]),
-            rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in cast]) if totals else None)
+
+    def one(xs: list[tuple[jax.Array, jax.Array]], total: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        cast = [(rows.astype(dtype), weights.astype(dtype)[:, None]) for rows, weights in xs]
+        return (rounded([(r * w).T @ r for r, w in cast]), rounded([w.sum() for _, w in cast]),
+                rounded([(jnp.abs(r) * w).sum(axis=0) for r, w in cast]) if total else None)
+    return [one(xs, total) for xs, total in zip(groups, totals)]
 
 
 def _stage_hessians(runner, static, stage, params, rest, arrays, row_mask, extra=()) -> list[tuple]:
     """``[(X^T X, rows, max|x|, sum|x|)]`` of the groups in ``stage``, on one batch; the two per-channel
     statistics only for the groups in ``extra`` (None for the others: no cost without migration). The
     block runs in float32 as given; only the sums are formed in float64 (:func:`_sums`)."""
-    out = []
-    for g, (xs, top) in zip(stage, _stage_rows(runner, static, stage, params, rest, arrays, row_mask, extra)):
-        exact = jax.default_backend() != "tpu"
-        with jax.enable_x64(exact):
-            h, n, total = _sums(xs, g in extra, exact)
-        out.append((h, n, top, total))
-    return out
+    every = _block_run(runner, static, params, rest, arrays, row_mask, extra=extra)[1]
+    rows = [every[g] for g in stage]
+    exact = jax.default_backend() != "tpu"
+    with jax.enable_x64(exact):
+        sums = _sums([xs for xs, _ in rows], tuple(g in extra for g in stage), exact)
+    return [(h, n, top, total) for (h, n, total), (_, top) in zip(sums, rows)]
 
 
 def _maximum(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
@@ -294,12 +300,6 @@ def _close(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.array_equal(a, b)
     tol = max(1e-4, 4 * float(jnp.finfo(b.dtype).eps))
     return jnp.max(jnp.abs(a - b), initial=0.0) <= tol * jnp.max(jnp.abs(b), initial=0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("runner", "static"))
-def _block_forward(runner, static, params, rest, arrays):
-    args, kwargs = static.join(arrays)
-    return runner.bind(params, rest)(*args, **kwargs)
 
 
 def _first(out: Any) -> jax.Array:
@@ -869,7 +869,7 @@ def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, h
     """Solves the planned layers of one group on their shared Hessian: ``(path inside the block, new
     kernel in its layout, solved layer)`` each; ``params``: the block's current parameters."""
     names = [step.block.label(p) for p in group.paths]
-    if not bool(jnp.all(jnp.isfinite(hessian))):
+    if not bool(_all_finite(hessian)):
         raise ValueError(f"{', '.join(names)}: NaN or inf in the calibration inputs of these layers")
     hessian = _replicated(hessian, mesh)
     out = []
@@ -885,12 +885,19 @@ def _solve_group(model: _model.Model, params: Any, step: _Step, group: _Group, h
     return out
 
 
+@jax.jit  # one program per Hessian width, not one per op
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
 @_timed("propagate")
 def _propagate(step: _Step, data: _Data, params: Any) -> _Data:
-    """The block's outputs on its compressed parameters: the next block's inputs."""
+    """The block's outputs on its compressed parameters: the next block's inputs (the program of its
+    statistics runs, :func:`_block_run`; the rows are dropped)."""
     return dataclasses.replace(data, inputs=[
-        _next_inputs(step.block, arrays, _block_forward(step.runner, data.static, params, step.rest, arrays))
-        for arrays in data.inputs])
+        _next_inputs(step.block, arrays, _block_run(step.runner, data.static, params, step.rest, arrays, mask,
+                                                    extra=())[0])
+        for arrays, mask in zip(data.inputs, data.masks)])
 
 
 @_timed("assemble")
@@ -946,15 +953,18 @@ def _leaf(path: str, leaf: Any, pieces: dict[int | None, _Layer]) -> Any:
     """The compressed leaf from its per-layer pieces (one, or one per layer of a stack)."""
     order = [None] if None in pieces else list(range(len(pieces)))
     ps = [pieces[i] for i in order]
+    quantizer, first = ps[0].plan.quantizer, ps[0].solved
+    if quantizer is not None and first.quant is not None and order == [None] and ps[0].view.is_identity:
+        # the solver's codes and scales are already in the leaf's layout: no program per leaf shape to
+        # quantize its dense value again (the same codes: it is that value on that grid)
+        return _leaves.place_like(first.quant, leaf).replace(dense_dtype=np.dtype(leaf.dtype))
     stack = (lambda xs: xs[0]) if order == [None] else (lambda xs: jnp.stack(xs))
     dense = stack([p.view.unview(p.solved.matrix) for p in ps])
     sharding = getattr(leaf, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         dense = jax.device_put(dense, sharding)
-    quantizer = ps[0].plan.quantizer
     if quantizer is None:
         return dense.astype(leaf.dtype)
-    first = ps[0].solved
     if first.quant is None:  # a format without solver-chosen scales (float8, binary...): its own layout
         return quantizer.spec.quantize(dense.astype(leaf.dtype), path=path)
     scale = stack([p.view.scale_layout(p.solved.quant.scale, path) for p in ps])

@@ -45,6 +45,11 @@ class View:
         return self.contracted + self.kept
 
     @property
+    def is_identity(self) -> bool:
+        """The view is the kernel itself: a 2-d kernel ``(d_in, d_out)``."""
+        return self.perm == (0, 1)
+
+    @property
     def d_in(self) -> int:
         return math.prod(self.kernel_shape[a] for a in self.contracted)
 
