@@ -229,3 +229,26 @@ def test_gptq_and_its_well_posedness_check_factor_the_hessian_once():
     method = GPTQ(QuantSpec(bits=4, granularity=Group(16)))
     hlo = jax.jit(lambda w, h: (method.solve(w, h).dense(), method.well_posed(h))).lower(W, H).compile().as_text()
     assert len(re.findall(r'custom_call_target="[^"]*potrf', hlo)) == 1
+
+
+def _temporaries(fn, *shapes):
+    """Bytes of the XLA temporaries of ``fn`` compiled for float32 arguments of ``shapes``."""
+    args = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_inverse_hessian_holds_one_matrix_beside_its_result():
+    """The factor, solved in place on the identity, then reversed once into the result: one (d, d)
+    temporary (a reversed copy of the factor, and an identity made before the factorization, were two)."""
+    d = 256
+    assert _temporaries(lambda h: calibration.inverse_hessian(h)[0], (d, d)) <= 1.25 * d * d * 4
+
+
+def test_gptq_makes_its_weight_rows_after_factoring_the_hessian():
+    """GPTQ's weight rows (its own and round-to-nearest's, 2 x the kernel) are made once the inverse
+    is done, not held beside the factorization's buffers with an identity made before it: 4.0x the
+    Hessian of temporaries at this shape before, 2.7x now (at the 1B down_proj shape: 3.5x, now 2.0x)."""
+    d_in, d_out = 1024, 512
+    spec = QuantSpec(bits=4, granularity=Group(128))
+    temp = _temporaries(lambda w, h: gptq_kernel(w, h, spec).int_values(), (d_in, d_out), (d_in, d_in))
+    assert temp <= 3.25 * d_in * d_in * 4, temp / (d_in * d_in * 4)

@@ -535,6 +535,7 @@ def _pipeline(model_or_apply: Any, params: Any, calibration_batches: Iterable[An
             current = model.with_kernels(model.block_params(working, step.block), _in_block(step.block, saved[0]))
         if not step.block.whole:  # the whole model feeds no next block
             data, passes = _propagate(step, data, current), passes + 1
+        del current  # the block's dense weights (a float block): not held while the next one is compressed
         runs += passes
     done.update(_assemble(model.flat(), layers, folded))
     rows.extend(_row(layer) for layer in layers)

@@ -156,8 +156,10 @@ def gptq_kernel(kernel: jax.typing.ArrayLike, hessian: jax.typing.ArrayLike, spe
     visit = (lambda x: x) if perm is None else (lambda x: x[..., perm])  # noqa: E731
     hinv, dead = _calibration.inverse_hessian(hessian if perm is None else visit(hessian)[perm], damp=damp)
     # round-to-nearest rides along as d_out more rows, the original weights: calibrated and rounded
-    # by the same code on the same grid, but with no error feedback
-    x = visit(kernel.T.astype(jnp.float32))
+    # by the same code on the same grid, but with no error feedback. Times sign(U[0, 0]) (1, or NaN
+    # where the factorization failed): laid out after the inverse, not held beside its two buffers
+    # (XLA's CPU scheduler runs what depends only on the arguments first)
+    x = visit(kernel.T.astype(jnp.float32)) * jnp.sign(hinv[0, 0])
     w = jnp.concatenate([jnp.where(dead[None, :], 0.0, x), x])
     pruned = jnp.zeros_like(w, bool) if pruned is None else jnp.concatenate(
         [visit(jnp.asarray(pruned, bool).T), jnp.zeros_like(x, bool)])
