@@ -41,16 +41,21 @@ class Chain(nn.Module):
 
 
 class MLP(nn.Module):
+    hidden: int = D
+
     @nn.compact
     def __call__(self, x):
-        return x + nn.Dense(D, name="down")(jax.nn.relu(nn.Dense(D, name="up")(x)))
+        return x + nn.Dense(x.shape[-1], name="down")(jax.nn.relu(nn.Dense(self.hidden, name="up")(x)))
 
 
 class MLPNet(nn.Module):
+    layers: int = 2
+    hidden: int = D
+
     @nn.compact
     def __call__(self, x):
-        for i in range(2):
-            x = MLP(name=f"layer_{i}")(x)
+        for i in range(self.layers):
+            x = MLP(self.hidden, name=f"layer_{i}")(x)
         return x
 
 
@@ -905,20 +910,6 @@ def test_layers_reading_one_input_with_different_migrations_are_refused_naming_t
         jb.oneshot.compress(TwoHeads(), params, [x], recipe, progress=False)
 
 
-class WideMLP(nn.Module):  # inputs of two widths (24, then 48): two Hessian shapes per block
-    @nn.compact
-    def __call__(self, x):
-        return x + nn.Dense(24, name="down")(jax.nn.relu(nn.Dense(48, name="up")(x)))
-
-
-class WideNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for i in range(3):
-            x = WideMLP(name=f"layer_{i}")(x)
-        return x
-
-
 def test_each_block_shape_compiles_one_block_program_and_one_hessian_program(monkeypatch):
     """Per block shape, calibrating and propagating compile two programs: the block run (the statistics
     run and the output run are one program) and the Hessian sums of all its groups (not one per input
@@ -942,11 +933,11 @@ def test_each_block_shape_compiles_one_block_program_and_one_hessian_program(mon
             compiled.setdefault(phases[-1], []).append(kwargs.get("fun_name", "?"))
 
     monkeypatch.setattr(_engine, "_phase", phase)
-    x = np.asarray(jax.random.normal(jax.random.key(3), (16, 24)))
-    params = WideNet().init(jax.random.key(4), x)["params"]
+    x = np.asarray(jax.random.normal(jax.random.key(3), (16, 24)))  # inputs of widths 24 and 48 in each block
+    params = MLPNet(layers=3, hidden=48).init(jax.random.key(4), x)["params"]
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        new, _ = jb.oneshot.compress(WideNet(), params, [x], jb.Recipe([Rule(r".*", jb.Plan(quant=INT4))]),
+        new, _ = jb.oneshot.compress(MLPNet(layers=3, hidden=48), params, [x], jb.Recipe([Rule(r".*", jb.Plan(quant=INT4))]),
                                      progress=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)

@@ -26,7 +26,10 @@ matrix-vector path that converts the kernel to int32, so there are always severa
   them as they lie. The bytes are those of the ``QArray`` moved, never unpacked (an int4 byte holds the
   same two inputs in both layouts), so the leaf is no bigger. A ``QArray`` run directly
   (:func:`streamed_matmul`) takes the same walk over its own layout (codes ``(tile, out)``, the right
-  operand), which XLA:CPU multiplies slower (see the measurements below).
+  operand), which XLA:CPU multiplies slower for one scale row along the input (see the measurements
+  below). Kernels with group scales keep the ``QArray`` layout: one dot per group costs more with the codes
+  on the left (``benchmarks/decode.py``, quiet machine: int4 group 128 at 0.83x float32 tokens/s in the
+  decode layout, 1.35x as stored; int8 per channel 2.15x in the decode layout).
 * **Tiles in cache.** The input axis is walked in tiles with ``lax.scan``
   (``jaxopt_big.quant._w8a8.tile_sum``, the walker the W8A8 group dots use too): a tile is one scale
   group or lies inside one (:data:`TILES` inputs where they fit); a per-channel int8 kernel in the
@@ -121,7 +124,7 @@ class DecodeArray(_leaves.Compressed):
     Attributes:
       codes: ``(tiles, out, tile * bits / 8)``: the input axis cut into tiles, each tile's codes row by
         output; int8 codes (``bits`` 8) or uint8 bytes of two int4 codes (an even input in the low nibble).
-      scale: the ``QArray``'s scale, ``(groups, out)`` with ``groups`` 1 for per channel or per tensor.
+      scale: the ``QArray``'s scale, ``(1, out)``: per channel or per tensor (group scales stay ``QArray``).
       zero_point: affine zero point shaped like ``scale``, or None.
       bits: 8 or 4 (static).
       dense_dtype: dtype of the dense value (static).
@@ -182,8 +185,8 @@ def _dense(leaf: DecodeArray) -> jax.Array:
 def arrange(values: jax.Array, bits: int, scale: jax.Array, zero_point: jax.Array | None,
             dense_shape: tuple[int, ...], dense_dtype: Any) -> DecodeArray | None:
     """The :class:`DecodeArray` of a 2-D kernel's codes as a ``QArray`` packs them (int8, or int4 pairs along
-    axis 0 in uint8), or None where the decode layout does not apply (other widths or shapes, groups that
-    no tile fits). Bytes are moved, never unpacked: an int4 byte holds the same two inputs in both layouts.
+    axis 0 in uint8), or None where the decode layout does not apply (other widths or shapes, group scales).
+    Bytes are moved, never unpacked: an int4 byte holds the same two inputs in both layouts.
     """
     if len(dense_shape) != 2 or values.dtype != (jnp.int8 if bits == 8 else jnp.uint8) or scale.ndim != 2:
         return None
@@ -200,8 +203,10 @@ def _arranged(values: jax.Array, tile_bytes: int) -> jax.Array:
 
 
 def _tile(bits: int, k: int, groups: int) -> int | None:
-    """Inputs per tile of the decode layout: a per-channel int8 kernel is one tile, else as :func:`_group_tile`."""
-    if bits not in (4, 8) or k % groups:
+    """Inputs per tile of the decode layout: a per-channel int8 kernel is one tile, else as :func:`_group_tile`;
+    None for group scales, which decode faster as the ``QArray`` stores them (int4 group 128 on the benchmark
+    decoder, quiet machine: 1.35x float32 tokens/s as stored, 0.83x in the decode layout)."""
+    if bits not in (4, 8) or groups > 1:
         return None
     return k if bits == 8 and groups == 1 and k <= 2 ** 16 else _group_tile(k, k // groups, bits)  # no int32 overflow
 
@@ -283,9 +288,9 @@ def _walk(planes: jax.Array, tiles: jax.Array, bits: int, scale: jax.Array, zero
     count, lanes, grouped = k // tile, 2 if bits == 4 else 1, scale.shape[0] > 1
 
     def by_tile(a: jax.Array) -> jax.Array:
-        """Scale or zero-point rows, one per tile, shaped to broadcast against a tile's dot."""
-        a = jnp.repeat(a, count // a.shape[0], axis=0)
-        return a[:, :, None] if axis else a[:, None, :]
+        """Scale or zero-point rows, one per tile, shaped to broadcast against a tile's dot (grouped scales
+        occur only in the ``QArray`` layout: :func:`arrange`)."""
+        return jnp.repeat(a, count // a.shape[0], axis=0)[:, None, :]
 
     xs = planes.reshape(r, count, tile // lanes, lanes).transpose(1, 3, 0, 2)  # (tiles, lanes, r, tile / lanes)
     sums = planes.reshape(r, count, tile).sum(-1, dtype=jnp.int32).astype(jnp.float32).T  # exact: |sum| < 2**24
