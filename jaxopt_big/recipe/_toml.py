@@ -78,7 +78,7 @@ def load(path: str | Any) -> Recipe:
       >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\n[rule.quant]\\nbits = 4\\ngroup = 128\\nmethod = "awq+gptq"\\n'
       ...                  'grid = 10\\ndamp = 0.05\\n')
       >>> load(f).rules[0].value.quant
-      AWQ(quant=GPTQ(spec=QuantSpec(bits=4, ...), ..., damp=0.05), grid=10, score=<AWQScore.MODULE: 'module'>, duo=True, ...)
+      AWQ(quant=GPTQ(spec=QuantSpec(bits=4, ...), ..., damp=0.05), grid=10, score=<AWQScore.MODULE: ...>, duo=True, ...)
       >>> _ = f.write_text('[[rule]]\\npattern = ".*"\\nsparsty = 0.5\\n')
       >>> load(f)
       Traceback (most recent call last):
