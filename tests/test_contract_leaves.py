@@ -72,6 +72,9 @@ def _check_clustered(w, leaf, dense):
 FACTORIES = {
     "QArray-int4": (jb.quant.QArray, lambda w: jb.quant.quantize(w, QuantSpec(bits=4, granularity=PER_CHANNEL)),
                     lambda w, leaf, d: np.testing.assert_allclose(d, _np_int(w, 4), rtol=1e-5, atol=1e-6)),
+    "DecodeArray-int4": (jb.quant.DecodeArray, lambda w: jb.quant.decode_layout(jb.quant.quantize(
+                         w, QuantSpec(bits=4, granularity=PER_CHANNEL))),
+                         lambda w, leaf, d: np.testing.assert_allclose(d, _np_int(w, 4), rtol=1e-5, atol=1e-6)),
     "QArray-int8-sparse-codes": (
         jb.quant.QArray,
         lambda w: jb.sparsity.pack_array(jb.quant.quantize(_pruned(w), QuantSpec(bits=8, granularity=PER_CHANNEL))),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import functools
 import re
-from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Self
 
 import jax
@@ -55,7 +55,7 @@ class InputStats(NamedTuple):
     hessian: jax.Array
     absmax: jax.Array
     absmean: jax.Array
-    output_error: Callable[..., jax.Array] | None = None
+    output_error: collections.abc.Callable[..., jax.Array] | None = None  # dotted: pdoc resolves it on a NamedTuple
 
 
 class Method:
